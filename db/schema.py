@@ -1,0 +1,99 @@
+"""The schema as forward migrations. ``PRAGMA user_version`` holds the version a database is at;
+migration i takes it from version i to i + 1. Never edit a shipped migration: append one."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: the first schema.
+    """
+    CREATE TABLE traits (
+        name TEXT PRIMARY KEY,
+        description TEXT NOT NULL DEFAULT '',
+        assistant_name TEXT NOT NULL DEFAULT '',
+        eval_prompt TEXT NOT NULL,
+        source TEXT NOT NULL,
+        created TEXT NOT NULL,
+        updated TEXT NOT NULL
+    );
+    CREATE TABLE instructions (
+        trait TEXT NOT NULL REFERENCES traits(name) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        pos TEXT NOT NULL,
+        neg TEXT NOT NULL,
+        PRIMARY KEY (trait, idx)
+    );
+    CREATE TABLE questions (
+        trait TEXT NOT NULL REFERENCES traits(name) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        split TEXT NOT NULL CHECK (split IN ('extract', 'eval')),
+        PRIMARY KEY (trait, idx)
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        trait TEXT REFERENCES traits(name) ON DELETE SET NULL,
+        params TEXT NOT NULL DEFAULT '{}',
+        status TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'running', 'done', 'failed', 'cancelled')),
+        pid INTEGER,
+        heartbeat TEXT,
+        done INTEGER NOT NULL DEFAULT 0,
+        total INTEGER NOT NULL DEFAULT 0,
+        message TEXT NOT NULL DEFAULT '',
+        stats TEXT NOT NULL DEFAULT '{}',
+        created TEXT NOT NULL,
+        started TEXT,
+        ended TEXT
+    );
+    CREATE INDEX jobs_trait ON jobs(trait);
+    CREATE TABLE responses (
+        id INTEGER PRIMARY KEY,
+        job INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        trait TEXT NOT NULL REFERENCES traits(name) ON DELETE CASCADE,
+        side TEXT NOT NULL CHECK (side IN ('pos', 'neg', 'none')),
+        split TEXT NOT NULL,
+        question INTEGER NOT NULL,
+        instruction INTEGER NOT NULL,
+        sample INTEGER NOT NULL,
+        question_text TEXT NOT NULL,
+        system_prompt TEXT NOT NULL,
+        prompt_ids TEXT NOT NULL,
+        answer_ids TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        finish_reason TEXT NOT NULL,
+        model TEXT NOT NULL,
+        created TEXT NOT NULL,
+        UNIQUE (job, question, instruction, sample)
+    );
+    CREATE INDEX responses_pair ON responses(trait, side, split, question, instruction, sample);
+    CREATE TABLE judgments (
+        id INTEGER PRIMARY KEY,
+        response INTEGER NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+        metric TEXT NOT NULL,
+        judge TEXT NOT NULL,
+        score REAL CHECK (score IS NULL OR (score >= 0 AND score <= 100)),
+        evidence TEXT NOT NULL DEFAULT '{}',
+        error TEXT,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        cost REAL NOT NULL DEFAULT 0,
+        created TEXT NOT NULL,
+        UNIQUE (response, metric, judge)
+    );
+    CREATE TABLE vectors (
+        id INTEGER PRIMARY KEY,
+        trait TEXT NOT NULL REFERENCES traits(name) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        path TEXT NOT NULL UNIQUE,
+        n_pairs INTEGER NOT NULL,
+        threshold REAL,
+        coherence REAL,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        created TEXT NOT NULL
+    );
+    CREATE INDEX vectors_trait ON vectors(trait, model, kind);
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,479 @@
+"""The SQLite store: one file, WAL mode, foreign keys on, forward migrations, and the typed
+access layer every other module goes through (no SQL strings outside ``db/``)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from db.errors import PersonaError, UnknownJobError, UnknownTraitError
+from db.schema import MIGRATIONS, SCHEMA_VERSION
+from db.traits import N_QUESTIONS_PER_SPLIT, InstructionPair, TraitDefinition, bundled_traits
+
+JOB_STATUSES = ("pending", "running", "done", "failed", "cancelled")
+# Columns a caller may change on a job row; the rest are set once.
+_JOB_UPDATABLE = {
+    "status",
+    "pid",
+    "heartbeat",
+    "done",
+    "total",
+    "message",
+    "stats",
+    "params",
+    "started",
+    "ended",
+}
+# Seconds a writer waits for another process's transaction before giving up.
+BUSY_TIMEOUT_S = 30.0
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class TraitSummary:
+    name: str
+    description: str
+    source: str
+    n_questions: int
+    n_responses: int
+    n_judged: int
+    n_vectors: int
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    trait: str | None
+    params: dict[str, Any]
+    status: str
+    pid: int | None
+    heartbeat: str | None
+    done: int
+    total: int
+    message: str
+    stats: dict[str, Any]
+    created: str
+    started: str | None
+    ended: str | None
+
+
+@dataclass(frozen=True)
+class Response:
+    id: int
+    job: int
+    trait: str
+    side: str
+    split: str
+    question: int
+    instruction: int
+    sample: int
+    question_text: str
+    system_prompt: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    answer: str
+    finish_reason: str
+    model: str
+    created: str
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """The pairing key: pos and neg responses match on it, never on row order."""
+        return (self.question, self.instruction, self.sample)
+
+
+@dataclass(frozen=True)
+class Judgment:
+    id: int
+    response: int
+    metric: str
+    judge: str
+    score: float | None
+    evidence: dict[str, Any]
+    error: str | None
+    tokens: int
+    cost: float
+    created: str
+
+
+@dataclass(frozen=True)
+class VectorRecord:
+    id: int
+    trait: str
+    model: str
+    kind: str
+    path: str
+    n_pairs: int
+    threshold: float | None
+    coherence: float | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+
+class Store:
+    """One open database. Cheap to open; open one per thread or process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise PersonaError(f"--db {self.path} is a folder; pass a file path such as persona.db")
+        if not self.path.parent.exists():
+            raise PersonaError(
+                f"folder {self.path.parent} for --db does not exist; create it first"
+            )
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+            self.db = sqlite_utils.Database(conn)
+            self._configure()
+            self.created = self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise PersonaError(
+                f"{self.path} is not a usable persona-studio database ({exc}); "
+                "move it aside or pass another --db"
+            ) from None
+        if self.created:
+            self._load_library()
+
+    # ---- connection ---------------------------------------------------------------------
+    def _configure(self) -> None:
+        conn = self.db.conn
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self.db.enable_wal()
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+
+    def _migrate(self) -> bool:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise PersonaError(
+                f"{self.path} was written by a newer persona-studio (schema {version}, this one "
+                f"knows up to {SCHEMA_VERSION}); upgrade persona-studio to open it"
+            )
+        for target in range(version, SCHEMA_VERSION):
+            # One script per step, run with its version bump as one transaction.
+            self.db.conn.executescript(
+                f"BEGIN;\n{MIGRATIONS[target]}\nPRAGMA user_version = {target + 1};\nCOMMIT;"
+            )
+        return version == 0
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside commit together or not at all (nested blocks are savepoints)."""
+        with self.db.atomic():
+            yield
+
+    def info(self) -> dict[str, Any]:
+        counts = {name: self.db[name].count for name in self.db.table_names()}
+        journal = self.db.conn.execute("PRAGMA journal_mode").fetchone()[0]
+        return {
+            "path": str(self.path.resolve()),
+            "schema_version": self.schema_version,
+            "journal_mode": journal,
+            "size_bytes": self.path.stat().st_size if self.path.exists() else 0,
+            "tables": counts,
+        }
+
+    # ---- traits -------------------------------------------------------------------------
+    def _load_library(self) -> None:
+        with self.transaction():
+            for trait in bundled_traits():
+                self._write_trait(trait, "bundled")
+
+    def save_trait(self, trait: TraitDefinition, source: str, *, replace: bool = True) -> None:
+        """Store a validated trait, replacing its pairs and questions in one transaction."""
+        trait.validate()
+        if not replace and self.has_trait(trait.name):
+            raise PersonaError(
+                f"trait '{trait.name}' already exists; pass --force to replace it or pick a name"
+            )
+        with self.transaction():
+            self._write_trait(trait, source)
+
+    def _write_trait(self, trait: TraitDefinition, source: str) -> None:
+        now = utc_now()
+        existing = self.db["traits"].rows_where("name = ?", [trait.name], select="created")
+        created = next(iter(existing), {}).get("created", now)
+        self.db["traits"].upsert(
+            {
+                "name": trait.name,
+                "description": trait.description,
+                "assistant_name": trait.assistant_name,
+                "eval_prompt": trait.eval_prompt,
+                "source": source,
+                "created": created,
+                "updated": now,
+            },
+            pk="name",
+        )
+        self.db["instructions"].delete_where("trait = ?", [trait.name])
+        self.db["questions"].delete_where("trait = ?", [trait.name])
+        self.db["instructions"].insert_all(
+            {"trait": trait.name, "idx": i, "pos": p.pos, "neg": p.neg}
+            for i, p in enumerate(trait.instructions)
+        )
+        self.db["questions"].insert_all(
+            {
+                "trait": trait.name,
+                "idx": i,
+                "text": q,
+                "split": "extract" if i < N_QUESTIONS_PER_SPLIT else "eval",
+            }
+            for i, q in enumerate(trait.questions)
+        )
+
+    def has_trait(self, name: str) -> bool:
+        return self.db["traits"].count_where("name = ?", [name]) > 0
+
+    def get_trait(self, name: str) -> TraitDefinition:
+        rows = list(self.db["traits"].rows_where("name = ?", [name]))
+        if not rows:
+            raise UnknownTraitError(name)
+        row = rows[0]
+        pairs = self.db["instructions"].rows_where("trait = ?", [name], order_by="idx")
+        questions = self.db["questions"].rows_where("trait = ?", [name], order_by="idx")
+        return TraitDefinition(
+            name=row["name"],
+            description=row["description"],
+            instructions=tuple(InstructionPair(p["pos"], p["neg"]) for p in pairs),
+            questions=tuple(q["text"] for q in questions),
+            eval_prompt=row["eval_prompt"],
+            assistant_name=row["assistant_name"],
+        )
+
+    def trait_source(self, name: str) -> str:
+        rows = list(self.db["traits"].rows_where("name = ?", [name], select="source"))
+        if not rows:
+            raise UnknownTraitError(name)
+        return rows[0]["source"]
+
+    def delete_trait(self, name: str) -> None:
+        if not self.has_trait(name):
+            raise UnknownTraitError(name)
+        with self.transaction():
+            self.db["traits"].delete(name)
+
+    def list_traits(self) -> list[TraitSummary]:
+        sql = """
+            SELECT t.name, t.description, t.source,
+                (SELECT COUNT(*) FROM questions q WHERE q.trait = t.name) AS n_questions,
+                (SELECT COUNT(*) FROM responses r WHERE r.trait = t.name) AS n_responses,
+                (SELECT COUNT(DISTINCT j.response) FROM judgments j
+                    JOIN responses r ON r.id = j.response
+                    WHERE r.trait = t.name AND j.score IS NOT NULL) AS n_judged,
+                (SELECT COUNT(*) FROM vectors v WHERE v.trait = t.name) AS n_vectors
+            FROM traits t ORDER BY t.name
+        """
+        return [TraitSummary(**row) for row in self.db.query(sql)]
+
+    # ---- jobs ---------------------------------------------------------------------------
+    def create_job(self, kind: str, trait: str | None, params: dict[str, Any]) -> Job:
+        if trait is not None and not self.has_trait(trait):
+            raise UnknownTraitError(trait)
+        with self.transaction():
+            job_id = (
+                self.db["jobs"]
+                .insert(
+                    {
+                        "kind": kind,
+                        "trait": trait,
+                        "params": json.dumps(params, sort_keys=True),
+                        "status": "pending",
+                        "created": utc_now(),
+                    }
+                )
+                .last_pk
+            )
+        return self.get_job(int(job_id))
+
+    def get_job(self, job_id: int) -> Job:
+        rows = list(self.db["jobs"].rows_where("id = ?", [job_id]))
+        if not rows:
+            raise UnknownJobError(job_id)
+        return _job(rows[0])
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        unknown = set(fields) - _JOB_UPDATABLE
+        if unknown:
+            raise ValueError(f"job fields not updatable: {sorted(unknown)}")
+        if "status" in fields and fields["status"] not in JOB_STATUSES:
+            raise ValueError(f"bad job status {fields['status']!r}")
+        for key in ("params", "stats"):
+            if key in fields and not isinstance(fields[key], str):
+                fields[key] = json.dumps(fields[key], sort_keys=True)
+        with self.transaction():
+            if self.db["jobs"].count_where("id = ?", [job_id]) == 0:
+                raise UnknownJobError(job_id)
+            self.db["jobs"].update(job_id, fields)
+
+    def list_jobs(self, trait: str | None = None, status: str | None = None) -> list[Job]:
+        where, args = _where({"trait": trait, "status": status})
+        return [_job(r) for r in self.db["jobs"].rows_where(where, args, order_by="id")]
+
+    # ---- responses ----------------------------------------------------------------------
+    def add_responses(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Insert responses in one transaction; a row whose (job, question, instruction,
+        sample) is already stored is skipped, so a rerun never duplicates. Returns rows added."""
+        now = utc_now()
+        prepared = []
+        for row in rows:
+            row = dict(row)
+            row["prompt_ids"] = json.dumps([int(t) for t in row["prompt_ids"]])
+            row["answer_ids"] = json.dumps([int(t) for t in row["answer_ids"]])
+            row.setdefault("created", now)
+            prepared.append(row)
+        return self._insert_new(
+            "responses", prepared, conflict=("job", "question", "instruction", "sample")
+        )
+
+    def _insert_new(self, table: str, rows: list[dict[str, Any]], conflict: tuple[str, ...]) -> int:
+        """Insert rows in one transaction, skipping those whose ``conflict`` key is stored.
+        Unlike INSERT OR IGNORE, any other constraint violation still fails the batch."""
+        if not rows:
+            return 0
+        columns = list(rows[0])
+        sql = (
+            f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING"
+        )
+        with self.transaction():
+            before = self.db.conn.total_changes
+            self.db.conn.executemany(sql, [[row[c] for c in columns] for row in rows])
+            return self.db.conn.total_changes - before
+
+    def response_keys(self, job_id: int) -> set[tuple[int, int, int]]:
+        rows = self.db["responses"].rows_where(
+            "job = ?", [job_id], select="question, instruction, sample"
+        )
+        return {(r["question"], r["instruction"], r["sample"]) for r in rows}
+
+    def get_response(self, response_id: int) -> Response:
+        rows = list(self.db["responses"].rows_where("id = ?", [response_id]))
+        if not rows:
+            raise PersonaError(f"unknown response id {response_id}; check the id")
+        return _response(rows[0])
+
+    def responses(
+        self,
+        *,
+        job: int | None = None,
+        trait: str | None = None,
+        side: str | None = None,
+        split: str | None = None,
+    ) -> list[Response]:
+        where, args = _where({"job": job, "trait": trait, "side": side, "split": split})
+        return [_response(r) for r in self.db["responses"].rows_where(where, args, order_by="id")]
+
+    # ---- judgments ----------------------------------------------------------------------
+    def add_judgments(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Store judgments in one transaction; a new judgment of the same (response, metric,
+        judge) replaces the old one (a re-judge). Returns rows written."""
+        now = utc_now()
+        prepared = []
+        for row in rows:
+            row = dict(row)
+            row["evidence"] = json.dumps(row.get("evidence") or {}, sort_keys=True)
+            row.setdefault("created", now)
+            prepared.append(row)
+        with self.transaction():
+            for row in prepared:
+                self.db["judgments"].delete_where(
+                    "response = ? AND metric = ? AND judge = ?",
+                    [row["response"], row["metric"], row["judge"]],
+                )
+            self.db["judgments"].insert_all(prepared)
+        return len(prepared)
+
+    def judgments(self, response: int) -> list[Judgment]:
+        rows = self.db["judgments"].rows_where("response = ?", [response], order_by="metric")
+        return [_judgment(r) for r in rows]
+
+    # ---- vectors ------------------------------------------------------------------------
+    def add_vector(
+        self,
+        *,
+        trait: str,
+        model: str,
+        kind: str,
+        path: str,
+        n_pairs: int,
+        threshold: float | None,
+        coherence: float | None,
+        metadata: dict[str, Any],
+    ) -> VectorRecord:
+        with self.transaction():
+            self.db["vectors"].delete_where("path = ?", [path])
+            self.db["vectors"].insert(
+                {
+                    "trait": trait,
+                    "model": model,
+                    "kind": kind,
+                    "path": path,
+                    "n_pairs": n_pairs,
+                    "threshold": threshold,
+                    "coherence": coherence,
+                    "metadata": json.dumps(metadata, sort_keys=True),
+                    "created": utc_now(),
+                }
+            )
+        return self.vectors(path=path)[0]
+
+    def vectors(
+        self, *, trait: str | None = None, kind: str | None = None, path: str | None = None
+    ) -> list[VectorRecord]:
+        where, args = _where({"trait": trait, "kind": kind, "path": path})
+        rows = self.db["vectors"].rows_where(where, args, order_by="id")
+        return [VectorRecord(**{**r, "metadata": json.loads(r["metadata"])}) for r in rows]
+
+
+# ---- row conversion -------------------------------------------------------------------
+def _where(filters: dict[str, Any]) -> tuple[str | None, list[Any]]:
+    used = {k: v for k, v in filters.items() if v is not None}
+    if not used:
+        return None, []
+    # Keys are our own column names; values are always bound parameters.
+    return " AND ".join(f"{k} = ?" for k in used), list(used.values())
+
+
+def _job(row: dict[str, Any]) -> Job:
+    return Job(**{**row, "params": json.loads(row["params"]), "stats": json.loads(row["stats"])})
+
+
+def _response(row: dict[str, Any]) -> Response:
+    return Response(
+        **{
+            **row,
+            "prompt_ids": json.loads(row["prompt_ids"]),
+            "answer_ids": json.loads(row["answer_ids"]),
+        }
+    )
+
+
+def _judgment(row: dict[str, Any]) -> Judgment:
+    return Judgment(**{**row, "evidence": json.loads(row["evidence"])})

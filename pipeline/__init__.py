@@ -1,0 +1,1 @@
+"""The method's steps, headless: they never import Textual."""

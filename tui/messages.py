@@ -1,0 +1,31 @@
+"""Dataclass messages workers post to the app; workers never touch widgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.message import Message
+
+from db import TraitDefinition, TraitSummary
+
+
+@dataclass
+class TraitsLoaded(Message):
+    """The trait library as read from SQLite by a polling worker."""
+
+    summaries: list[TraitSummary]
+
+
+@dataclass
+class TraitLoaded(Message):
+    """One trait's full definition, for the detail pane."""
+
+    trait: TraitDefinition
+
+
+@dataclass
+class WorkerError(Message):
+    """A worker failed; the app shows it in the error modal (the one place that does)."""
+
+    title: str
+    message: str

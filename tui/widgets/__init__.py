@@ -1,0 +1,1 @@
+"""Reusable widgets and renderables for the dashboard's screens."""

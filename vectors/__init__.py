@@ -1,0 +1,1 @@
+"""Tensor math and vector files: mean-diff, projection, steering hooks, norms, formats."""
