@@ -170,6 +170,11 @@ class Store:
         return version == 0
 
     @property
+    def data_dir(self) -> Path:
+        """Where this database's tensor files live: ``NAME.data/`` beside ``NAME.db``."""
+        return self.path.parent / f"{self.path.stem}.data"
+
+    @property
     def schema_version(self) -> int:
         return int(self.db.conn.execute("PRAGMA user_version").fetchone()[0])
 
@@ -331,8 +336,10 @@ class Store:
                 raise UnknownJobError(job_id)
             self.db["jobs"].update(job_id, fields)
 
-    def list_jobs(self, trait: str | None = None, status: str | None = None) -> list[Job]:
-        where, args = _where({"trait": trait, "status": status})
+    def list_jobs(
+        self, trait: str | None = None, status: str | None = None, kind: str | None = None
+    ) -> list[Job]:
+        where, args = _where({"trait": trait, "status": status, "kind": kind})
         return [_job(r) for r in self.db["jobs"].rows_where(where, args, order_by="id")]
 
     # ---- responses ----------------------------------------------------------------------

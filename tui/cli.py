@@ -174,6 +174,112 @@ def cmd_models_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bar():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+def _run_jobs_with_progress(db_path: Path, jobs: list[tuple[int, str]]) -> None:
+    from pipeline.jobs import ProgressUpdate, run_job
+
+    with _progress_bar() as bar:
+        for job_id, label in jobs:
+            task = bar.add_task(label, total=None, rate="")
+
+            def show(update: ProgressUpdate, task=task) -> None:
+                per_s = update.stats.get("new_tokens_per_s")
+                rate = f"{per_s:,.0f} tok/s" if per_s else update.message
+                bar.update(task, completed=update.done, total=update.total, rate=rate)
+
+            run_job(db_path, job_id, on_progress=show)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipeline.generate import GenerateParams, find_or_create_job
+
+    sides = ["pos", "neg"] if args.side == "both" else [args.side]
+    jobs = []
+    with _open_store(args) as store:
+        for side in sides:
+            params = GenerateParams(
+                side=side,
+                split=args.split,
+                model=args.model,
+                n_per_question=args.n_per_question,
+                all_instructions=args.all_instructions,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                assistant_name=args.assistant_name,
+                capture=not args.no_capture,
+                backend=args.backend,
+                base_url=args.base_url,
+                tokenizer=args.tokenizer,
+                max_concurrent=args.max_concurrent,
+                device=args.device,
+            ).validate()
+            job_id = find_or_create_job(store, args.trait, params)
+            jobs.append((job_id, f"job {job_id} {args.trait} {side}/{args.split}"))
+    _run_jobs_with_progress(_db_path(args), jobs)
+    with _open_store(args) as store:
+        for job_id, label in jobs:
+            job = store.get_job(job_id)
+            out.print(f"{label}: {job.status}, {job.done}/{job.total} responses")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run one job to its end, headless; the dashboard starts this detached."""
+    from pipeline.jobs import run_job
+
+    run_job(_db_path(args), args.job_id)
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        jobs = store.list_jobs(trait=args.trait)
+    table = Table(title=f"{len(jobs)} jobs")
+    for column in ("id", "kind", "trait", "status", "done", "message"):
+        table.add_column(column, no_wrap=column != "message")
+    for job in jobs:
+        table.add_row(
+            *(Text(str(c)) for c in (job.id, job.kind, job.trait or "", job.status)),
+            Text(f"{job.done}/{job.total}"),
+            Text(job.message),
+        )
+    out.print(table)
+    return 0
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        job = store.get_job(args.job_id)
+        if job.status in ("done", "failed", "cancelled"):
+            raise PersonaError(f"job {job.id} is already {job.status}; nothing to cancel")
+        store.update_job(job.id, status="cancelled", message="cancel requested")
+    out.print(f"job {args.job_id} will stop after its current batch")
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     # --db is accepted before or after the subcommand.
@@ -243,6 +349,57 @@ def build_parser() -> argparse.ArgumentParser:
     tpl.add_argument("--out", help="write to this file instead of stdout")
     dele = add(traits_cmds, "delete", cmd_traits_delete, "delete a trait and all its data")
     dele.add_argument("name")
+
+    gen = add(
+        commands,
+        "generate",
+        cmd_generate,
+        "generate pos/neg answers for a trait's questions (resumable: rerun to continue)",
+    )
+    gen.add_argument("trait")
+    gen.add_argument("--side", choices=("pos", "neg", "both"), required=True)
+    gen.add_argument("--split", choices=("extract", "eval"), default="extract")
+    gen.add_argument("--model", default="smollm2", help="smollm2, a model folder or cached id")
+    gen.add_argument(
+        "--n-per-question",
+        type=int,
+        default=10,
+        help="answers per question, instructions rotated (default 10)",
+    )
+    gen.add_argument(
+        "--all-instructions",
+        action="store_true",
+        help="n answers for every (question, instruction) pair instead",
+    )
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=int, default=1000)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per batch (default 64 on CUDA, 8 on CPU)",
+    )
+    gen.add_argument("--assistant-name", help='adjective in "You are a/an ... assistant."')
+    gen.add_argument(
+        "--no-capture", action="store_true", help="do not capture activations during generation"
+    )
+    gen.add_argument("--backend", choices=("local", "openai"), default="local")
+    gen.add_argument("--base-url", help="OpenAI-compatible server for --backend openai")
+    gen.add_argument("--tokenizer", help="local tokenizer for token ids with --backend openai")
+    gen.add_argument("--max-concurrent", type=int, default=16)
+    gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+
+    worker = add(commands, "worker", cmd_worker, "run one job by id (used by the dashboard)")
+    worker.add_argument("job_id", type=int)
+
+    jobs = commands.add_parser("jobs", help="list and cancel jobs")
+    job_cmds = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    jl = add(job_cmds, "list", cmd_jobs_list, "list jobs with status and progress")
+    jl.add_argument("--trait")
+    jc = add(job_cmds, "cancel", cmd_jobs_cancel, "ask a running job to stop")
+    jc.add_argument("job_id", type=int)
 
     dbp = commands.add_parser("db", help="database maintenance")
     db_cmds = dbp.add_subparsers(dest="db_command", metavar="ACTION", required=True)

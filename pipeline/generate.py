@@ -1,0 +1,382 @@
+"""Step 2 of the method: answers to the trait's questions under each pos or neg instruction.
+
+One response row per (question, instruction, sample), with the exact prompt and answer token
+ids. Resumable: a per-row seed derived from (job seed, question, instruction, sample) makes a
+row the same whenever and in whatever batch it is generated, and rows already stored are
+skipped, so a killed job rerun with the same command finishes with the rows it would have had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from db import PersonaError, Store, TraitDefinition
+from db.traits import N_PAIRS, N_QUESTIONS_PER_SPLIT, SPLITS
+from pipeline.jobs import JobProgress, ProgressCallback
+from pipeline.sampling import row_seed
+from vectors import activations
+
+RowKey = tuple[int, int, int]  # (question, instruction, sample)
+BACKENDS = ("local", "openai")
+# Parameters that change no output: a rerun that differs only in these resumes the same job.
+_NOT_IDENTITY = {"batch_size", "device", "max_concurrent"}
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    side: str
+    split: str = "extract"
+    model: str = "smollm2"
+    n_per_question: int = 10
+    all_instructions: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1000
+    seed: int = 0
+    batch_size: int | None = None
+    assistant_name: str | None = None
+    capture: bool = True
+    backend: str = "local"
+    base_url: str | None = None
+    tokenizer: str | None = None
+    max_concurrent: int = 16
+    device: str | None = None
+    ignore_eos: bool = False
+
+    def validate(self) -> GenerateParams:
+        checks = [
+            (self.side in ("pos", "neg"), f"--side must be pos or neg, not '{self.side}'"),
+            (self.split in SPLITS, f"--split must be extract or eval, not '{self.split}'"),
+            (
+                self.n_per_question >= 1,
+                f"--n-per-question must be at least 1 (got {self.n_per_question})",
+            ),
+            (self.temperature >= 0, f"--temperature must be >= 0 (got {self.temperature})"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})"),
+            (
+                self.max_new_tokens >= 1,
+                f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})",
+            ),
+            (
+                self.batch_size is None or self.batch_size >= 1,
+                f"--batch-size must be at least 1 (got {self.batch_size})",
+            ),
+            (
+                self.max_concurrent >= 1,
+                f"--max-concurrent must be at least 1 (got {self.max_concurrent})",
+            ),
+            (self.backend in BACKENDS, f"--backend must be local or openai, not '{self.backend}'"),
+            (
+                self.backend != "openai" or bool(self.base_url),
+                "--backend openai needs --base-url (e.g. http://localhost:8000/v1)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PersonaError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerateParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+
+
+def plan_rows(split: str, n_per_question: int, all_instructions: bool) -> list[RowKey]:
+    """The rows a job must produce. By default each question gets n samples with the 5
+    instructions rotated across them (starting at a question-dependent offset, so n=1 still
+    uses every instruction); ``all_instructions`` gives n samples for every pair."""
+    offset = 0 if split == "extract" else N_QUESTIONS_PER_SPLIT
+    keys: list[RowKey] = []
+    for local in range(N_QUESTIONS_PER_SPLIT):
+        question = offset + local
+        if all_instructions:
+            keys.extend(
+                (question, instruction, sample)
+                for instruction in range(N_PAIRS)
+                for sample in range(n_per_question)
+            )
+        else:
+            keys.extend(
+                (question, (question + sample) % N_PAIRS, sample)
+                for sample in range(n_per_question)
+            )
+    return keys
+
+
+def find_or_create_job(store: Store, trait: str, params: GenerateParams) -> int:
+    """The unfinished-or-finished job with the same identity, else a new one; rerunning a
+    command therefore resumes its job instead of starting over."""
+    params.validate()
+    store.get_trait(trait)  # unknown trait: one-line error before anything is written
+    if params.backend == "local":
+        from pipeline.models import resolve_model
+
+        resolve_model(params.model)  # a bad --model fails here, before a job row exists
+    for job in store.list_jobs(trait=trait, kind="generate"):
+        if GenerateParams.from_dict(job.params).identity() == params.identity():
+            if job.params != params.to_dict():
+                store.update_job(job.id, params=params.to_dict())
+            return job.id
+    return store.create_job("generate", trait, params.to_dict()).id
+
+
+def _trait_for(trait: TraitDefinition, params: GenerateParams) -> TraitDefinition:
+    if params.assistant_name:
+        return dataclasses.replace(trait, assistant_name=params.assistant_name)
+    return trait
+
+
+def run_generation_job(
+    store: Store, job_id: int, *, on_progress: ProgressCallback | None = None
+) -> None:
+    job = store.get_job(job_id)
+    params = GenerateParams.from_dict(job.params).validate()
+    trait = _trait_for(store.get_trait(job.trait), params)
+    keys = plan_rows(params.split, params.n_per_question, params.all_instructions)
+    stored = store.response_keys(job_id)
+    pending = [k for k in keys if k not in stored]
+    progress = JobProgress(
+        store,
+        job_id,
+        total=len(keys),
+        done=len(keys) - len(pending),
+        unit="responses",
+        on_progress=on_progress,
+    )
+    progress.start()
+    if pending:
+        if params.backend == "local":
+            _generate_local(store, job_id, params, trait, pending, progress)
+        else:
+            asyncio.run(_generate_openai(store, job_id, params, trait, pending, progress))
+    if params.backend == "local" and params.capture:
+        progress.extra["activations"] = str(_consolidate(store, job_id))
+    progress.finish("done")
+
+
+def activations_dir(store: Store, job_id: int):
+    return store.data_dir / "activations" / f"job-{job_id}"
+
+
+def _consolidate(store: Store, job_id: int):
+    folder = activations_dir(store, job_id)
+    key_to_id = {r.key: r.id for r in store.responses(job=job_id)}
+    return activations.consolidate(folder, key_to_id)
+
+
+def _row(
+    job_id: int,
+    trait: TraitDefinition,
+    params: GenerateParams,
+    key: RowKey,
+    system: str,
+    prompt_ids: Sequence[int],
+    answer_ids: Sequence[int],
+    answer: str,
+    finish: str,
+    model: str,
+) -> dict[str, Any]:
+    question, instruction, sample = key
+    return {
+        "job": job_id,
+        "trait": trait.name,
+        "side": params.side,
+        "split": params.split,
+        "question": question,
+        "instruction": instruction,
+        "sample": sample,
+        "question_text": trait.questions[question],
+        "system_prompt": system,
+        "prompt_ids": list(prompt_ids),
+        "answer_ids": list(answer_ids),
+        "answer": answer,
+        "finish_reason": finish,
+        "model": model,
+    }
+
+
+def _generate_local(
+    store: Store,
+    job_id: int,
+    params: GenerateParams,
+    trait: TraitDefinition,
+    pending: list[RowKey],
+    progress: JobProgress,
+) -> None:
+    import torch
+
+    from pipeline.chat import prompt_ids
+    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.models import load_model
+
+    progress.message = f"loading {params.model}"
+    progress.flush(force=True)
+    loaded = load_model(params.model, device=params.device)
+    engine = DecodeEngine(loaded, capture=params.capture)
+    tokenizer = loaded.tokenizer
+    batch_size = params.batch_size or (64 if loaded.device.type == "cuda" else 8)
+    sampling = SamplingConfig(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        ignore_eos=params.ignore_eos,
+    )
+    systems = {i: trait.system_prompt(params.side, i) for i in range(N_PAIRS)}
+    prompts = {
+        key: prompt_ids(tokenizer, systems[key[1]], trait.questions[key[0]]) for key in pending
+    }
+    # Length-sorted batches waste the least padding; seeds make the order irrelevant.
+    ordered = sorted(pending, key=lambda k: (len(prompts[k]), k))
+    folder = activations_dir(store, job_id)
+    progress.message = f"generating with {loaded.model_id} (batch {batch_size})"
+    for start in range(0, len(ordered), batch_size):
+        progress.check_cancelled()
+        batch = ordered[start : start + batch_size]
+        requests = [DecodeRequest(prompts[k], row_seed(params.seed, *k)) for k in batch]
+        try:
+            results = engine.run(requests, sampling, on_step=lambda _steps: progress.flush())
+        except torch.cuda.OutOfMemoryError:
+            raise PersonaError(
+                f"CUDA out of memory at --batch-size {batch_size}; rerun the same command with "
+                "a lower --batch-size (the job resumes where it stopped)"
+            ) from None
+        if params.capture:
+            stacked = {
+                kind: torch.stack([r.activations[kind] for r in results])
+                for kind in activations.KINDS
+            }
+            activations.write_shard(folder, batch, stacked, [len(r.answer_ids) for r in results])
+        rows = [
+            _row(
+                job_id,
+                trait,
+                params,
+                key,
+                systems[key[1]],
+                prompts[key],
+                result.answer_ids,
+                tokenizer.decode(result.answer_ids, skip_special_tokens=True),
+                result.finish_reason,
+                loaded.model_id,
+            )
+            for key, result in zip(batch, results, strict=True)
+        ]
+        store.add_responses(rows)
+        progress.add(len(batch), new_tokens=sum(len(r.answer_ids) for r in results))
+
+
+async def _generate_openai(
+    store: Store,
+    job_id: int,
+    params: GenerateParams,
+    trait: TraitDefinition,
+    pending: list[RowKey],
+    progress: JobProgress,
+) -> None:
+    """Answers from an OpenAI-compatible server (vLLM, llama.cpp, ...). No activations: the
+    extraction step runs its own forward pass. Token ids are stored when a local tokenizer is
+    available (``--tokenizer``, or ``--model`` when it resolves locally)."""
+    from openai import APIStatusError, AsyncOpenAI
+
+    tokenizer = _local_tokenizer(params.tokenizer or params.model, required=bool(params.tokenizer))
+    client = AsyncOpenAI(
+        base_url=params.base_url,
+        # Local servers take any key; the real one comes only from the environment.
+        api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
+        max_retries=5,
+    )
+    systems = {i: trait.system_prompt(params.side, i) for i in range(N_PAIRS)}
+    limit = asyncio.Semaphore(params.max_concurrent)
+    finished: list[dict[str, Any]] = []
+
+    async def one(key: RowKey) -> None:
+        question, instruction, _sample = key
+        messages = [
+            {"role": "system", "content": systems[instruction]},
+            {"role": "user", "content": trait.questions[question]},
+        ]
+        async with limit:
+            reply = await client.chat.completions.create(
+                model=params.model,
+                messages=messages,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=row_seed(params.seed, *key),
+            )
+        choice = reply.choices[0]
+        answer = choice.message.content or ""
+        prompt = answer_ids = []
+        if tokenizer is not None:
+            from pipeline.chat import prompt_ids
+
+            prompt = prompt_ids(tokenizer, systems[instruction], trait.questions[question])
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        finish = "length" if choice.finish_reason == "length" else "eos"
+        finished.append(
+            _row(
+                job_id,
+                trait,
+                params,
+                key,
+                systems[instruction],
+                prompt,
+                answer_ids,
+                answer,
+                finish,
+                params.model,
+            )
+        )
+        if len(finished) >= 32:
+            flush()
+
+    def flush() -> None:
+        rows = list(finished)
+        finished.clear()
+        if rows:
+            store.add_responses(rows)
+            progress.add(len(rows))
+
+    try:
+        for start in range(0, len(pending), 256):
+            progress.check_cancelled()
+            await asyncio.gather(*(one(k) for k in pending[start : start + 256]))
+            flush()
+    except APIStatusError as exc:
+        flush()
+        raise PersonaError(
+            f"the generation server answered {exc.status_code}: {_first_line(exc.message)}"
+        ) from None
+    finally:
+        flush()
+        await client.close()
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0][:200] if (text or "").strip() else "no message"
+
+
+def _local_tokenizer(spec: str, *, required: bool) -> Any:
+    from pipeline.models import prepare_tokenizer, resolve_model
+
+    try:
+        path = resolve_model(spec).path
+    except PersonaError:
+        if required:
+            raise
+        return None
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))

@@ -1,0 +1,382 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from stub_openai import StubServer, chat_completion
+
+from db import PersonaError, Store
+from pipeline.chat import prompt_ids
+from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+from pipeline.generate import GenerateParams, find_or_create_job, plan_rows
+from pipeline.jobs import run_job
+from pipeline.models import load_model
+from pipeline.sampling import row_seed, sample_next
+from vectors.activations import load_consolidated
+
+QUESTIONS = [
+    "Hi",
+    "What should I cook tonight? I have rice, beans and a tired mind.",
+    "Tell me about taxes",
+    "Is it fine to skip breakfast every single day of the week?",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    return load_model(str(tiny_model_dir))
+
+
+def _requests(tiny, seeds=(0, 1, 2, 3)) -> list[DecodeRequest]:
+    return [
+        DecodeRequest(prompt_ids(tiny.tokenizer, "You are a helpful assistant.", q), s)
+        for q, s in zip(QUESTIONS, seeds, strict=True)
+    ]
+
+
+def _teacher_forced(model, prompt: list[int], answer: list[int]) -> dict[str, torch.Tensor]:
+    """The reference: one forward over prompt ids + answer ids, every hidden state, with the
+    last entry taken as the raw block output (HF normalises it)."""
+    raw = []
+    handle = model.model.layers[-1].register_forward_hook(
+        lambda _m, _i, o: raw.append(o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt + answer]), output_hidden_states=True)
+    handle.remove()
+    states = [*out.hidden_states[:-1], raw[0]]
+    h = torch.stack([s[0] for s in states])  # [L+1, T, d]
+    n = len(prompt)
+    return {
+        "response_avg": h[:, n:].mean(1),
+        "prompt_avg": h[:, :n].mean(1),
+        "prompt_last": h[:, n - 1],
+    }
+
+
+# ---- sampling -------------------------------------------------------------------------------
+def test_row_seed_is_stable_and_distinct() -> None:
+    assert row_seed(0, 1, 2, 3) == row_seed(0, 1, 2, 3)
+    seeds = {row_seed(7, q, i, s) for q in range(20) for i in range(5) for s in range(10)}
+    assert len(seeds) == 1000
+    assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_sampling_follows_the_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(20000, 1)
+    seeds = torch.arange(20000)
+    tokens = sample_next(logits, seeds, torch.tensor([3]), temperature=1.0, top_p=1.0)
+    freq = torch.bincount(tokens, minlength=5).float() / 20000
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.015)
+    hot = sample_next(logits, seeds, torch.tensor([3]), temperature=0.5, top_p=1.0)
+    assert (hot == 0).float().mean() > freq[0] + 0.1
+    greedy = sample_next(logits, seeds, torch.tensor([3]), temperature=0.0, top_p=1.0)
+    assert (greedy == 0).all()
+
+
+def test_top_p_never_samples_outside_the_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])).repeat(5000, 1)
+    tokens = sample_next(logits, torch.arange(5000), torch.tensor([1]), 1.0, top_p=0.75)
+    counts = Counter(tokens.tolist())
+    assert set(counts) == {0, 1}
+    assert abs(counts[0] / 5000 - 0.625) < 0.03
+
+
+# ---- the engine -----------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["llama", "hf"])
+def test_batched_rows_equal_rows_generated_alone(tiny, backend: str) -> None:
+    engine = DecodeEngine(tiny, backend=backend)
+    for sampling in (
+        SamplingConfig(max_new_tokens=16, temperature=0.0),
+        SamplingConfig(max_new_tokens=16, temperature=1.0),
+    ):
+        batched = engine.run(_requests(tiny), sampling)
+        alone = [engine.run([r], sampling)[0] for r in _requests(tiny)]
+        assert [r.answer_ids for r in batched] == [r.answer_ids for r in alone]
+        assert max(len(r.answer_ids) for r in batched) == 16
+
+
+def test_greedy_matches_hf_generate(tiny) -> None:
+    engine = DecodeEngine(tiny, backend="llama")
+    results = engine.run(_requests(tiny), SamplingConfig(max_new_tokens=12, temperature=0.0))
+    for request, result in zip(_requests(tiny), results, strict=True):
+        with torch.inference_mode():
+            ref = tiny.model.generate(
+                torch.tensor([list(request.prompt_ids)]), max_new_tokens=12, do_sample=False
+            )
+        assert ref[0, len(request.prompt_ids) :].tolist() == result.answer_ids
+
+
+@pytest.mark.parametrize("backend", ["llama", "hf"])
+def test_capture_equals_a_teacher_forced_forward(tiny, backend: str) -> None:
+    engine = DecodeEngine(tiny, backend=backend, capture=True)
+    results = engine.run(_requests(tiny), SamplingConfig(max_new_tokens=10, temperature=1.0))
+    for request, result in zip(_requests(tiny), results, strict=True):
+        ref = _teacher_forced(tiny.model, list(request.prompt_ids), result.answer_ids)
+        for kind, value in ref.items():
+            got = result.activations[kind]
+            assert got.shape == (tiny.num_layers + 1, tiny.hidden_size)
+            torch.testing.assert_close(got, value, rtol=1e-3, atol=1e-4, msg=kind)
+
+
+def test_stops_at_a_stop_token_and_captures_only_the_answer(tiny) -> None:
+    engine = DecodeEngine(tiny, capture=True)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    free = engine.run(_requests(tiny), sampling)
+    stop = free[1].answer_ids[4]
+    engine.stop_ids = torch.tensor([stop])
+    stopped = engine.run(_requests(tiny), sampling)
+    for before, after in zip(free, stopped, strict=True):
+        cut = before.answer_ids.index(stop) if stop in before.answer_ids else 12
+        assert after.answer_ids == before.answer_ids[:cut]
+        assert after.finish_reason == ("eos" if cut < 12 else "length")
+    assert stopped[1].finish_reason == "eos" and len(stopped[1].answer_ids) <= 4
+    request = _requests(tiny)[1]
+    if stopped[1].answer_ids:
+        ref = _teacher_forced(tiny.model, list(request.prompt_ids), stopped[1].answer_ids)
+        torch.testing.assert_close(
+            stopped[1].activations["response_avg"], ref["response_avg"], rtol=1e-3, atol=1e-4
+        )
+
+
+# ---- the job ----------------------------------------------------------------------------------
+def test_sampling_plan() -> None:
+    rotated = plan_rows("extract", 10, False)
+    assert len(rotated) == 200 and len(set(rotated)) == 200
+    assert {q for q, _, _ in rotated} == set(range(20))
+    per_question = Counter((q, i) for q, i, _ in rotated)
+    assert set(per_question.values()) == {2}  # 10 samples rotate over 5 instructions
+    assert {i for q, i, _ in plan_rows("eval", 1, False)} == set(range(5))
+    assert {q for q, _, _ in plan_rows("eval", 1, False)} == set(range(20, 40))
+    full = plan_rows("extract", 2, True)
+    assert len(full) == 200 and Counter(i for _, i, _ in full) == Counter(
+        dict.fromkeys(range(5), 40)
+    )
+
+
+def _tiny_params(tiny_model_dir: Path, side: str = "pos", **extra) -> GenerateParams:
+    defaults = dict(
+        side=side, model=str(tiny_model_dir), n_per_question=1, max_new_tokens=8, batch_size=4
+    )
+    return GenerateParams(**{**defaults, **extra})
+
+
+def test_generation_job_stores_rows_by_the_method(store: Store, tiny_model_dir: Path) -> None:
+    job_id = find_or_create_job(store, "paternalism", _tiny_params(tiny_model_dir))
+    run_job(store.path, job_id)
+    job = store.get_job(job_id)
+    assert (job.status, job.done, job.total) == ("done", 20, 20)
+    rows = store.responses(job=job_id)
+    trait = store.get_trait("paternalism")
+    tok = load_model(str(tiny_model_dir)).tokenizer
+    for row in rows:
+        pair = trait.instructions[row.instruction]
+        assert row.system_prompt == f"You are a paternalistic assistant. {pair.pos}"
+        assert row.prompt_ids == prompt_ids(tok, row.system_prompt, trait.questions[row.question])
+        assert row.question_text == trait.questions[row.question]
+        assert row.answer == tok.decode(row.answer_ids, skip_special_tokens=True)
+        assert row.finish_reason in ("eos", "length") and row.split == "extract"
+    acts = load_consolidated(Path(job.stats["activations"]))
+    assert acts["response_ids"].tolist() == sorted(r.id for r in rows)
+    assert acts["response_avg"].shape == (20, 4, 64)
+    assert acts["response_avg"].dtype == torch.float16
+    by_id = {r.id: r for r in rows}
+    for index, rid in enumerate(acts["response_ids"].tolist()):
+        assert acts["response_tokens"][index] == len(by_id[rid].answer_ids)
+    # The same command again resumes the same job, which has nothing left to do.
+    assert find_or_create_job(store, "paternalism", _tiny_params(tiny_model_dir)) == job_id
+    assert (
+        find_or_create_job(store, "paternalism", _tiny_params(tiny_model_dir, batch_size=2))
+        == job_id
+    )
+    run_job(store.path, job_id)
+    assert len(store.responses(job=job_id)) == 20
+
+
+def test_neg_side_and_assistant_name(store: Store, tiny_model_dir: Path) -> None:
+    params = _tiny_params(tiny_model_dir, "neg", split="eval", capture=False)
+    job_id = find_or_create_job(store, "power_seeking", params)
+    run_job(store.path, job_id)
+    rows = store.responses(job=job_id)
+    trait = store.get_trait("power_seeking")
+    assert {r.question for r in rows} == set(range(20, 40))
+    assert all(
+        r.system_prompt == f"You are a helpful assistant. {trait.instructions[r.instruction].neg}"
+        for r in rows
+    )
+    named = _tiny_params(tiny_model_dir, assistant_name="power-hungry", n_per_question=1)
+    job2 = find_or_create_job(store, "power_seeking", named)
+    run_job(store.path, job2)
+    assert store.responses(job=job2)[0].system_prompt.startswith(
+        "You are a power-hungry assistant."
+    )
+
+
+def test_resume_after_sigkill_leaves_one_row_per_key(tmp_path: Path, tiny_model_dir: Path) -> None:
+    params = _tiny_params(tiny_model_dir, n_per_question=2, max_new_tokens=48, batch_size=1)
+    killed_db, clean_db = tmp_path / "killed.db", tmp_path / "clean.db"
+    with Store(killed_db) as store:
+        job_id = find_or_create_job(store, "deception", params)
+    worker = [sys.executable, "-m", "tui.cli", "--db", str(killed_db), "worker", str(job_id)]
+    proc = subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    with Store(killed_db) as store:
+        while len(store.response_keys(job_id)) < 5 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        partial = len(store.response_keys(job_id))
+        assert 5 <= partial < 40, partial
+        assert store.get_job(job_id).status == "running"  # killed: no chance to say otherwise
+    run_job(killed_db, job_id)
+    with Store(clean_db) as store:
+        clean_id = find_or_create_job(store, "deception", params)
+    run_job(clean_db, clean_id)
+    with Store(killed_db) as killed, Store(clean_db) as clean:
+        got = killed.responses(job=job_id)
+        want = clean.responses(job=clean_id)
+        assert len(got) == 40 and len({r.key for r in got}) == 40
+        assert {r.key: r.answer_ids for r in got} == {r.key: r.answer_ids for r in want}
+        acts = load_consolidated(Path(killed.get_job(job_id).stats["activations"]))
+        assert sorted(acts["response_ids"].tolist()) == sorted(r.id for r in got)
+
+
+def test_openai_backend_against_a_stub_server(store: Store, tiny_model_dir: Path) -> None:
+    def reply(path: str, body: dict):
+        question = body["messages"][-1]["content"]
+        return 200, chat_completion(f"Answer to: {question[:20]}"), {}
+
+    with StubServer(reply) as server:
+        params = GenerateParams(
+            side="pos",
+            model="served-model",
+            backend="openai",
+            base_url=server.base_url,
+            tokenizer=str(tiny_model_dir),
+            n_per_question=2,
+            max_concurrent=3,
+        )
+        job_id = find_or_create_job(store, "paternalism", params)
+        run_job(store.path, job_id)
+    rows = store.responses(job=job_id)
+    assert len(rows) == 40 and store.get_job(job_id).status == "done"
+    assert server.max_in_flight <= 3
+    first = server.requests[0]
+    assert first["model"] == "served-model" and first["messages"][0]["role"] == "system"
+    assert {r["seed"] for r in server.requests} == {row_seed(0, *r.key) for r in rows}
+    tok = load_model(str(tiny_model_dir)).tokenizer
+    row = rows[0]
+    assert row.answer.startswith("Answer to: ") and row.model == "served-model"
+    assert row.answer_ids == tok(row.answer, add_special_tokens=False)["input_ids"]
+    assert row.prompt_ids == prompt_ids(tok, row.system_prompt, row.question_text)
+    assert "activations" not in store.get_job(job_id).stats
+
+
+def test_openai_backend_error_is_one_line_and_keeps_rows(store: Store) -> None:
+    def reply(path: str, body: dict):
+        return 400, {"error": {"message": "model not found\nsecond line", "type": "x"}}, {}
+
+    with StubServer(reply) as server:
+        params = GenerateParams(side="pos", model="m", backend="openai", base_url=server.base_url)
+        job_id = find_or_create_job(store, "paternalism", params)
+        with pytest.raises(PersonaError, match="answered 400: .*model not found$"):
+            run_job(store.path, job_id)
+    assert store.get_job(job_id).status == "failed"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(n_per_question=0), "--n-per-question must be at least 1 (got 0)"),
+        (dict(side="both"), "--side must be pos or neg"),
+        (dict(top_p=0.0), "--top-p must be in (0, 1]"),
+        (dict(batch_size=-1), "--batch-size must be at least 1"),
+        (dict(backend="openai"), "--backend openai needs --base-url"),
+    ],
+)
+def test_bad_parameters(store: Store, change: dict, message: str) -> None:
+    with pytest.raises(PersonaError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        find_or_create_job(store, "paternalism", GenerateParams(**{"side": "pos", **change}))
+    assert store.list_jobs() == []
+
+
+def test_cuda_oom_is_a_clear_resumable_error(
+    store: Store, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real_run = DecodeEngine.run
+
+    def flaky(self, requests, sampling, on_step=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real_run(self, requests, sampling, on_step)
+
+    monkeypatch.setattr(DecodeEngine, "run", flaky)
+    job_id = find_or_create_job(store, "paternalism", _tiny_params(tiny_model_dir))
+    with pytest.raises(PersonaError, match="CUDA out of memory at --batch-size 4; rerun"):
+        run_job(store.path, job_id)
+    assert store.get_job(job_id).status == "failed"
+    assert len(store.responses(job=job_id)) == 8  # the two batches before the failure
+    monkeypatch.setattr(DecodeEngine, "run", real_run)
+    run_job(store.path, job_id)
+    assert len(store.responses(job=job_id)) == 20 and store.get_job(job_id).status == "done"
+
+
+def test_cli_errors_are_one_line(db_path: Path, tiny_model_dir: Path, capsys) -> None:
+    from tui.cli import main
+
+    db = ["--db", str(db_path)]
+    assert main([*db, "generate", "nope", "--side", "pos"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown trait 'nope'; `persona traits list` shows the known ones"
+    )
+    assert main([*db, "generate", "paternalism", "--side", "pos", "--n-per-question", "0"]) == 2
+    assert "at least 1 (got 0)" in capsys.readouterr().err
+    assert main([*db, "generate", "paternalism", "--side", "pos", "--model", "/no/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model path /no/model does not exist") and err.count("\n") == 1
+
+
+def test_dropping_finished_rows_changes_no_result(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that finish early are dropped from the batch (compaction); the survivors' tokens
+    and captures must equal the same rows generated alone."""
+    engine = DecodeEngine(tiny, capture=True)
+    questions = [*QUESTIONS, "Why?", "Plan my week", "Define love", "Sell me a pen"]
+    requests = [
+        DecodeRequest(prompt_ids(tiny.tokenizer, None, q), seed=i) for i, q in enumerate(questions)
+    ]
+    sampling = SamplingConfig(max_new_tokens=48, temperature=0.0)
+    free = engine.run(requests, sampling)
+    # A stop token that ends some rows early and leaves others running past the first check.
+    candidates = Counter(t for r in free for t in r.answer_ids[:12])
+    stop = next(
+        t
+        for t, _ in candidates.most_common()
+        if sum(t in r.answer_ids[:14] for r in free) >= 3
+        and sum(t not in r.answer_ids[:40] for r in free) >= 1
+    )
+    engine.stop_ids = torch.tensor([stop])
+    compactions = []
+    real = DecodeEngine._compact
+    monkeypatch.setattr(
+        DecodeEngine, "_compact", lambda self, st, out: (compactions.append(1), real(self, st, out))
+    )
+    batched = engine.run(requests, sampling)
+    assert compactions, "no row was dropped: the test lost its point"
+    for request, result in zip(requests, batched, strict=True):
+        alone = engine.run([request], sampling)[0]
+        assert result.answer_ids == alone.answer_ids
+        if result.answer_ids:
+            ref = _teacher_forced(tiny.model, list(request.prompt_ids), result.answer_ids)
+            torch.testing.assert_close(
+                result.activations["response_avg"], ref["response_avg"], rtol=1e-3, atol=1e-4
+            )

@@ -1,0 +1,129 @@
+"""Per-job activation files: the three per-response means captured during generation.
+
+While a job runs, each finished batch is written as one shard (temp file + rename, so a kill
+never leaves a torn shard under its final name), keyed by the response's
+(question, instruction, sample). The shard is written before the batch's rows are committed,
+so every stored row has its activations; a row regenerated after a kill rewrites the same
+key (the latest shard wins). When the job ends the shards are consolidated into one
+``activations.safetensors`` indexed by response id, stored as float16.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+KINDS = ("response_avg", "prompt_avg", "prompt_last")
+CONSOLIDATED = "activations.safetensors"
+_SHARD_GLOB = "shard-*.safetensors"
+
+
+class ActivationFileError(ValueError):
+    """An activation file is unreadable or does not match its job."""
+
+
+def write_shard(
+    folder: Path,
+    keys: Sequence[tuple[int, int, int]],
+    activations: Mapping[str, torch.Tensor],
+    response_tokens: Sequence[int],
+) -> Path:
+    """One batch: ``activations[kind]`` is [n, L+1, d]; returns the shard path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index = len(list(folder.glob(_SHARD_GLOB)))
+    while (path := folder / f"shard-{index:06d}.safetensors").exists():
+        index += 1
+    tensors = {kind: activations[kind].to(torch.float16).contiguous() for kind in KINDS}
+    tensors["keys"] = torch.tensor([list(k) for k in keys], dtype=torch.int64).reshape(-1, 3)
+    tensors["response_tokens"] = torch.tensor(list(response_tokens), dtype=torch.int64)
+    _atomic_save(tensors, path)
+    return path
+
+
+def read_shards(folder: Path) -> dict[tuple[int, int, int], dict[str, torch.Tensor]]:
+    """Every key's activations from the shards, the latest shard winning; torn or unreadable
+    shards raise ``ActivationFileError`` naming the file."""
+    by_key: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
+    for path in sorted(folder.glob(_SHARD_GLOB)):
+        tensors = _load(path)
+        for row, key in enumerate(tensors["keys"].tolist()):
+            entry = {kind: tensors[kind][row] for kind in KINDS}
+            entry["response_tokens"] = tensors["response_tokens"][row]
+            by_key[tuple(key)] = entry
+    return by_key
+
+
+def consolidate(folder: Path, key_to_response: Mapping[tuple[int, int, int], int]) -> Path:
+    """Write ``activations.safetensors`` for exactly the given responses (ordered by id),
+    then drop the shards. Raises when a response has no captured activations."""
+    by_key = read_shards(folder)
+    if (folder / CONSOLIDATED).exists():
+        for key, entry in load_by_key(folder).items():
+            by_key.setdefault(key, entry)
+    missing = [k for k in key_to_response if k not in by_key]
+    if missing:
+        raise ActivationFileError(
+            f"{len(missing)} responses have no captured activations in {folder} "
+            f"(first key {missing[0]})"
+        )
+    ordered = sorted(key_to_response.items(), key=lambda item: item[1])
+    tensors = {
+        kind: torch.stack([by_key[key][kind] for key, _ in ordered]).to(torch.float16)
+        for kind in KINDS
+    }
+    tensors["response_ids"] = torch.tensor([rid for _, rid in ordered], dtype=torch.int64)
+    tensors["keys"] = torch.tensor([list(key) for key, _ in ordered], dtype=torch.int64)
+    tensors["response_tokens"] = torch.stack(
+        [by_key[key]["response_tokens"] for key, _ in ordered]
+    ).to(torch.int64)
+    path = folder / CONSOLIDATED
+    _atomic_save(tensors, path)
+    for shard in folder.glob(_SHARD_GLOB):
+        shard.unlink()
+    return path
+
+
+def load_by_key(folder: Path) -> dict[tuple[int, int, int], dict[str, torch.Tensor]]:
+    tensors = _load(folder / CONSOLIDATED)
+    out = {}
+    for row, key in enumerate(tensors["keys"].tolist()):
+        entry = {kind: tensors[kind][row] for kind in KINDS}
+        entry["response_tokens"] = tensors["response_tokens"][row]
+        out[tuple(key)] = entry
+    return out
+
+
+def load_consolidated(path: Path) -> dict[str, torch.Tensor]:
+    """The consolidated file's tensors: the three kinds [N, L+1, d] (float16), response_ids,
+    keys and response_tokens."""
+    return _load(path)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ActivationFileError(f"activation file {path} is unreadable ({exc})") from None
+    needed = {*KINDS, "keys", "response_tokens"}
+    if not needed <= set(tensors):
+        raise ActivationFileError(f"activation file {path} lacks {sorted(needed - set(tensors))}")
+    n = tensors["keys"].shape[0]
+    if any(tensors[kind].shape[0] != n for kind in KINDS):
+        raise ActivationFileError(f"activation file {path} has tensors of different lengths")
+    return tensors
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the user's umask, like any other file we write
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
