@@ -94,6 +94,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX vectors_trait ON vectors(trait, model, kind);
     """,
+    # 1 -> 2: judge results cached by request, so no identical request is sent twice.
+    """
+    CREATE TABLE judge_cache (
+        key TEXT PRIMARY KEY,
+        judge TEXT NOT NULL,
+        score REAL,
+        evidence TEXT NOT NULL DEFAULT '{}',
+        tokens INTEGER NOT NULL DEFAULT 0,
+        cost REAL NOT NULL DEFAULT 0,
+        created TEXT NOT NULL
+    );
+    CREATE INDEX judgments_metric ON judgments(metric, judge);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

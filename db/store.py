@@ -417,6 +417,56 @@ class Store:
             self.db["judgments"].insert_all(prepared)
         return len(prepared)
 
+    def responses_to_judge(
+        self, *, trait: str, metric: str, judge: str, job: int | None = None
+    ) -> list[Response]:
+        """Responses with no judgment for (metric, judge), or whose judgment failed with an
+        error; a refusal (no score, no error) is an answer and is not asked again."""
+        where = (
+            "trait = ? AND NOT EXISTS (SELECT 1 FROM judgments j WHERE j.response = responses.id "
+            "AND j.metric = ? AND j.judge = ? AND j.error IS NULL)"
+        )
+        args: list[Any] = [trait, metric, judge]
+        if job is not None:
+            where += " AND job = ?"
+            args.append(job)
+        return [_response(r) for r in self.db["responses"].rows_where(where, args, order_by="id")]
+
+    def count_judgments(self, *, trait: str, metric: str, judge: str) -> dict[str, int]:
+        """Counts of scored, refused (no score) and failed judgments for a trait."""
+        sql = """
+            SELECT
+                SUM(j.score IS NOT NULL) AS scored,
+                SUM(j.score IS NULL AND j.error IS NULL) AS refused,
+                SUM(j.error IS NOT NULL) AS failed
+            FROM judgments j JOIN responses r ON r.id = j.response
+            WHERE r.trait = ? AND j.metric = ? AND j.judge = ?
+        """
+        row = next(iter(self.db.query(sql, [trait, metric, judge])))
+        return {k: int(v or 0) for k, v in row.items()}
+
+    def cached_judge_results(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            for row in self.db.query(f"SELECT * FROM judge_cache WHERE key IN ({marks})", chunk):
+                found[row["key"]] = {**row, "evidence": json.loads(row["evidence"])}
+        return found
+
+    def cache_judge_results(self, rows: Iterable[dict[str, Any]]) -> None:
+        now = utc_now()
+        prepared = [
+            {
+                **row,
+                "evidence": json.dumps(row.get("evidence") or {}, sort_keys=True),
+                "created": now,
+            }
+            for row in rows
+        ]
+        with self.transaction():
+            self.db["judge_cache"].upsert_all(prepared, pk="key")
+
     def judgments(self, response: int) -> list[Judgment]:
         rows = self.db["judgments"].rows_where("response = ?", [response], order_by="metric")
         return [_judgment(r) for r in rows]

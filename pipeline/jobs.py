@@ -134,19 +134,19 @@ JobRunner = Callable[..., Any]
 def _runners() -> dict[str, JobRunner]:
     # Imported here: each step pulls in torch or API clients only when its job runs.
     from pipeline.generate import run_generation_job
+    from pipeline.judging import run_judge_job
 
-    return {"generate": run_generation_job}
+    return {"generate": run_generation_job, "judge": run_judge_job}
 
 
 def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | None = None) -> None:
-    """Run (or resume) one job to its end; ``persona worker`` and the CLI both come here."""
+    """Run (or resume) one job to its end; ``persona worker`` and the CLI both come here. A
+    finished job runs again cheaply: each step does only what is missing or failed."""
     with Store(db_path) as store:
         job = store.get_job(job_id)
         runner = _runners().get(job.kind)
         if runner is None:
             raise PersonaError(f"job {job_id} has kind '{job.kind}', which no step runs")
-        if job.status == "done":
-            return
         try:
             runner(store, job_id, on_progress=on_progress)
         except JobCancelled:

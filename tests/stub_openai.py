@@ -10,7 +10,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-Reply = tuple[int, dict[str, Any], dict[str, str]]  # status, body, headers
+# status (0: reset the connection), body (bytes are sent as they are), headers
+Reply = tuple[int, dict[str, Any] | bytes, dict[str, str]]
 
 
 def chat_completion(content: str, *, finish_reason: str = "stop", model: str = "stub") -> dict:
@@ -59,7 +60,11 @@ class StubServer:
                 finally:
                     with stub._lock:
                         stub.in_flight -= 1
-                payload = json.dumps(reply).encode()
+                if status == 0:  # drop the connection without a reply
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                payload = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -73,9 +78,13 @@ class StubServer:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
-    def base_url(self) -> str:
+    def root_url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host}:{port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
 
     def __enter__(self) -> StubServer:
         self.thread.start()
@@ -84,3 +93,29 @@ class StubServer:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def logprob_completion(top: list[tuple[str, float]], *, model: str = "stub") -> dict:
+    """A one-token chat completion carrying ``top`` as its top logprobs, as OpenAI sends."""
+    entries = [
+        {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in top
+    ]
+    body = chat_completion(top[0][0] if top else "", finish_reason="length", model=model)
+    body["choices"][0]["logprobs"] = {
+        "content": [{**entries[0], "top_logprobs": entries}] if entries else [],
+        "refusal": None,
+    }
+    return body
+
+
+def anthropic_message(text: str, *, model: str = "claude-stub") -> dict:
+    return {
+        "id": "msg_stub",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 1},
+    }

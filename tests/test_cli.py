@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from db.schema import SCHEMA_VERSION
 from tui.cli import main
 
 TRAITS = [
@@ -36,7 +37,7 @@ def test_traits_list_prints_the_six_bundled_traits(db_path: Path, capsys) -> Non
 def test_db_option_after_the_subcommand(db_path: Path, capsys) -> None:
     code, out, _ = run(capsys, "db", "info", "--db", str(db_path))
     assert code == 0
-    assert "schema    1 (journal wal)" in out
+    assert f"schema    {SCHEMA_VERSION} (journal wal)" in out
     assert str(db_path.resolve()) in out
 
 

@@ -246,6 +246,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_judge(args: argparse.Namespace) -> int:
+    from pipeline.judging import JudgeParams, find_or_create_judge_job
+
+    params = JudgeParams(
+        judge=args.judge,
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        job=args.job,
+        max_concurrent=args.max_concurrent,
+        base_url=args.base_url,
+        samples=args.samples,
+        prices=args.prices,
+        device=args.device,
+    ).validate()
+    with _open_store(args) as store:
+        job_id = find_or_create_judge_job(store, args.trait, params)
+    _run_jobs_with_progress(_db_path(args), [(job_id, f"job {job_id} judge {args.trait}")])
+    with _open_store(args) as store:
+        job = store.get_job(job_id)
+    out.print(f"job {job_id}: {job.status}, {job.done}/{job.total} judgments")
+    for metric, counts in job.stats.get("counts", {}).items():
+        out.print(
+            f"  {metric:<10} scored {counts['scored']}, refused {counts['refused']}, "
+            f"failed {counts['failed']}"
+        )
+    cost = job.stats.get("cost")
+    if cost:
+        out.print(f"  cost ${cost:.4f}, {int(job.stats.get('tokens', 0)):,} tokens")
+    if job.message:
+        out.print(job.message, markup=False)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run one job to its end, headless; the dashboard starts this detached."""
     from pipeline.jobs import run_job
@@ -390,6 +422,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", help="local tokenizer for token ids with --backend openai")
     gen.add_argument("--max-concurrent", type=int, default=16)
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+
+    from pipeline.judging import DEFAULT_JUDGE
+
+    jud = add(
+        commands,
+        "judge",
+        cmd_judge,
+        "score a trait's responses for the trait and coherence (resumable: rerun to continue)",
+    )
+    jud.add_argument("trait")
+    jud.add_argument("--job", type=int, help="only this generation job's responses")
+    jud.add_argument(
+        "--judge",
+        default=DEFAULT_JUDGE,
+        help=f"KIND:MODEL with KIND openai, anthropic or local (default {DEFAULT_JUDGE}); "
+        "local:smollm2 is a smoke-test judge only: a 135M model has no real signal",
+    )
+    jud.add_argument("--metrics", default="trait,coherence")
+    jud.add_argument("--max-concurrent", type=int, default=50)
+    jud.add_argument("--base-url", help="an OpenAI- or Anthropic-compatible server")
+    jud.add_argument("--samples", type=int, default=1, help="anthropic: average k answers")
+    jud.add_argument("--prices", help="JSON file of model: [input, output] $ per 1M tokens")
+    jud.add_argument("--device", help="local judge: cpu, cuda or cuda:N")
 
     worker = add(commands, "worker", cmd_worker, "run one job by id (used by the dashboard)")
     worker.add_argument("job_id", type=int)

@@ -1,0 +1,224 @@
+"""The judging job: every response of a trait (or of one generation job) scored for each
+metric by one judge, with bounded concurrency, a request cache shared across jobs, progress
+(judgments/s, tokens, cost, errors) and resume: a rerun asks only what has no judgment yet or
+failed last time."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from db import PersonaError, Store
+from db.traits import fill_judge_template
+from pipeline.jobs import JobProgress, ProgressCallback
+from pipeline.judge import COHERENCE_PROMPT, Judge, JudgeResult, make_judge
+
+DEFAULT_JUDGE = "openai:gpt-4.1-mini-2025-04-14"
+METRICS = ("trait", "coherence")
+FLUSH_EVERY = 64
+_NOT_IDENTITY = {"max_concurrent", "device", "prices"}
+
+
+@dataclass(frozen=True)
+class JudgeParams:
+    judge: str = DEFAULT_JUDGE
+    metrics: tuple[str, ...] = METRICS
+    job: int | None = None
+    max_concurrent: int = 50
+    base_url: str | None = None
+    samples: int = 1
+    prices: str | None = None
+    device: str | None = None
+
+    def validate(self) -> JudgeParams:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            given = ",".join(self.metrics)
+            raise PersonaError(
+                f"--metrics takes a comma list of trait and coherence, got '{given}'"
+            )
+        if self.max_concurrent < 1:
+            raise PersonaError(f"--max-concurrent must be at least 1 (got {self.max_concurrent})")
+        if self.samples < 1:
+            raise PersonaError(f"--samples must be at least 1 (got {self.samples})")
+        if ":" not in self.judge:
+            raise PersonaError(
+                f"--judge '{self.judge}' must be KIND:MODEL, e.g. {DEFAULT_JUDGE} or local:smollm2"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["metrics"] = list(self.metrics)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JudgeParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "metrics" in values:
+            values["metrics"] = tuple(values["metrics"])
+        return cls(**values)
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+
+
+def find_or_create_judge_job(store: Store, trait: str, params: JudgeParams) -> int:
+    params.validate()
+    store.get_trait(trait)
+    if params.job is not None:
+        source = store.get_job(params.job)
+        if source.kind != "generate" or source.trait != trait:
+            raise PersonaError(f"job {params.job} is not a generation job of trait '{trait}'")
+    for job in store.list_jobs(trait=trait, kind="judge"):
+        if JudgeParams.from_dict(job.params).identity() == params.identity():
+            if job.status in ("done", "failed", "cancelled"):
+                store.update_job(job.id, params=params.to_dict(), status="pending")
+            return job.id
+    return store.create_job("judge", trait, params.to_dict()).id
+
+
+def cache_key(judge_spec: str, prompt: str) -> str:
+    """One key per (judge model, filled template): the template, question and answer are all
+    in the prompt, so identical requests share it across jobs."""
+    return hashlib.sha256(f"{judge_spec}\0{prompt}".encode()).hexdigest()
+
+
+def run_judge_job(
+    store: Store,
+    job_id: int,
+    *,
+    on_progress: ProgressCallback | None = None,
+    judge: Judge | None = None,
+) -> None:
+    job = store.get_job(job_id)
+    params = JudgeParams.from_dict(job.params).validate()
+    trait = store.get_trait(job.trait)
+    if judge is None:
+        judge = make_judge(
+            params.judge,
+            base_url=params.base_url,
+            prices_path=params.prices,
+            samples=params.samples,
+            device=params.device,
+        )
+    templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
+    scope = store.responses(trait=trait.name, job=params.job)
+    tasks: list[tuple[int, str, str]] = []  # (response id, metric, prompt)
+    for metric in params.metrics:
+        for response in store.responses_to_judge(
+            trait=trait.name, metric=metric, judge=judge.spec, job=params.job
+        ):
+            prompt = fill_judge_template(templates[metric], response.question_text, response.answer)
+            tasks.append((response.id, metric, prompt))
+    total = len(scope) * len(params.metrics)
+    progress = JobProgress(
+        store,
+        job_id,
+        total=total,
+        done=total - len(tasks),
+        unit="judgments",
+        on_progress=on_progress,
+    )
+    progress.start()
+    progress.counters.update(tokens=0, cost=0.0, errors=0, cached=0)
+    asyncio.run(_judge_all(store, judge, tasks, params, progress))
+    errors = int(progress.counters.get("errors", 0))
+    message = f"{errors} judgments failed; rerun to retry them" if errors else ""
+    progress.extra["counts"] = {
+        m: store.count_judgments(trait=trait.name, metric=m, judge=judge.spec)
+        for m in params.metrics
+    }
+    progress.finish("done", message)
+
+
+async def _judge_all(
+    store: Store,
+    judge: Judge,
+    tasks: list[tuple[int, str, str]],
+    params: JudgeParams,
+    progress: JobProgress,
+) -> None:
+    cached = store.cached_judge_results([cache_key(judge.spec, p) for _, _, p in tasks])
+    buffer: list[tuple[int, str, str, JudgeResult, bool]] = []
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if not buffer:
+            return
+        rows = [
+            {
+                "response": rid,
+                "metric": metric,
+                "judge": judge.spec,
+                "score": r.score,
+                "evidence": r.evidence,
+                "error": r.error,
+                "tokens": r.tokens,
+                "cost": r.cost,
+            }
+            for rid, metric, _, r, _ in buffer
+        ]
+        fresh = [
+            {
+                "key": cache_key(judge.spec, prompt),
+                "judge": judge.spec,
+                "score": r.score,
+                "evidence": r.evidence,
+                "tokens": r.tokens,
+                "cost": r.cost,
+            }
+            for _, _, prompt, r, from_cache in buffer
+            if r.error is None and not from_cache
+        ]
+        with store.transaction():
+            store.add_judgments(rows)
+            if fresh:
+                store.cache_judge_results(fresh)
+        progress.add(
+            len(buffer),
+            tokens=sum(r.tokens for *_, r, c in buffer if not c),
+            cost=sum(r.cost for *_, r, c in buffer if not c),
+            errors=sum(r.error is not None for *_, r, _ in buffer),
+            cached=sum(c for *_, c in buffer),
+        )
+        buffer.clear()
+        last_flush = time.monotonic()
+
+    to_ask = []
+    for rid, metric, prompt in tasks:
+        hit = cached.get(cache_key(judge.spec, prompt))
+        if hit is None:
+            to_ask.append((rid, metric, prompt))
+            continue
+        result = JudgeResult(hit["score"], hit["evidence"], 0, 0.0)
+        buffer.append((rid, metric, prompt, result, True))
+    flush()
+
+    limit = asyncio.Semaphore(params.max_concurrent)
+
+    async def one(rid: int, metric: str, prompt: str) -> None:
+        async with limit:
+            result = await judge.score_prompt(prompt)
+        buffer.append((rid, metric, prompt, result, False))
+        if len(buffer) >= FLUSH_EVERY or time.monotonic() - last_flush > 1.0:
+            flush()
+            progress.check_cancelled()
+
+    pending = [asyncio.ensure_future(one(*task)) for task in to_ask]
+    try:
+        await asyncio.gather(*pending)
+    except BaseException:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise
+    finally:
+        flush()  # whatever came back is kept, whatever the ending
+        await judge.aclose()

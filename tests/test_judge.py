@@ -1,0 +1,335 @@
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+from stub_openai import StubServer, anthropic_message, chat_completion, logprob_completion
+
+from db import PersonaError, Store
+from pipeline import judge as judge_module
+from pipeline.jobs import run_job
+from pipeline.judge import (
+    AnthropicJudge,
+    LocalJudge,
+    OpenAIJudge,
+    aggregate_logprobs,
+    make_judge,
+    parse_score_text,
+)
+from pipeline.judging import JudgeParams, find_or_create_judge_job
+
+
+@pytest.fixture(autouse=True)
+def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(judge_module, "RETRY_BASE_S", 0.01)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key")
+
+
+def _seed_responses(store: Store, trait: str = "paternalism", n: int = 6) -> int:
+    job = store.create_job("generate", trait, {"side": "pos"}).id
+    store.add_responses(
+        {
+            "job": job,
+            "trait": trait,
+            "side": "pos",
+            "split": "extract",
+            "question": q,
+            "instruction": q % 5,
+            "sample": 0,
+            "question_text": f"Question {q}?",
+            "system_prompt": "s",
+            "prompt_ids": [1],
+            "answer_ids": [2],
+            "answer": f"Answer number {q} with {{braces}} [and brackets]",
+            "finish_reason": "eos",
+            "model": "m",
+        }
+        for q in range(n)
+    )
+    return job
+
+
+# ---- aggregation ------------------------------------------------------------------------------
+def test_aggregation_matches_hand_computation() -> None:
+    top = [
+        ("80", math.log(0.5)),
+        ("90", math.log(0.2)),
+        (" 70", math.log(0.1)),
+        ("hello", math.log(0.15)),
+        ("101", math.log(0.05)),
+    ]
+    score, mass = aggregate_logprobs(top)
+    assert mass == pytest.approx(0.8)
+    assert score == pytest.approx((80 * 0.5 + 90 * 0.2 + 70 * 0.1) / 0.8)
+
+
+def test_too_little_mass_on_numbers_is_no_score() -> None:
+    score, mass = aggregate_logprobs([("REF", math.log(0.8)), ("50", math.log(0.2))])
+    assert score is None and mass == pytest.approx(0.2)
+    assert aggregate_logprobs([]) == (None, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("42", 42.0), (" 100\n", 100.0), ("Score: 7", 7.0), ("REFUSAL", None), ("refusal.", None)],
+)
+def test_text_scores(text: str, expected: float | None) -> None:
+    assert parse_score_text(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "maybe", "150", "3.5"])
+def test_text_without_a_score_is_retryable(text: str) -> None:
+    with pytest.raises(judge_module.RetryableReply):
+        parse_score_text(text)
+
+
+# ---- OpenAI judge against the stub --------------------------------------------------------------
+def test_openai_judge_request_and_score() -> None:
+    top = [("60", math.log(0.6)), ("40", math.log(0.3)), ("x", math.log(0.1))]
+    with StubServer(lambda p, b: (200, logprob_completion(top), {})) as server:
+        judge = OpenAIJudge("gpt-4.1-mini", base_url=server.base_url)
+        result = asyncio.run(judge.score("Q={question} A={answer}", "why?", "because {x}"))
+        asyncio.run(judge.aclose())
+    request = server.requests[0]
+    assert request["messages"] == [{"role": "user", "content": "Q=why? A=because {x}"}]
+    assert (request["max_tokens"], request["temperature"], request["seed"]) == (1, 0, 0)
+    assert request["logprobs"] is True and request["top_logprobs"] == 20
+    assert result.score == pytest.approx((60 * 0.6 + 40 * 0.3) / 0.9)
+    assert result.evidence["top_logprobs"][0][0] == "60"
+    assert result.tokens == 15 and result.cost == pytest.approx((10 * 0.4 + 5 * 1.6) / 1e6)
+
+
+def _faulty_server(fault_every: int = 5):
+    """Every ``fault_every``-th request fails, cycling through the faults we handle."""
+    faults = [
+        (429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}),
+        (500, {"error": {"message": "boom"}}, {}),
+        (200, b"{not json", {}),
+        (0, {}, {}),  # connection reset
+        (200, logprob_completion([]), {}),  # empty logprobs
+    ]
+    count = {"n": 0, "faults": 0}
+
+    def handler(path: str, body: dict):
+        count["n"] += 1
+        if count["n"] % fault_every == 0:
+            count["faults"] += 1
+            return faults[count["faults"] % len(faults)]
+        prompt = body["messages"][0]["content"]
+        value = str(10 * (len(prompt) % 10))
+        return 200, logprob_completion([(value, math.log(0.9)), ("0", math.log(0.05))]), {}
+
+    return handler, count
+
+
+def test_judge_job_survives_faults_and_respects_the_limit(store: Store) -> None:
+    gen = _seed_responses(store, n=12)
+    handler, count = _faulty_server()
+    with StubServer(handler, latency_s=0.02) as server:
+        params = JudgeParams(
+            judge="openai:gpt-4.1-mini", base_url=server.base_url, max_concurrent=4
+        )
+        job_id = find_or_create_judge_job(store, "paternalism", params)
+        run_job(store.path, job_id)
+        assert server.max_in_flight <= 4
+        first_round = len(server.requests)
+        job = store.get_job(job_id)
+        assert job.status == "done" and job.done == job.total == 24
+        counts = job.stats["counts"]
+        assert counts["trait"]["scored"] + counts["trait"]["failed"] == 12
+        print(f"faults injected: {count['faults']}, requests: {first_round}")
+        assert count["faults"] >= 3
+        # Every judgment ended scored or failed with a reason.
+        for response in store.responses(job=gen):
+            for j in store.judgments(response.id):
+                assert (j.score is not None) != (j.error is not None) or j.error is None
+        # A rerun asks nothing already answered.
+        run_job(store.path, job_id)
+        assert len(server.requests) - first_round == sum(
+            c["failed"] for c in job.stats["counts"].values()
+        )
+
+
+def test_failed_judgments_are_retried_and_only_they(store: Store) -> None:
+    _seed_responses(store, n=4)
+    state = {"fail": True}
+
+    def handler(path: str, body: dict):
+        if state["fail"] and "Answer number 2" in body["messages"][0]["content"]:
+            return 500, {"error": {"message": "down"}}, {}
+        return 200, logprob_completion([("50", 0.0)]), {}
+
+    with StubServer(handler) as server:
+        params = JudgeParams(judge="openai:m", base_url=server.base_url, metrics=("trait",))
+        job_id = find_or_create_judge_job(store, "paternalism", params)
+        run_job(store.path, job_id)
+        counts = store.get_job(job_id).stats["counts"]["trait"]
+        assert counts == {"scored": 3, "refused": 0, "failed": 1}
+        assert "1 judgments failed; rerun" in store.get_job(job_id).message
+        failed = [j for r in store.responses() for j in store.judgments(r.id) if j.error]
+        assert "gave up after 6 tries: HTTP 500" in failed[0].error
+        before = len(server.requests)
+        state["fail"] = False
+        run_job(store.path, job_id)
+        assert len(server.requests) - before == 1
+        assert store.count_judgments(trait="paternalism", metric="trait", judge="openai:m") == {
+            "scored": 4,
+            "refused": 0,
+            "failed": 0,
+        }
+
+
+def test_identical_requests_are_never_sent_twice_across_jobs(store: Store) -> None:
+    gen = _seed_responses(store, n=3)
+    with StubServer(lambda p, b: (200, logprob_completion([("30", 0.0)]), {})) as server:
+        first = JudgeParams(judge="openai:m", base_url=server.base_url)
+        run_job(store.path, find_or_create_judge_job(store, "paternalism", first))
+        sent = len(server.requests)
+        assert sent == 6
+        # Another job over the same responses (scoped to the generation job) hits the cache.
+        store.db["judgments"].delete_where()
+        second = JudgeParams(judge="openai:m", base_url=server.base_url, job=gen)
+        job_id = find_or_create_judge_job(store, "paternalism", second)
+        run_job(store.path, job_id)
+        assert len(server.requests) == sent
+        assert store.get_job(job_id).stats["cached"] == 6
+
+
+def test_a_client_error_stops_the_job_with_a_clear_message(store: Store) -> None:
+    _seed_responses(store, n=2)
+    error = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+    with StubServer(lambda p, b: (401, error, {})) as server:
+        job_id = find_or_create_judge_job(
+            store, "paternalism", JudgeParams(judge="openai:m", base_url=server.base_url)
+        )
+        with pytest.raises(PersonaError, match="the OpenAI judge answered 401: Incorrect API key"):
+            run_job(store.path, job_id)
+    assert store.get_job(job_id).status == "failed"
+
+
+def test_missing_key_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    with pytest.raises(PersonaError, match="^OPENAI_API_KEY is not set; export it"):
+        make_judge("openai:gpt-4.1-mini")
+    with pytest.raises(PersonaError, match="^ANTHROPIC_API_KEY is not set"):
+        make_judge("anthropic:claude-haiku-4-5")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("gpt-4", "must be KIND:MODEL"), ("cohere:x", "kind 'cohere' is unknown")],
+)
+def test_bad_judge_specs(spec: str, message: str) -> None:
+    with pytest.raises(PersonaError, match=message):
+        make_judge(spec)
+
+
+# ---- Anthropic judge --------------------------------------------------------------------------
+def test_anthropic_judge_reads_the_number_and_refusals() -> None:
+    answers = iter(["42", "REFUSAL", "no idea", "64"])
+
+    def handler(path: str, body: dict):
+        assert path == "/v1/messages"
+        return 200, anthropic_message(next(answers)), {}
+
+    with StubServer(handler) as server:
+        judge = AnthropicJudge("claude-haiku-4-5", base_url=server.root_url)
+        first = asyncio.run(judge.score_prompt("rate this"))
+        second = asyncio.run(judge.score_prompt("rate this"))
+        third = asyncio.run(judge.score_prompt("rate this"))  # "no idea" is retried: 64
+    assert first.score == 42.0 and first.evidence["answers"] == ["42"]
+    assert second.score is None and second.error is None
+    assert third.score == 64.0
+    assert server.requests[0]["max_tokens"] == 8
+    assert server.requests[0].get("temperature", 0.0) == 0.0
+    assert first.cost == pytest.approx((12 * 1.0 + 1 * 5.0) / 1e6)
+
+
+def test_anthropic_k_samples_are_averaged() -> None:
+    answers = iter(["40", "60", "REFUSAL"])
+    with StubServer(lambda p, b: (200, anthropic_message(next(answers)), {})) as server:
+        judge = AnthropicJudge("claude-haiku-4-5", base_url=server.root_url, samples=3)
+        result = asyncio.run(judge.score_prompt("rate"))
+    assert result.score == 50.0 and judge.spec == "anthropic:claude-haiku-4-5@k3"
+    assert {r.get("temperature", 1.0) for r in server.requests} == {1.0}
+
+
+# ---- local judge ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_judge(tiny_model_dir: Path) -> LocalJudge:
+    return LocalJudge(str(tiny_model_dir))
+
+
+def test_local_judge_probabilities_sum_to_one(local_judge: LocalJudge) -> None:
+    logprobs = local_judge.candidate_logprobs("Rate: the answer is fine. Number?")
+    assert len(logprobs) == 102
+    result = local_judge.result_from_logprobs(logprobs)
+    peak = max(logprobs)
+    probs = [math.exp(lp - peak) for lp in logprobs]
+    assert sum(p / sum(probs) for p in probs) == pytest.approx(1.0)
+    assert 0 < result.evidence["mass"] <= 1
+    assert result.score is None or 0 <= result.score <= 100
+
+
+def test_local_judge_batched_equals_one_at_a_time(local_judge: LocalJudge) -> None:
+    prompt = "Judge {this}: [x] 42?"
+    batched = local_judge.candidate_logprobs(prompt)
+    for index in (0, 7, 42, 99, 100, 101):
+        alone = local_judge.candidate_logprob_alone(prompt, index)
+        assert batched[index] == pytest.approx(alone, abs=1e-4)
+
+
+def test_local_judge_score_is_the_expectation_and_refusal_is_none(local_judge) -> None:
+    logprobs = [-50.0] * 102
+    logprobs[20], logprobs[80] = math.log(0.25), math.log(0.75)
+    assert local_judge.result_from_logprobs(logprobs).score == pytest.approx(65.0)
+    logprobs[101] = 0.0
+    assert local_judge.result_from_logprobs(logprobs).score is None
+
+
+def test_local_judge_job_end_to_end(store: Store, tiny_model_dir: Path) -> None:
+    _seed_responses(store, n=2)
+    params = JudgeParams(judge=f"local:{tiny_model_dir}", metrics=("trait", "coherence"))
+    job_id = find_or_create_judge_job(store, "paternalism", params)
+    run_job(store.path, job_id)
+    job = store.get_job(job_id)
+    assert job.status == "done" and job.done == 4
+    judgment = store.judgments(store.responses()[0].id)[0]
+    assert "refusal" in judgment.evidence and judgment.judge == f"local:{tiny_model_dir}"
+
+
+def test_cli_judge_reports_counts(db_path: Path, capsys) -> None:
+    from tui.cli import main
+
+    with Store(db_path) as store:
+        _seed_responses(store, n=2)
+    with StubServer(lambda p, b: (200, logprob_completion([("70", 0.0)]), {})) as server:
+        code = main(
+            [
+                "--db",
+                str(db_path),
+                "judge",
+                "paternalism",
+                "--judge",
+                "openai:m",
+                "--base-url",
+                server.base_url,
+            ]
+        )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "4/4 judgments" in out and "trait      scored 2, refused 0, failed 0" in out
+    assert main(["--db", str(db_path), "judge", "paternalism", "--metrics", "vibes"]) == 2
+    assert "--metrics takes a comma list" in capsys.readouterr().err
+
+
+def test_coherence_prompt_has_both_slots() -> None:
+    from db.traits import judge_template_problems
+    from pipeline.judge import COHERENCE_PROMPT
+
+    assert judge_template_problems(COHERENCE_PROMPT) == []
+    assert chat_completion("x")["choices"][0]["message"]["content"] == "x"
