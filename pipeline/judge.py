@@ -204,7 +204,9 @@ async def call_with_retries(call, *, what: str) -> Any:
         except Exception as exc:  # the SDKs' error classes, sorted by what they say
             status = getattr(exc, "status_code", None)
             if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
-                raise JudgeFatalError(f"the {what} answered {status}: {_error_text(exc)}") from None
+                raise JudgeFatalError(
+                    f"the {what} answered {status}: {api_error_text(exc)}"
+                ) from None
             if status is not None:
                 last = f"HTTP {status}"
             elif _is_one_of(exc, _TRANSPORT_ERRORS):
@@ -239,7 +241,7 @@ def _is_one_of(exc: BaseException, names: set[str]) -> bool:
     return bool({c.__name__ for c in type(exc).__mro__} & names)
 
 
-def _error_text(exc: BaseException) -> str:
+def api_error_text(exc: BaseException) -> str:
     """The server's own error message, first line, from the SDK exception."""
     body = getattr(exc, "body", None)
     message = None

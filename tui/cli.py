@@ -127,6 +127,26 @@ def cmd_traits_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_traits_new(args: argparse.Namespace) -> int:
+    from pipeline.author import AuthorParams, create_author_job
+    from pipeline.jobs import run_job
+
+    params = AuthorParams(
+        name=args.name,
+        description=args.description,
+        author=args.author,
+        base_url=args.base_url,
+        thinking=args.thinking,
+        assistant_name=args.assistant_name,
+    )
+    with _open_store(args) as store:
+        job_id = create_author_job(store, params, force=args.force)
+    with err.status(f"asking {args.author} to write trait {args.name}"):
+        run_job(_db_path(args), job_id)
+    out.print(f"wrote trait {args.name}; review it with `persona traits show {args.name}`")
+    return 0
+
+
 def cmd_traits_template(args: argparse.Namespace) -> int:
     payload = json.dumps(empty_template(args.name, args.description or ""), indent=2)
     if args.out:
@@ -375,6 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument("paths", nargs="*", type=Path)
     val.add_argument("--name", help="trait name when a path is an original root folder")
+    from pipeline.author import DEFAULT_AUTHOR
+
+    new = add(traits_cmds, "new", cmd_traits_new, "have an LLM write a trait from a description")
+    new.add_argument("name")
+    new.add_argument("--description", required=True)
+    new.add_argument(
+        "--author",
+        default=DEFAULT_AUTHOR,
+        help=f"KIND:MODEL, anthropic, openai or local "
+        f"(default {DEFAULT_AUTHOR}; keys from ANTHROPIC_API_KEY / OPENAI_API_KEY)",
+    )
+    new.add_argument("--base-url", help="an Anthropic- or OpenAI-compatible server")
+    new.add_argument("--thinking", type=int, default=0, help="Anthropic thinking budget, tokens")
+    new.add_argument("--assistant-name", help='adjective for "You are a/an ... assistant."')
+    new.add_argument("--force", action="store_true", help="replace a trait of the same name")
     tpl = add(traits_cmds, "template", cmd_traits_template, "print an empty trait to fill in")
     tpl.add_argument("name")
     tpl.add_argument("--description")
