@@ -408,13 +408,19 @@ class Store:
             row["evidence"] = json.dumps(row.get("evidence") or {}, sort_keys=True)
             row.setdefault("created", now)
             prepared.append(row)
+        if not prepared:
+            return 0
+        columns = list(prepared[0])
+        updates = ", ".join(
+            f"{c} = excluded.{c}" for c in columns if c not in ("response", "metric", "judge")
+        )
+        sql = (
+            f"INSERT INTO judgments ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT (response, metric, judge) DO UPDATE SET {updates}"
+        )
         with self.transaction():
-            for row in prepared:
-                self.db["judgments"].delete_where(
-                    "response = ? AND metric = ? AND judge = ?",
-                    [row["response"], row["metric"], row["judge"]],
-                )
-            self.db["judgments"].insert_all(prepared)
+            self.db.conn.executemany(sql, [[row.get(c) for c in columns] for row in prepared])
         return len(prepared)
 
     def responses_to_judge(

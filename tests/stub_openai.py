@@ -32,6 +32,11 @@ def chat_completion(content: str, *, finish_reason: str = "stop", model: str = "
     }
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # many clients connect at once; the default backlog is 5
+    daemon_threads = True
+
+
 class StubServer:
     def __init__(self, handler: Callable[[str, dict[str, Any]], Reply], latency_s: float = 0.0):
         self.handler = handler
@@ -43,6 +48,8 @@ class StubServer:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real API servers do
+
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
 
@@ -73,7 +80,7 @@ class StubServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

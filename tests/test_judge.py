@@ -28,6 +28,19 @@ def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key")
 
 
+def _in_one_loop(judge, *calls):
+    """Await the calls one after another and close the judge, all in one event loop (an SDK
+    client's connections belong to the loop that opened them)."""
+
+    async def run():
+        try:
+            return [await call for call in calls]
+        finally:
+            await judge.aclose()
+
+    return asyncio.run(run())
+
+
 def _seed_responses(store: Store, trait: str = "paternalism", n: int = 6) -> int:
     job = store.create_job("generate", trait, {"side": "pos"}).id
     store.add_responses(
@@ -91,8 +104,9 @@ def test_openai_judge_request_and_score() -> None:
     top = [("60", math.log(0.6)), ("40", math.log(0.3)), ("x", math.log(0.1))]
     with StubServer(lambda p, b: (200, logprob_completion(top), {})) as server:
         judge = OpenAIJudge("gpt-4.1-mini", base_url=server.base_url)
-        result = asyncio.run(judge.score("Q={question} A={answer}", "why?", "because {x}"))
-        asyncio.run(judge.aclose())
+        (result,) = _in_one_loop(
+            judge, judge.score("Q={question} A={answer}", "why?", "because {x}")
+        )
     request = server.requests[0]
     assert request["messages"] == [{"role": "user", "content": "Q=why? A=because {x}"}]
     assert (request["max_tokens"], request["temperature"], request["seed"]) == (1, 0, 0)
@@ -238,9 +252,9 @@ def test_anthropic_judge_reads_the_number_and_refusals() -> None:
 
     with StubServer(handler) as server:
         judge = AnthropicJudge("claude-haiku-4-5", base_url=server.root_url)
-        first = asyncio.run(judge.score_prompt("rate this"))
-        second = asyncio.run(judge.score_prompt("rate this"))
-        third = asyncio.run(judge.score_prompt("rate this"))  # "no idea" is retried: 64
+        first, second, third = _in_one_loop(  # "no idea" is retried: 64
+            judge, *(judge.score_prompt("rate this") for _ in range(3))
+        )
     assert first.score == 42.0 and first.evidence["answers"] == ["42"]
     assert second.score is None and second.error is None
     assert third.score == 64.0
@@ -253,7 +267,7 @@ def test_anthropic_k_samples_are_averaged() -> None:
     answers = iter(["40", "60", "REFUSAL"])
     with StubServer(lambda p, b: (200, anthropic_message(next(answers)), {})) as server:
         judge = AnthropicJudge("claude-haiku-4-5", base_url=server.root_url, samples=3)
-        result = asyncio.run(judge.score_prompt("rate"))
+        (result,) = _in_one_loop(judge, judge.score_prompt("rate"))
     assert result.score == 50.0 and judge.spec == "anthropic:claude-haiku-4-5@k3"
     assert {r.get("temperature", 1.0) for r in server.requests} == {1.0}
 

@@ -89,7 +89,9 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def card() -> str:
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu, {os.cpu_count()} cores"
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -1,0 +1,144 @@
+"""Judging throughput against a stub OpenAI server with fixed latency: the full judging job
+(SDK, concurrency limit, cache lookups, SQLite writes) against the ideal rate
+in-flight / latency, measured in the same run.
+
+    python tests/bench/bench_judge.py [--n 2000] [--latency 0.05] [--concurrency 64]
+
+Target: >= 80% of the ideal rate. The stub runs in its own process so it does not share the
+client's interpreter lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _serve(latency: float, port_queue) -> None:
+    """A lean asyncio HTTP/1.1 server (keep-alive, fixed latency, one canned reply), so the
+    measured ceiling is the client's, not the stub's."""
+    import asyncio
+    import json
+
+    from stub_openai import logprob_completion
+
+    payload = json.dumps(logprob_completion([("70", math.log(0.7)), ("80", math.log(0.3))]))
+    response = (
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n{payload}"
+    ).encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                await asyncio.sleep(latency)
+                writer.write(response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+        port = server.sockets[0].getsockname()[1]
+        port_queue.put(f"http://127.0.0.1:{port}/v1")
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--n", type=int, default=2000, help="judgments (half trait, half coherence)"
+    )
+    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--concurrency", default="64", help="comma list, e.g. 8,16,32,64")
+    args = parser.parse_args()
+    os.environ.setdefault("OPENAI_API_KEY", "sk-bench-not-real")
+
+    from common import print_table
+
+    from db import Store
+    from pipeline.jobs import run_job
+    from pipeline.judging import JudgeParams, find_or_create_judge_job
+
+    queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=_serve, args=(args.latency, queue), daemon=True)
+    server.start()
+    base_url = queue.get(timeout=30)
+    rows = []
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            db_path = Path(tmp) / "bench.db"
+            with Store(db_path) as store:
+                job = store.create_job("generate", "paternalism", {}).id
+                store.add_responses(
+                    {
+                        "job": job,
+                        "trait": "paternalism",
+                        "side": "pos",
+                        "split": "extract",
+                        "question": i % 20,
+                        "instruction": i % 5,
+                        "sample": i,
+                        "question_text": "q?",
+                        "system_prompt": "s",
+                        "prompt_ids": [1],
+                        "answer_ids": [2],
+                        "answer": f"answer {i}",
+                        "finish_reason": "eos",
+                        "model": "m",
+                    }
+                    for i in range(args.n // 2)
+                )
+                params = JudgeParams(
+                    judge="openai:bench", base_url=base_url, max_concurrent=concurrency
+                )
+                job_id = find_or_create_judge_job(store, "paternalism", params)
+            cpu = time.process_time()
+            start = time.perf_counter()
+            run_job(db_path, job_id)
+            seconds = time.perf_counter() - start
+            cpu = time.process_time() - cpu
+            with Store(db_path) as store:
+                done = store.get_job(job_id).done
+        ideal = concurrency / args.latency
+        rows.append(
+            {
+                "in flight": concurrency,
+                "judgments": done,
+                "seconds": seconds,
+                "judgments/s": done / seconds,
+                "ideal/s": ideal,
+                "ratio": done / seconds / ideal,
+                "client CPU ms/judgment": 1000 * cpu / done,
+            }
+        )
+    server.terminate()
+    print_table(
+        f"bench_judge: {args.n} judgments, {1000 * args.latency:.0f} ms latency",
+        rows,
+        list(rows[0]),
+    )
+
+
+if __name__ == "__main__":
+    main()
