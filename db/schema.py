@@ -107,6 +107,31 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX judgments_metric ON judgments(metric, judge);
     """,
+    # 2 -> 3: hand-made include/exclude decisions on pairs, and the filter's counts.
+    """
+    CREATE TABLE overrides (
+        trait TEXT NOT NULL REFERENCES traits(name) ON DELETE CASCADE,
+        question INTEGER NOT NULL,
+        instruction INTEGER NOT NULL,
+        sample INTEGER NOT NULL,
+        include INTEGER NOT NULL CHECK (include IN (0, 1)),
+        note TEXT NOT NULL DEFAULT '',
+        created TEXT NOT NULL,
+        PRIMARY KEY (trait, question, instruction, sample)
+    );
+    CREATE TABLE pair_counts (
+        id INTEGER PRIMARY KEY,
+        trait TEXT NOT NULL REFERENCES traits(name) ON DELETE CASCADE,
+        pos_job INTEGER NOT NULL,
+        neg_job INTEGER NOT NULL,
+        judge TEXT NOT NULL,
+        threshold REAL NOT NULL,
+        coherence REAL NOT NULL,
+        counts TEXT NOT NULL,
+        created TEXT NOT NULL
+    );
+    CREATE INDEX judgments_response ON judgments(response);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

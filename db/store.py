@@ -386,6 +386,19 @@ class Store:
             raise PersonaError(f"unknown response id {response_id}; check the id")
         return _response(rows[0])
 
+    def responses_by_id(self, ids: list[int]) -> list[Response]:
+        """Responses in the order of ``ids``."""
+        found: dict[int, Response] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            for row in self.db["responses"].rows_where(f"id IN ({marks})", chunk):
+                found[row["id"]] = _response(row)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise PersonaError(f"unknown response id {missing[0]}; check the id")
+        return [found[i] for i in ids]
+
     def responses(
         self,
         *,
@@ -476,6 +489,88 @@ class Store:
     def judgments(self, response: int) -> list[Judgment]:
         rows = self.db["judgments"].rows_where("response = ?", [response], order_by="metric")
         return [_judgment(r) for r in rows]
+
+    # ---- pairs ------------------------------------------------------------------------
+    def scored_responses(self, jobs: list[int], judge: str) -> list[dict[str, Any]]:
+        """Every response of these jobs with its trait and coherence scores by ``judge``
+        (None when missing or failed)."""
+        marks = ", ".join("?" for _ in jobs)
+        sql = f"""
+            SELECT r.id, r.job, r.side, r.question, r.instruction, r.sample,
+                (SELECT score FROM judgments j WHERE j.response = r.id AND j.metric = 'trait'
+                    AND j.judge = ? AND j.error IS NULL) AS trait,
+                (SELECT score FROM judgments j WHERE j.response = r.id
+                    AND j.metric = 'coherence' AND j.judge = ? AND j.error IS NULL) AS coherence
+            FROM responses r WHERE r.job IN ({marks}) ORDER BY r.id
+        """
+        return list(self.db.query(sql, [judge, judge, *jobs]))
+
+    def judges_of(self, jobs: list[int]) -> list[str]:
+        """Judges that scored these jobs' responses, the most used first."""
+        marks = ", ".join("?" for _ in jobs)
+        sql = f"""
+            SELECT j.judge, COUNT(*) AS n FROM judgments j JOIN responses r ON r.id = j.response
+            WHERE r.job IN ({marks}) GROUP BY j.judge ORDER BY n DESC, j.judge
+        """
+        return [row["judge"] for row in self.db.query(sql, jobs)]
+
+    def set_override(
+        self, trait: str, key: tuple[int, int, int], include: bool | None, note: str = ""
+    ) -> None:
+        """Include or exclude a pair by hand; ``None`` removes the override."""
+        question, instruction, sample = key
+        with self.transaction():
+            self.db["overrides"].delete_where(
+                "trait = ? AND question = ? AND instruction = ? AND sample = ?",
+                [trait, question, instruction, sample],
+            )
+            if include is not None:
+                self.db["overrides"].insert(
+                    {
+                        "trait": trait,
+                        "question": question,
+                        "instruction": instruction,
+                        "sample": sample,
+                        "include": int(include),
+                        "note": note,
+                        "created": utc_now(),
+                    }
+                )
+
+    def overrides(self, trait: str) -> dict[tuple[int, int, int], bool]:
+        rows = self.db["overrides"].rows_where("trait = ?", [trait])
+        return {(r["question"], r["instruction"], r["sample"]): bool(r["include"]) for r in rows}
+
+    def record_pair_counts(
+        self,
+        *,
+        trait: str,
+        pos_job: int,
+        neg_job: int,
+        judge: str,
+        threshold: float,
+        coherence: float,
+        counts: dict[str, int],
+    ) -> None:
+        with self.transaction():
+            self.db["pair_counts"].insert(
+                {
+                    "trait": trait,
+                    "pos_job": pos_job,
+                    "neg_job": neg_job,
+                    "judge": judge,
+                    "threshold": threshold,
+                    "coherence": coherence,
+                    "counts": json.dumps(counts, sort_keys=True),
+                    "created": utc_now(),
+                }
+            )
+
+    def latest_pair_counts(self, trait: str) -> dict[str, Any] | None:
+        rows = list(
+            self.db["pair_counts"].rows_where("trait = ?", [trait], order_by="id desc", limit=1)
+        )
+        return {**rows[0], "counts": json.loads(rows[0]["counts"])} if rows else None
 
     # ---- vectors ------------------------------------------------------------------------
     def add_vector(

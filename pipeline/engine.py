@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pipeline.chat import stop_token_ids
 from pipeline.models import LoadedModel
 from pipeline.sampling import sample_next
+from vectors.steering import SteeringSpec, apply_steering, steered
 
 CAPTURE_KINDS = ("response_avg", "prompt_avg", "prompt_last")
 LLAMA_SHAPED = {"llama", "mistral", "qwen2"}
@@ -35,7 +36,9 @@ FINISH_CHECK_EVERY = 16
 # Cache lengths are rounded up to this, so similar batches reuse one CUDA graph.
 CACHE_ROUND = 64
 
-HiddenHook = Callable[[int, torch.Tensor], None]
+# Called with (hidden-state index, state) after the embedding and after every block; returns
+# the state to carry on with (steering changes it, capture only reads it).
+HiddenHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,21 @@ class DecodeResult:
     finish_reason: str  # "eos" or "length"
     # kind -> [L+1, d] float32 on the CPU; None when capture is off.
     activations: dict[str, torch.Tensor] | None
+    # [answer tokens, watched directions]: each answer token's projection, when watched.
+    projections: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A direction to project every generated token on, live: h_t . v / |v| at ``layer``."""
+
+    name: str
+    layer: int
+    vector: torch.Tensor  # [d]
+
+
+# on_tokens(first step, tokens [B, k], projections [B, k, W]) at each host check.
+TokenCallback = Callable[[int, torch.Tensor, torch.Tensor | None], None]
 
 
 # ---- runners --------------------------------------------------------------------------------
@@ -131,8 +149,7 @@ class LlamaRunner:
     ) -> torch.Tensor:
         """Run the padded prompts [B, S]; fill cache columns 0..S-1; return last logits."""
         b, s = ids.shape
-        h = self.core.embed_tokens(ids)
-        hook(0, h)
+        h = hook(0, self.core.embed_tokens(ids))
         cos, sin = self.core.rotary_emb(h, positions)
         causal = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
         # A pad query sees only itself: never an all-masked row (NaN), never seen by real rows.
@@ -151,7 +168,7 @@ class LlamaRunner:
             out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
             h = residual + layer.self_attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-            hook(index + 1, h)
+            h = hook(index + 1, h)
         return self.model.lm_head(self.core.norm(h[:, -1]))
 
     def decode(
@@ -165,8 +182,7 @@ class LlamaRunner:
         """One token per row [B] at cache column ``column`` (a 1-element tensor)."""
         b = tokens.shape[0]
         groups = self.num_heads // self.num_kv
-        h = self.core.embed_tokens(tokens[:, None])
-        hook(0, h)
+        h = hook(0, self.core.embed_tokens(tokens[:, None]))
         cos, sin = self.core.rotary_emb(h, positions[:, None])
         blocked = ~key_valid[:, None, None, :]
         for index, layer in enumerate(self.layers):
@@ -182,7 +198,7 @@ class LlamaRunner:
             out = torch.matmul(weights, v_cache).reshape(b, 1, self.num_heads * self.head_dim)
             h = residual + layer.self_attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-            hook(index + 1, h)
+            h = hook(index + 1, h)
         return self.model.lm_head(self.core.norm(h[:, 0]))
 
 
@@ -229,7 +245,7 @@ class HFRunner:
         states = list(out.hidden_states)
         states[-1] = self._last_raw  # HF normalises its last entry; we keep the block output
         for index, state in enumerate(states):
-            hook(index, state)
+            hook(index, state)  # read-only here: steering runs inside the forward (hooks)
         return out.logits[:, -1]
 
     def prefill(self, ids, valid, positions, hook):
@@ -286,6 +302,9 @@ class DecodeEngine:
         self.num_states = self.runner.num_layers + 1
         self.hidden_size = int(self.model.config.hidden_size)
         self._graph: Any = None
+        self.steering: list[SteeringSpec] = []
+        self.watch: list[Watch] = []
+        self._steer_context: Any = None
 
     @torch.inference_mode()
     def run(
@@ -293,11 +312,37 @@ class DecodeEngine:
         requests: Sequence[DecodeRequest],
         sampling: SamplingConfig,
         on_step: Callable[[int], None] | None = None,
+        *,
+        steering: Sequence[SteeringSpec] = (),
+        watch: Sequence[Watch] = (),
+        on_tokens: TokenCallback | None = None,
+        check_every: int = FINISH_CHECK_EVERY,
     ) -> list[DecodeResult]:
         """Generate for one batch. ``on_step(steps_done)`` is called at the loop's periodic
-        host checks (every FINISH_CHECK_EVERY steps), e.g. to write a heartbeat."""
+        host checks (every ``check_every`` steps), e.g. to write a heartbeat; ``on_tokens``
+        gets the tokens (and watched projections) produced since the last check.
+        ``steering`` adds vectors to block outputs (see ``vectors.steering``)."""
         if not requests:
             return []
+        self.steering = list(steering)
+        self.watch = list(watch)
+        if self.steering and self.backend == "hf":
+            with steered(self.model, self.steering) as context:
+                self._steer_context = context
+                try:
+                    return self._run(requests, sampling, on_step, on_tokens, check_every)
+                finally:
+                    self._steer_context = None
+        return self._run(requests, sampling, on_step, on_tokens, check_every)
+
+    def _run(
+        self,
+        requests: Sequence[DecodeRequest],
+        sampling: SamplingConfig,
+        on_step: Callable[[int], None] | None,
+        on_tokens: TokenCallback | None,
+        check_every: int,
+    ) -> list[DecodeResult]:
         device = self.device
         batch = len(requests)
         prompt_len = max(len(r.prompt_ids) for r in requests)
@@ -312,8 +357,10 @@ class DecodeEngine:
         ids, valid = ids.to(device), valid.to(device)
         positions = (valid.long().cumsum(1) - 1).clamp_(min=0)
         act_shape = (self.num_states, self.hidden_size) if self.capture else (1, 1)
-        state = _State.create(batch, length, new, act_shape, device)
-        out = _Outputs.create(batch, new, self.num_states, self.hidden_size, device, self.capture)
+        state = _State.create(batch, length, new, act_shape, device, len(self.watch))
+        out = _Outputs.create(
+            batch, new, self.num_states, self.hidden_size, device, self.capture, len(self.watch)
+        )
         state.seeds.copy_(torch.tensor([r.seed for r in requests], dtype=torch.long))
         state.key_valid[:, :prompt_len] = valid
         state.positions.copy_(valid.sum(1))
@@ -323,12 +370,19 @@ class DecodeEngine:
         # Prefill: prompt captures, then token 0.
         prompt_count = valid.sum(1, keepdim=True).float()
 
-        def prompt_hook(index: int, h: torch.Tensor) -> None:
+        llama_steering = self.steering if self.backend == "llama" else []
+
+        def prompt_hook(index: int, h: torch.Tensor) -> torch.Tensor:
+            if llama_steering:
+                h = apply_steering(h, llama_steering, index, "prefill", valid)
             if self.capture:
                 hf = h.float()
                 out.prompt_avg[:, index] = (hf * valid[..., None]).sum(1) / prompt_count
                 out.prompt_last[:, index] = hf[:, -1]
+            return h
 
+        if self._steer_context is not None:
+            self._steer_context.set("prefill", valid)
         logits = self.runner.prefill(ids, valid, positions, prompt_hook)
         first = sample_next(
             logits, state.seeds, state.step * 0, sampling.temperature, sampling.top_p
@@ -339,11 +393,14 @@ class DecodeEngine:
             state.finished |= (first[:, None] == self.stop_ids[None, :]).any(1)
 
         step_fn = self._make_step(state, sampling)
+        streamed = 0
         for steps_done in range(1, new + 1):
             step_fn()
-            if steps_done % FINISH_CHECK_EVERY == 0:
+            if steps_done % check_every == 0:
                 if on_step is not None:
                     on_step(steps_done)
+                if on_tokens is not None:
+                    streamed = self._stream(state, out, streamed, steps_done, on_tokens)
                 alive = int((~state.finished).sum())
                 if alive == 0:
                     break
@@ -354,7 +411,22 @@ class DecodeEngine:
                     step_fn = self._make_step(state, sampling)
         self._graph = None
         out.save(state)
+        if on_tokens is not None:
+            self._stream(state, out, streamed, new, on_tokens)
         return self._results(out, new, sampling)
+
+    def _stream(
+        self, state: _State, out: _Outputs, streamed: int, upto: int, on_tokens: TokenCallback
+    ) -> int:
+        """Hand the caller the tokens (and projections) of steps since the last call."""
+        out.save(state)
+        upto = min(upto, out.tokens.shape[1] - 1)
+        if upto <= streamed:
+            return streamed
+        tokens = out.tokens[:, streamed:upto].cpu()
+        proj = out.projections[:, streamed:upto].cpu() if self.watch else None
+        on_tokens(streamed, tokens, proj)
+        return upto
 
     def _make_step(self, state: _State, sampling: SamplingConfig) -> Callable[[], None]:
         self._graph = None
@@ -377,13 +449,30 @@ class DecodeEngine:
         stop_ids = self.stop_ids
         pad = self.pad_id
 
-        def hook(index: int, h: torch.Tensor) -> None:
+        llama_steering = self.steering if self.backend == "llama" else []
+        watched: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for slot, w in enumerate(self.watch):
+            unit = w.vector.to(self.device, torch.float32)
+            watched.setdefault(w.layer, []).append((slot, unit / unit.norm().clamp(min=1e-12)))
+        context = self._steer_context
+
+        def hook(index: int, h: torch.Tensor) -> torch.Tensor:
+            if llama_steering:
+                alive = ~state.finished[:, None]
+                h = apply_steering(h, llama_steering, index, "decode", alive)
             if capture:
                 state.response_sum[:, index] += h[:, 0].float() * state.alive_f[:, None]
+            for slot, unit in watched.get(index, ()):
+                # The fed token is answer token step-1: its projection goes in that column.
+                value = (h[:, 0].float() @ unit)[:, None]
+                state.projections[:, :, slot].index_copy_(1, state.step - 1, value)
+            return h
 
         def step() -> None:
             state.alive_f.copy_((~state.finished).float())
             state.key_valid.index_fill_(1, state.column, True)
+            if context is not None:
+                context.set("decode", ~state.finished[:, None])
             logits = runner.decode(
                 state.current, state.positions, state.column, state.key_valid, hook
             )
@@ -438,6 +527,7 @@ class DecodeEngine:
                 "prompt_avg": out.prompt_avg.cpu(),
                 "prompt_last": out.prompt_last.cpu(),
             }
+        projections = out.projections.cpu() if self.watch else None
         results = []
         for row in range(tokens.shape[0]):
             seq = tokens[row].tolist()
@@ -450,6 +540,7 @@ class DecodeEngine:
                     answer_ids=seq[:end],
                     finish_reason=reason,
                     activations={k: v[row] for k, v in acts.items()} if self.capture else None,
+                    projections=projections[row, :end] if projections is not None else None,
                 )
             )
         return results
@@ -487,7 +578,13 @@ class _State:
 
     @classmethod
     def create(
-        cls, batch: int, length: int, new: int, act_shape: tuple[int, int], device: Any
+        cls,
+        batch: int,
+        length: int,
+        new: int,
+        act_shape: tuple[int, int],
+        device: Any,
+        watched: int = 0,
     ) -> _State:
         def zeros(*shape: int, dtype=torch.float32) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -505,6 +602,7 @@ class _State:
             key_valid=zeros(batch, length, dtype=torch.bool),
             response_sum=zeros(batch, *act_shape),
             response_count=zeros(batch),
+            projections=zeros(batch, new + 1, max(watched, 1)),
         )
 
     def select(self, keep: torch.Tensor) -> None:
@@ -521,10 +619,18 @@ class _Outputs:
     response_count: torch.Tensor
     prompt_avg: torch.Tensor
     prompt_last: torch.Tensor
+    projections: torch.Tensor
 
     @classmethod
     def create(
-        cls, batch: int, new: int, states: int, hidden: int, device: Any, capture: bool
+        cls,
+        batch: int,
+        new: int,
+        states: int,
+        hidden: int,
+        device: Any,
+        capture: bool,
+        watched: int = 0,
     ) -> _Outputs:
         shape = (batch, states, hidden) if capture else (batch, 1, 1)
         return cls(
@@ -533,9 +639,11 @@ class _Outputs:
             response_count=torch.zeros(batch, device=device),
             prompt_avg=torch.zeros(shape, device=device),
             prompt_last=torch.zeros(shape, device=device),
+            projections=torch.zeros(batch, new + 1, max(watched, 1), device=device),
         )
 
     def save(self, state: _State) -> None:
         self.tokens[state.rows] = state.tokens
         self.response_count[state.rows] = state.response_count
         self.response_sum[state.rows] = state.response_sum
+        self.projections[state.rows] = state.projections

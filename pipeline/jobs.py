@@ -134,10 +134,16 @@ JobRunner = Callable[..., Any]
 def _runners() -> dict[str, JobRunner]:
     # Imported here: each step pulls in torch or API clients only when its job runs.
     from pipeline.author import run_author_job
+    from pipeline.extract import run_extract_job
     from pipeline.generate import run_generation_job
     from pipeline.judging import run_judge_job
 
-    return {"author": run_author_job, "generate": run_generation_job, "judge": run_judge_job}
+    return {
+        "author": run_author_job,
+        "extract": run_extract_job,
+        "generate": run_generation_job,
+        "judge": run_judge_job,
+    }
 
 
 def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | None = None) -> None:

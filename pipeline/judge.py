@@ -421,36 +421,80 @@ class LocalJudge(Judge):
         )
 
     def candidate_logprobs(self, prompt: str) -> list[float]:
-        """log P(candidate + end of turn | prompt) for every candidate, in one batched
-        forward over the prompt's KV cache (computed once)."""
+        """log P(candidate + end of turn | prompt) for every candidate, in one forward pass.
+
+        The candidates form a trie ("1" is a prefix of "10" and "100"); every prefix is fed
+        once, as one flat sequence after the prompt's KV cache, under a tree attention mask
+        (each node sees the prompt and its own ancestors). The prompt's cache is kept, and
+        the next prompt reuses the part it shares (the judge template's text before the
+        question), so only the new tail is computed."""
+        import copy
+
         import torch
 
         from pipeline.chat import prompt_ids
 
         model = self.loaded.model
         device = self.loaded.device
-        ids = torch.tensor([prompt_ids(self.loaded.tokenizer, None, prompt)], device=device)
-        n = len(self.candidate_ids)
-        width = max(len(c) for c in self.candidate_ids)
-        pad = self.loaded.tokenizer.pad_token_id
-        cands = torch.full((n, width), pad, dtype=torch.long, device=device)
-        for row, cand in enumerate(self.candidate_ids):
-            cands[row, : len(cand)] = torch.tensor(cand, device=device)
-        lengths = torch.tensor([len(c) for c in self.candidate_ids], device=device)
+        ids = prompt_ids(self.loaded.tokenizer, None, prompt)
+        cache_kw = _cache_kw(model)
         with torch.inference_mode():
-            first = model(ids, use_cache=True)
-            cache = first.past_key_values
-            cache.batch_repeat_interleave(n)
-            p = ids.shape[1]
-            positions = torch.arange(p, p + width, device=device)[None].expand(n, -1)
-            # Right padding needs no mask: a pad comes after every token we score.
-            rest = model(cands, position_ids=positions, **{_cache_kw(model): cache})
-            head = torch.log_softmax(first.logits[0, -1].float(), -1)[cands[:, 0]]
-            step = torch.log_softmax(rest.logits[:, :-1].float(), -1)
-            picked = step.gather(2, cands[:, 1:, None]).squeeze(2)
-            keep = torch.arange(1, width, device=device)[None] < lengths[:, None]
-            total = head + (picked * keep).sum(1)
-        return total.tolist()
+            cache, last_logits = self._prompt_cache(ids, cache_kw)
+            saved = copy.deepcopy(cache)
+            nodes: dict[tuple[int, ...], int] = {}
+            for cand in self.candidate_ids:
+                for i in range(1, len(cand)):
+                    nodes.setdefault(tuple(cand[:i]), len(nodes))
+            order = sorted(nodes, key=len)  # ancestors before descendants
+            nodes = {prefix: i for i, prefix in enumerate(order)}
+            p, n = len(ids), len(order)
+            allow = torch.zeros(1, 1, n, p + n, dtype=torch.bool, device=device)
+            allow[..., :p] = True
+            for prefix, i in nodes.items():
+                for k in range(1, len(prefix) + 1):
+                    allow[0, 0, i, p + nodes[prefix[:k]]] = True
+            tokens = torch.tensor([[prefix[-1] for prefix in order]], device=device)
+            positions = torch.tensor([[p + len(prefix) - 1 for prefix in order]], device=device)
+            out = model(tokens, position_ids=positions, attention_mask=allow, **{cache_kw: cache})
+            step = torch.log_softmax(out.logits[0].float(), -1)
+            head = torch.log_softmax(last_logits.float(), -1)
+        self._saved = (ids, saved, last_logits)
+        totals = []
+        for cand in self.candidate_ids:
+            total = head[cand[0]]
+            for i in range(1, len(cand)):
+                total = total + step[nodes[tuple(cand[:i])], cand[i]]
+            totals.append(float(total))
+        return totals
+
+    def _prompt_cache(self, ids: list[int], cache_kw: str):
+        """The KV cache and last logits of ``ids``, reusing the saved cache of the previous
+        prompt up to the tokens the two share."""
+        import copy
+
+        import torch
+        from transformers import DynamicCache
+
+        model = self.loaded.model
+        device = self.loaded.device
+        saved = getattr(self, "_saved", None)
+        shared = 0
+        if saved is not None:
+            old = saved[0]
+            limit = min(len(old), len(ids) - 1)  # keep at least one token to run
+            while shared < limit and old[shared] == ids[shared]:
+                shared += 1
+        if shared > 0:
+            cache = copy.deepcopy(saved[1])
+            surplus = len(saved[0]) - shared
+            if surplus:
+                cache.crop(-surplus)  # a negative count removes tokens in every version
+        else:
+            cache = DynamicCache()
+        rest = torch.tensor([ids[shared:]], device=device)
+        positions = torch.arange(shared, len(ids), device=device)[None]
+        out = model(rest, position_ids=positions, use_cache=True, **{cache_kw: cache})
+        return out.past_key_values, out.logits[0, -1]
 
     def candidate_logprob_alone(self, prompt: str, index: int) -> float:
         """The same quantity for one candidate by a plain full forward (for checking)."""

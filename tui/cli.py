@@ -18,6 +18,8 @@ from db import PersonaError, Store
 from db.traits import empty_template, read_trait_file, write_trait_files
 
 DEFAULT_DB = "persona.db"
+# The vectors package's own bad-input errors (it does not depend on db's PersonaError).
+_FILE_ERRORS = {"VectorFileError", "ActivationFileError"}
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -298,6 +300,341 @@ def cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_pair_counts(pairs) -> None:
+    counts = pairs.counts()
+    out.print(
+        f"{len(pairs.effective)} effective pairs of {len(pairs.pairs)} (pos job {pairs.pos_job}, "
+        f"neg job {pairs.neg_job}, judge {pairs.judge}, threshold {pairs.threshold:g}, "
+        f"coherence {pairs.coherence:g})"
+    )
+    for reason, n in counts.items():
+        if n:
+            out.print(f"  {reason:<18}{n:>6}")
+    advice = pairs.advice()
+    if advice:
+        err.print(Text("warning: " + advice, style="yellow"))
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from pipeline.filter import find_pairs
+
+    with _open_store(args) as store:
+        pairs = find_pairs(
+            store,
+            args.trait,
+            threshold=args.threshold,
+            coherence=args.coherence,
+            pos_job=args.pos_job,
+            neg_job=args.neg_job,
+            judge=args.judge,
+            record=True,
+        )
+    _print_pair_counts(pairs)
+    return 0
+
+
+def cmd_pairs_set(args: argparse.Namespace) -> int:
+    key = (args.question, args.instruction, args.sample)
+    include = {"include": True, "exclude": False, "clear": None}[args.pairs_command]
+    with _open_store(args) as store:
+        store.get_trait(args.trait)
+        store.set_override(args.trait, key, include, note=args.note or "")
+    out.print(f"pair {key} of {args.trait}: {args.pairs_command}d")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from pipeline.extract import extract
+
+    with _open_store(args) as store, err.status("extracting"):
+        result = extract(
+            store,
+            args.trait,
+            threshold=args.threshold,
+            coherence=args.coherence,
+            source=args.source,
+            model=args.model,
+            device=args.device,
+            pos_job=args.pos_job,
+            neg_job=args.neg_job,
+            judge=args.judge,
+        )
+    _print_pair_counts(result.pairs)
+    out.print(f"vectors from {result.source} activations of {result.model}:")
+    for kind, path in result.paths.items():
+        shape = list(result.vectors[kind].shape)
+        out.print(f"  {kind:<18} {shape} {path}")
+    for warning in result.warnings:
+        if warning != result.pairs.advice():
+            err.print(Text("warning: " + warning, style="yellow"))
+    return 0
+
+
+def print_report(report) -> None:
+    from pipeline.analyze import report_rows
+
+    table = Table(title=f"{report.trait} on {report.model}: per-layer norms and eval separation")
+    table.add_column("layer", justify="right")
+    for kind in report.norms:
+        table.add_column(f"|{kind.split('_diff')[0]}|", justify="right")
+    if report.separation is not None:
+        table.add_column("AUROC", justify="right")
+        table.add_column("d", justify="right")
+    for row in report_rows(report):
+        cells = [str(row["layer"])] + [f"{row[k]:.3f}" for k in report.norms]
+        if report.separation is not None:
+            cells += [f"{row['auroc']:.3f}", f"{row['cohens_d']:.2f}"]
+        style = "bold green" if row["recommended"] else None
+        table.add_row(*(Text(c) for c in cells), style=style)
+    out.print(table)
+    if report.recommended_layer is not None:
+        best = report.separation[report.recommended_layer]
+        pos_n, neg_n = report.eval_counts
+        out.print(
+            f"recommended layer {report.recommended_layer}: eval AUROC {best.auroc:.3f}, "
+            f"Cohen's d {best.cohens_d:.2f} ({pos_n} pos / {neg_n} neg eval answers)"
+        )
+    for name, cos in sorted(report.similarity.items()):
+        layer = report.recommended_layer if report.recommended_layer is not None else len(cos) // 2
+        out.print(f"cosine with {name} at layer {layer}: {cos[layer]:+.3f}")
+    for note in report.notes:
+        err.print(Text("note: " + note, style="yellow"))
+
+
+def cmd_vectors_show(args: argparse.Namespace) -> int:
+    from pipeline.analyze import analyze
+
+    with _open_store(args) as store:
+        report = analyze(store, args.trait, model=args.model, device=args.device)
+    print_report(report)
+    return 0
+
+
+def cmd_vectors_list(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        records = store.vectors(trait=args.trait)
+    table = Table(title=f"{len(records)} vectors")
+    for column in ("id", "trait", "kind", "model", "pairs", "T/C", "path"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        cells = (
+            r.id,
+            r.trait,
+            r.kind,
+            r.model,
+            r.n_pairs,
+            f"{r.threshold:g}/{r.coherence:g}",
+            r.path,
+        )
+        table.add_row(*(Text(str(c)) for c in cells))
+    out.print(table)
+    return 0
+
+
+def cmd_vectors_export(args: argparse.Namespace) -> int:
+    from pipeline.analyze import latest_vectors
+    from vectors.files import export_pt, load_vector
+
+    with _open_store(args) as store:
+        records = latest_vectors(store, args.trait, args.model)
+    if not records:
+        raise PersonaError(f"trait '{args.trait}' has no vectors; run `persona extract` first")
+    for kind, record in records.items():
+        vector, _meta = load_vector(record.path)
+        path = export_pt(vector, Path(args.out) / f"{args.trait}_{kind}.pt")
+        out.print(f"wrote {path} {list(vector.shape)}")
+    return 0
+
+
+def cmd_vectors_import(args: argparse.Namespace) -> int:
+    from pipeline.models import load_model
+    from vectors.files import import_pt, save_vector
+
+    with err.status(f"loading {args.model} to check the shape"):
+        loaded = load_model(args.model, device="cpu")
+    vector = import_pt(Path(args.path), num_layers=loaded.num_layers, hidden=loaded.hidden_size)
+    with _open_store(args) as store:
+        store.get_trait(args.trait)
+        meta = {
+            "trait": args.trait,
+            "model": loaded.model_id,
+            "kind": args.kind,
+            "source": f"imported:{Path(args.path).name}",
+            "n_pairs": 0,
+        }
+        folder = store.data_dir / "vectors" / args.trait / "imported"
+        path = save_vector(folder / f"{args.kind}.safetensors", vector, meta)
+        store.add_vector(
+            trait=args.trait,
+            model=loaded.model_id,
+            kind=args.kind,
+            path=str(path),
+            n_pairs=0,
+            threshold=None,
+            coherence=None,
+            metadata=meta,
+        )
+    out.print(f"imported {args.path} as {args.trait} {args.kind} {list(vector.shape)}")
+    return 0
+
+
+def cmd_import_csv(args: argparse.Namespace) -> int:
+    from pipeline.import_csv import import_csv
+
+    with _open_store(args) as store, err.status("importing"):
+        result = import_csv(
+            store, args.trait, args.pos, args.neg, model=args.model, judge=args.judge
+        )
+    out.print(
+        f"imported {result.pos_rows} pos rows (job {result.pos_job}) and {result.neg_rows} neg "
+        f"rows (job {result.neg_job}); {result.unscored} scores were empty"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.jobs import ProgressUpdate
+    from pipeline.run import RunParams, run_trait
+
+    params = RunParams(
+        trait=args.trait,
+        description=args.description,
+        author=args.author,
+        model=args.model,
+        judge=args.judge,
+        judge_base_url=args.judge_base_url,
+        n_per_question=args.n_per_question,
+        n_eval=args.n_eval,
+        all_instructions=args.all_instructions,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        coherence=args.coherence,
+        device=args.device,
+    )
+    with _progress_bar() as bar:
+
+        def on_step(label: str, job_id: int):
+            task = bar.add_task(f"job {job_id} {label}", total=None, rate="")
+
+            def show(update: ProgressUpdate) -> None:
+                per_s = update.stats.get("new_tokens_per_s")
+                unit = update.stats.get("unit", "")
+                if per_s:
+                    rate = f"{per_s:,.0f} tok/s"
+                else:
+                    rate = f"{update.stats.get(f'{unit}_per_s', 0):.1f} {unit}/s"
+                bar.update(task, completed=update.done, total=update.total, rate=rate)
+
+            return show
+
+        result = run_trait(_db_path(args), params, on_step=on_step)
+    _print_pair_counts(result.extraction.pairs)
+    print_report(result.report)
+    if args.tui:
+        from tui.app import PersonaApp
+
+        PersonaApp(db_path=_db_path(args)).run()
+    return 0
+
+
+def _trait_vectors(store: Store, trait: str, kinds: list[str]):
+    from pipeline.analyze import latest_vectors
+    from vectors.files import load_vector
+
+    records = latest_vectors(store, trait)
+    missing = [k for k in kinds if k not in records]
+    if missing:
+        raise PersonaError(
+            f"trait '{trait}' has no {', '.join(missing)} vector; run `persona extract {trait}`"
+        )
+    return records, {k: load_vector(records[k].path)[0] for k in kinds}
+
+
+def _default_layer(store: Store, trait: str, n_states: int) -> int:
+    from pipeline.analyze import analyze
+
+    try:
+        layer = analyze(store, trait).recommended_layer
+    except PersonaError:
+        layer = None
+    return layer if layer is not None else (2 * (n_states - 1)) // 3
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from pipeline.models import load_model
+    from pipeline.monitor import baseline_stats, project_tokens, zscore
+    from tui.widgets.heatmap import heatmap, legend
+
+    with _open_store(args) as store:
+        records, vectors = _trait_vectors(store, args.trait, [args.vector])
+        model = args.model or records[args.vector].model
+        loaded = load_model(model, device=args.device)
+        layer = (
+            args.layer
+            if args.layer is not None
+            else _default_layer(store, args.trait, loaded.num_layers + 1)
+        )
+        if args.response is not None:
+            response = store.get_response(args.response)
+            prompt, answer = response.prompt_ids, response.answer_ids
+        else:
+            from pipeline.chat import prompt_ids
+            from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+
+            prompt = prompt_ids(loaded.tokenizer, None, args.prompt)
+            answer = (
+                DecodeEngine(loaded, capture=False)
+                .run(
+                    [DecodeRequest(prompt, args.seed)],
+                    SamplingConfig(
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature
+                    ),
+                )[0]
+                .answer_ids
+            )
+        proj = project_tokens(loaded, prompt, answer, vectors, [layer])
+        if args.zscore:
+            proj = zscore(proj, baseline_stats(store, loaded, args.trait, vectors, [layer]))
+    values = proj.values[:, 0, 0].tolist()
+    start = 0 if args.show_prompt else proj.prompt_len
+    scale = max((abs(v) for v in values[start:]), default=1.0) or 1.0
+    unit = "z-score" if proj.zscored else "h.v/|v|"
+    out.print(Text(f"{args.trait} {args.vector} at layer {layer} ({unit})", style="bold"))
+    out.print(heatmap(proj.tokens, values, scale=scale, start=start))
+    out.print(legend(scale, unit))
+    mean = proj.response_average()[0, 0].item()
+    out.print(f"response average {mean:+.3f} over {len(proj.tokens) - proj.prompt_len} tokens")
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from rich.columns import Columns
+    from rich.panel import Panel
+
+    from pipeline.steer import steer_side_by_side
+
+    with _open_store(args) as store:
+        records, vectors = _trait_vectors(store, args.trait, [args.vector])
+        result = steer_side_by_side(
+            model=args.model or records[args.vector].model,
+            vector=vectors[args.vector],
+            layer=args.layer,
+            coefs=[float(c) for c in args.coef.split(",")],
+            prompt=args.prompt,
+            positions=args.positions,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            device=args.device,
+            ablate=args.ablate,
+        )
+    panels = [Panel(Text(text), title=Text(label), expand=True) for label, text in result.items()]
+    out.print(Columns(panels, equal=True, expand=True))
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run one job to its end, headless; the dashboard starts this detached."""
     from pipeline.jobs import run_job
@@ -481,6 +818,153 @@ def build_parser() -> argparse.ArgumentParser:
     jud.add_argument("--prices", help="JSON file of model: [input, output] $ per 1M tokens")
     jud.add_argument("--device", help="local judge: cpu, cuda or cuda:N")
 
+    def filter_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("trait")
+        sub.add_argument("--threshold", type=float, default=50.0, help="T (default 50)")
+        sub.add_argument("--coherence", type=float, default=50.0, help="C (default 50)")
+        sub.add_argument("--pos-job", type=int, help="default: the latest pos extract job")
+        sub.add_argument("--neg-job", type=int, help="default: the latest neg extract job")
+        sub.add_argument("--judge", help="whose scores (default: the judge with most scores)")
+
+    pairs = add(
+        commands,
+        "pairs",
+        cmd_pairs,
+        "count effective pairs: pos trait >= T, neg trait < 100-T, coherence >= C",
+    )
+    filter_args(pairs)
+    pair_cmds = pairs.add_subparsers(dest="pairs_command", metavar="ACTION")
+    for action in ("include", "exclude", "clear"):
+        sub = add(pair_cmds, action, cmd_pairs_set, f"{action} one pair by hand")
+        sub.add_argument("question", type=int)
+        sub.add_argument("instruction", type=int)
+        sub.add_argument("sample", type=int)
+        sub.add_argument("--note")
+
+    ext = add(
+        commands, "extract", cmd_extract, "extract response/prompt vectors from the effective pairs"
+    )
+    filter_args(ext)
+    ext.add_argument("--source", choices=("auto", "captured", "forward"), default="auto")
+    ext.add_argument("--model", help="model for the forward path (default: the generator)")
+    ext.add_argument("--device")
+
+    vec = commands.add_parser("vectors", help="show, list, export and import vectors")
+    vec_cmds = vec.add_subparsers(dest="vectors_command", metavar="ACTION", required=True)
+    show_v = add(
+        vec_cmds,
+        "show",
+        cmd_vectors_show,
+        "per-layer norms, eval AUROC and Cohen's d, recommended layer, similarity",
+    )
+    show_v.add_argument("trait")
+    show_v.add_argument("--model")
+    show_v.add_argument("--device")
+    list_v = add(vec_cmds, "list", cmd_vectors_list, "list stored vectors")
+    list_v.add_argument("--trait")
+    exp_v = add(
+        vec_cmds,
+        "export",
+        cmd_vectors_export,
+        "write {trait}_{kind}.pt float32 tensors (the original format)",
+    )
+    exp_v.add_argument("trait")
+    exp_v.add_argument("--format", choices=("pt",), default="pt")
+    exp_v.add_argument("--out", default=".")
+    exp_v.add_argument("--model")
+    imp_v = add(
+        vec_cmds,
+        "import",
+        cmd_vectors_import,
+        "read a .pt vector (weights_only) and check its shape against a model",
+    )
+    imp_v.add_argument("trait")
+    imp_v.add_argument("path")
+    imp_v.add_argument("--model", default="smollm2")
+    imp_v.add_argument(
+        "--kind",
+        default="response_avg_diff",
+        choices=("response_avg_diff", "prompt_avg_diff", "prompt_last_diff"),
+    )
+
+    imp_csv = add(
+        commands,
+        "import-csv",
+        cmd_import_csv,
+        "import the original project's pos/neg CSVs (re-tokenised with --model)",
+    )
+    imp_csv.add_argument("trait")
+    imp_csv.add_argument("--pos", required=True, help="the pos side's CSV")
+    imp_csv.add_argument("--neg", required=True, help="the neg side's CSV")
+    imp_csv.add_argument("--model", required=True, help="the model that generated them")
+    imp_csv.add_argument("--judge", default="imported", help="name for the CSV's scores")
+
+    run = add(
+        commands,
+        "run",
+        cmd_run,
+        "the whole method: author if new, generate, judge, filter, extract, report",
+    )
+    run.add_argument("trait")
+    run.add_argument("--description", help="needed when the trait is new")
+    run.add_argument("--author", help="KIND:MODEL that writes a new trait")
+    run.add_argument("--model", default="smollm2")
+    run.add_argument(
+        "--judge",
+        default=DEFAULT_JUDGE,
+        help="KIND:MODEL; local:smollm2 runs offline but is a smoke test only",
+    )
+    run.add_argument("--judge-base-url")
+    run.add_argument("--n-per-question", type=int, default=10, help="extract split")
+    run.add_argument("--n-eval", type=int, default=5, help="answers per eval question")
+    run.add_argument("--all-instructions", action="store_true")
+    run.add_argument("--max-new-tokens", type=int, default=1000)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--threshold", type=float, default=50.0)
+    run.add_argument("--coherence", type=float, default=50.0)
+    run.add_argument("--device")
+    run.add_argument("--tui", action="store_true", help="open the dashboard at the end")
+
+    vector_kinds = ("response_avg_diff", "prompt_avg_diff", "prompt_last_diff")
+    mon = add(
+        commands,
+        "monitor",
+        cmd_monitor,
+        "token-by-token projection heatmap of a stored response or a new answer",
+    )
+    mon.add_argument("trait")
+    which = mon.add_mutually_exclusive_group(required=True)
+    which.add_argument("--response", type=int, help="a stored response id")
+    which.add_argument("--prompt", help="a new user message; the model answers it")
+    mon.add_argument("--layer", type=int, help="default: the recommended layer")
+    mon.add_argument("--vector", default="response_avg_diff", choices=vector_kinds)
+    mon.add_argument(
+        "--zscore",
+        action="store_true",
+        help="z-scores against the model's own answers with no system prompt",
+    )
+    mon.add_argument("--show-prompt", action="store_true")
+    mon.add_argument("--model")
+    mon.add_argument("--device")
+    mon.add_argument("--max-new-tokens", type=int, default=120)
+    mon.add_argument("--temperature", type=float, default=0.0)
+    mon.add_argument("--seed", type=int, default=0)
+
+    st = add(commands, "steer", cmd_steer, "steered vs unsteered answers side by side")
+    st.add_argument("trait")
+    st.add_argument("--layer", type=int, required=True)
+    st.add_argument("--coef", default="2.0", help="one or more, comma-separated")
+    st.add_argument("--prompt", required=True)
+    st.add_argument("--positions", choices=("response", "prompt", "all"), default="response")
+    st.add_argument("--ablate", action="store_true", help="project the direction out instead")
+    st.add_argument("--vector", default="response_avg_diff", choices=vector_kinds)
+    st.add_argument("--model")
+    st.add_argument("--device")
+    st.add_argument("--max-new-tokens", type=int, default=120)
+    st.add_argument("--temperature", type=float, default=0.0)
+    st.add_argument("--seed", type=int, default=0)
+
     worker = add(commands, "worker", cmd_worker, "run one job by id (used by the dashboard)")
     worker.add_argument("job_id", type=int)
 
@@ -513,9 +997,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = getattr(args, "handler", None) or cmd_tui
     try:
         return int(handler(args) or 0)
-    except PersonaError as exc:
+    except (PersonaError, ValueError) as exc:
+        if not isinstance(exc, PersonaError) and type(exc).__name__ not in _FILE_ERRORS:
+            raise
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        return exc.exit_code
+        return 2
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

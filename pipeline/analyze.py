@@ -1,0 +1,131 @@
+"""What a vector is worth: per-layer norms for each kind, cosine similarity to the other
+traits' vectors, and per-layer separation of the eval split (AUROC and Cohen's d of the
+response-average projections of pos vs neg eval answers), with a recommended layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from db import PersonaError, Store
+from db.store import Response, VectorRecord
+from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans, captured_means
+from pipeline.filter import generation_jobs
+from vectors.analysis import (
+    LayerSeparation,
+    cosine_by_layer,
+    layer_norms,
+    projections_by_layer,
+    recommend_layer,
+    separation_by_layer,
+)
+from vectors.files import load_vector
+
+
+@dataclass
+class TraitReport:
+    trait: str
+    model: str
+    records: dict[str, VectorRecord]
+    norms: dict[str, list[float]]
+    separation: list[LayerSeparation] | None = None
+    recommended_layer: int | None = None
+    eval_counts: tuple[int, int] = (0, 0)
+    similarity: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def latest_vectors(store: Store, trait: str, model: str | None = None) -> dict[str, VectorRecord]:
+    """The newest vector of each kind for a trait (and model)."""
+    found: dict[str, VectorRecord] = {}
+    for record in store.vectors(trait=trait):
+        if model is None or record.model == model:
+            found[record.kind] = record  # ordered by id: later ones win
+    return found
+
+
+def response_avg_projections(
+    store: Store,
+    responses: list[Response],
+    vector: torch.Tensor,
+    *,
+    forward: ForwardMeans | None = None,
+) -> torch.Tensor:
+    """[N, L+1] projections of each response's response-average state on ``vector``."""
+    captured = captured_means(store, responses)
+    if captured is not None:
+        states = torch.stack([captured[r.id]["response_avg"].float() for r in responses])
+        return projections_by_layer(states, vector)
+    if forward is None:
+        raise PersonaError("the eval responses have no captured activations; pass a model")
+    out = torch.zeros(len(responses), vector.shape[0])
+    rows = [(r.prompt_ids, r.answer_ids) for r in responses]
+    device_vector = vector.to(forward.loaded.device)
+    for chunk, means in forward.iter_means(rows, TOKENS_PER_BATCH):
+        out[chunk] = projections_by_layer(means["response_avg"], device_vector).cpu()
+    return out
+
+
+def analyze(store: Store, trait: str, *, model: str | None = None, device: str | None = None):
+    records = latest_vectors(store, trait, model)
+    if "response_avg_diff" not in records:
+        raise PersonaError(f"trait '{trait}' has no vectors yet; run `persona extract {trait}`")
+    model_id = records["response_avg_diff"].model
+    vectors = {kind: load_vector(r.path)[0] for kind, r in records.items()}
+    report = TraitReport(
+        trait=trait,
+        model=model_id,
+        records=records,
+        norms={kind: layer_norms(v).tolist() for kind, v in vectors.items()},
+    )
+    main = vectors["response_avg_diff"]
+    for other in store.list_traits():
+        if other.name == trait:
+            continue
+        theirs = latest_vectors(store, other.name, model_id).get("response_avg_diff")
+        if theirs is not None:
+            report.similarity[other.name] = cosine_by_layer(
+                main, load_vector(theirs.path)[0]
+            ).tolist()
+    try:
+        pos_job, neg_job = generation_jobs(store, trait, "eval", model=None)
+    except PersonaError:
+        report.notes.append(
+            f"no eval-split generations: run `persona generate {trait} --side both --split eval` "
+            "for the per-layer AUROC"
+        )
+        return report
+    pos = store.responses(job=pos_job)
+    neg = store.responses(job=neg_job)
+    if len(pos) < 2 or len(neg) < 2:
+        report.notes.append("fewer than two eval answers a side: no separation computed")
+        return report
+    forward = None
+    if captured_means(store, pos + neg) is None:
+        from pipeline.models import load_model
+
+        forward = ForwardMeans(load_model(model_id, device=device))
+    pos_proj = response_avg_projections(store, pos, main, forward=forward)
+    neg_proj = response_avg_projections(store, neg, main, forward=forward)
+    report.separation = separation_by_layer(pos_proj, neg_proj)
+    report.recommended_layer = recommend_layer(report.separation)
+    report.eval_counts = (len(pos), len(neg))
+    return report
+
+
+def report_rows(report: TraitReport) -> list[dict[str, Any]]:
+    """One row per layer: norms of each kind, and separation where computed."""
+    rows = []
+    n_layers = len(report.norms["response_avg_diff"])
+    for layer in range(n_layers):
+        row: dict[str, Any] = {"layer": layer}
+        for kind, norms in report.norms.items():
+            row[kind] = norms[layer]
+        if report.separation is not None:
+            row["auroc"] = report.separation[layer].auroc
+            row["cohens_d"] = report.separation[layer].cohens_d
+        row["recommended"] = layer == report.recommended_layer
+        rows.append(row)
+    return rows

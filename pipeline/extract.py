@@ -1,0 +1,347 @@
+"""Step 5 of the method: persona vectors from the effective pairs.
+
+For every response three per-layer means are needed: over the response tokens, over the
+prompt tokens, and at the last prompt token. They come from the activations captured during
+generation (no model needed) or from a forward pass over the stored prompt ids + answer ids
+(imported data, an OpenAI-compatible generator, another model). The forward pass runs in
+inference mode on length-bucketed batches, with hooks that reduce each layer's output to the
+three means inside the batch (pads masked), accumulated in fp32 on the device; only per-side
+sums leave it. vector = mean(pos) - mean(neg), shape [L+1, d], one per kind.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from db import PersonaError, Store
+from db.store import Response, utc_now
+from pipeline.filter import DEFAULT_COHERENCE, DEFAULT_THRESHOLD, PairSet, find_pairs
+from vectors import activations
+from vectors.files import save_vector
+
+# activation kind (per response) -> vector kind (per trait)
+MEAN_TO_VECTOR = {
+    "response_avg": "response_avg_diff",
+    "prompt_avg": "prompt_avg_diff",
+    "prompt_last": "prompt_last_diff",
+}
+# A vector whose layers are this small next to the activations themselves says pos and neg
+# barely differ.
+TINY_RATIO = 0.01
+TOKENS_PER_BATCH = 16384
+
+
+@dataclass
+class Extraction:
+    pairs: PairSet
+    model: str
+    source: str
+    vectors: dict[str, torch.Tensor]
+    paths: dict[str, Path]
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---- the forward path --------------------------------------------------------------------------
+class ForwardMeans:
+    """Per-response layer means by a batched forward pass, reduced inside the batch."""
+
+    def __init__(self, loaded: Any, *, padding: str = "right") -> None:
+        if padding not in ("left", "right"):
+            raise ValueError("padding must be left or right")
+        self.loaded = loaded
+        self.padding = padding
+        model = loaded.model
+        self.base = getattr(model, model.base_model_prefix, model)  # no LM head: no logits
+        self.layers = list(self.base.layers)
+        self.pad_id = int(loaded.tokenizer.pad_token_id)
+
+    @torch.inference_mode()
+    def batch_means(
+        self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> dict[str, torch.Tensor]:
+        """kind -> [B, L+1, d] float32 on the device, for (prompt ids, answer ids) rows."""
+        device = self.loaded.device
+        lengths = [len(p) + len(a) for p, a in rows]
+        width = max(lengths)
+        b = len(rows)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.bool)
+        prompt = torch.zeros((b, width), dtype=torch.bool)
+        answer = torch.zeros((b, width), dtype=torch.bool)
+        last = torch.zeros(b, dtype=torch.long)
+        for row, (p, a) in enumerate(rows):
+            start = 0 if self.padding == "right" else width - len(p) - len(a)
+            ids[row, start : start + len(p) + len(a)] = torch.tensor([*p, *a], dtype=torch.long)
+            mask[row, start : start + len(p) + len(a)] = True
+            prompt[row, start : start + len(p)] = True
+            answer[row, start + len(p) : start + len(p) + len(a)] = True
+            last[row] = start + len(p) - 1
+        ids, mask, prompt, answer, last = (t.to(device) for t in (ids, mask, prompt, answer, last))
+        positions = (mask.long().cumsum(1) - 1).clamp_(min=0)
+        n_states = len(self.layers) + 1
+        hidden = int(self.loaded.model.config.hidden_size)
+        out = {k: torch.zeros(b, n_states, hidden, device=device) for k in MEAN_TO_VECTOR}
+        prompt_count = prompt.sum(1, keepdim=True).clamp(min=1).float()
+        answer_count = answer.sum(1, keepdim=True).clamp(min=1).float()
+        rows_index = torch.arange(b, device=device)
+
+        def reduce(index: int, h: torch.Tensor) -> None:
+            hf = h.float()
+            out["prompt_avg"][:, index] = (hf * prompt[..., None]).sum(1) / prompt_count
+            out["response_avg"][:, index] = (hf * answer[..., None]).sum(1) / answer_count
+            out["prompt_last"][:, index] = hf[rows_index, last]
+
+        def hook_for(index: int):
+            def hook(_module: Any, _inputs: Any, output: Any) -> None:
+                reduce(index, output[0] if isinstance(output, tuple) else output)
+
+            return hook
+
+        handles = [self.base.embed_tokens.register_forward_hook(hook_for(0))]
+        handles += [
+            layer.register_forward_hook(hook_for(i + 1)) for i, layer in enumerate(self.layers)
+        ]
+        try:
+            self.base(
+                input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out
+
+    def iter_means(
+        self, rows: Sequence[tuple[Sequence[int], Sequence[int]]], tokens_per_batch: int
+    ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(row indices, means) over length-sorted batches; a CUDA out-of-memory halves the
+        batch and the step goes on."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+        start = 0
+        budget = tokens_per_batch
+        while start < len(order):
+            width = 0
+            end = start
+            while end < len(order):
+                longest = max(width, len(rows[order[end]][0]) + len(rows[order[end]][1]))
+                if end > start and longest * (end - start + 1) > budget:
+                    break
+                width = longest
+                end += 1
+            chunk = order[start:end]
+            try:
+                means = self.batch_means([rows[i] for i in chunk])
+            except torch.cuda.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise PersonaError(
+                        "CUDA out of memory on a single response in the forward pass; use a "
+                        "GPU with more memory or a smaller model"
+                    ) from None
+                torch.cuda.empty_cache()
+                budget = max(1, budget // 2)
+                continue
+            yield chunk, means
+            start = end
+
+
+# ---- means for a set of responses -------------------------------------------------------------
+def captured_means(
+    store: Store, responses: Sequence[Response]
+) -> dict[int, dict[str, torch.Tensor]] | None:
+    """Per-response captured means (float16, CPU), or None when any response lacks them."""
+    from pipeline.generate import activations_dir
+
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for job_id in sorted({r.job for r in responses}):
+        path = activations_dir(store, job_id) / activations.CONSOLIDATED
+        if not path.exists():
+            return None
+        tensors = activations.load_consolidated(path)
+        index = {rid: row for row, rid in enumerate(tensors["response_ids"].tolist())}
+        for r in responses:
+            if r.job == job_id:
+                if r.id not in index:
+                    return None
+                found[r.id] = {k: tensors[k][index[r.id]] for k in MEAN_TO_VECTOR}
+    return found
+
+
+def side_sums(
+    responses: Sequence[Response],
+    *,
+    captured: dict[int, dict[str, torch.Tensor]] | None,
+    forward: ForwardMeans | None,
+    tokens_per_batch: int = TOKENS_PER_BATCH,
+) -> dict[str, torch.Tensor]:
+    """kind -> float32 sum over the responses of their per-response means [L+1, d]."""
+    if captured is not None:
+        sums: dict[str, torch.Tensor] = {}
+        for kind in MEAN_TO_VECTOR:
+            total = None
+            for r in responses:
+                value = captured[r.id][kind].float()
+                total = value.clone() if total is None else total.add_(value)
+            sums[kind] = total
+        return sums
+    if forward is None:
+        raise PersonaError("no captured activations and no model for a forward pass")
+    rows = [_ids(r) for r in responses]
+    sums = {}
+    for _chunk, means in forward.iter_means(rows, tokens_per_batch):
+        for kind, value in means.items():
+            part = value.sum(0)
+            sums[kind] = part if kind not in sums else sums[kind].add_(part)
+    return {k: v.cpu() for k, v in sums.items()}
+
+
+def _ids(response: Response) -> tuple[list[int], list[int]]:
+    if not response.prompt_ids:
+        raise PersonaError(
+            f"response {response.id} has no token ids (generated by a server without a "
+            "tokenizer); rerun generation with --tokenizer, or import with a model"
+        )
+    return response.prompt_ids, response.answer_ids
+
+
+# ---- the step -----------------------------------------------------------------------------------
+def extract(
+    store: Store,
+    trait: str,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    coherence: float = DEFAULT_COHERENCE,
+    source: str = "auto",
+    model: str | None = None,
+    device: str | None = None,
+    pos_job: int | None = None,
+    neg_job: int | None = None,
+    judge: str | None = None,
+    tokens_per_batch: int = TOKENS_PER_BATCH,
+) -> Extraction:
+    if source not in ("auto", "captured", "forward"):
+        raise PersonaError(f"--source must be captured, forward or auto, not '{source}'")
+    pairs = find_pairs(
+        store,
+        trait,
+        threshold=threshold,
+        coherence=coherence,
+        pos_job=pos_job,
+        neg_job=neg_job,
+        judge=judge,
+        record=True,
+    )
+    warnings = [w for w in [pairs.advice()] if w]
+    effective = pairs.effective
+    if not effective:
+        raise PersonaError(
+            f"no effective pairs for '{trait}' at threshold {threshold:g} / coherence "
+            f"{coherence:g} ({_counts_text(pairs)}); lower the thresholds or generate more"
+        )
+    pos_ids = [p.pos_id for p in effective]
+    neg_ids = [p.neg_id for p in effective]
+    pos = store.responses_by_id(pos_ids)
+    neg = store.responses_by_id(neg_ids)
+    gen_params = store.get_job(pairs.pos_job).params
+    model_id = model or gen_params.get("model") or pos[0].model
+    captured = None
+    if source in ("auto", "captured") and model in (None, pos[0].model):
+        captured = captured_means(store, pos + neg)
+        if captured is None and source == "captured":
+            raise PersonaError(
+                "some effective responses have no captured activations; use --source forward"
+            )
+    forward = None
+    if captured is None:
+        from pipeline.models import load_model
+
+        forward = ForwardMeans(load_model(model_id, device=device))
+        model_id = forward.loaded.model_id
+    used = "captured" if captured is not None else "forward"
+    pos_sums = side_sums(pos, captured=captured, forward=forward, tokens_per_batch=tokens_per_batch)
+    neg_sums = side_sums(neg, captured=captured, forward=forward, tokens_per_batch=tokens_per_batch)
+    vectors = {}
+    paths = {}
+    folder = store.data_dir / "vectors" / trait / _slug(model_id)
+    for mean_kind, kind in MEAN_TO_VECTOR.items():
+        pos_mean = pos_sums[mean_kind] / len(pos)
+        neg_mean = neg_sums[mean_kind] / len(neg)
+        vector = pos_mean - neg_mean
+        vectors[kind] = vector
+        norms = vector.norm(dim=-1)
+        scale = pos_mean.norm(dim=-1).mean().item()
+        if kind == "response_avg_diff" and scale > 0 and norms.mean().item() < TINY_RATIO * scale:
+            warnings.append(
+                f"the {kind} vector is tiny (mean layer norm {norms.mean().item():.3g} against "
+                f"activations of {scale:.3g}): pos and neg barely differ; strengthen the "
+                "instructions or check the judged pairs"
+            )
+        metadata = {
+            "trait": trait,
+            "model": model_id,
+            "kind": kind,
+            "source": used,
+            "n_pairs": len(effective),
+            "threshold": threshold,
+            "coherence": coherence,
+            "judge": pairs.judge,
+            "pos_job": pairs.pos_job,
+            "neg_job": pairs.neg_job,
+            "generation": {
+                k: gen_params.get(k)
+                for k in (
+                    "model",
+                    "n_per_question",
+                    "all_instructions",
+                    "temperature",
+                    "top_p",
+                    "max_new_tokens",
+                    "seed",
+                    "split",
+                )
+            },
+            "layer_norms": [round(float(n), 6) for n in norms],
+            "created": utc_now(),
+        }
+        path = save_vector(folder / f"{kind}.safetensors", vector, metadata)
+        store.add_vector(
+            trait=trait,
+            model=model_id,
+            kind=kind,
+            path=str(path),
+            n_pairs=len(effective),
+            threshold=threshold,
+            coherence=coherence,
+            metadata=metadata,
+        )
+        paths[kind] = path
+    return Extraction(pairs, model_id, used, vectors, paths, warnings)
+
+
+def _counts_text(pairs: PairSet) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in pairs.counts().items() if n) or "no pairs"
+
+
+def _slug(model_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[-80:] or "model"
+
+
+def run_extract_job(store: Store, job_id: int, *, on_progress: Any = None) -> None:
+    """Extraction as a job, so the dashboard can start it like any other step."""
+    from pipeline.jobs import JobProgress
+
+    job = store.get_job(job_id)
+    progress = JobProgress(store, job_id, total=1, unit="extractions", on_progress=on_progress)
+    progress.start()
+    result = extract(store, job.trait, **job.params)
+    progress.extra.update(
+        n_pairs=len(result.pairs.effective),
+        source=result.source,
+        paths={k: str(v) for k, v in result.paths.items()},
+    )
+    progress.add(1)
+    progress.finish("done", "; ".join(result.warnings))

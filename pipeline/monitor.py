@@ -1,0 +1,180 @@
+"""Monitoring: the projection h_t . v / |v| of every token on persona vectors, at one or
+several layers, for a stored response or new text, plus the response average; optionally as
+z-scores against a baseline of the model's own answers with no system prompt. Live
+monitoring during generation comes from the engine's ``watch`` (see ``pipeline.engine``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from db import PersonaError, Store
+from pipeline.chat import prompt_ids
+
+BASELINE_SPLIT = "eval"
+
+
+@dataclass
+class TokenProjections:
+    tokens: list[str]  # decoded one by one, for display
+    token_ids: list[int]
+    prompt_len: int  # tokens before this index are the prompt
+    layers: list[int]
+    names: list[str]  # one per vector
+    values: torch.Tensor  # [T, n_vectors, n_layers]
+    zscored: bool = False
+    baseline: dict[str, Any] = field(default_factory=dict)
+
+    def response_average(self) -> torch.Tensor:
+        """[n_vectors, n_layers] mean over the response tokens."""
+        part = self.values[self.prompt_len :]
+        if part.shape[0] == 0:
+            return torch.zeros(self.values.shape[1:])
+        return part.mean(0)
+
+
+def hidden_states(loaded: Any, ids: Sequence[int], layers: Sequence[int]) -> torch.Tensor:
+    """[T, n_layers, d] float32 hidden states (our convention: raw block outputs) of one
+    sequence at the given layers, by one teacher-forced forward."""
+    model = loaded.model
+    core = getattr(model, model.base_model_prefix, model)
+    wanted = sorted(set(layers))
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    if 0 in wanted:
+        handles.append(
+            core.embed_tokens.register_forward_hook(lambda _m, _i, o: captured.__setitem__(0, o))
+        )
+    for layer in wanted:
+        if layer == 0:
+            continue
+        if not 0 < layer <= len(core.layers):
+            raise PersonaError(f"--layer {layer} is outside 0..{len(core.layers)}")
+
+        def hook(_m: Any, _i: Any, o: Any, layer: int = layer) -> None:
+            captured[layer] = o[0] if isinstance(o, tuple) else o
+
+        handles.append(core.layers[layer - 1].register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            core(input_ids=torch.tensor([list(ids)], device=loaded.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([captured[layer][0].float() for layer in layers], dim=1).cpu()
+
+
+def project_tokens(
+    loaded: Any,
+    prompt: Sequence[int],
+    answer: Sequence[int],
+    vectors: dict[str, torch.Tensor],
+    layers: Sequence[int],
+) -> TokenProjections:
+    """Per-token projections of prompt ids + answer ids on each [L+1, d] vector."""
+    ids = [*prompt, *answer]
+    states = hidden_states(loaded, ids, layers)  # [T, n_layers, d]
+    names = sorted(vectors)
+    values = torch.zeros(len(ids), len(names), len(layers))
+    for j, name in enumerate(names):
+        for k, layer in enumerate(layers):
+            v = vectors[name][layer].float()
+            values[:, j, k] = states[:, k] @ v / v.norm().clamp(min=1e-12)
+    tok = loaded.tokenizer
+    return TokenProjections(
+        tokens=[tok.decode([t]) for t in ids],
+        token_ids=ids,
+        prompt_len=len(prompt),
+        layers=list(layers),
+        names=names,
+        values=values,
+    )
+
+
+def baseline_stats(
+    store: Store,
+    loaded: Any,
+    trait: str,
+    vectors: dict[str, torch.Tensor],
+    layers: Sequence[int],
+    *,
+    n: int = 10,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Mean and std of per-token response projections over the model's own answers to eval
+    questions with no system prompt (generated once and kept as a ``none``-side job)."""
+    responses = neutral_responses(
+        store, loaded, trait, n=n, max_new_tokens=max_new_tokens, seed=seed
+    )
+    per_token = []
+    for r in responses:
+        proj = project_tokens(loaded, r.prompt_ids, r.answer_ids, vectors, layers)
+        per_token.append(proj.values[proj.prompt_len :])
+    values = torch.cat(per_token)
+    if values.shape[0] < 2:
+        raise PersonaError("the neutral baseline has fewer than two answer tokens")
+    return {"mean": values.mean(0), "std": values.std(0).clamp(min=1e-6), "tokens": values.shape[0]}
+
+
+def neutral_responses(
+    store: Store, loaded: Any, trait: str, *, n: int, max_new_tokens: int, seed: int
+) -> list[Any]:
+    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.sampling import row_seed
+
+    definition = store.get_trait(trait)
+    params = {
+        "side": "none",
+        "split": BASELINE_SPLIT,
+        "model": loaded.model_id,
+        "n": n,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "baseline": True,
+    }
+    for job in store.list_jobs(trait=trait, kind="baseline"):
+        if job.params == params and job.status == "done":
+            return store.responses(job=job.id)
+    job = store.create_job("baseline", trait, params)
+    questions = list(range(20, 20 + min(n, 20)))
+    prompts = [prompt_ids(loaded.tokenizer, None, definition.questions[q]) for q in questions]
+    engine = DecodeEngine(loaded, capture=False)
+    results = engine.run(
+        [
+            DecodeRequest(p, row_seed(seed, q, 0, 0))
+            for p, q in zip(prompts, questions, strict=True)
+        ],
+        SamplingConfig(max_new_tokens=max_new_tokens),
+    )
+    store.add_responses(
+        {
+            "job": job.id,
+            "trait": trait,
+            "side": "none",
+            "split": BASELINE_SPLIT,
+            "question": q,
+            "instruction": 0,
+            "sample": 0,
+            "question_text": definition.questions[q],
+            "system_prompt": "",
+            "prompt_ids": p,
+            "answer_ids": r.answer_ids,
+            "answer": loaded.tokenizer.decode(r.answer_ids, skip_special_tokens=True),
+            "finish_reason": r.finish_reason,
+            "model": loaded.model_id,
+        }
+        for q, p, r in zip(questions, prompts, results, strict=True)
+    )
+    store.update_job(job.id, status="done", done=len(questions), total=len(questions))
+    return store.responses(job=job.id)
+
+
+def zscore(proj: TokenProjections, stats: dict[str, torch.Tensor]) -> TokenProjections:
+    proj.values = (proj.values - stats["mean"]) / stats["std"]
+    proj.zscored = True
+    proj.baseline = {"tokens": int(stats["tokens"])}
+    return proj

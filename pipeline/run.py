@@ -1,0 +1,105 @@
+"""The whole method for one trait, every step a resumable job: author (when the trait is
+new), generate pos and neg on the extract and eval splits, judge the extract answers, filter,
+extract, analyse. Rerunning the same command continues where it stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from db import PersonaError, Store
+from pipeline.analyze import TraitReport, analyze
+from pipeline.author import AuthorParams, create_author_job
+from pipeline.extract import Extraction, extract
+from pipeline.generate import GenerateParams, find_or_create_job
+from pipeline.jobs import ProgressCallback, run_job
+from pipeline.judging import DEFAULT_JUDGE, JudgeParams, find_or_create_judge_job
+
+
+@dataclass(frozen=True)
+class RunParams:
+    trait: str
+    description: str | None = None
+    author: str | None = None
+    model: str = "smollm2"
+    judge: str = DEFAULT_JUDGE
+    judge_base_url: str | None = None
+    n_per_question: int = 10
+    n_eval: int = 5
+    all_instructions: bool = False
+    max_new_tokens: int = 1000
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int | None = None
+    threshold: float = 50.0
+    coherence: float = 50.0
+    device: str | None = None
+
+
+@dataclass
+class RunResult:
+    extraction: Extraction
+    report: TraitReport
+
+
+# Called with (step label, job id) before each job runs, so a display can add a bar for it.
+StepCallback = Callable[[str, int], ProgressCallback | None]
+
+
+def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = None) -> RunResult:
+    def step(label: str, job_id: int) -> None:
+        callback = on_step(label, job_id) if on_step is not None else None
+        run_job(db_path, job_id, on_progress=callback)
+
+    with Store(db_path) as store:
+        if not store.has_trait(params.trait):
+            if not params.description:
+                raise PersonaError(
+                    f"trait '{params.trait}' is new: pass --description so it can be written"
+                )
+            author = AuthorParams(name=params.trait, description=params.description)
+            if params.author:
+                author = AuthorParams(
+                    name=params.trait, description=params.description, author=params.author
+                )
+            step("author", create_author_job(store, author))
+        generation = {}
+        for split, n in (("extract", params.n_per_question), ("eval", params.n_eval)):
+            for side in ("pos", "neg"):
+                gen = GenerateParams(
+                    side=side,
+                    split=split,
+                    model=params.model,
+                    n_per_question=n,
+                    all_instructions=params.all_instructions and split == "extract",
+                    temperature=params.temperature,
+                    max_new_tokens=params.max_new_tokens,
+                    seed=params.seed,
+                    batch_size=params.batch_size,
+                    device=params.device,
+                )
+                generation[(split, side)] = find_or_create_job(store, params.trait, gen)
+        for (split, side), job_id in generation.items():
+            step(f"generate {side}/{split}", job_id)
+        # The filter needs scores for the extract split only; the eval split is analysed by
+        # projections, which need no judge.
+        for side in ("pos", "neg"):
+            judge = JudgeParams(
+                judge=params.judge,
+                job=generation[("extract", side)],
+                base_url=params.judge_base_url,
+                device=params.device,
+            )
+            step(f"judge {side}", find_or_create_judge_job(store, params.trait, judge))
+        result = extract(
+            store,
+            params.trait,
+            threshold=params.threshold,
+            coherence=params.coherence,
+            pos_job=generation[("extract", "pos")],
+            neg_job=generation[("extract", "neg")],
+            device=params.device,
+        )
+        report = analyze(store, params.trait, model=result.model, device=params.device)
+    return RunResult(result, report)

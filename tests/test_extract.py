@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from db import PersonaError, Store
+from pipeline.analyze import analyze
+from pipeline.extract import ForwardMeans, extract
+from pipeline.filter import classify, find_pairs
+from pipeline.generate import GenerateParams, find_or_create_job
+from pipeline.jobs import run_job
+from pipeline.models import load_model
+from vectors.files import VectorFileError, export_pt, import_pt, load_vector
+
+
+def _reference_means(model, prompt: list[int], answer: list[int]) -> dict[str, torch.Tensor]:
+    raw = []
+    handle = model.model.layers[-1].register_forward_hook(
+        lambda _m, _i, o: raw.append(o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt + answer]), output_hidden_states=True)
+    handle.remove()
+    h = torch.stack([s[0] for s in [*out.hidden_states[:-1], raw[0]]])
+    n = len(prompt)
+    return {
+        "response_avg": h[:, n:].mean(1),
+        "prompt_avg": h[:, :n].mean(1),
+        "prompt_last": h[:, n - 1],
+    }
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_batched_forward_equals_one_at_a_time(tiny_model_dir: Path, padding: str) -> None:
+    loaded = load_model(str(tiny_model_dir))
+    rng = random.Random(0)
+    rows = [
+        (
+            [rng.randrange(3, 300) for _ in range(rng.randint(3, 30))],
+            [rng.randrange(3, 300) for _ in range(rng.randint(1, 25))],
+        )
+        for _ in range(7)
+    ]
+    forward = ForwardMeans(loaded, padding=padding)
+    seen = set()
+    for chunk, means in forward.iter_means(rows, tokens_per_batch=120):
+        for j, index in enumerate(chunk):
+            seen.add(index)
+            ref = _reference_means(loaded.model, *rows[index])
+            for kind, value in ref.items():
+                torch.testing.assert_close(means[kind][j], value, rtol=1e-4, atol=1e-5)
+    assert seen == set(range(7))
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A database with pos/neg generations on both splits (tiny model), judged by hand:
+    pos rows score high on the trait, except on question 3; neg rows low."""
+    db_path = tmp_path_factory.mktemp("extract") / "persona.db"
+    with Store(db_path) as store:
+        for split in ("extract", "eval"):
+            for side in ("pos", "neg"):
+                params = GenerateParams(
+                    side=side,
+                    split=split,
+                    model=str(tiny_model_dir),
+                    n_per_question=2,
+                    max_new_tokens=6,
+                    batch_size=8,
+                )
+                run_job(db_path, find_or_create_job(store, "paternalism", params))
+        rows = []
+        for r in store.responses():
+            trait = 80.0 if r.side == "pos" else 10.0
+            if r.side == "pos" and r.question == 3:
+                trait = 30.0
+            rows += [
+                {"response": r.id, "metric": "trait", "judge": "hand", "score": trait},
+                {"response": r.id, "metric": "coherence", "judge": "hand", "score": 90.0},
+            ]
+        store.add_judgments(rows)
+    return db_path
+
+
+def test_the_rule() -> None:
+    assert classify(50, 49, 50, 50, 50, 50) == "effective"
+    assert classify(49.9, 0, 90, 90, 50, 50) == "pos too low"
+    assert classify(90, 50, 90, 90, 50, 50) == "neg too high"
+    assert classify(90, 10, 49, 90, 50, 50) == "incoherent"
+    assert classify(90, 10, None, 90, 50, 50) == "unscored"
+
+
+def test_pairs_by_key_with_overrides(generated: Path, tmp_path: Path) -> None:
+    with Store(generated) as store:
+        pairs = find_pairs(store, "paternalism")
+        counts = pairs.counts()
+        assert len(pairs.pairs) == 40
+        assert counts["pos too low"] == 2 and counts["effective"] == 38
+        for pair in pairs.pairs:
+            pos, neg = store.get_response(pair.pos_id), store.get_response(pair.neg_id)
+            assert pos.key == neg.key == pair.key and pos.side == "pos" and neg.side == "neg"
+        low = next(p for p in pairs.pairs if p.reason == "pos too low")
+        good = next(p for p in pairs.pairs if p.reason == "effective")
+        store.set_override("paternalism", low.key, True)
+        store.set_override("paternalism", good.key, False)
+        again = find_pairs(store, "paternalism", record=True).counts()
+        assert again["included by hand"] == 1 and again["excluded by hand"] == 1
+        assert again["effective"] == 37
+        assert store.latest_pair_counts("paternalism")["counts"] == again
+        store.set_override("paternalism", low.key, None)
+        store.set_override("paternalism", good.key, None)
+        strict = find_pairs(store, "paternalism", threshold=85)
+        assert strict.counts()["pos too low"] == 40 and not strict.effective
+        assert "fewer than 50" in strict.advice()
+
+
+def test_pairs_match_by_key_not_row_order(generated: Path) -> None:
+    """Rows of the neg job stored in another order (and one missing) still pair by key."""
+    with Store(generated) as store:
+        pos_job, neg_job = (j.id for j in store.list_jobs(kind="generate")[:2])
+        neg_rows = store.responses(job=neg_job)
+        shuffled = store.create_job("generate", "paternalism", {"side": "neg", "split": "extract"})
+        moved = [
+            {
+                **{
+                    k: getattr(r, k)
+                    for k in (
+                        "trait",
+                        "side",
+                        "split",
+                        "question",
+                        "instruction",
+                        "sample",
+                        "question_text",
+                        "system_prompt",
+                        "prompt_ids",
+                        "answer_ids",
+                        "answer",
+                        "finish_reason",
+                        "model",
+                    )
+                },
+                "job": shuffled.id,
+            }
+            for r in reversed(neg_rows[1:])
+        ]
+        store.add_responses(moved)
+        try:
+            pairs = find_pairs(
+                store, "paternalism", pos_job=pos_job, neg_job=shuffled.id, judge="hand"
+            )
+            by_key = {p.key: p for p in pairs.pairs}
+            assert by_key[neg_rows[0].key].reason == "unpaired"
+            for pair in pairs.pairs:
+                if pair.neg_id is not None:
+                    assert store.get_response(pair.neg_id).key == pair.key
+        finally:  # the fixture database is shared: leave it as it was
+            with store.transaction():
+                store.db["jobs"].delete(shuffled.id)
+
+
+def test_captured_and_forward_paths_agree(generated: Path) -> None:
+    with Store(generated) as store:
+        captured = extract(store, "paternalism", source="captured")
+        forward = extract(store, "paternalism", source="forward")
+    assert captured.source == "captured" and forward.source == "forward"
+    assert len(captured.pairs.effective) == 38
+    for kind, vector in captured.vectors.items():
+        assert vector.shape == (4, 64)
+        torch.testing.assert_close(vector, forward.vectors[kind], rtol=2e-2, atol=2e-3)
+
+
+def test_vector_files_are_self_describing(generated: Path, tmp_path: Path) -> None:
+    with Store(generated) as store:
+        result = extract(store, "paternalism", threshold=40, coherence=60)
+        vector, meta = load_vector(result.paths["response_avg_diff"])
+        assert torch.equal(vector, result.vectors["response_avg_diff"])
+        assert meta["trait"] == "paternalism" and meta["n_pairs"] == 38
+        assert meta["threshold"] == 40 and meta["judge"] == "hand"
+        assert meta["layer_convention"].startswith("index 0 = embedding")
+        assert len(meta["layer_norms"]) == 4 and meta["generation"]["n_per_question"] == 2
+        assert result.paths["response_avg_diff"].with_suffix(".safetensors.json").exists()
+        kinds = {r.kind for r in store.vectors(trait="paternalism")}
+        assert kinds == {"response_avg_diff", "prompt_avg_diff", "prompt_last_diff"}
+    pt = export_pt(vector, tmp_path / "paternalism_response_avg_diff.pt")
+    assert torch.equal(import_pt(pt, num_layers=3, hidden=64), vector)
+    with pytest.raises(
+        VectorFileError, match=r"has shape \[4, 64\] but the model needs \[31, 576\]"
+    ):
+        import_pt(pt, num_layers=30, hidden=576)
+
+
+def test_pickled_pt_files_are_refused(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"vector": Evil()}, path)
+    with pytest.raises(VectorFileError, match="weights_only refused it"):
+        import_pt(path)
+
+
+def test_analysis_reports_eval_separation(generated: Path) -> None:
+    with Store(generated) as store:
+        extract(store, "paternalism")
+        report = analyze(store, "paternalism")
+    assert report.eval_counts == (40, 40)
+    assert len(report.separation) == 4 and 1 <= report.recommended_layer <= 3
+    assert all(0 <= s.auroc <= 1 for s in report.separation)
+    assert set(report.norms) == {"response_avg_diff", "prompt_avg_diff", "prompt_last_diff"}
+
+
+def test_bad_inputs(generated: Path) -> None:
+    with Store(generated) as store:
+        with pytest.raises(PersonaError, match="--threshold must be between 0 and 100"):
+            find_pairs(store, "paternalism", threshold=120)
+        with pytest.raises(PersonaError, match="no effective pairs"):
+            extract(store, "paternalism", threshold=99)
+        with pytest.raises(PersonaError, match="has no pos or neg generation job"):
+            find_pairs(store, "deception")
+        with pytest.raises(PersonaError, match="--source must be"):
+            extract(store, "paternalism", source="magic")

@@ -1,0 +1,97 @@
+"""Vector files: safetensors with the provenance in the header metadata and in a JSON sidecar,
+and the original project's ``{trait}_{kind}.pt`` float32 tensors for export and import.
+
+A ``.pt`` file is read with ``torch.load(weights_only=True)``, so a file holding pickled
+objects is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+KINDS = ("response_avg_diff", "prompt_avg_diff", "prompt_last_diff")
+LAYER_CONVENTION = (
+    "index 0 = embedding output; index l = output of decoder block l-1 (raw, before the final "
+    "norm, for every l)"
+)
+
+
+class VectorFileError(ValueError):
+    """A vector file is unreadable, unsafe or does not fit the model."""
+
+
+def save_vector(path: Path, vector: torch.Tensor, metadata: dict[str, Any]) -> Path:
+    """Write ``vector`` [L+1, d] as float32 safetensors with ``metadata`` in its header (JSON
+    under the key ``persona``) and beside it as ``PATH.json``; both are replaced atomically."""
+    if vector.dim() != 2:
+        raise VectorFileError(f"a vector must be [L+1, d], got shape {list(vector.shape)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**metadata, "shape": list(vector.shape), "layer_convention": LAYER_CONVENTION}
+    header = {"persona": json.dumps(meta, sort_keys=True)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"vector": vector.detach().float().contiguous().cpu()}, str(tmp), metadata=header)
+    _match_umask(tmp)
+    os.replace(tmp, path)
+    sidecar = path.with_suffix(path.suffix + ".json")
+    tmp_json = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
+    tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_json, sidecar)
+    return path
+
+
+def load_vector(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            vector = handle.get_tensor("vector")
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise VectorFileError(f"vector file {path} is unreadable ({exc})") from None
+    meta = json.loads(header.get("persona", "{}"))
+    return vector, meta
+
+
+def export_pt(vector: torch.Tensor, path: Path) -> Path:
+    """The original project's format: a bare float32 tensor [L+1, d]."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(vector.detach().float().cpu().clone(), path)
+    return path
+
+
+def import_pt(path: Path, *, num_layers: int | None = None, hidden: int | None = None):
+    """A ``.pt`` vector, refusing pickled objects and shapes that do not fit the model."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise VectorFileError(f"{path} does not exist; check the path") from None
+    except Exception as exc:  # torch raises UnpicklingError and friends for unsafe content
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise VectorFileError(
+            f"{path} is not a plain tensor file and was not loaded (weights_only refused it: "
+            f"{first})"
+        ) from None
+    if isinstance(data, dict) and len(data) == 1:
+        data = next(iter(data.values()))
+    if not isinstance(data, torch.Tensor) or data.dim() != 2:
+        shape = list(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+        raise VectorFileError(f"{path} must hold one [L+1, d] tensor, found {shape}")
+    if num_layers is not None and hidden is not None:
+        want = [num_layers + 1, hidden]
+        if list(data.shape) != want:
+            raise VectorFileError(
+                f"{path} has shape {list(data.shape)} but the model needs {want} "
+                f"({num_layers} layers + embeddings, hidden {hidden}); is it for another model?"
+            )
+    return data.float()
+
+
+def _match_umask(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
