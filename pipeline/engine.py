@@ -211,8 +211,7 @@ class HFRunner:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
         self._last_raw: torch.Tensor | None = None
-        layers = _decoder_layers(model)
-        self._hook = layers[-1].register_forward_hook(self._keep_last_raw)
+        self._last_layer = _decoder_layers(model)[-1]
         # transformers renamed ``past_key_values`` to ``cache``; pass whichever it takes.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -234,14 +233,19 @@ class HFRunner:
         self.mask = self.mask.index_select(0, keep)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, hook: HiddenHook):
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.mask.long(),
-            position_ids=positions,
-            use_cache=True,
-            output_hidden_states=True,
-            **{self._cache_arg: self.cache},
-        )
+        # Hooked only for this forward: the model may be shared with other engines.
+        handle = self._last_layer.register_forward_hook(self._keep_last_raw)
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.mask.long(),
+                position_ids=positions,
+                use_cache=True,
+                output_hidden_states=True,
+                **{self._cache_arg: self.cache},
+            )
+        finally:
+            handle.remove()
         states = list(out.hidden_states)
         states[-1] = self._last_raw  # HF normalises its last entry; we keep the block output
         for index, state in enumerate(states):
@@ -562,6 +566,7 @@ class _State:
     key_valid: torch.Tensor
     response_sum: torch.Tensor
     response_count: torch.Tensor
+    projections: torch.Tensor  # [B, new + 1, W] watched projections per answer token
 
     _BATCHED = (
         "rows",
@@ -574,6 +579,7 @@ class _State:
         "key_valid",
         "response_sum",
         "response_count",
+        "projections",
     )
 
     @classmethod

@@ -87,15 +87,21 @@ class ForwardMeans:
         n_states = len(self.layers) + 1
         hidden = int(self.loaded.model.config.hidden_size)
         out = {k: torch.zeros(b, n_states, hidden, device=device) for k in MEAN_TO_VECTOR}
-        prompt_count = prompt.sum(1, keepdim=True).clamp(min=1).float()
-        answer_count = answer.sum(1, keepdim=True).clamp(min=1).float()
+        # Averaging weights [B, 2, T]: one batched product per layer gives both means.
+        weights = torch.stack(
+            [
+                prompt / prompt.sum(1, keepdim=True).clamp(min=1),
+                answer / answer.sum(1, keepdim=True).clamp(min=1),
+            ],
+            dim=1,
+        ).float()
         rows_index = torch.arange(b, device=device)
 
         def reduce(index: int, h: torch.Tensor) -> None:
-            hf = h.float()
-            out["prompt_avg"][:, index] = (hf * prompt[..., None]).sum(1) / prompt_count
-            out["response_avg"][:, index] = (hf * answer[..., None]).sum(1) / answer_count
-            out["prompt_last"][:, index] = hf[rows_index, last]
+            means = torch.bmm(weights, h.float())
+            out["prompt_avg"][:, index] = means[:, 0]
+            out["response_avg"][:, index] = means[:, 1]
+            out["prompt_last"][:, index] = h[rows_index, last].float()
 
         def hook_for(index: int):
             def hook(_module: Any, _inputs: Any, output: Any) -> None:

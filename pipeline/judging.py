@@ -192,7 +192,9 @@ async def _judge_all(
         last_flush = time.monotonic()
 
     to_ask = []
-    for rid, metric, prompt in tasks:
+    # In prompt order: neighbours share the template and often the question, which a local
+    # judge reuses from its cache.
+    for rid, metric, prompt in sorted(tasks, key=lambda t: (t[1], t[2])):
         hit = cached.get(cache_key(judge.spec, prompt))
         if hit is None:
             to_ask.append((rid, metric, prompt))

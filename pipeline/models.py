@@ -177,9 +177,25 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# The last model loaded, kept so the steps of one process (``persona run``, the dashboard's
+# monitor) do not load it again. One entry: models are large.
+_LAST: dict[tuple, LoadedModel] = {}
+
+
 def load_model(spec: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference: bf16 on CUDA, fp32 on CPU,
-    ``device_map="auto"`` when the weights do not fit the first GPU."""
+    ``device_map="auto"`` when the weights do not fit the first GPU. The last model loaded
+    is reused when asked for again with the same arguments."""
+    key = (spec, device, dtype)
+    if key in _LAST:
+        return _LAST[key]
+    loaded = _load_model(spec, device=device, dtype=dtype)
+    _LAST.clear()
+    _LAST[key] = loaded
+    return loaded
+
+
+def _load_model(spec: str, *, device: str | None, dtype: str | None) -> LoadedModel:
     _require("torch", "torch==2.13.0")
     _require("transformers", "transformers")
     import torch
