@@ -30,9 +30,12 @@ format: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The whole method on the embedded model, on a CPU, then the dashboard on the result. The
+# 135M judge has no real signal, so the demo keeps every scored pair (threshold 0).
 demo: setup
-	$(BIN)/persona --db persona.db models prepare smollm2
-	$(BIN)/persona --db persona.db tui
+	$(BIN)/persona --db demo.db run paternalism --model smollm2 --judge local:smollm2 \
+		--n-per-question 5 --n-eval 2 --max-new-tokens 60 --batch-size 32 \
+		--threshold 0 --coherence 0 --tui
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -486,6 +486,11 @@ class Store:
         with self.transaction():
             self.db["judge_cache"].upsert_all(prepared, pk="key")
 
+    def delete_judgments(self, response: int, judge: str) -> None:
+        """Forget a response's judgments by one judge (to ask again)."""
+        with self.transaction():
+            self.db["judgments"].delete_where("response = ? AND judge = ?", [response, judge])
+
     def judgments(self, response: int) -> list[Judgment]:
         rows = self.db["judgments"].rows_where("response = ?", [response], order_by="metric")
         return [_judgment(r) for r in rows]
@@ -513,6 +518,42 @@ class Store:
             WHERE r.job IN ({marks}) GROUP BY j.judge ORDER BY n DESC, j.judge
         """
         return [row["judge"] for row in self.db.query(sql, jobs)]
+
+    def pair_rows(
+        self,
+        *,
+        trait: str,
+        pos_job: int,
+        neg_job: int,
+        judge: str,
+        threshold: float,
+        coherence: float,
+        status: str = "all",
+        search: str = "",
+        offset: int = 0,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
+        """One page of pairs (matched by key) with their scores and the filter's reason,
+        computed in SQL so a review screen pages through 100,000 responses quickly."""
+        sql, args = _pairs_sql(trait, pos_job, neg_job, judge, threshold, coherence, status, search)
+        sql += " ORDER BY question, instruction, sample LIMIT ? OFFSET ?"
+        return list(self.db.query(sql, [*args, limit, offset]))
+
+    def pair_reason_counts(
+        self,
+        *,
+        trait: str,
+        pos_job: int,
+        neg_job: int,
+        judge: str,
+        threshold: float,
+        coherence: float,
+        status: str = "all",
+        search: str = "",
+    ) -> dict[str, int]:
+        sql, args = _pairs_sql(trait, pos_job, neg_job, judge, threshold, coherence, status, search)
+        grouped = f"SELECT reason, COUNT(*) AS n FROM ({sql}) GROUP BY reason"
+        return {row["reason"]: row["n"] for row in self.db.query(grouped, args)}
 
     def set_override(
         self, trait: str, key: tuple[int, int, int], include: bool | None, note: str = ""
@@ -608,6 +649,80 @@ class Store:
         where, args = _where({"trait": trait, "kind": kind, "path": path})
         rows = self.db["vectors"].rows_where(where, args, order_by="id")
         return [VectorRecord(**{**r, "metadata": json.loads(r["metadata"])}) for r in rows]
+
+
+# ---- pairs in SQL ----------------------------------------------------------------------
+PAIR_STATUSES = ("all", "effective", "filtered")
+_EFFECTIVE = "('effective', 'included by hand')"
+
+
+def _pairs_sql(
+    trait: str,
+    pos_job: int,
+    neg_job: int,
+    judge: str,
+    threshold: float,
+    coherence: float,
+    status: str,
+    search: str,
+) -> tuple[str, list[Any]]:
+    """The pairs query; its CASE is the rule of ``pipeline.filter.classify`` (a test keeps
+    the two equal). Every value is a bound parameter."""
+    if status not in PAIR_STATUSES:
+        raise PersonaError(f"status must be one of {', '.join(PAIR_STATUSES)}, not '{status}'")
+    side = """
+        SELECT r.id, r.question, r.instruction, r.sample, r.question_text,
+            (SELECT score FROM judgments j WHERE j.response = r.id AND j.metric = 'trait'
+                AND j.judge = ? AND j.error IS NULL) AS t,
+            (SELECT score FROM judgments j WHERE j.response = r.id AND j.metric = 'coherence'
+                AND j.judge = ? AND j.error IS NULL) AS c
+        FROM responses r WHERE r.job = ?
+    """
+    sql = f"""
+        WITH pos AS ({side}), neg AS ({side})
+        SELECT * FROM (
+            SELECT pos.question AS question, pos.instruction AS instruction,
+                pos.sample AS sample, pos.question_text AS question_text,
+                pos.id AS pos_id, neg.id AS neg_id, pos.t AS pos_trait, neg.t AS neg_trait,
+                pos.c AS pos_coherence, neg.c AS neg_coherence,
+                CASE
+                    WHEN o.include = 1 THEN 'included by hand'
+                    WHEN o.include = 0 THEN 'excluded by hand'
+                    WHEN pos.t IS NULL OR neg.t IS NULL OR pos.c IS NULL OR neg.c IS NULL
+                        THEN 'unscored'
+                    WHEN pos.t < ? THEN 'pos too low'
+                    WHEN neg.t >= 100 - ? THEN 'neg too high'
+                    WHEN pos.c < ? OR neg.c < ? THEN 'incoherent'
+                    ELSE 'effective'
+                END AS reason
+            FROM pos JOIN neg ON pos.question = neg.question
+                AND pos.instruction = neg.instruction AND pos.sample = neg.sample
+            LEFT JOIN overrides o ON o.trait = ? AND o.question = pos.question
+                AND o.instruction = pos.instruction AND o.sample = pos.sample
+        ) WHERE 1 = 1
+    """
+    args: list[Any] = [
+        judge,
+        judge,
+        pos_job,
+        judge,
+        judge,
+        neg_job,
+        threshold,
+        threshold,
+        coherence,
+        coherence,
+        trait,
+    ]
+    if status == "effective":
+        sql += f" AND reason IN {_EFFECTIVE}"
+    elif status == "filtered":
+        sql += f" AND reason NOT IN {_EFFECTIVE}"
+    if search:
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        sql += " AND question_text LIKE ? ESCAPE '\\'"
+        args.append(f"%{escaped}%")
+    return sql, args
 
 
 # ---- row conversion -------------------------------------------------------------------

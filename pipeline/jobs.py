@@ -137,12 +137,14 @@ def _runners() -> dict[str, JobRunner]:
     from pipeline.extract import run_extract_job
     from pipeline.generate import run_generation_job
     from pipeline.judging import run_judge_job
+    from pipeline.sweep import run_sweep_job
 
     return {
         "author": run_author_job,
         "extract": run_extract_job,
         "generate": run_generation_job,
         "judge": run_judge_job,
+        "sweep": run_sweep_job,
     }
 
 

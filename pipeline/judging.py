@@ -127,7 +127,7 @@ def run_judge_job(
     )
     progress.start()
     progress.counters.update(tokens=0, cost=0.0, errors=0, cached=0)
-    asyncio.run(_judge_all(store, judge, tasks, params, progress))
+    asyncio.run(_judge_all(store, judge, tasks, params.max_concurrent, progress))
     errors = int(progress.counters.get("errors", 0))
     message = f"{errors} judgments failed; rerun to retry them" if errors else ""
     progress.extra["counts"] = {
@@ -137,11 +137,32 @@ def run_judge_job(
     progress.finish("done", message)
 
 
+async def run_judgments(
+    store: Store,
+    judge: Judge,
+    job_id: int,
+    templates: dict[str, str],
+    progress: JobProgress,
+    max_concurrent: int = 16,
+) -> None:
+    """Judge every response of one job for each metric in ``templates`` (for steps that
+    judge their own answers, like the sweep); progress counts one step a judgment."""
+    job = store.get_job(job_id)
+    tasks = []
+    for metric, template in templates.items():
+        for response in store.responses_to_judge(
+            trait=job.trait, metric=metric, judge=judge.spec, job=job_id
+        ):
+            prompt = fill_judge_template(template, response.question_text, response.answer)
+            tasks.append((response.id, metric, prompt))
+    await _judge_all(store, judge, tasks, max_concurrent, progress)
+
+
 async def _judge_all(
     store: Store,
     judge: Judge,
     tasks: list[tuple[int, str, str]],
-    params: JudgeParams,
+    max_concurrent: int,
     progress: JobProgress,
 ) -> None:
     cached = store.cached_judge_results([cache_key(judge.spec, p) for _, _, p in tasks])
@@ -203,7 +224,7 @@ async def _judge_all(
         buffer.append((rid, metric, prompt, result, True))
     flush()
 
-    limit = asyncio.Semaphore(params.max_concurrent)
+    limit = asyncio.Semaphore(max_concurrent)
 
     async def one(rid: int, metric: str, prompt: str) -> None:
         async with limit:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,10 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# transformers imports its classes lazily, and two threads importing at once can see a
+# half-initialised module; loading is serialised (the dashboard loads from worker threads).
+_LOAD_LOCK = threading.RLock()
+
 # The last model loaded, kept so the steps of one process (``persona run``, the dashboard's
 # monitor) do not load it again. One entry: models are large.
 _LAST: dict[tuple, LoadedModel] = {}
@@ -187,12 +192,13 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | None = None
     ``device_map="auto"`` when the weights do not fit the first GPU. The last model loaded
     is reused when asked for again with the same arguments."""
     key = (spec, device, dtype)
-    if key in _LAST:
-        return _LAST[key]
-    loaded = _load_model(spec, device=device, dtype=dtype)
-    _LAST.clear()
-    _LAST[key] = loaded
-    return loaded
+    with _LOAD_LOCK:
+        if key in _LAST:
+            return _LAST[key]
+        loaded = _load_model(spec, device=device, dtype=dtype)
+        _LAST.clear()
+        _LAST[key] = loaded
+        return loaded
 
 
 def _load_model(spec: str, *, device: str | None, dtype: str | None) -> LoadedModel:

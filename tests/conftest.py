@@ -6,6 +6,8 @@ import pytest
 from tiny_model import build_tiny_model
 
 from db import Store
+from pipeline.generate import GenerateParams, find_or_create_job
+from pipeline.jobs import run_job
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +41,33 @@ def _isolated_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
     shared = os.environ.get("PERSONA_TEST_CACHE")
     cache = Path(shared) if shared else tmp_path_factory.getbasetemp() / "persona-cache"
     monkeypatch.setenv("PERSONA_CACHE", str(cache))
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A database with pos/neg generations on both splits (tiny model), judged by hand:
+    pos rows score high on the trait, except on question 3; neg rows low."""
+    db_path = tmp_path_factory.mktemp("extract") / "persona.db"
+    with Store(db_path) as store:
+        for split in ("extract", "eval"):
+            for side in ("pos", "neg"):
+                params = GenerateParams(
+                    side=side,
+                    split=split,
+                    model=str(tiny_model_dir),
+                    n_per_question=2,
+                    max_new_tokens=6,
+                    batch_size=8,
+                )
+                run_job(db_path, find_or_create_job(store, "paternalism", params))
+        rows = []
+        for r in store.responses():
+            trait = 80.0 if r.side == "pos" else 10.0
+            if r.side == "pos" and r.question == 3:
+                trait = 30.0
+            rows += [
+                {"response": r.id, "metric": "trait", "judge": "hand", "score": trait},
+                {"response": r.id, "metric": "coherence", "judge": "hand", "score": 90.0},
+            ]
+        store.add_judgments(rows)
+    return db_path

@@ -10,8 +10,6 @@ from db import PersonaError, Store
 from pipeline.analyze import analyze
 from pipeline.extract import ForwardMeans, extract
 from pipeline.filter import classify, find_pairs
-from pipeline.generate import GenerateParams, find_or_create_job
-from pipeline.jobs import run_job
 from pipeline.models import load_model
 from vectors.files import VectorFileError, export_pt, import_pt, load_vector
 
@@ -53,36 +51,6 @@ def test_batched_forward_equals_one_at_a_time(tiny_model_dir: Path, padding: str
             for kind, value in ref.items():
                 torch.testing.assert_close(means[kind][j], value, rtol=1e-4, atol=1e-5)
     assert seen == set(range(7))
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A database with pos/neg generations on both splits (tiny model), judged by hand:
-    pos rows score high on the trait, except on question 3; neg rows low."""
-    db_path = tmp_path_factory.mktemp("extract") / "persona.db"
-    with Store(db_path) as store:
-        for split in ("extract", "eval"):
-            for side in ("pos", "neg"):
-                params = GenerateParams(
-                    side=side,
-                    split=split,
-                    model=str(tiny_model_dir),
-                    n_per_question=2,
-                    max_new_tokens=6,
-                    batch_size=8,
-                )
-                run_job(db_path, find_or_create_job(store, "paternalism", params))
-        rows = []
-        for r in store.responses():
-            trait = 80.0 if r.side == "pos" else 10.0
-            if r.side == "pos" and r.question == 3:
-                trait = 30.0
-            rows += [
-                {"response": r.id, "metric": "trait", "judge": "hand", "score": trait},
-                {"response": r.id, "metric": "coherence", "judge": "hand", "score": 90.0},
-            ]
-        store.add_judgments(rows)
-    return db_path
 
 
 def test_the_rule() -> None:

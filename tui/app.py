@@ -1,35 +1,74 @@
-"""The dashboard app: screens switched by number keys, one handler for worker errors."""
+"""The dashboard app: five screens switched by number keys (or the command palette), the
+selected trait shared between them, and one handler for worker errors."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
-from textual.app import App
+from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
+from textual.reactive import reactive
+from textual.screen import Screen
 
 from tui.messages import WorkerError
 from tui.screens.error import ErrorModal
+from tui.screens.jobs import JobsScreen
+from tui.screens.monitor import MonitorScreen
+from tui.screens.review import ReviewScreen
 from tui.screens.traits import TraitsScreen
+from tui.screens.vectors import VectorsScreen
+
+SCREENS = {
+    "traits": ("1", "Traits", TraitsScreen),
+    "jobs": ("2", "Jobs", JobsScreen),
+    "review": ("3", "Review", ReviewScreen),
+    "vectors": ("4", "Vectors", VectorsScreen),
+    "monitor": ("5", "Monitor", MonitorScreen),
+}
 
 
 class PersonaApp(App[None]):
     TITLE = "persona-studio"
     CSS_PATH = "app.tcss"
-    MODES: ClassVar[dict[str, type]] = {"traits": TraitsScreen}
+    MODES: ClassVar[dict[str, type]] = {name: cls for name, (_, _, cls) in SCREENS.items()}
     DEFAULT_MODE = "traits"
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("1", "switch_mode('traits')", "Traits"),
+        *(
+            Binding(key, f"switch_mode('{name}')", label)
+            for name, (key, label, _) in SCREENS.items()
+        ),
         Binding("question_mark", "toggle_help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, db_path: str | Path) -> None:
+    # The trait every screen works on, picked on the Traits screen.
+    trait: reactive[str | None] = reactive(None)
+
+    def __init__(self, db_path: str | Path, trait: str | None = None) -> None:
         super().__init__()
         self.db_path = Path(db_path)
+        self.thresholds = (50.0, 50.0)
+        self.set_reactive(PersonaApp.trait, trait)
 
     def on_mount(self) -> None:
-        self.sub_title = self.db_path.name
+        self._update_subtitle()
+
+    def watch_trait(self, _old: str | None, _new: str | None) -> None:
+        self._update_subtitle()
+
+    def _update_subtitle(self) -> None:
+        self.sub_title = f"{self.db_path.name} · {self.trait or 'no trait selected'}"
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for name, (key, label, _) in SCREENS.items():
+            yield SystemCommand(
+                f"Go to {label}",
+                f"Switch to the {label} screen (key {key})",
+                lambda name=name: self.switch_mode(name),
+            )
 
     def action_toggle_help(self) -> None:
         if self.screen.query("HelpPanel"):
@@ -37,7 +76,10 @@ class PersonaApp(App[None]):
         else:
             self.action_show_help_panel()
 
+    def show_error(self, title: str, message: str) -> None:
+        if not isinstance(self.screen, ErrorModal):  # a failing poll must not stack modals
+            self.push_screen(ErrorModal(title, message))
+
     def on_worker_error(self, message: WorkerError) -> None:
         """The one place worker errors surface: as a modal, never a crash."""
-        if not isinstance(self.screen, ErrorModal):  # a failing poll must not stack modals
-            self.push_screen(ErrorModal(message.title, message.message))
+        self.show_error(message.title, message.message)

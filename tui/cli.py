@@ -635,6 +635,90 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweep import SweepParams, create_sweep_job, parse_coefs, parse_layers
+
+    params = SweepParams(
+        layers=parse_layers(args.layers),
+        coefs=parse_coefs(args.coefs),
+        n=args.n,
+        judge=args.judge,
+        judge_base_url=args.judge_base_url,
+        model=args.model,
+        positions=args.positions,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        prune_top=args.prune_top,
+        device=args.device,
+    )
+    with _open_store(args) as store:
+        job_id = create_sweep_job(store, args.trait, params)
+    _run_jobs_with_progress(_db_path(args), [(job_id, f"job {job_id} sweep {args.trait}")])
+    with _open_store(args) as store:
+        stats = store.get_job(job_id).stats
+    table = Table(title=f"sweep of {args.trait}: mean judged scores (layer 0 = unsteered)")
+    for column in ("layer", "coef", "n", "trait", "coherence"):
+        table.add_column(column, justify="right")
+    best = stats.get("best", {})
+    marked = {(r["layer"], r["coef"]) for r in (best.get("up"), best.get("down")) if r}
+    for row in stats.get("table", []):
+        cells = [
+            str(row["layer"]),
+            f"{row['coef']:+g}",
+            str(row["n"]),
+            "-" if row["trait"] is None else f"{row['trait']:.1f}",
+            "-" if row["coherence"] is None else f"{row['coherence']:.1f}",
+        ]
+        style = "bold green" if (row["layer"], row["coef"]) in marked else None
+        table.add_row(*(Text(c) for c in cells), style=style)
+    out.print(table)
+    for direction in ("up", "down"):
+        row = best.get(direction)
+        if row:
+            out.print(
+                f"best {direction}: layer {row['layer']} coef {row['coef']:+g} "
+                f"(trait {row['trait']:.1f}, coherence {row['coherence']:.1f})"
+            )
+        else:
+            out.print(f"best {direction}: none keeps mean coherence >= 50")
+    if stats.get("pruned"):
+        out.print(f"layers kept after AUROC pre-ranking: {stats['pruned']['kept']}")
+    return 0
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from pipeline.screen import screen, write_ranking
+
+    with _open_store(args) as store, err.status("screening"):
+        layer, rows = screen(
+            store,
+            args.trait,
+            Path(args.data),
+            layer=args.layer,
+            compare_base=args.compare_base,
+            model=args.model,
+            device=args.device,
+        )
+    measure = "projection difference (data - base)" if args.compare_base else "projection"
+    table = Table(title=f"{len(rows)} samples ranked by {measure} at layer {layer}")
+    for column in ("rank", "sample", "projection", "base", "difference", "response"):
+        table.add_column(column, overflow="ellipsis", no_wrap=column == "response")
+    for rank, row in enumerate(rows[: args.top], 1):
+        cells = [
+            str(rank),
+            str(row.index),
+            f"{row.projection:+.3f}",
+            "" if row.base_projection is None else f"{row.base_projection:+.3f}",
+            "" if row.difference is None else f"{row.difference:+.3f}",
+            row.response.replace("\n", " ")[:80],
+        ]
+        table.add_row(*(Text(c) for c in cells))
+    out.print(table)
+    if args.out:
+        out.print(f"wrote {write_ranking(rows, Path(args.out))}")
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run one job to its end, headless; the dashboard starts this detached."""
     from pipeline.jobs import run_job
@@ -954,7 +1038,11 @@ def build_parser() -> argparse.ArgumentParser:
     st = add(commands, "steer", cmd_steer, "steered vs unsteered answers side by side")
     st.add_argument("trait")
     st.add_argument("--layer", type=int, required=True)
-    st.add_argument("--coef", default="2.0", help="one or more, comma-separated")
+    st.add_argument(
+        "--coef",
+        default="2.0",
+        help="one or more, comma-separated; start a negative with = (--coef=-2,2)",
+    )
     st.add_argument("--prompt", required=True)
     st.add_argument("--positions", choices=("response", "prompt", "all"), default="response")
     st.add_argument("--ablate", action="store_true", help="project the direction out instead")
@@ -964,6 +1052,44 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--max-new-tokens", type=int, default=120)
     st.add_argument("--temperature", type=float, default=0.0)
     st.add_argument("--seed", type=int, default=0)
+
+    sw = add(
+        commands,
+        "sweep",
+        cmd_sweep,
+        "steer the eval questions over a (layer, coef) grid and judge the answers",
+    )
+    sw.add_argument("trait")
+    sw.add_argument("--layers", required=True, help="8-24, 8-24:4 or 8,12,16")
+    sw.add_argument("--coefs", default="-2,-1,1,2", help="write --coefs=-2,-1,1,2 (with =)")
+    sw.add_argument("--n", type=int, default=5, help="eval questions (default 5)")
+    sw.add_argument("--judge", default=DEFAULT_JUDGE)
+    sw.add_argument("--judge-base-url")
+    sw.add_argument("--model")
+    sw.add_argument("--positions", choices=("response", "prompt", "all"), default="response")
+    sw.add_argument("--max-new-tokens", type=int, default=120)
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--prune-top", type=int, help="keep the K layers with the best eval AUROC")
+    sw.add_argument("--device")
+
+    scr = add(
+        commands,
+        "screen",
+        cmd_screen,
+        "rank a fine-tuning dataset's samples by their projection on the trait",
+    )
+    scr.add_argument("trait")
+    scr.add_argument("--data", required=True, help="JSONL: prompt/response or chat messages")
+    scr.add_argument("--layer", type=int, help="default: the recommended layer")
+    scr.add_argument(
+        "--compare-base",
+        action="store_true",
+        help="also generate the model's own answers and rank by the difference",
+    )
+    scr.add_argument("--out", help="write the full ranking (.csv or .jsonl)")
+    scr.add_argument("--top", type=int, default=20, help="rows to print")
+    scr.add_argument("--model")
+    scr.add_argument("--device")
 
     worker = add(commands, "worker", cmd_worker, "run one job by id (used by the dashboard)")
     worker.add_argument("job_id", type=int)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
-from db import TraitDefinition, TraitSummary
+from db import Job, TraitDefinition, TraitSummary
 
 
 @dataclass
@@ -14,6 +14,7 @@ class TraitsLoaded(Message):
     """The trait library as read from SQLite by a polling worker."""
 
     summaries: list[TraitSummary]
+    pairs: dict[str, int]  # effective pairs at the last recorded filter, by trait
 
 
 @dataclass
@@ -29,3 +30,12 @@ class WorkerError(Message):
 
     title: str
     message: str
+
+
+@dataclass
+class JobsLoaded(Message):
+    """All jobs, the selected one's id and the tail of its log."""
+
+    jobs: list[Job]
+    selected: int | None
+    log: list[str]

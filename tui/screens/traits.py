@@ -18,6 +18,7 @@ COLUMNS = (
     ("questions", "Q"),
     ("responses", "responses"),
     ("judged", "judged"),
+    ("pairs", "pairs"),
     ("vectors", "vectors"),
     ("source", "source"),
 )
@@ -27,6 +28,10 @@ POLL_SECONDS = 2.0
 class TraitsScreen(PersonaScreen):
     TITLE = "Traits"
     BINDINGS = [
+        Binding("enter", "select", "Select"),
+        Binding("n", "new", "New"),
+        Binding("e", "edit", "Edit"),
+        Binding("t", "template", "Template"),
         Binding("r", "refresh", "Refresh"),
         Binding("j", "cursor_down", "Down", show=False),
         Binding("k", "cursor_up", "Up", show=False),
@@ -55,7 +60,15 @@ class TraitsScreen(PersonaScreen):
     def load_traits(self) -> None:
         with Store(self.db_path) as store:
             summaries = store.list_traits()
-        self.post_message(TraitsLoaded(summaries))
+            pairs = {}
+            for summary in summaries:
+                counts = store.latest_pair_counts(summary.name)
+                if counts is not None:
+                    found = counts["counts"]
+                    pairs[summary.name] = found.get("effective", 0) + found.get(
+                        "included by hand", 0
+                    )
+        self.post_message(TraitsLoaded(summaries, pairs))
 
     @work(thread=True, exclusive=True, group="trait-detail", exit_on_error=False)
     def load_trait(self, name: str) -> None:
@@ -77,6 +90,7 @@ class TraitsScreen(PersonaScreen):
                     "questions": s.n_questions,
                     "responses": s.n_responses,
                     "judged": s.n_judged,
+                    "pairs": message.pairs.get(name, ""),
                     "vectors": s.n_vectors,
                     "source": s.source,
                 }
@@ -93,6 +107,83 @@ class TraitsScreen(PersonaScreen):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.row_key.value is not None:
             self.load_trait(event.row_key.value)
+
+    def highlighted(self) -> str | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def action_select(self) -> None:
+        name = self.highlighted()
+        if name:
+            self.app.trait = name
+            self.notify(f"working on {name}: 2 jobs, 3 review, 4 vectors, 5 monitor")
+
+    def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
+        self.action_select()
+
+    def action_new(self) -> None:
+        from pipeline.author import DEFAULT_AUTHOR
+        from tui.screens.form import Field, FormModal
+
+        fields = [
+            Field("name", "name (lowercase, e.g. sycophancy)"),
+            Field("description", "what the trait means"),
+            Field("author", "author model", DEFAULT_AUTHOR),
+        ]
+
+        def submitted(values: dict[str, str] | None) -> None:
+            if values is not None:
+                self.author(values)
+
+        note = "An LLM writes the pairs, questions and judge prompt (a job: watch it on screen 2)."
+        self.app.push_screen(FormModal("New trait", fields, note), submitted)
+
+    @work(thread=True, group="traits-author", exit_on_error=False)
+    def author(self, values: dict[str, str]) -> None:
+        from pipeline import workers
+        from pipeline.author import AuthorParams, create_author_job
+
+        params = AuthorParams(
+            name=values["name"], description=values["description"], author=values["author"]
+        )
+        with Store(self.db_path) as store:
+            job_id = create_author_job(store, params)
+            workers.start_worker(store, job_id)
+        self.app.call_from_thread(self.notify, f"authoring {params.name}: job {job_id}")
+
+    def action_edit(self) -> None:
+        name = self.highlighted()
+        if name:
+            self.open_editor(name)
+
+    @work(thread=True, group="traits-edit", exit_on_error=False)
+    def open_editor(self, name: str) -> None:
+        with Store(self.db_path) as store:
+            data = store.get_trait(name).to_dict()
+        self.app.call_from_thread(self._edit, data)
+
+    def action_template(self) -> None:
+        from db.traits import empty_template
+
+        self._edit(empty_template("new_trait", "what it means"))
+
+    def _edit(self, data: dict) -> None:
+        from tui.screens.trait_editor import TraitEditor
+
+        def saved(trait) -> None:
+            if trait is not None:
+                self.save_trait(trait)
+
+        self.app.push_screen(TraitEditor(data), saved)
+
+    @work(thread=True, group="traits-save", exit_on_error=False)
+    def save_trait(self, trait) -> None:
+        with Store(self.db_path) as store:
+            store.save_trait(trait, source="edited")
+        self.app.call_from_thread(self.action_refresh)
+        self.app.call_from_thread(self.notify, f"saved {trait.name}")
 
     def action_cursor_down(self) -> None:
         self.query_one(DataTable).action_cursor_down()

@@ -1,0 +1,152 @@
+"""Data screening: how strongly each sample of a fine-tuning dataset expresses a trait,
+before training on it. For every (prompt, response) pair, the response-average projection
+on the persona vector at a layer; with ``compare_base``, also the model's own answer to the
+same prompt and the difference (the paper's projection difference: data minus base)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from db import PersonaError, Store
+from pipeline.analyze import latest_vectors
+from pipeline.chat import prompt_ids
+from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
+from vectors.analysis import projections_by_layer
+from vectors.files import load_vector
+
+
+@dataclass
+class ScreenRow:
+    index: int
+    prompt: str
+    response: str
+    projection: float
+    base_projection: float | None = None
+
+    @property
+    def difference(self) -> float | None:
+        if self.base_projection is None:
+            return None
+        return self.projection - self.base_projection
+
+
+def read_samples(path: Path) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from JSONL lines ``{"prompt": ..., "response": ...}`` or
+    chat lines ``{"messages": [{"role": "user"...}, {"role": "assistant"...}]}``."""
+    if not path.is_file():
+        raise PersonaError(f"--data {path} does not exist; pass a JSONL file")
+    samples = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PersonaError(f"{path} line {number} is not JSON ({exc.msg})") from None
+            samples.append(_sample(item, path, number))
+    if not samples:
+        raise PersonaError(f"{path} holds no samples")
+    return samples
+
+
+def _sample(item: object, path: Path, number: int) -> tuple[str, str]:
+    if (
+        isinstance(item, dict)
+        and isinstance(item.get("prompt"), str)
+        and isinstance(item.get("response"), str)
+    ):
+        return item["prompt"], item["response"]
+    if isinstance(item, dict) and isinstance(item.get("messages"), list):
+        users = [m.get("content") for m in item["messages"] if m.get("role") == "user"]
+        answers = [m.get("content") for m in item["messages"] if m.get("role") == "assistant"]
+        if users and answers and isinstance(users[-1], str) and isinstance(answers[-1], str):
+            return users[-1], answers[-1]
+    raise PersonaError(
+        f"{path} line {number} needs 'prompt' and 'response' strings (or chat 'messages')"
+    )
+
+
+def screen(
+    store: Store,
+    trait: str,
+    data: Path,
+    *,
+    layer: int | None = None,
+    compare_base: bool = False,
+    model: str | None = None,
+    device: str | None = None,
+    max_new_tokens: int = 200,
+    seed: int = 0,
+) -> tuple[int, list[ScreenRow]]:
+    """Rank the samples (highest first); returns (layer used, rows)."""
+    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.models import load_model
+    from pipeline.sampling import row_seed
+
+    samples = read_samples(data)
+    records = latest_vectors(store, trait)
+    if "response_avg_diff" not in records:
+        raise PersonaError(f"trait '{trait}' has no vectors yet; run `persona extract {trait}`")
+    vector = load_vector(records["response_avg_diff"].path)[0]
+    loaded = load_model(model or records["response_avg_diff"].model, device=device)
+    if layer is None:
+        from pipeline.analyze import analyze
+
+        layer = analyze(store, trait).recommended_layer or (2 * loaded.num_layers) // 3
+    if not 1 <= layer <= loaded.num_layers:
+        raise PersonaError(f"--layer must be in 1..{loaded.num_layers} (got {layer})")
+    tok = loaded.tokenizer
+    prompts = [prompt_ids(tok, None, p) for p, _ in samples]
+    answers = [tok(r, add_special_tokens=False)["input_ids"] for _, r in samples]
+    forward = ForwardMeans(loaded)
+
+    def project(rows: list[tuple[list[int], list[int]]]) -> list[float]:
+        out = [0.0] * len(rows)
+        v = vector.to(loaded.device)
+        for chunk, means in forward.iter_means(rows, TOKENS_PER_BATCH):
+            values = projections_by_layer(means["response_avg"], v)[:, layer].tolist()
+            for i, value in zip(chunk, values, strict=True):
+                out[i] = value
+        return out
+
+    data_proj = project(list(zip(prompts, answers, strict=True)))
+    base_proj: list[float | None] = [None] * len(samples)
+    if compare_base:
+        engine = DecodeEngine(loaded, capture=False)
+        results = engine.run(
+            [DecodeRequest(p, row_seed(seed, i, 0, 0)) for i, p in enumerate(prompts)],
+            SamplingConfig(max_new_tokens=max_new_tokens),
+        )
+        base_proj = project([(p, r.answer_ids) for p, r in zip(prompts, results, strict=True)])
+    rows = [ScreenRow(i, p, r, data_proj[i], base_proj[i]) for i, (p, r) in enumerate(samples)]
+    key = (lambda row: row.difference) if compare_base else (lambda row: row.projection)
+    rows.sort(key=key, reverse=True)
+    return layer, rows
+
+
+def write_ranking(rows: list[ScreenRow], path: Path) -> Path:
+    """CSV or JSONL by the file's suffix."""
+    records = [
+        {
+            "rank": rank,
+            "index": r.index,
+            "projection": r.projection,
+            "base_projection": r.base_projection,
+            "difference": r.difference,
+            "prompt": r.prompt,
+            "response": r.response,
+        }
+        for rank, r in enumerate(rows, 1)
+    ]
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    else:
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    return path

@@ -1,0 +1,215 @@
+"""Choosing a layer and a coefficient: steered answers to the eval questions for every
+(layer, coef) of a grid, judged for the trait and for coherence. The report names the
+strongest setting up and down whose mean coherence stays at or above 50. Layers can be
+pre-ranked by eval-split AUROC (cheap: no generation) to prune the grid.
+
+Answers are stored as responses of the sweep job (side ``none``, split ``eval``) keyed by
+(question, layer, coefficient index), judged like any other, so a rerun resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from db import PersonaError, Store
+from pipeline.analyze import analyze, latest_vectors
+from pipeline.jobs import JobProgress, ProgressCallback
+from vectors.files import load_vector
+
+MIN_COHERENCE = 50.0
+
+
+@dataclass(frozen=True)
+class SweepParams:
+    layers: tuple[int, ...]
+    coefs: tuple[float, ...] = (-2.0, -1.0, 1.0, 2.0)
+    n: int = 5  # eval questions
+    judge: str = "openai:gpt-4.1-mini-2025-04-14"
+    judge_base_url: str | None = None
+    model: str | None = None
+    vector: str = "response_avg_diff"
+    positions: str = "response"
+    max_new_tokens: int = 120
+    temperature: float = 1.0
+    seed: int = 0
+    prune_top: int | None = None  # keep the K layers with the best eval AUROC
+    device: str | None = None
+
+    def validate(self) -> SweepParams:
+        if not self.layers:
+            raise PersonaError("--layers is empty; give a range such as 8-24 or a list 8,12,16")
+        if not self.coefs:
+            raise PersonaError("--coefs is empty; give a list such as -2,-1,1,2")
+        if not 1 <= self.n <= 20:
+            raise PersonaError(f"--n must be between 1 and 20 eval questions (got {self.n})")
+        if self.prune_top is not None and self.prune_top < 1:
+            raise PersonaError(f"--prune-top must be at least 1 (got {self.prune_top})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers)
+        data["coefs"] = list(self.coefs)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["layers"] = tuple(values["layers"])
+        values["coefs"] = tuple(values.get("coefs", cls.coefs))
+        return cls(**values)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """ "8-24" (every layer), "8-24:4" (every fourth) or "8,12,16"."""
+    try:
+        if "-" in text and "," not in text:
+            span, _, step = text.partition(":")
+            low, high = (int(x) for x in span.split("-"))
+            return tuple(range(low, high + 1, int(step) if step else 1))
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PersonaError(f"--layers '{text}' is not a range like 8-24[:step] or a list") from None
+
+
+def parse_coefs(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PersonaError(f"--coefs '{text}' is not a comma list of numbers") from None
+
+
+def create_sweep_job(store: Store, trait: str, params: SweepParams) -> int:
+    params.validate()
+    if "response_avg_diff" not in latest_vectors(store, trait):
+        raise PersonaError(f"trait '{trait}' has no vectors yet; run `persona extract {trait}`")
+    for job in store.list_jobs(trait=trait, kind="sweep"):
+        if job.params == params.to_dict():
+            return job.id
+    return store.create_job("sweep", trait, params.to_dict()).id
+
+
+def run_sweep_job(
+    store: Store, job_id: int, *, on_progress: ProgressCallback | None = None
+) -> None:
+    from pipeline.chat import prompt_ids
+    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.judge import COHERENCE_PROMPT, make_judge
+    from pipeline.judging import run_judgments
+    from pipeline.models import load_model
+    from pipeline.sampling import row_seed
+    from vectors.steering import SteeringSpec
+
+    job = store.get_job(job_id)
+    params = SweepParams.from_dict(job.params).validate()
+    trait = store.get_trait(job.trait)
+    record = latest_vectors(store, trait.name)[params.vector]
+    vector = load_vector(record.path)[0]
+    loaded = load_model(params.model or record.model, device=params.device)
+    bad = [layer for layer in params.layers if not 1 <= layer <= loaded.num_layers]
+    if bad:
+        raise PersonaError(f"--layers {bad} are outside 1..{loaded.num_layers} for this model")
+    layers = list(params.layers)
+    pruned: dict[str, Any] = {}
+    if params.prune_top is not None and len(layers) > params.prune_top:
+        report = analyze(store, trait.name, model=record.model, device=params.device)
+        if report.separation is not None:
+            ranked = sorted(layers, key=lambda layer: -report.separation[layer].auroc)
+            layers = sorted(ranked[: params.prune_top])
+            pruned = {"kept": layers, "auroc": {str(x): report.separation[x].auroc for x in ranked}}
+    questions = list(range(20, 20 + params.n))
+    settings = [(0, 0, 0.0)] + [
+        (layer, index + 1, coef) for layer in layers for index, coef in enumerate(params.coefs)
+    ]
+    total = len(settings) * len(questions)
+    stored = store.response_keys(job_id)
+    # One step per answer generated and per judgment (trait and coherence).
+    progress = JobProgress(
+        store, job_id, total=3 * total, done=0, unit="steps", on_progress=on_progress
+    )
+    progress.extra["pruned"] = pruned
+    progress.start()
+    engine = DecodeEngine(loaded, capture=False)
+    sampling = SamplingConfig(max_new_tokens=params.max_new_tokens, temperature=params.temperature)
+    prompts = {q: prompt_ids(loaded.tokenizer, None, trait.questions[q]) for q in questions}
+    for layer, index, coef in settings:
+        todo = [q for q in questions if (q, layer, index) not in stored]
+        if not todo:
+            progress.add(len(questions))
+            continue
+        progress.check_cancelled()
+        specs = []
+        if layer:
+            specs = [SteeringSpec(layer, vector, coef=coef, positions=params.positions)]
+        requests = [DecodeRequest(prompts[q], row_seed(params.seed, q, 0, 0)) for q in todo]
+        results = engine.run(requests, sampling, steering=specs)
+        store.add_responses(
+            {
+                "job": job_id,
+                "trait": trait.name,
+                "side": "none",
+                "split": "eval",
+                "question": q,
+                "instruction": layer,
+                "sample": index,
+                "question_text": trait.questions[q],
+                "system_prompt": "",
+                "prompt_ids": prompts[q],
+                "answer_ids": r.answer_ids,
+                "answer": loaded.tokenizer.decode(r.answer_ids, skip_special_tokens=True),
+                "finish_reason": r.finish_reason,
+                "model": loaded.model_id,
+            }
+            for q, r in zip(todo, results, strict=True)
+        )
+        progress.add(len(todo))
+    judge = make_judge(params.judge, base_url=params.judge_base_url, device=params.device)
+    templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
+    asyncio.run(run_judgments(store, judge, job_id, templates, progress))
+    table = sweep_table(store, job_id, judge.spec, params)
+    progress.extra["table"] = table
+    progress.extra["best"] = best_settings(table)
+    progress.done = progress.total  # answers and judgments from earlier runs count too
+    progress.finish("done")
+
+
+def sweep_table(store: Store, job_id: int, judge: str, params: SweepParams) -> list[dict[str, Any]]:
+    """Mean trait and coherence per (layer, coef); layer 0 is the unsteered baseline."""
+    rows = store.scored_responses([job_id], judge)
+    cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["instruction"], row["sample"]), []).append(row)
+    table = []
+    for (layer, index), members in sorted(cells.items()):
+        traits = [m["trait"] for m in members if m["trait"] is not None]
+        coherent = [m["coherence"] for m in members if m["coherence"] is not None]
+        table.append(
+            {
+                "layer": layer,
+                "coef": 0.0 if index == 0 else params.coefs[index - 1],
+                "n": len(members),
+                "trait": sum(traits) / len(traits) if traits else None,
+                "coherence": sum(coherent) / len(coherent) if coherent else None,
+            }
+        )
+    return table
+
+
+def best_settings(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """The setting that moves the trait most up (positive coef) and most down (negative),
+    among those whose mean coherence stays >= 50."""
+    ok = [
+        r
+        for r in table
+        if r["layer"] and r["trait"] is not None and (r["coherence"] or 0) >= MIN_COHERENCE
+    ]
+    up = [r for r in ok if r["coef"] > 0]
+    down = [r for r in ok if r["coef"] < 0]
+    return {
+        "baseline": next((r for r in table if r["layer"] == 0), None),
+        "up": max(up, key=lambda r: r["trait"]) if up else None,
+        "down": min(down, key=lambda r: r["trait"]) if down else None,
+    }

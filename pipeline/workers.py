@@ -1,0 +1,105 @@
+"""Detached job processes: ``persona worker JOB_ID`` started in a new session, so a job
+outlives the dashboard and a dropped SSH connection. Its output goes to a log file beside
+the database; the job row carries its pid and heartbeat, from which a dead worker is told
+apart from a running one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from db import PersonaError, Store
+
+# A running job whose heartbeat is older than this and whose process is gone is dead.
+STALE_SECONDS = 30.0
+
+
+def log_path(store: Store, job_id: int) -> Path:
+    return store.data_dir / "logs" / f"job-{job_id}.log"
+
+
+def start_worker(store: Store, job_id: int) -> int:
+    """Start (or resume) a job in a detached process; returns its pid."""
+    job = store.get_job(job_id)
+    if job.status == "running" and pid_alive(job.pid):
+        raise PersonaError(f"job {job_id} is already running (pid {job.pid})")
+    path = log_path(store, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.update_job(job_id, status="pending", message="starting", ended=None)
+    with path.open("ab") as log:
+        process = subprocess.Popen(  # an argument list, never a shell string
+            [sys.executable, "-m", "tui.cli", "--db", str(store.path), "worker", str(job_id)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the terminal (and the SSH session) closing
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
+    store.update_job(job_id, pid=process.pid)
+    return process.pid
+
+
+def cancel(store: Store, job_id: int) -> None:
+    """Ask a job to stop; the worker stops after its current batch."""
+    job = store.get_job(job_id)
+    if job.status in ("done", "failed", "cancelled"):
+        raise PersonaError(f"job {job_id} is already {job.status}; nothing to cancel")
+    store.update_job(job_id, status="cancelled", message="cancel requested")
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not alive.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def heartbeat_age(heartbeat: str | None) -> float | None:
+    if not heartbeat:
+        return None
+    return (datetime.now(UTC) - datetime.fromisoformat(heartbeat)).total_seconds()
+
+
+def reap_dead_jobs(store: Store) -> list[int]:
+    """Mark running jobs whose worker process is gone as failed, with their last heartbeat;
+    resuming them continues where they stopped. Returns the job ids marked."""
+    dead = []
+    for job in store.list_jobs(status="running"):
+        age = heartbeat_age(job.heartbeat)
+        if pid_alive(job.pid) or (age is not None and age < STALE_SECONDS):
+            continue
+        store.update_job(
+            job.id,
+            status="failed",
+            message=f"worker process died; last heartbeat {job.heartbeat or 'never'}; "
+            "resume to continue",
+        )
+        dead.append(job.id)
+    return dead
+
+
+def tail_log(store: Store, job_id: int, lines: int = 5) -> list[str]:
+    path = log_path(store, job_id)
+    if not path.exists():
+        return []
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 8192))
+        text = handle.read().decode("utf-8", "replace")
+    # Progress bars redraw with carriage returns: keep each line's last state.
+    cleaned = [line.split("\r")[-1] for line in text.splitlines()]
+    return [line for line in cleaned if line.strip()][-lines:]

@@ -1,0 +1,299 @@
+"""The dashboard's screens driven by keys through Pilot, on copies of a generated database."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from rich.text import Text
+from textual.widgets import DataTable, Input, Static
+
+from db import Store
+from pipeline.extract import extract
+from tui.app import PersonaApp
+from tui.screens.form import FormModal
+from tui.screens.review import PairDetail
+from tui.screens.trait_editor import TraitEditor
+
+
+def copy_db(source: Path, target: Path) -> Path:
+    """A consistent copy of a WAL database (the backup API, not a file copy)."""
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    return target
+
+
+@pytest.fixture(scope="module")
+def extracted_db(generated: Path) -> Path:
+    with Store(generated) as store:
+        if not store.vectors(trait="paternalism"):
+            extract(store, "paternalism")
+    return generated
+
+
+@pytest.fixture()
+def review_db(extracted_db: Path, tmp_path: Path) -> Path:
+    return copy_db(extracted_db, tmp_path / "review.db")
+
+
+async def wait_for(pilot, condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await pilot.pause(0.1)
+
+
+def text_of(app, selector: str) -> str:
+    """What a Static shows, as plain text (tables rendered through a Rich console)."""
+    content = app.screen.query_one(selector, Static).content
+    if isinstance(content, str | Text):
+        return str(content)
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(content)
+    return console.export_text()
+
+
+async def test_number_keys_switch_the_five_screens(review_db: Path) -> None:
+    app = PersonaApp(review_db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        for key, title in (
+            ("2", "Jobs"),
+            ("3", "Review"),
+            ("4", "Vectors"),
+            ("5", "Monitor"),
+            ("1", "Traits"),
+        ):
+            await pilot.press(key)
+            await pilot.pause(0.2)
+            assert title == app.screen.TITLE
+
+
+async def test_traits_select_and_edit_with_inline_validation(review_db: Path) -> None:
+    app = PersonaApp(review_db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.3)
+        await pilot.press("down", "down", "down", "down", "enter")
+        assert app.trait == "paternalism"
+        await pilot.press("t")  # the empty template: invalid until filled
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, TraitEditor)
+        assert "problem(s)" in text_of(app, "#editor-problems")
+        assert "instruction pair 1 has an empty 'pos'" in text_of(app, "#editor-problems")
+        await pilot.press("ctrl+s")  # refused while invalid
+        assert isinstance(app.screen, TraitEditor)
+        await pilot.press("escape")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, TraitEditor))
+        assert "valid: ctrl+s saves it" in text_of(app, "#editor-problems")
+        await pilot.press("escape")
+        await pilot.press("n")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, FormModal)
+        await pilot.press("escape")
+
+
+async def test_review_counts_follow_the_threshold_and_overrides(review_db: Path) -> None:
+    app = PersonaApp(review_db, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await pilot.press("3")
+        await wait_for(pilot, lambda: "effective of" in text_of(app, "#review-counts"))
+        assert text_of(app, "#review-counts").startswith("38 effective of 40 pairs")
+        table = app.screen.query_one("#pairs-table", DataTable)
+        assert table.row_count == 40
+        threshold = app.screen.query_one("#threshold", Input)
+        threshold.value = "85"
+        await wait_for(pilot, lambda: text_of(app, "#review-counts").startswith("0 effective"))
+        threshold.value = "50"
+        await wait_for(pilot, lambda: text_of(app, "#review-counts").startswith("38 effective"))
+        table.focus()
+        await pilot.press("x")  # exclude the first pair by hand
+        await wait_for(pilot, lambda: text_of(app, "#review-counts").startswith("37 effective"))
+        assert "excluded by hand 1" in text_of(app, "#review-counts")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PairDetail))
+        await wait_for(pilot, lambda: "POS" in text_of(app, "#pair-pos"))
+        assert "trait: 80.0" in text_of(app, "#pair-pos") or "trait: 30.0" in text_of(
+            app, "#pair-pos"
+        )
+        await pilot.press("u", "escape")
+        await wait_for(pilot, lambda: text_of(app, "#review-counts").startswith("38 effective"))
+    with Store(review_db) as store:
+        assert store.overrides("paternalism") == {}
+
+
+async def test_review_search_is_a_bound_parameter(review_db: Path) -> None:
+    app = PersonaApp(review_db, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await pilot.press("3")
+        await wait_for(pilot, lambda: "effective of" in text_of(app, "#review-counts"))
+        search = app.screen.query_one("#search", Input)
+        search.value = "x' OR 1=1; DROP TABLE responses; --"
+        await wait_for(pilot, lambda: "of 0 pairs" in text_of(app, "#review-counts"))
+        search.value = "%"
+        await wait_for(pilot, lambda: "of 0 pairs" in text_of(app, "#review-counts"))
+    with Store(review_db) as store:
+        assert len(store.responses()) == 160
+
+
+async def test_vectors_screen_marks_the_recommended_layer(review_db: Path) -> None:
+    app = PersonaApp(review_db, trait="paternalism")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("4")
+        await wait_for(pilot, lambda: "recommended layer" in text_of(app, "#vectors-summary"))
+        assert "★" in text_of(app, "#vectors-table")
+        before = text_of(app, "#vectors-cosine")
+        assert "cosine" in before
+
+
+async def test_monitor_shows_a_pair_and_changes_layer(review_db: Path) -> None:
+    with Store(review_db) as store:
+        pos = store.responses(side="pos", split="extract")[0]
+        neg = next(r for r in store.responses(side="neg") if r.key == pos.key)
+    app = PersonaApp(review_db, trait="paternalism")
+    app.monitor_pair = (pos.id, neg.id)
+    async with app.run_test(size=(120, 32)) as pilot:
+        await pilot.press("5")
+        await wait_for(pilot, lambda: "layer 2 of 3" in text_of(app, "#monitor-info"))
+        assert f"response {pos.id}" in text_of(app, "#panel-0")
+        assert f"response {neg.id}" in text_of(app, "#panel-1")
+        await pilot.press("right")
+        assert "layer 3 of 3" in text_of(app, "#monitor-info")
+        await pilot.press("left", "left")
+        assert "layer 1 of 3" in text_of(app, "#monitor-info")
+
+
+async def test_monitor_streams_a_live_generation(review_db: Path) -> None:
+    app = PersonaApp(review_db, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await pilot.press("5")
+        await pilot.pause(0.2)
+        prompt = app.screen.query_one("#prompt", Input)
+        prompt.value = "Plan my [week]"
+        prompt.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "done" in text_of(app, "#monitor-info"), timeout=60)
+        assert text_of(app, "#panel-0").strip()
+
+
+# ---- jobs as detached workers ---------------------------------------------------------------
+def _job(db_path: Path, job_id: int):
+    with Store(db_path) as store:
+        return store.get_job(job_id)
+
+
+async def _start_generation(app, pilot, tiny_model_dir: Path, n: str, tokens: str, batch: str):
+    await pilot.press("2")
+    await pilot.pause(0.2)
+    await pilot.press("g")
+    await wait_for(pilot, lambda: isinstance(app.screen, FormModal))
+    form = app.screen
+    for name, value in (
+        ("side", None),
+        ("model", str(tiny_model_dir)),
+        ("n", n),
+        ("max_new_tokens", tokens),
+        ("batch_size", batch),
+    ):
+        if value is not None:
+            form.query_one(f"#field-{name}", Input).value = value
+    form.query_one("#field-side").value = "pos"
+    await pilot.press("ctrl+s")
+
+
+async def test_a_job_started_in_the_tui_runs_to_the_end(tmp_path: Path, tiny_model_dir) -> None:
+    db_path = tmp_path / "jobs.db"
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await _start_generation(app, pilot, tiny_model_dir, "1", "4", "8")
+        await wait_for(pilot, lambda: _job(db_path, 1).status == "done", timeout=120)
+        table = app.screen.query_one("#jobs-table", DataTable)
+        await wait_for(pilot, lambda: table.get_cell("1", "progress") == "100%")
+        assert "20/20 responses" in text_of(app, "#job-summary")
+
+
+async def test_quitting_the_tui_leaves_the_job_running(tmp_path: Path, tiny_model_dir) -> None:
+    db_path = tmp_path / "jobs.db"
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await _start_generation(app, pilot, tiny_model_dir, "2", "24", "2")
+        await wait_for(pilot, lambda: _job(db_path, 1).pid is not None, timeout=30)
+    assert _job(db_path, 1).status in ("pending", "running")
+    deadline = time.monotonic() + 180
+    while _job(db_path, 1).status != "done" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    job = _job(db_path, 1)
+    assert job.status == "done" and job.done == job.total == 40
+
+
+async def test_cancel_and_resume_by_key(tmp_path: Path, tiny_model_dir) -> None:
+    db_path = tmp_path / "jobs.db"
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await _start_generation(app, pilot, tiny_model_dir, "3", "48", "1")
+        await wait_for(pilot, lambda: _job(db_path, 1).done >= 2, timeout=120)
+        app.screen.query_one("#jobs-table", DataTable).focus()
+        await pilot.press("c")
+        await wait_for(pilot, lambda: _job(db_path, 1).status == "cancelled", timeout=60)
+        await wait_for(pilot, lambda: "cancelled" in text_of(app, "#job-summary"))
+        stopped = _job(db_path, 1).done
+        assert stopped < 60
+        await pilot.press("r")
+        await wait_for(pilot, lambda: _job(db_path, 1).status == "done", timeout=180)
+    with Store(db_path) as store:
+        assert len(store.responses(job=1)) == 60
+
+
+async def test_a_dead_worker_shows_as_failed_with_its_heartbeat(tmp_path: Path) -> None:
+    db_path = tmp_path / "jobs.db"
+    with Store(db_path) as store:
+        job = store.create_job("generate", "paternalism", {"side": "pos"})
+        store.update_job(
+            job.id, status="running", pid=2**22 + 12345, heartbeat="2026-01-01T00:00:00.000+00:00"
+        )
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await pilot.press("2")
+        await wait_for(pilot, lambda: _job(db_path, 1).status == "failed")
+        await wait_for(pilot, lambda: "worker process died" in text_of(app, "#job-summary"))
+        assert "2026-01-01T00:00:00" in _job(db_path, 1).message
+
+
+# ---- the look ---------------------------------------------------------------------------------
+@pytest.fixture()
+def frozen_db(extracted_db: Path, tmp_path: Path) -> Path:
+    """A copy whose clocks, rates and paths are fixed, for snapshots."""
+    db_path = copy_db(extracted_db, tmp_path / "snapshot.db")
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "UPDATE jobs SET heartbeat = '2026-11-26T12:00:00.000+00:00', message = '', "
+            """stats = '{"unit": "responses"}', pid = NULL"""
+        )
+    return db_path
+
+
+@pytest.mark.parametrize("key", ["1", "2", "3", "4", "5"])
+def test_screen_snapshots(snap_compare, frozen_db: Path, key: str) -> None:
+    with Store(frozen_db) as store:
+        pos = store.responses(side="pos", split="extract")[0]
+        neg = next(r for r in store.responses(side="neg") if r.key == pos.key)
+    app = PersonaApp(frozen_db, trait="paternalism")
+    app.monitor_pair = (pos.id, neg.id)
+
+    async def settle(pilot) -> None:
+        await pilot.pause(0.3)
+        await pilot.press(key)
+        for _ in range(60):
+            await pilot.pause(0.1)
+            if not [w for w in app.workers if w.is_running]:
+                break
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=(110, 32), run_before=settle)

@@ -1,0 +1,195 @@
+"""Using a vector: monitoring and steering from the CLI, sweeps and data screening."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from db import PersonaError, Store
+from pipeline.extract import extract
+from pipeline.jobs import run_job
+from pipeline.models import load_model
+from pipeline.monitor import project_tokens
+from pipeline.screen import read_samples, screen, write_ranking
+from pipeline.sweep import SweepParams, best_settings, create_sweep_job, parse_layers
+from tui.cli import main
+from vectors.files import load_vector
+
+
+@pytest.fixture(scope="module")
+def extracted(generated: Path) -> Path:
+    with Store(generated) as store:
+        extract(store, "paternalism")
+    return generated
+
+
+def test_cli_monitor_prints_a_heatmap(extracted: Path, capsys) -> None:
+    code = main(
+        [
+            "--db",
+            str(extracted),
+            "monitor",
+            "paternalism",
+            "--prompt",
+            "Hi [there]",
+            "--layer",
+            "2",
+            "--max-new-tokens",
+            "8",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "paternalism response_avg_diff at layer 2 (h.v/|v|)" in out
+    assert "response average" in out and "h.v/|v|:" in out
+
+
+def test_cli_monitor_zscores_against_a_neutral_baseline(extracted: Path, capsys) -> None:
+    code = main(
+        [
+            "--db",
+            str(extracted),
+            "monitor",
+            "paternalism",
+            "--prompt",
+            "Plan my day",
+            "--layer",
+            "2",
+            "--zscore",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "(z-score)" in capsys.readouterr().out
+    with Store(extracted) as store:
+        baseline = store.list_jobs(kind="baseline")
+        assert len(baseline) == 1 and store.responses(job=baseline[0].id)[0].side == "none"
+
+
+def test_cli_steer_side_by_side(extracted: Path, capsys) -> None:
+    code = main(
+        [
+            "--db",
+            str(extracted),
+            "steer",
+            "paternalism",
+            "--layer",
+            "2",
+            "--coef=-8,8",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "unsteered" in out and "coef +8 at layer 2" in out and "coef -8 at layer 2" in out
+    assert (
+        main(["--db", str(extracted), "steer", "paternalism", "--layer", "9", "--prompt", "Hi"])
+        == 2
+    )
+    assert "--layer must be in 1..3" in capsys.readouterr().err
+
+
+def test_sweep_runs_judges_and_resumes(extracted: Path, tiny_model_dir: Path) -> None:
+    params = SweepParams(
+        layers=parse_layers("1-2"),
+        coefs=(-6.0, 6.0),
+        n=2,
+        judge=f"local:{tiny_model_dir}",
+        max_new_tokens=5,
+    )
+    with Store(extracted) as store:
+        job_id = create_sweep_job(store, "paternalism", params)
+    run_job(extracted, job_id)
+    with Store(extracted) as store:
+        job = store.get_job(job_id)
+        assert job.status == "done" and job.done == job.total == 3 * 5 * 2
+        responses = store.responses(job=job_id)
+        assert len(responses) == 10 and {r.side for r in responses} == {"none"}
+        table = job.stats["table"]
+        assert {(r["layer"], r["coef"]) for r in table} == {
+            (0, 0.0),
+            (1, -6.0),
+            (1, 6.0),
+            (2, -6.0),
+            (2, 6.0),
+        }
+        assert all(r["n"] == 2 and 0 <= r["trait"] <= 100 for r in table)
+        steered = {(r.question, r.instruction, r.sample): r.answer_ids for r in responses}
+        assert steered[(20, 2, 2)] != steered[(20, 0, 0)]  # coef +6 at layer 2 changed it
+    run_job(extracted, job_id)  # a rerun generates and asks nothing new
+    with Store(extracted) as store:
+        assert len(store.responses(job=job_id)) == 10
+
+
+def test_best_settings_respects_coherence() -> None:
+    table = [
+        {"layer": 0, "coef": 0.0, "n": 5, "trait": 40, "coherence": 80},
+        {"layer": 8, "coef": 2.0, "n": 5, "trait": 90, "coherence": 30},
+        {"layer": 8, "coef": 1.0, "n": 5, "trait": 70, "coherence": 60},
+        {"layer": 12, "coef": -1.0, "n": 5, "trait": 20, "coherence": 55},
+    ]
+    best = best_settings(table)
+    assert best["up"]["coef"] == 1.0 and best["down"]["layer"] == 12
+    assert best["baseline"]["trait"] == 40
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("a-b", "not a range"), ("", "--layers is empty")],
+)
+def test_bad_sweep_grids(extracted: Path, text: str, message: str) -> None:
+    with pytest.raises(PersonaError, match=message), Store(extracted) as store:
+        create_sweep_job(store, "paternalism", SweepParams(layers=parse_layers(text)))
+
+
+def test_screening_ranks_by_projection(
+    extracted: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data.jsonl"
+    lines = [
+        {"prompt": "Can I skip breakfast?", "response": "Yes, that is your call."},
+        {
+            "messages": [
+                {"role": "user", "content": "Sell my car?"},
+                {"role": "assistant", "content": "I forbid it [for you]."},
+            ]
+        },
+        {"prompt": "Hi", "response": "Hello!"},
+    ]
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    with Store(extracted) as store:
+        layer, rows = screen(store, "paternalism", data, layer=2, compare_base=True)
+        vector = load_vector(store.vectors(trait="paternalism")[-3].path)[0]
+    assert layer == 2 and len(rows) == 3
+    diffs = [r.difference for r in rows]
+    assert diffs == sorted(diffs, reverse=True)
+    loaded = load_model(str(tiny_model_dir))
+    from pipeline.chat import prompt_ids
+
+    top = rows[0]
+    ids = prompt_ids(loaded.tokenizer, None, top.prompt)
+    answer = loaded.tokenizer(top.response, add_special_tokens=False)["input_ids"]
+    ref = project_tokens(loaded, ids, answer, {"v": vector}, [2]).response_average()[0, 0]
+    assert top.projection == pytest.approx(float(ref), rel=1e-4, abs=1e-5)
+    out = write_ranking(rows, tmp_path / "ranked.csv")
+    assert out.read_text().splitlines()[0].startswith("rank,index,projection")
+    jsonl = write_ranking(rows, tmp_path / "ranked.jsonl")
+    assert json.loads(jsonl.read_text().splitlines()[0])["rank"] == 1
+
+
+def test_bad_screening_data(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    with pytest.raises(PersonaError, match="line 2 is not JSON"):
+        read_samples(path)
+    path.write_text('{"prompt": "a"}\n')
+    with pytest.raises(PersonaError, match="line 1 needs 'prompt' and 'response'"):
+        read_samples(path)
+    with pytest.raises(PersonaError, match="does not exist"):
+        read_samples(tmp_path / "missing.jsonl")

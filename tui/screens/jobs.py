@@ -1,0 +1,283 @@
+"""Jobs: every job with its status, the selected job's progress pane, and keys to start
+generation, judging, extraction and sweeps as detached workers, cancel and resume them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Footer, Header
+
+from db import PersonaError, Store
+from pipeline import workers
+from tui.messages import JobsLoaded
+from tui.screens.base import PersonaScreen
+from tui.screens.form import Field, FormModal
+from tui.widgets.job_pane import JobPane
+
+POLL_SECONDS = 1.0
+COLUMNS = (
+    ("id", "id"),
+    ("kind", "kind"),
+    ("trait", "trait"),
+    ("status", "status"),
+    ("progress", "progress"),
+    ("message", "message"),
+)
+
+
+class JobsScreen(PersonaScreen):
+    TITLE = "Jobs"
+    BINDINGS = [
+        Binding("g", "generate", "Generate"),
+        Binding("J", "judge", "Judge"),
+        Binding("x", "extract", "Extract"),
+        Binding("w", "sweep", "Sweep"),
+        Binding("c", "cancel", "Cancel"),
+        Binding("r", "resume", "Resume"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        table: DataTable[Any] = DataTable(id="jobs-table", cursor_type="row")
+        for key, label in COLUMNS:
+            table.add_column(label, key=key)
+        yield table
+        yield JobPane(id="job-pane")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).focus()
+        self.poll()
+        self.set_interval(POLL_SECONDS, self.poll)
+
+    def selected_job(self) -> int | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        return int(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    # ---- polling ---------------------------------------------------------------------------
+    def poll(self) -> None:
+        self.load_jobs(self.selected_job())
+
+    @work(thread=True, exclusive=True, group="jobs-poll", exit_on_error=False)
+    def load_jobs(self, selected: int | None) -> None:
+        with Store(self.db_path) as store:
+            workers.reap_dead_jobs(store)
+            jobs = store.list_jobs()
+            if selected is None and jobs:
+                selected = jobs[-1].id
+            log = workers.tail_log(store, selected) if selected is not None else []
+        self.post_message(JobsLoaded(jobs, selected, log))
+
+    def on_jobs_loaded(self, message: JobsLoaded) -> None:
+        table = self.query_one(DataTable)
+        pane = self.query_one(JobPane)
+        wanted = {str(job.id): job for job in reversed(message.jobs)}
+        with self.app.batch_update():
+            for row_key in list(table.rows):
+                if row_key.value not in wanted:
+                    table.remove_row(row_key)
+            for key, job in wanted.items():
+                pane.record(job)
+                progress = f"{100 * job.done // job.total}%" if job.total else ""
+                cells = {
+                    "id": job.id,
+                    "kind": job.kind,
+                    "trait": job.trait or "",
+                    "status": job.status,
+                    "progress": progress,
+                    "message": job.message[:60],
+                }
+                if key in table.rows:
+                    for column, value in cells.items():
+                        if table.get_cell(key, column) != value:
+                            table.update_cell(key, column, value)
+                else:
+                    table.add_row(*cells.values(), key=key)
+        shown = next((j for j in message.jobs if j.id == message.selected), None)
+        pane.show(shown, message.log)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.poll()
+
+    # ---- starting jobs ---------------------------------------------------------------------
+    def _trait(self) -> str:
+        trait = getattr(self.app, "trait", None)
+        if not trait:
+            raise PersonaError("select a trait first: press 1, pick one, press enter")
+        return trait
+
+    def _ask(self, title: str, fields: list[Field], start) -> None:
+        try:
+            trait = self._trait()
+        except PersonaError as exc:
+            self.app.show_error("no trait selected", str(exc))
+            return
+
+        def submitted(values: dict[str, str] | None) -> None:
+            if values is not None:
+                self.launch(start, trait, values)
+
+        self.app.push_screen(FormModal(f"{title}: {trait}", fields), submitted)
+
+    @work(thread=True, group="jobs-start", exit_on_error=False)
+    def launch(self, start, trait: str, values: dict[str, str]) -> None:
+        with Store(self.db_path) as store:
+            for job_id in start(store, trait, values):
+                workers.start_worker(store, job_id)
+        self.app.call_from_thread(self.poll)
+
+    def action_generate(self) -> None:
+        self._ask(
+            "Generate",
+            [
+                Field("side", "side", "both", ("both", "pos", "neg")),
+                Field("split", "split", "extract", ("extract", "eval")),
+                Field("model", "model", "smollm2"),
+                Field("n", "answers per question", "10"),
+                Field("max_new_tokens", "max new tokens", "1000"),
+                Field("batch_size", "batch size (blank: auto)", ""),
+                Field("temperature", "temperature", "1.0"),
+                Field("seed", "seed", "0"),
+            ],
+            start_generation,
+        )
+
+    def action_judge(self) -> None:
+        from pipeline.judging import DEFAULT_JUDGE
+
+        self._ask(
+            "Judge",
+            [
+                Field("judge", "judge (openai:M, anthropic:M, local:M)", DEFAULT_JUDGE),
+                Field("metrics", "metrics", "trait,coherence"),
+                Field("max_concurrent", "max in flight", "50"),
+                Field("base_url", "base URL (optional)", ""),
+            ],
+            start_judging,
+        )
+
+    def action_extract(self) -> None:
+        threshold, coherence = getattr(self.app, "thresholds", (50.0, 50.0))
+        self._ask(
+            "Extract",
+            [
+                Field("threshold", "trait threshold T", f"{threshold:g}"),
+                Field("coherence", "coherence threshold C", f"{coherence:g}"),
+                Field("source", "activations", "auto", ("auto", "captured", "forward")),
+            ],
+            start_extraction,
+        )
+
+    def action_sweep(self) -> None:
+        from pipeline.judging import DEFAULT_JUDGE
+
+        self._ask(
+            "Sweep",
+            [
+                Field("layers", "layers (8-24, 8-24:4 or 8,12)", "8-24:4"),
+                Field("coefs", "coefficients", "-2,-1,1,2"),
+                Field("n", "eval questions", "5"),
+                Field("judge", "judge", DEFAULT_JUDGE),
+            ],
+            start_sweep,
+        )
+
+    def action_cancel(self) -> None:
+        job_id = self.selected_job()
+        if job_id is not None:
+            self.job_control(job_id, "cancel")
+
+    def action_resume(self) -> None:
+        job_id = self.selected_job()
+        if job_id is not None:
+            self.job_control(job_id, "resume")
+
+    @work(thread=True, group="jobs-control", exit_on_error=False)
+    def job_control(self, job_id: int, what: str) -> None:
+        with Store(self.db_path) as store:
+            if what == "cancel":
+                workers.cancel(store, job_id)
+            else:
+                workers.start_worker(store, job_id)
+        self.app.call_from_thread(self.poll)
+
+
+# ---- forms to jobs: the same pipeline calls as the CLI ------------------------------------------
+def _int(values: dict[str, str], key: str) -> int | None:
+    text = values.get(key, "")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise PersonaError(
+            f"{key.replace('_', ' ')} must be a whole number, not '{text}'"
+        ) from None
+
+
+def _float(values: dict[str, str], key: str) -> float:
+    try:
+        return float(values[key])
+    except ValueError:
+        raise PersonaError(f"{key} must be a number, not '{values[key]}'") from None
+
+
+def start_generation(store: Store, trait: str, values: dict[str, str]) -> list[int]:
+    from pipeline.generate import GenerateParams, find_or_create_job
+
+    sides = ["pos", "neg"] if values["side"] == "both" else [values["side"]]
+    return [
+        find_or_create_job(
+            store,
+            trait,
+            GenerateParams(
+                side=side,
+                split=values["split"],
+                model=values["model"],
+                n_per_question=_int(values, "n") or 0,
+                max_new_tokens=_int(values, "max_new_tokens") or 0,
+                batch_size=_int(values, "batch_size"),
+                temperature=_float(values, "temperature"),
+                seed=_int(values, "seed") or 0,
+            ).validate(),
+        )
+        for side in sides
+    ]
+
+
+def start_judging(store: Store, trait: str, values: dict[str, str]) -> list[int]:
+    from pipeline.judging import JudgeParams, find_or_create_judge_job
+
+    params = JudgeParams(
+        judge=values["judge"],
+        metrics=tuple(m.strip() for m in values["metrics"].split(",") if m.strip()),
+        max_concurrent=_int(values, "max_concurrent") or 0,
+        base_url=values["base_url"] or None,
+    )
+    return [find_or_create_judge_job(store, trait, params)]
+
+
+def start_extraction(store: Store, trait: str, values: dict[str, str]) -> list[int]:
+    from pipeline.filter import check_thresholds
+
+    threshold, coherence = _float(values, "threshold"), _float(values, "coherence")
+    check_thresholds(threshold, coherence)
+    params = {"threshold": threshold, "coherence": coherence, "source": values["source"]}
+    return [store.create_job("extract", trait, params).id]
+
+
+def start_sweep(store: Store, trait: str, values: dict[str, str]) -> list[int]:
+    from pipeline.sweep import SweepParams, create_sweep_job, parse_coefs, parse_layers
+
+    params = SweepParams(
+        layers=parse_layers(values["layers"]),
+        coefs=parse_coefs(values["coefs"]),
+        n=_int(values, "n") or 0,
+        judge=values["judge"],
+    )
+    return [create_sweep_job(store, trait, params)]

@@ -1,0 +1,344 @@
+"""Review: the selected trait's pos/neg pairs with scores and the filter's verdict, paged
+from SQL; threshold and coherence inputs recount the effective pairs live; filters by status
+and question text; a detail view with both answers and the judge's evidence, where a pair
+can be included or excluded by hand or judged again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Footer, Header, Input, Label, Select, Static
+
+from db import PersonaError, Store
+from tui.screens.base import PersonaScreen
+
+PAGE = 200
+COLUMNS = (
+    ("q", "q"),
+    ("i", "i"),
+    ("s", "s"),
+    ("pos", "pos T"),
+    ("neg", "neg T"),
+    ("pc", "pos C"),
+    ("nc", "neg C"),
+    ("reason", "reason"),
+    ("question", "question"),
+)
+
+
+@dataclass
+class PairsLoaded(Message):
+    rows: list[dict[str, Any]]
+    counts: dict[str, int]
+    offset: int
+    source: dict[str, Any]  # pos_job, neg_job, judge
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+class ReviewScreen(PersonaScreen):
+    TITLE = "Review"
+    AUTO_FOCUS = "#pairs-table"
+    BINDINGS = [
+        Binding("enter", "open", "Open pair"),
+        Binding("i", "include", "Include"),
+        Binding("x", "exclude", "Exclude"),
+        Binding("u", "clear", "Clear override"),
+        Binding("slash", "search", "Search"),
+        Binding("f", "cycle_status", "Filter"),
+        Binding("r", "reload", "Reload"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="review-controls"):
+            yield Label("T")
+            yield Input("50", id="threshold", classes="number")
+            yield Label("C")
+            yield Input("50", id="coherence", classes="number")
+            yield Select(
+                [("all", "all"), ("effective", "effective"), ("filtered", "filtered")],
+                value="all",
+                allow_blank=False,
+                id="status",
+            )
+            yield Input(placeholder="search questions", id="search")
+        yield Static("", id="review-counts", markup=False)
+        table: DataTable[Any] = DataTable(id="pairs-table", cursor_type="row", zebra_stripes=True)
+        for key, label in COLUMNS:
+            table.add_column(label, key=key)
+        yield table
+        yield Footer()
+
+    def on_mount(self) -> None:
+        threshold, coherence = getattr(self.app, "thresholds", (50.0, 50.0))
+        self.query_one("#threshold", Input).value = f"{threshold:g}"
+        self.query_one("#coherence", Input).value = f"{coherence:g}"
+        self.source: dict[str, Any] | None = None
+        self.exhausted = False
+        self.query_one(DataTable).focus()
+
+    def on_screen_resume(self) -> None:
+        self.reload()  # also on first show: the trait may have changed meanwhile
+
+    # ---- queries ---------------------------------------------------------------------------
+    def filters(self) -> dict[str, Any]:
+        def number(widget_id: str, fallback: float) -> float:
+            try:
+                value = float(self.query_one(f"#{widget_id}", Input).value)
+            except ValueError:
+                return fallback
+            return min(max(value, 0.0), 100.0)
+
+        return {
+            "threshold": number("threshold", 50.0),
+            "coherence": number("coherence", 50.0),
+            "status": self.query_one("#status", Select).value,
+            "search": self.query_one("#search", Input).value.strip(),
+        }
+
+    def reload(self) -> None:
+        trait = getattr(self.app, "trait", None)
+        if not trait:
+            self.query_one("#review-counts", Static).update(
+                "no trait selected: press 1, pick a trait, press enter"
+            )
+            return
+        self.exhausted = False
+        filters = self.filters()
+        self.app.thresholds = (filters["threshold"], filters["coherence"])
+        self.load_page(trait, filters, 0)
+
+    @work(thread=True, exclusive=True, group="review-page", exit_on_error=False)
+    def load_page(self, trait: str, filters: dict[str, Any], offset: int) -> None:
+        from pipeline.filter import generation_jobs
+
+        with Store(self.db_path) as store:
+            pos_job, neg_job = generation_jobs(store, trait, "extract")
+            judges = store.judges_of([pos_job, neg_job])
+            if not judges:
+                raise PersonaError(f"the responses of '{trait}' are not judged yet (screen 2)")
+            source = {"trait": trait, "pos_job": pos_job, "neg_job": neg_job, "judge": judges[0]}
+            query = {**source, **filters}
+            rows = store.pair_rows(**query, offset=offset, limit=PAGE)
+            counts = store.pair_reason_counts(**query) if offset == 0 else {}
+        self.post_message(PairsLoaded(rows, counts, offset, source))
+
+    def on_pairs_loaded(self, message: PairsLoaded) -> None:
+        self.source = message.source
+        table = self.query_one(DataTable)
+        with self.app.batch_update():
+            if message.offset == 0:
+                table.clear()
+                self.show_counts(message.counts)
+            for row in message.rows:
+                table.add_row(
+                    row["question"],
+                    row["instruction"],
+                    row["sample"],
+                    _score(row["pos_trait"]),
+                    _score(row["neg_trait"]),
+                    _score(row["pos_coherence"]),
+                    _score(row["neg_coherence"]),
+                    row["reason"],
+                    row["question_text"][:60],
+                    key=str(row["pos_id"]),
+                )
+        self.rows_meta = getattr(self, "rows_meta", {}) if message.offset else {}
+        for row in message.rows:
+            self.rows_meta[str(row["pos_id"])] = row
+        self.exhausted = len(message.rows) < PAGE
+
+    def show_counts(self, counts: dict[str, int]) -> None:
+        effective = counts.get("effective", 0) + counts.get("included by hand", 0)
+        total = sum(counts.values())
+        text = Text(f"{effective} effective of {total} pairs", style="bold")
+        rest = [f"{k} {v}" for k, v in sorted(counts.items()) if k != "effective" and v]
+        if rest:
+            text.append("  ·  " + ", ".join(rest))
+        if self.source:
+            text.append(f"  ·  judge {self.source['judge']}", style="dim")
+        self.query_one("#review-counts", Static).update(text)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        table = self.query_one(DataTable)
+        if not self.exhausted and event.cursor_row >= table.row_count - 1 and table.row_count:
+            self.exhausted = True  # until the next page arrives
+            trait = getattr(self.app, "trait", None)
+            if trait:
+                self.load_page(trait, self.filters(), table.row_count)
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id in ("threshold", "coherence", "search"):
+            self.reload()
+
+    def on_select_changed(self, _event: Select.Changed) -> None:
+        self.reload()
+
+    # ---- actions ---------------------------------------------------------------------------
+    def current(self) -> dict[str, Any] | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return getattr(self, "rows_meta", {}).get(key)
+
+    def action_reload(self) -> None:
+        self.reload()
+
+    def action_search(self) -> None:
+        self.query_one("#search", Input).focus()
+
+    def action_cycle_status(self) -> None:
+        select = self.query_one("#status", Select)
+        order = ["all", "effective", "filtered"]
+        select.value = order[(order.index(select.value) + 1) % len(order)]
+
+    def action_include(self) -> None:
+        self.set_override(True)
+
+    def action_exclude(self) -> None:
+        self.set_override(False)
+
+    def action_clear(self) -> None:
+        self.set_override(None)
+
+    def set_override(self, include: bool | None) -> None:
+        row = self.current()
+        trait = getattr(self.app, "trait", None)
+        if row is not None and trait:
+            self.write_override(
+                trait, (row["question"], row["instruction"], row["sample"]), include
+            )
+
+    @work(thread=True, group="review-override", exit_on_error=False)
+    def write_override(self, trait: str, key: tuple[int, int, int], include: bool | None) -> None:
+        with Store(self.db_path) as store:
+            store.set_override(trait, key, include, note="set in the review screen")
+        self.app.call_from_thread(self.reload)
+
+    def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
+        self.action_open()  # the table takes enter itself
+
+    def action_open(self) -> None:
+        row = self.current()
+        if row is not None and self.source is not None:
+            self.app.push_screen(PairDetail(row, self.source), lambda _r: self.reload())
+
+
+class PairDetail(ModalScreen[None]):
+    """Both answers side by side with their scores and the judge's evidence."""
+
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("i", "include", "Include"),
+        Binding("x", "exclude", "Exclude"),
+        Binding("u", "clear", "Clear"),
+        Binding("j", "rejudge", "Judge again"),
+        Binding("m", "monitor", "Monitor"),
+    ]
+
+    def __init__(self, row: dict[str, Any], source: dict[str, Any]) -> None:
+        super().__init__()
+        self.row = row
+        self.source = source
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="pair-box"):
+            yield Static(
+                Text(
+                    f"question {self.row['question']} · instruction {self.row['instruction']}"
+                    f" · sample {self.row['sample']} · {self.row['reason']}",
+                    style="bold",
+                ),
+                id="pair-title",
+            )
+            yield Static(self.row["question_text"], markup=False, id="pair-question")
+            with Horizontal(id="pair-sides"):
+                for side in ("pos", "neg"):
+                    with VerticalScroll(classes="pair-side"):
+                        yield Static("", id=f"pair-{side}", markup=False)
+            yield Label("i include · x exclude · u clear · j judge again · m monitor · esc close")
+
+    def on_mount(self) -> None:
+        self.load()
+
+    @work(thread=True, exit_on_error=False)
+    def load(self) -> None:
+        with Store(self.app.db_path) as store:  # type: ignore[attr-defined]
+            views = {}
+            for side in ("pos", "neg"):
+                response = store.get_response(self.row[f"{side}_id"])
+                judgments = [
+                    j for j in store.judgments(response.id) if j.judge == self.source["judge"]
+                ]
+                views[side] = _side_view(side, response, judgments)
+        for side, view in views.items():
+            self.app.call_from_thread(self.query_one(f"#pair-{side}", Static).update, view)
+
+    def _override(self, include: bool | None) -> None:
+        self.write(include)
+
+    @work(thread=True, exit_on_error=False)
+    def write(self, include: bool | None) -> None:
+        key = (self.row["question"], self.row["instruction"], self.row["sample"])
+        with Store(self.app.db_path) as store:  # type: ignore[attr-defined]
+            store.set_override(self.source["trait"], key, include, note="set in the pair view")
+        label = {True: "included", False: "excluded", None: "override cleared"}[include]
+        self.app.call_from_thread(self.notify, f"pair {key}: {label}")
+
+    def action_include(self) -> None:
+        self._override(True)
+
+    def action_exclude(self) -> None:
+        self._override(False)
+
+    def action_clear(self) -> None:
+        self._override(None)
+
+    @work(thread=True, exit_on_error=False)
+    def action_rejudge(self) -> None:
+        from pipeline import workers
+        from pipeline.judging import JudgeParams, find_or_create_judge_job
+
+        with Store(self.app.db_path) as store:  # type: ignore[attr-defined]
+            with store.transaction():
+                for side in ("pos", "neg"):
+                    store.delete_judgments(self.row[f"{side}_id"], self.source["judge"])
+            job_id = find_or_create_judge_job(
+                store, self.source["trait"], JudgeParams(judge=self.source["judge"])
+            )
+            workers.start_worker(store, job_id)
+        self.app.call_from_thread(self.notify, f"judging again in job {job_id} (screen 2)")
+
+    def action_monitor(self) -> None:
+        self.app.monitor_pair = (self.row["pos_id"], self.row["neg_id"])  # type: ignore[attr-defined]
+        self.dismiss(None)
+        self.app.switch_mode("monitor")
+
+
+def _side_view(side: str, response: Any, judgments: list[Any]) -> Text:
+    text = Text(f"{side.upper()} · response {response.id}\n", style="bold")
+    for j in judgments:
+        score = "no score" if j.score is None else f"{j.score:.1f}"
+        text.append(f"{j.metric}: {score}", style="bold")
+        if j.error:
+            text.append(f" (failed: {j.error})", style="red")
+        evidence = (
+            j.evidence.get("top_logprobs") or j.evidence.get("top") or j.evidence.get("answers")
+        )
+        if evidence:
+            text.append(f"  evidence: {str(evidence)[:120]}", style="dim")
+        text.append("\n")
+    text.append("\n" + response.answer)
+    return text

@@ -1,0 +1,177 @@
+"""Vectors: per-layer magnitude bars of each kind, the eval-split AUROC per layer with the
+recommended layer marked, and the cosine similarity between traits at a chosen layer; a key
+starts extraction with the review screen's thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.message import Message
+from textual.widgets import Footer, Header, Static
+
+from db import Store
+from tui.screens.base import PersonaScreen
+
+BAR = 18
+
+
+@dataclass
+class ReportLoaded(Message):
+    report: Any
+    cosine: tuple[list[str], Any] | None
+
+
+def short_model(model_id: str) -> str:
+    """A model folder's name rather than its whole path (screens are narrow)."""
+    return model_id.rstrip("/").rsplit("/", 1)[-1] if model_id.startswith("/") else model_id
+
+
+def bar(value: float, top: float, width: int = BAR, style: str = "cyan") -> Text:
+    filled = 0 if top <= 0 else round(width * max(0.0, value) / top)
+    return Text("█" * filled + "·" * (width - filled), style=style)
+
+
+def report_table(report: Any) -> Table:
+    table = Table(expand=True, box=None, pad_edge=False)
+    table.add_column("layer", justify="right")
+    kinds = list(report.norms)
+    tops = {k: max(report.norms[k]) or 1.0 for k in kinds}
+    for kind in kinds:
+        table.add_column(f"|{kind.replace('_diff', '')}|")
+    if report.separation is not None:
+        table.add_column("eval AUROC")
+    for layer in range(len(report.norms[kinds[0]])):
+        mark = "★" if layer == report.recommended_layer else " "
+        cells: list[Any] = [Text(f"{mark}{layer}", style="bold" if mark == "★" else "")]
+        for kind in kinds:
+            value = report.norms[kind][layer]
+            cell = bar(value, tops[kind])
+            cell.append(f" {value:.2f}")
+            cells.append(cell)
+        if report.separation is not None:
+            auc = report.separation[layer].auroc
+            cell = bar(auc - 0.5, 0.5, style="green" if mark == "★" else "magenta")
+            cell.append(f" {auc:.3f}")
+            cells.append(cell)
+        table.add_row(*cells)
+    return table
+
+
+def cosine_table(names: list[str], matrix: Any, layer: int) -> Table:
+    table = Table(title=f"cosine similarity at layer {layer}", box=None)
+    table.add_column("")
+    for name in names:
+        table.add_column(name[:10], justify="right")
+    for i, name in enumerate(names):
+        table.add_row(name, *(Text(f"{float(matrix[i, j]):+.2f}") for j in range(len(names))))
+    return table
+
+
+class VectorsScreen(PersonaScreen):
+    TITLE = "Vectors"
+    BINDINGS = [
+        Binding("x", "extract", "Extract"),
+        Binding("left", "layer(-1)", "Layer -"),
+        Binding("right", "layer(1)", "Layer +"),
+        Binding("r", "reload", "Reload"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll(id="vectors-body"):
+            yield Static("", id="vectors-summary", markup=False)
+            yield Static("", id="vectors-table", markup=False)
+            yield Static("", id="vectors-cosine", markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.report: Any = None
+        self.cosine_layer: int | None = None
+
+    def on_screen_resume(self) -> None:
+        self.action_reload()
+
+    def action_reload(self) -> None:
+        trait = getattr(self.app, "trait", None)
+        if not trait:
+            self.query_one("#vectors-summary", Static).update(
+                "no trait selected: press 1, pick a trait, press enter"
+            )
+            return
+        self.load(trait, self.cosine_layer)
+
+    @work(thread=True, exclusive=True, group="vectors-load", exit_on_error=False)
+    def load(self, trait: str, layer: int | None) -> None:
+        from pipeline.analyze import analyze, latest_vectors
+        from vectors.analysis import cosine_matrix
+        from vectors.files import load_vector
+
+        with Store(self.db_path) as store:
+            report = analyze(store, trait)
+            vectors = {}
+            for summary in store.list_traits():
+                record = latest_vectors(store, summary.name, report.model).get("response_avg_diff")
+                if record is not None:
+                    vectors[summary.name] = load_vector(record.path)[0]
+        if layer is None:
+            layer = report.recommended_layer or len(report.norms["response_avg_diff"]) // 2
+        cosine = cosine_matrix(vectors, layer) if len(vectors) > 1 else None
+        self.post_message(ReportLoaded(report, (layer, cosine)))
+
+    def on_report_loaded(self, message: ReportLoaded) -> None:
+        report = self.report = message.report
+        layer, cosine = message.cosine
+        self.cosine_layer = layer
+        summary = Text(f"{report.trait} on {short_model(report.model)}", style="bold")
+        record = report.records["response_avg_diff"]
+        summary.append(f" · {record.n_pairs} pairs · T {record.threshold} · C {record.coherence}")
+        if report.recommended_layer is not None:
+            best = report.separation[report.recommended_layer]
+            summary.append(
+                f"\nrecommended layer {report.recommended_layer}: eval AUROC {best.auroc:.3f}, "
+                f"d {best.cohens_d:.2f}",
+                style="green",
+            )
+        for note in report.notes:
+            summary.append(f"\n{note}", style="yellow")
+        self.query_one("#vectors-summary", Static).update(summary)
+        self.query_one("#vectors-table", Static).update(report_table(report))
+        if cosine is None:
+            self.query_one("#vectors-cosine", Static).update(
+                Text("cosine matrix: only one trait has a vector for this model", style="dim")
+            )
+        else:
+            self.query_one("#vectors-cosine", Static).update(cosine_table(*cosine, layer))
+
+    def action_layer(self, step: int) -> None:
+        if self.report is None or self.cosine_layer is None:
+            return
+        top = len(self.report.norms["response_avg_diff"]) - 1
+        self.cosine_layer = min(max(self.cosine_layer + step, 0), top)
+        self.load(self.report.trait, self.cosine_layer)
+
+    def action_extract(self) -> None:
+        trait = getattr(self.app, "trait", None)
+        if trait:
+            self.start_extraction(trait)
+
+    @work(thread=True, group="vectors-extract", exit_on_error=False)
+    def start_extraction(self, trait: str) -> None:
+        from pipeline import workers
+
+        threshold, coherence = getattr(self.app, "thresholds", (50.0, 50.0))
+        with Store(self.db_path) as store:
+            job = store.create_job(
+                "extract", trait, {"threshold": threshold, "coherence": coherence}
+            )
+            workers.start_worker(store, job.id)
+        self.app.call_from_thread(
+            self.notify, f"extracting at T {threshold:g} / C {coherence:g}: job {job.id}"
+        )
