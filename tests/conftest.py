@@ -45,9 +45,14 @@ def _isolated_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
 
 @pytest.fixture(scope="session")
 def generated(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A database with pos/neg generations on both splits (tiny model), judged by hand:
-    pos rows score high on the trait, except on question 3; neg rows low."""
-    db_path = tmp_path_factory.mktemp("extract") / "persona.db"
+    """A database with pos/neg generations on both splits (tiny model), judged by hand.
+    Shared by many tests, some of which add to it."""
+    return build_generated_db(tmp_path_factory.mktemp("extract") / "persona.db", tiny_model_dir)
+
+
+def build_generated_db(db_path: Path, tiny_model_dir: Path) -> Path:
+    """Pos/neg generations on both splits, judged by hand: pos rows score high on the
+    trait, except on question 3; neg rows low; every row coherent."""
     with Store(db_path) as store:
         for split in ("extract", "eval"):
             for side in ("pos", "neg"):

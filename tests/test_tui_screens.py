@@ -267,10 +267,21 @@ async def test_a_dead_worker_shows_as_failed_with_its_heartbeat(tmp_path: Path) 
 
 
 # ---- the look ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def snapshot_source(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A database of its own: what other tests add to the shared one must not show."""
+    from conftest import build_generated_db
+
+    db_path = build_generated_db(tmp_path_factory.mktemp("snapshots") / "source.db", tiny_model_dir)
+    with Store(db_path) as store:
+        extract(store, "paternalism")
+    return db_path
+
+
 @pytest.fixture()
-def frozen_db(extracted_db: Path, tmp_path: Path) -> Path:
+def frozen_db(snapshot_source: Path, tmp_path: Path) -> Path:
     """A copy whose clocks, rates and paths are fixed, for snapshots."""
-    db_path = copy_db(extracted_db, tmp_path / "snapshot.db")
+    db_path = copy_db(snapshot_source, tmp_path / "snapshot.db")
     with sqlite3.connect(db_path) as conn:
         conn.execute(
             "UPDATE jobs SET heartbeat = '2026-11-26T12:00:00.000+00:00', message = '', "

@@ -37,9 +37,13 @@ COLUMNS = (
 @dataclass
 class PairsLoaded(Message):
     rows: list[dict[str, Any]]
-    counts: dict[str, int]
     offset: int
     source: dict[str, Any]  # pos_job, neg_job, judge
+
+
+@dataclass
+class CountsLoaded(Message):
+    counts: dict[str, int]
 
 
 def _score(value: float | None) -> str:
@@ -131,8 +135,18 @@ class ReviewScreen(PersonaScreen):
             source = {"trait": trait, "pos_job": pos_job, "neg_job": neg_job, "judge": judges[0]}
             query = {**source, **filters}
             rows = store.pair_rows(**query, offset=offset, limit=PAGE)
-            counts = store.pair_reason_counts(**query) if offset == 0 else {}
-        self.post_message(PairsLoaded(rows, counts, offset, source))
+        self.post_message(PairsLoaded(rows, offset, source))
+        if offset == 0:
+            self.load_counts(query)  # the page paints first; the full recount follows
+
+    @work(thread=True, exclusive=True, group="review-counts", exit_on_error=False)
+    def load_counts(self, query: dict[str, Any]) -> None:
+        with Store(self.db_path) as store:
+            counts = store.pair_reason_counts(**query)
+        self.post_message(CountsLoaded(counts))
+
+    def on_counts_loaded(self, message: CountsLoaded) -> None:
+        self.show_counts(message.counts)
 
     def on_pairs_loaded(self, message: PairsLoaded) -> None:
         self.source = message.source
@@ -140,7 +154,6 @@ class ReviewScreen(PersonaScreen):
         with self.app.batch_update():
             if message.offset == 0:
                 table.clear()
-                self.show_counts(message.counts)
             for row in message.rows:
                 table.add_row(
                     row["question"],
