@@ -158,12 +158,17 @@ async def test_monitor_shows_a_pair_and_changes_layer(review_db: Path) -> None:
     app.monitor_pair = (pos.id, neg.id)
     async with app.run_test(size=(120, 32)) as pilot:
         await pilot.press("5")
-        await wait_for(pilot, lambda: "layer 2 of 3" in text_of(app, "#monitor-info"))
+        # The recommended layer comes first (layer 3 separates best on this data).
+        await wait_for(pilot, lambda: "layer 3 of 3" in text_of(app, "#monitor-info"))
         assert f"response {pos.id}" in text_of(app, "#panel-0")
         assert f"response {neg.id}" in text_of(app, "#panel-1")
+        before = text_of(app, "#panel-0")
+        await pilot.press("left")
+        assert "layer 2 of 3" in text_of(app, "#monitor-info")
+        assert text_of(app, "#panel-0") != before
+        await pilot.press("left", "left", "left")
+        assert "layer 0 of 3" in text_of(app, "#monitor-info")
         await pilot.press("right")
-        assert "layer 3 of 3" in text_of(app, "#monitor-info")
-        await pilot.press("left", "left")
         assert "layer 1 of 3" in text_of(app, "#monitor-info")
 
 
@@ -308,3 +313,33 @@ def test_screen_snapshots(snap_compare, frozen_db: Path, key: str) -> None:
         await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=(110, 32), run_before=settle)
+
+
+async def test_a_trait_created_from_the_template_is_saved(review_db: Path) -> None:
+    import json
+
+    from textual.widgets import TextArea
+
+    from db.traits import bundled_traits
+
+    app = PersonaApp(review_db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.3)
+        await pilot.press("t")
+        await wait_for(pilot, lambda: isinstance(app.screen, TraitEditor))
+        filled = {
+            **bundled_traits()[0].to_dict(),
+            "name": "from_template",
+            "description": "written in the editor",
+        }
+        app.screen.query_one(TextArea).text = json.dumps(filled)
+        await wait_for(pilot, lambda: "valid" in text_of(app, "#editor-problems"))
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: not isinstance(app.screen, TraitEditor))
+        await wait_for(
+            pilot,
+            lambda: "from_template" in [k.value for k in app.screen.query_one(DataTable).rows],
+        )
+    with Store(review_db) as store:
+        assert store.get_trait("from_template").description == "written in the editor"
+        assert store.trait_source("from_template") == "edited"

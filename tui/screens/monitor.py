@@ -119,6 +119,18 @@ class MonitorScreen(PersonaScreen):
         vector = load_vector(records[self.kind].path)[0]
         return load_model(records[self.kind].model), vector
 
+    def _default_layer(self, store: Store, trait: str, loaded: Any) -> int:
+        """The layer shown first: the recommended one, else two thirds of the way up."""
+        from pipeline.analyze import analyze
+
+        if self.shown_layer is not None:
+            return self.shown_layer
+        try:
+            layer = analyze(store, trait).recommended_layer
+        except PersonaError:
+            layer = None
+        return layer if layer is not None else (2 * loaded.num_layers) // 3
+
     @work(thread=True, exclusive=True, group="monitor-load", exit_on_error=False)
     def load_responses(self, trait: str, ids: list[int]) -> None:
         from pipeline.monitor import baseline_stats, project_tokens, zscore
@@ -145,7 +157,7 @@ class MonitorScreen(PersonaScreen):
                         "prompt_len": proj.prompt_len,
                     }
                 )
-        layer = self.shown_layer if self.shown_layer is not None else (2 * loaded.num_layers) // 3
+            layer = self._default_layer(store, trait, loaded)
         self.post_message(ProjectionsLoaded(panels, layer))
 
     @work(thread=True, exclusive=True, group="monitor-live", exit_on_error=False)
@@ -158,7 +170,7 @@ class MonitorScreen(PersonaScreen):
 
         with Store(self.db_path) as store:
             loaded, vector = self._model_and_vectors(store, trait)
-        layer = layer if layer is not None else (2 * loaded.num_layers) // 3
+            layer = layer if layer is not None else self._default_layer(store, trait, loaded)
         tok = loaded.tokenizer
         engine = DecodeEngine(loaded, capture=False)
         specs = [SteeringSpec(layer, vector, coef=coef)] if coef else []

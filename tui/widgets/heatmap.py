@@ -43,8 +43,15 @@ def heatmap(
         scale = max((abs(v) for v in shown), default=1.0) or 1.0
     text = Text()
     for token, value in zip(tokens[start:], shown, strict=True):
-        background = colour(value, scale)
-        text.append(visible(token), style=Style(color="black", bgcolor=background))
+        style = Style(color="black", bgcolor=colour(value, scale))
+        word = token.lstrip(" ")
+        if word and word.strip():
+            # A word's leading space stays outside its colour: terminals wrap lines there,
+            # and a coloured space at a wrap point is lost or moved.
+            text.append(" " * (len(token) - len(word)))
+            text.append(visible(word), style=style)
+        else:
+            text.append(visible(token), style=style)
     return text
 
 
