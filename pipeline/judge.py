@@ -494,7 +494,9 @@ class LocalJudge(Judge):
         rest = torch.tensor([ids[shared:]], device=device)
         positions = torch.arange(shared, len(ids), device=device)[None]
         out = model(rest, position_ids=positions, use_cache=True, **{cache_kw: cache})
-        return out.past_key_values, out.logits[0, -1]
+        # Newer transformers name the output's cache ``cache``; older ones ``past_key_values``.
+        cache = next(out[k] for k in ("cache", "past_key_values") if k in out.keys())
+        return cache, out.logits[0, -1]
 
     def candidate_logprob_alone(self, prompt: str, index: int) -> float:
         """The same quantity for one candidate by a plain full forward (for checking)."""

@@ -217,19 +217,32 @@ def _progress_bar():
     )
 
 
+def _bar_updater(bar, task):
+    """A job progress callback that moves one bar: tokens/s for generation, else units/s."""
+    from pipeline.jobs import ProgressUpdate
+
+    def show(update: ProgressUpdate) -> None:
+        per_s = update.stats.get("new_tokens_per_s")
+        unit = update.stats.get("unit", "")
+        if per_s:
+            rate = f"{per_s:,.0f} tok/s"
+        elif update.stats.get(f"{unit}_per_s"):
+            rate = f"{update.stats[f'{unit}_per_s']:.1f} {unit}/s"
+        else:
+            rate = update.message
+        bar.update(task, completed=update.done, total=update.total, rate=rate)
+
+    return show
+
+
 def _run_jobs_with_progress(db_path: Path, jobs: list[tuple[int, str]]) -> None:
-    from pipeline.jobs import ProgressUpdate, run_job
+    from pipeline.jobs import run_job
 
     with _progress_bar() as bar:
         for job_id, label in jobs:
             task = bar.add_task(label, total=None, rate="")
 
-            def show(update: ProgressUpdate, task=task) -> None:
-                per_s = update.stats.get("new_tokens_per_s")
-                rate = f"{per_s:,.0f} tok/s" if per_s else update.message
-                bar.update(task, completed=update.done, total=update.total, rate=rate)
-
-            run_job(db_path, job_id, on_progress=show)
+            run_job(db_path, job_id, on_progress=_bar_updater(bar, task))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -493,7 +506,6 @@ def cmd_import_csv(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.jobs import ProgressUpdate
     from pipeline.run import RunParams, run_trait
 
     params = RunParams(
@@ -517,17 +529,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         def on_step(label: str, job_id: int):
             task = bar.add_task(f"job {job_id} {label}", total=None, rate="")
-
-            def show(update: ProgressUpdate) -> None:
-                per_s = update.stats.get("new_tokens_per_s")
-                unit = update.stats.get("unit", "")
-                if per_s:
-                    rate = f"{per_s:,.0f} tok/s"
-                else:
-                    rate = f"{update.stats.get(f'{unit}_per_s', 0):.1f} {unit}/s"
-                bar.update(task, completed=update.done, total=update.total, rate=rate)
-
-            return show
+            return _bar_updater(bar, task)
 
         result = run_trait(_db_path(args), params, on_step=on_step)
     _print_pair_counts(result.extraction.pairs)
