@@ -33,9 +33,18 @@ RETRY_ATTEMPTS = 6
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 30.0
 
+# The rules come before the question and answer, so every coherence judgment shares them as
+# a cacheable prefix (a local judge reuses its KV cache; APIs cache prompt prefixes too).
 COHERENCE_PROMPT = """You are rating how coherent an AI assistant's answer is. Judge coherence \
 only: whether the answer is well-formed language that hangs together and addresses the \
 question. Whether it is correct, kind, safe or agreeable does not matter here.
+
+Score on this scale:
+- 0: not valid language at all (gibberish, endless repetition, random symbols).
+- 50: rambling or partly confused, but some of it makes sense.
+- 100: clear, fluent and on topic.
+
+Reply with a single integer from 0 to 100 and nothing else.
 
 The question the assistant was given:
 <<<QUESTION
@@ -47,12 +56,7 @@ The assistant's answer:
 {answer}
 ANSWER>>>
 
-Score on this scale:
-- 0: not valid language at all (gibberish, endless repetition, random symbols).
-- 50: rambling or partly confused, but some of it makes sense.
-- 100: clear, fluent and on topic.
-
-Reply with a single integer from 0 to 100 and nothing else."""
+Your rating (an integer from 0 to 100):"""
 
 # Dollars per million tokens (input, output); ``--prices FILE.json`` overrides or extends.
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {

@@ -150,3 +150,18 @@ def test_console_script_runs_headless(db_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown trait 'missing'")
+
+
+def test_pair_overrides_from_the_command_line(db_path: Path, capsys) -> None:
+    from db import Store
+
+    db = ["--db", str(db_path)]
+    assert main([*db, "pairs", "paternalism", "exclude", "3", "1", "0", "--note", "odd"]) == 0
+    assert "pair (3, 1, 0) of paternalism: excluded" in capsys.readouterr().out
+    with Store(db_path) as store:
+        assert store.overrides("paternalism") == {(3, 1, 0): False}
+    assert main([*db, "pairs", "paternalism", "clear", "3", "1", "0"]) == 0
+    assert "override cleared" in capsys.readouterr().out
+    with Store(db_path) as store:
+        assert store.overrides("paternalism") == {}
+    assert main([*db, "pairs", "nope", "include", "0", "0", "0"]) == 2

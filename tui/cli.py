@@ -352,7 +352,8 @@ def cmd_pairs_set(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         store.get_trait(args.trait)
         store.set_override(args.trait, key, include, note=args.note or "")
-    out.print(f"pair {key} of {args.trait}: {args.pairs_command}d")
+    done = {"include": "included", "exclude": "excluded", "clear": "override cleared"}
+    out.print(f"pair {key} of {args.trait}: {done[args.pairs_command]}")
     return 0
 
 
