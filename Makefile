@@ -34,7 +34,7 @@ test: lint
 # 135M judge has no real signal, so the demo keeps every scored pair (threshold 0).
 demo: setup
 	$(BIN)/persona --db demo.db run paternalism --model smollm2 --judge local:smollm2 \
-		--n-per-question 5 --n-eval 2 --max-new-tokens 60 --batch-size 32 \
+		--n-per-question 6 --n-eval 2 --max-new-tokens 60 --batch-size 32 \
 		--threshold 0 --coherence 0 --tui
 
 clean:

@@ -499,7 +499,7 @@ class LocalJudge(Judge):
         positions = torch.arange(shared, len(ids), device=device)[None]
         out = model(rest, position_ids=positions, use_cache=True, **{cache_kw: cache})
         # Newer transformers name the output's cache ``cache``; older ones ``past_key_values``.
-        cache = next(out[k] for k in ("cache", "past_key_values") if k in out.keys())
+        cache = next(out[k] for k in ("cache", "past_key_values") if k in out)
         return cache, out.logits[0, -1]
 
     def candidate_logprob_alone(self, prompt: str, index: int) -> float:
