@@ -89,8 +89,50 @@ def one_at_a_time(loaded, rows) -> dict[str, torch.Tensor]:
     return sums
 
 
+def diagnose(loaded, forward: ForwardMeans, rows) -> None:
+    """Per-layer relative difference of each kind of mean: batched vs one row at a time
+    through the same path, and one row at a time vs HF's output_hidden_states."""
+    kinds = ("response_avg", "prompt_avg", "prompt_last")
+    batched: dict[str, dict[int, torch.Tensor]] = {k: {} for k in kinds}
+    for chunk, means in forward.iter_means(rows, TOKENS_PER_BATCH):
+        for j, i in enumerate(chunk):
+            for k in kinds:
+                batched[k][i] = means[k][j].float().cpu()
+    single: dict[str, dict[int, torch.Tensor]] = {k: {} for k in kinds}
+    hf: dict[str, dict[int, torch.Tensor]] = {k: {} for k in kinds}
+    for i, (prompt, answer) in enumerate(rows):
+        means = forward.batch_means([(prompt, answer)])
+        for k in kinds:
+            single[k][i] = means[k][0].float().cpu()
+        with torch.inference_mode():
+            out = loaded.model(
+                torch.tensor([prompt + answer], device="cuda"), output_hidden_states=True
+            )
+        states = torch.stack([h[0] for h in out.hidden_states]).float().cpu()
+        n = len(prompt)
+        hf["response_avg"][i] = states[:, n:].mean(1)
+        hf["prompt_avg"][i] = states[:, :n].mean(1)
+        hf["prompt_last"][i] = states[:, n - 1]
+
+    def rel(a: dict, b: dict) -> list[float]:
+        x = torch.stack(list(a.values()))
+        y = torch.stack([b[key] for key in a])
+        return ((x - y).norm(dim=(0, 2)) / y.norm(dim=(0, 2))).tolist()
+
+    for k in kinds:
+        batch_vs_single, single_vs_hf = rel(batched[k], single[k]), rel(single[k], hf[k])
+        worst = max(range(len(batch_vs_single) - 1), key=lambda layer: batch_vs_single[layer])
+        print(
+            f"{k}: batched vs single worst {batch_vs_single[worst]:.4f} (layer {worst}); "
+            f"single vs HF worst below L {max(single_vs_hf[:-1]):.4f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--diagnose", type=int, default=0, help="only compare numerics per layer on this many rows"
+    )
     parser.add_argument("--n", type=int, default=500, help="responses per side")
     parser.add_argument("--baseline-n", type=int, default=500, help="per side, one at a time")
     parser.add_argument("--layers", type=int, default=32)
@@ -98,6 +140,9 @@ def main() -> None:
     loaded = build_model(args.layers)
     vocab = loaded.model.config.vocab_size
     forward = ForwardMeans(loaded)
+    if args.diagnose:
+        diagnose(loaded, forward, make_rows(args.diagnose, vocab, seed=0))
+        return
     rows = make_rows(2 * args.n, vocab, seed=0)
     tokens = sum(len(p) + len(a) for p, a in rows)
     small = rows[: max(2, len(rows) // 10)]
