@@ -523,39 +523,15 @@ class Store:
         """
         return [row["judge"] for row in self.db.query(sql, [*jobs, sample])]
 
-    def pair_rows(
-        self,
-        *,
-        trait: str,
-        pos_job: int,
-        neg_job: int,
-        judge: str,
-        threshold: float,
-        coherence: float,
-        status: str = "all",
-        search: str = "",
-        offset: int = 0,
-        limit: int = 200,
-    ) -> list[dict[str, Any]]:
+    def pair_rows(self, query: PairQuery, offset: int = 0, limit: int = 200) -> list[dict]:
         """One page of pairs (matched by key) with their scores and the filter's reason,
         computed in SQL so a review screen pages through 100,000 responses quickly."""
-        sql, args = _pairs_sql(trait, pos_job, neg_job, judge, threshold, coherence, status, search)
+        sql, args = _pairs_sql(query)
         sql += " ORDER BY question, instruction, sample LIMIT ? OFFSET ?"
         return list(self.db.query(sql, [*args, limit, offset]))
 
-    def pair_reason_counts(
-        self,
-        *,
-        trait: str,
-        pos_job: int,
-        neg_job: int,
-        judge: str,
-        threshold: float,
-        coherence: float,
-        status: str = "all",
-        search: str = "",
-    ) -> dict[str, int]:
-        sql, args = _pairs_sql(trait, pos_job, neg_job, judge, threshold, coherence, status, search)
+    def pair_reason_counts(self, query: PairQuery) -> dict[str, int]:
+        sql, args = _pairs_sql(query)
         grouped = f"SELECT reason, COUNT(*) AS n FROM ({sql}) GROUP BY reason"
         return {row["reason"]: row["n"] for row in self.db.query(grouped, args)}
 
@@ -657,21 +633,30 @@ class Store:
 
 # ---- pairs in SQL ----------------------------------------------------------------------
 PAIR_STATUSES = ("all", "effective", "filtered")
+
+
+@dataclass(frozen=True)
+class PairQuery:
+    """Which pairs a review shows: the two jobs, whose scores, the rule's thresholds, and
+    the status and question-text filters."""
+
+    trait: str
+    pos_job: int
+    neg_job: int
+    judge: str
+    threshold: float
+    coherence: float
+    status: str = "all"
+    search: str = ""
+
+
 _EFFECTIVE = "('effective', 'included by hand')"
 
 
-def _pairs_sql(
-    trait: str,
-    pos_job: int,
-    neg_job: int,
-    judge: str,
-    threshold: float,
-    coherence: float,
-    status: str,
-    search: str,
-) -> tuple[str, list[Any]]:
+def _pairs_sql(query: PairQuery) -> tuple[str, list[Any]]:
     """The pairs query; its CASE is the rule of ``pipeline.filter.classify`` (a test keeps
     the two equal). Every value is a bound parameter."""
+    status, search = query.status, query.search
     if status not in PAIR_STATUSES:
         raise PersonaError(f"status must be one of {', '.join(PAIR_STATUSES)}, not '{status}'")
     side = """
@@ -707,18 +692,12 @@ def _pairs_sql(
                 AND o.instruction = pos.instruction AND o.sample = pos.sample
         ) WHERE 1 = 1
     """
+    q = query
     args: list[Any] = [
-        judge,
-        judge,
-        pos_job,
-        judge,
-        judge,
-        neg_job,
-        threshold,
-        threshold,
-        coherence,
-        coherence,
-        trait,
+        *(q.judge, q.judge, q.pos_job),  # the pos side
+        *(q.judge, q.judge, q.neg_job),  # the neg side
+        *(q.threshold, q.threshold, q.coherence, q.coherence),  # the rule
+        q.trait,  # the overrides
     ]
     if status == "effective":
         sql += f" AND reason IN {_EFFECTIVE}"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,40 @@ def test_bad_inputs(generated: Path) -> None:
             find_pairs(store, "deception")
         with pytest.raises(PersonaError, match="--source must be"):
             extract(store, "paternalism", source="magic")
+
+
+@pytest.mark.parametrize(("threshold", "coherence"), [(50, 50), (85, 50), (0, 95), (25, 0)])
+def test_sql_pairs_follow_the_same_rule_as_the_filter(
+    generated: Path, threshold: float, coherence: float
+) -> None:
+    """The review screen's SQL and ``pipeline.filter`` must give every pair the same reason,
+    overrides included."""
+    from db.store import PairQuery
+
+    with Store(generated) as store:
+        pairs = find_pairs(store, "paternalism", threshold=threshold, coherence=coherence)
+        first, second = pairs.pairs[0].key, pairs.pairs[5].key
+        store.set_override("paternalism", first, True)
+        store.set_override("paternalism", second, False)
+        try:
+            expected = {
+                p.key: p.reason
+                for p in find_pairs(
+                    store, "paternalism", threshold=threshold, coherence=coherence
+                ).pairs
+            }
+            query = PairQuery(
+                "paternalism", pairs.pos_job, pairs.neg_job, pairs.judge, threshold, coherence
+            )
+            rows = store.pair_rows(query, limit=1000)
+            got = {(r["question"], r["instruction"], r["sample"]): r["reason"] for r in rows}
+            counts = store.pair_reason_counts(query)
+            effective = store.pair_rows(
+                PairQuery(**{**query.__dict__, "status": "effective"}), limit=1000
+            )
+        finally:
+            store.set_override("paternalism", first, None)
+            store.set_override("paternalism", second, None)
+    assert got == expected
+    assert counts == dict(Counter(expected.values()))
+    assert len(effective) == sum(r in ("effective", "included by hand") for r in got.values())

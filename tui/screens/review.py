@@ -18,6 +18,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Select, Static
 
 from db import PersonaError, Store
+from db.store import PairQuery
 from tui.screens.base import PersonaScreen
 
 PAGE = 200
@@ -133,16 +134,16 @@ class ReviewScreen(PersonaScreen):
             if not judges:
                 raise PersonaError(f"the responses of '{trait}' are not judged yet (screen 2)")
             source = {"trait": trait, "pos_job": pos_job, "neg_job": neg_job, "judge": judges[0]}
-            query = {**source, **filters}
-            rows = store.pair_rows(**query, offset=offset, limit=PAGE)
+            query = PairQuery(**source, **filters)
+            rows = store.pair_rows(query, offset=offset, limit=PAGE)
         self.post_message(PairsLoaded(rows, offset, source))
         if offset == 0:
             self.load_counts(query)  # the page paints first; the full recount follows
 
     @work(thread=True, exclusive=True, group="review-counts", exit_on_error=False)
-    def load_counts(self, query: dict[str, Any]) -> None:
+    def load_counts(self, query: PairQuery) -> None:
         with Store(self.db_path) as store:
-            counts = store.pair_reason_counts(**query)
+            counts = store.pair_reason_counts(query)
         self.post_message(CountsLoaded(counts))
 
     def on_counts_loaded(self, message: CountsLoaded) -> None:
