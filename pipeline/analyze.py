@@ -115,6 +115,16 @@ def analyze(store: Store, trait: str, *, model: str | None = None, device: str |
     return report
 
 
+def default_layer(store: Store, trait: str, num_layers: int) -> int:
+    """The layer to look at first: the recommended one (best eval AUROC), else two thirds
+    of the way up the model."""
+    try:
+        layer = analyze(store, trait).recommended_layer
+    except PersonaError:
+        layer = None
+    return layer if layer is not None else (2 * num_layers) // 3
+
+
 def report_rows(report: TraitReport) -> list[dict[str, Any]]:
     """One row per layer: norms of each kind, and separation where computed."""
     rows = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from db import PersonaError, Store, TraitDefinition
 from db.store import utc_now
 from db.traits import N_PAIRS, N_QUESTIONS, N_QUESTIONS_PER_SPLIT, NAME_PATTERN
+from pipeline.judge import api_key
 
 DEFAULT_AUTHOR = "anthropic:claude-sonnet-5-5"
 
@@ -164,17 +164,6 @@ def _asker(params: AuthorParams):
     raise PersonaError(f"--author kind '{kind}' is unknown; use anthropic, openai or local")
 
 
-def _key(variable: str, base_url: str | None) -> str:
-    key = os.environ.get(variable)
-    if key:
-        return key
-    if base_url:
-        return "not-needed"
-    raise PersonaError(
-        f"{variable} is not set; export it (keys are read only from the environment)"
-    )
-
-
 def _api_error(exc: Exception, who: str) -> PersonaError:
     from pipeline.judge import api_error_text
 
@@ -187,7 +176,9 @@ def _anthropic_asker(model: str, params: AuthorParams):
     from anthropic import Anthropic, APIError
 
     client = Anthropic(
-        api_key=_key("ANTHROPIC_API_KEY", params.base_url), base_url=params.base_url, max_retries=4
+        api_key=api_key("ANTHROPIC_API_KEY", params.base_url),
+        base_url=params.base_url,
+        max_retries=4,
     )
     extra: dict[str, Any] = {}
     if params.thinking:
@@ -212,7 +203,7 @@ def _openai_asker(model: str, params: AuthorParams):
     from openai import APIError, OpenAI
 
     client = OpenAI(
-        api_key=_key("OPENAI_API_KEY", params.base_url), base_url=params.base_url, max_retries=4
+        api_key=api_key("OPENAI_API_KEY", params.base_url), base_url=params.base_url, max_retries=4
     )
 
     def ask(messages: list[dict[str, str]]) -> str:

@@ -16,7 +16,6 @@ Two runners do the forward passes:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.chat import stop_token_ids
-from pipeline.models import LoadedModel
+from pipeline.models import LoadedModel, cache_kwarg
 from pipeline.sampling import sample_next
 from vectors.steering import SteeringSpec, apply_steering, steered
 
@@ -212,9 +211,7 @@ class HFRunner:
         self.mask: torch.Tensor | None = None
         self._last_raw: torch.Tensor | None = None
         self._last_layer = _decoder_layers(model)[-1]
-        # transformers renamed ``past_key_values`` to ``cache``; pass whichever it takes.
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_kwarg(model)
 
     def _keep_last_raw(self, _module: Any, _inputs: Any, output: Any) -> None:
         self._last_raw = output[0] if isinstance(output, tuple) else output

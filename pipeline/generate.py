@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -290,11 +289,12 @@ async def _generate_openai(
     available (``--tokenizer``, or ``--model`` when it resolves locally)."""
     from openai import APIStatusError, AsyncOpenAI
 
+    from pipeline.judge import api_key
+
     tokenizer = _local_tokenizer(params.tokenizer or params.model, required=bool(params.tokenizer))
     client = AsyncOpenAI(
         base_url=params.base_url,
-        # Local servers take any key; the real one comes only from the environment.
-        api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
+        api_key=api_key("OPENAI_API_KEY", params.base_url),
         max_retries=5,
     )
     systems = {i: trait.system_prompt(params.side, i) for i in range(N_PAIRS)}

@@ -170,7 +170,8 @@ def _cost(prices: dict[str, tuple[float, float]], model: str, tokens_in: int, to
     return (tokens_in * rate[0] + tokens_out * rate[1]) / 1e6
 
 
-def _require_key(variable: str, base_url: str | None) -> str:
+def api_key(variable: str, base_url: str | None) -> str:
+    """An API key from the environment only; a local server (``base_url``) takes any."""
     key = os.environ.get(variable)
     if key:
         return key
@@ -271,7 +272,7 @@ class OpenAIJudge(Judge):
         self.spec = f"openai:{model}"
         self.prices = prices or DEFAULT_PRICES
         self.client = AsyncOpenAI(
-            api_key=_require_key("OPENAI_API_KEY", base_url),
+            api_key=api_key("OPENAI_API_KEY", base_url),
             base_url=base_url,
             max_retries=0,  # call_with_retries owns retrying, so it can count and report
             timeout=timeout_s,
@@ -333,7 +334,7 @@ class AnthropicJudge(Judge):
         self.samples = samples
         self.prices = prices or DEFAULT_PRICES
         self.client = AsyncAnthropic(
-            api_key=_require_key("ANTHROPIC_API_KEY", base_url),
+            api_key=api_key("ANTHROPIC_API_KEY", base_url),
             base_url=base_url,
             max_retries=0,
             timeout=timeout_s,
@@ -437,11 +438,12 @@ class LocalJudge(Judge):
         import torch
 
         from pipeline.chat import prompt_ids
+        from pipeline.models import cache_kwarg
 
         model = self.loaded.model
         device = self.loaded.device
         ids = prompt_ids(self.loaded.tokenizer, None, prompt)
-        cache_kw = _cache_kw(model)
+        cache_kw = cache_kwarg(model)
         with torch.inference_mode():
             cache, last_logits = self._prompt_cache(ids, cache_kw)
             saved = copy.deepcopy(cache)
@@ -515,11 +517,6 @@ class LocalJudge(Judge):
             logits = self.loaded.model(ids).logits[0].float()
         lp = torch.log_softmax(logits, -1)
         return float(sum(lp[len(base) - 1 + k, t] for k, t in enumerate(cand)))
-
-
-def _cache_kw(model: Any) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def make_judge(

@@ -168,6 +168,15 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()  # our own progress display owns the terminal
 
 
+def cache_kwarg(model: Any) -> str:
+    """The forward argument that takes a KV cache: transformers renamed ``past_key_values``
+    to ``cache``; models take whichever their version knows."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def pick_device(device: str | None = None) -> str:
     import torch
 

@@ -94,9 +94,9 @@ def screen(
     vector = load_vector(records["response_avg_diff"].path)[0]
     loaded = load_model(model or records["response_avg_diff"].model, device=device)
     if layer is None:
-        from pipeline.analyze import analyze
+        from pipeline.analyze import default_layer
 
-        layer = analyze(store, trait).recommended_layer or (2 * loaded.num_layers) // 3
+        layer = default_layer(store, trait, loaded.num_layers)
     if not 1 <= layer <= loaded.num_layers:
         raise PersonaError(f"--layer must be in 1..{loaded.num_layers} (got {layer})")
     tok = loaded.tokenizer

@@ -555,17 +555,8 @@ def _trait_vectors(store: Store, trait: str, kinds: list[str]):
     return records, {k: load_vector(records[k].path)[0] for k in kinds}
 
 
-def _default_layer(store: Store, trait: str, n_states: int) -> int:
-    from pipeline.analyze import analyze
-
-    try:
-        layer = analyze(store, trait).recommended_layer
-    except PersonaError:
-        layer = None
-    return layer if layer is not None else (2 * (n_states - 1)) // 3
-
-
 def cmd_monitor(args: argparse.Namespace) -> int:
+    from pipeline.analyze import default_layer
     from pipeline.models import load_model
     from pipeline.monitor import baseline_stats, project_tokens, zscore
     from tui.widgets.heatmap import heatmap, legend
@@ -577,7 +568,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         layer = (
             args.layer
             if args.layer is not None
-            else _default_layer(store, args.trait, loaded.num_layers + 1)
+            else default_layer(store, args.trait, loaded.num_layers)
         )
         if args.response is not None:
             response = store.get_response(args.response)

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vectors.files import match_umask
+
 KINDS = ("response_avg", "prompt_avg", "prompt_last")
 CONSOLIDATED = "activations.safetensors"
 _SHARD_GLOB = "shard-*.safetensors"
@@ -121,9 +123,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the user's umask, like any other file we write
+    match_umask(tmp)
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -37,7 +37,7 @@ def save_vector(path: Path, vector: torch.Tensor, metadata: dict[str, Any]) -> P
     header = {"persona": json.dumps(meta, sort_keys=True)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({"vector": vector.detach().float().contiguous().cpu()}, str(tmp), metadata=header)
-    _match_umask(tmp)
+    match_umask(tmp)
     os.replace(tmp, path)
     sidecar = path.with_suffix(path.suffix + ".json")
     tmp_json = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
@@ -91,7 +91,8 @@ def import_pt(path: Path, *, num_layers: int | None = None, hidden: int | None =
     return data.float()
 
 
-def _match_umask(path: Path) -> None:
+def match_umask(path: Path) -> None:
+    """Give a file written through a temp name the mode the user's umask allows."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

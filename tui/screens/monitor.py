@@ -120,16 +120,12 @@ class MonitorScreen(PersonaScreen):
         return load_model(records[self.kind].model), vector
 
     def _default_layer(self, store: Store, trait: str, loaded: Any) -> int:
-        """The layer shown first: the recommended one, else two thirds of the way up."""
-        from pipeline.analyze import analyze
+        """The layer shown first: the one on screen, else the model's default layer."""
+        from pipeline.analyze import default_layer
 
         if self.shown_layer is not None:
             return self.shown_layer
-        try:
-            layer = analyze(store, trait).recommended_layer
-        except PersonaError:
-            layer = None
-        return layer if layer is not None else (2 * loaded.num_layers) // 3
+        return default_layer(store, trait, loaded.num_layers)
 
     @work(thread=True, exclusive=True, group="monitor-load", exit_on_error=False)
     def load_responses(self, trait: str, ids: list[int]) -> None:
