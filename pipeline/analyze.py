@@ -52,9 +52,12 @@ def response_avg_projections(
     vector: torch.Tensor,
     *,
     forward: ForwardMeans | None = None,
+    captured: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """[N, L+1] projections of each response's response-average state on ``vector``."""
-    captured = captured_means(store, responses)
+    """[N, L+1] projections of each response's response-average state on ``vector``, from
+    ``captured`` means when given (read here when not), else by ``forward``."""
+    if captured is None and forward is None:
+        captured = captured_means(store, responses)
     if captured is not None:
         states = torch.stack([captured[r.id]["response_avg"].float() for r in responses])
         return projections_by_layer(states, vector)
@@ -103,12 +106,13 @@ def analyze(store: Store, trait: str, *, model: str | None = None, device: str |
         report.notes.append("fewer than two eval answers a side: no separation computed")
         return report
     forward = None
-    if captured_means(store, pos + neg) is None:
+    captured = captured_means(store, pos + neg)  # the activation files, read once
+    if captured is None:
         from pipeline.models import load_model
 
         forward = ForwardMeans(load_model(model_id, device=device))
-    pos_proj = response_avg_projections(store, pos, main, forward=forward)
-    neg_proj = response_avg_projections(store, neg, main, forward=forward)
+    pos_proj = response_avg_projections(store, pos, main, forward=forward, captured=captured)
+    neg_proj = response_avg_projections(store, neg, main, forward=forward, captured=captured)
     report.separation = separation_by_layer(pos_proj, neg_proj)
     report.recommended_layer = recommend_layer(report.separation)
     report.eval_counts = (len(pos), len(neg))
