@@ -23,7 +23,8 @@ N_PAIRS = 5
 N_QUESTIONS_PER_SPLIT = 20
 N_QUESTIONS = 2 * N_QUESTIONS_PER_SPLIT
 SPLITS = ("extract", "eval")
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# \Z, not $: $ also matches before a trailing newline, which would let "power_seeking\n" pass.
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 EXTRACT_DIR = "trait_data_extract"
 EVAL_DIR = "trait_data_eval"
 
@@ -34,7 +35,8 @@ class TraitValidationError(PersonaError):
     def __init__(self, name: str, problems: list[str]) -> None:
         self.problems = problems
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        super().__init__(f"trait '{name}' is invalid: {problems[0]}{more}")
+        # !r: a name from a file may hold a newline, which must not split the one-line error
+        super().__init__(f"trait {name!r} is invalid: {problems[0]}{more}")
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class TraitDefinition:
         found: list[str] = []
         if not NAME_PATTERN.match(self.name or ""):
             found.append(
-                f"name '{self.name}' must be lowercase letters, digits and '_', "
+                f"name {self.name!r} must be lowercase letters, digits and '_', "
                 "starting with a letter (e.g. power_seeking)"
             )
         if len(self.instructions) != N_PAIRS:
@@ -232,6 +234,14 @@ def _string(value: Any, key: str, source: str) -> str:
         raise PersonaError(f"{source}: missing '{key}'")
     if not isinstance(value, str):
         raise PersonaError(f"{source}: '{key}' must be a string, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON allows an unpaired "\ud800" escape; the store cannot save it as UTF-8 text.
+        raise PersonaError(
+            f"{source}: '{key}' holds an unpaired surrogate escape (such as \\ud800); "
+            "write the character itself or a complete surrogate pair"
+        ) from None
     return value
 
 
@@ -261,7 +271,8 @@ def _questions(value: Any, source: str) -> tuple[str, ...]:
 
 def _read_json(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: editors on Windows start UTF-8 files with a BOM, which json rejects
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise PersonaError(f"trait file {path} does not exist; check the path") from None
     except UnicodeDecodeError:
@@ -273,6 +284,16 @@ def _read_json(path: Path) -> Any:
     except json.JSONDecodeError as exc:
         raise PersonaError(
             f"trait file {path} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    except RecursionError:
+        raise PersonaError(
+            f"trait file {path} nests lists or objects too deeply to read; a trait file is one "
+            "object holding lists of strings"
+        ) from None
+    except ValueError:  # an integer past Python's digit limit for int()
+        raise PersonaError(
+            f"trait file {path} holds a number too long to read; a trait file holds strings, "
+            "so remove the number"
         ) from None
 
 

@@ -164,6 +164,13 @@ def _read_frame(side: str, path: Path, trait_name: str) -> Any:
             f"cannot read {side} CSV {path} ({_one_line(exc)}); check it is a UTF-8 CSV "
             "written by the original project"
         ) from None
+    if not isinstance(frame.index, pd.RangeIndex):
+        # pandas takes the first column(s) for the row index when the first data row has
+        # more cells than the header, shifting every cell to the wrong column.
+        raise PersonaError(
+            f"{side} CSV {path}: data row 1 has more cells than the header has columns; "
+            "remove the extra cells (a stray trailing comma?) or name their column"
+        )
     required = [*TEXT_COLUMNS, trait_name, "coherence"]
     missing = [column for column in required if column not in frame.columns]
     if missing:
@@ -229,9 +236,12 @@ def _instruction(question_id: str) -> int:
     if "_" not in question_id:
         return 0
     try:
-        return int(question_id.rsplit("_", 1)[1])
+        number = int(question_id.rsplit("_", 1)[1])
     except ValueError:
         return 0
+    # SQLite stores signed 64-bit integers; a longer number is no instruction index, so it
+    # counts as none, the same way in both files.
+    return number if -(2**63) <= number < 2**63 else 0
 
 
 def _one_line(exc: BaseException) -> str:

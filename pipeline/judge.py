@@ -109,12 +109,16 @@ def aggregate_logprobs(top: list[tuple[str, float]]) -> tuple[float | None, floa
         value = number_token(token)
         if value is None or not math.isfinite(logprob):
             continue
-        p = math.exp(logprob)
+        # A logprob is at most 0; a server's rounding can put it just above, and anything
+        # larger would overflow exp(). Either way the token's probability is at most 1.
+        p = math.exp(min(logprob, 0.0))
         mass += p
         weighted += p * value
     if mass < MIN_LOGPROB_MASS:
         return None, mass
-    return weighted / mass, mass
+    # Rounding can put the mean a hair past 100 (all mass on "100" and " 100"), which the
+    # judgments table's CHECK (score <= 100) would reject.
+    return min(weighted / mass, 100.0), mass
 
 
 _REFUSAL = re.compile(r"\bREFUSAL\b", re.IGNORECASE)
@@ -124,9 +128,13 @@ _FIRST_INT = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
 def parse_score_text(text: str) -> float | None:
     """A number 0..100 from a short text answer; None for REFUSAL. Anything else raises
     ``RetryableReply``."""
-    if _REFUSAL.search(text or ""):
+    text = text or ""
+    if _REFUSAL.search(text):
         return None
-    match = _FIRST_INT.search(text or "")
+    # A number right after "-" is negative, so off the scale: "-5" must not read as 5.
+    match = next(
+        (m for m in _FIRST_INT.finditer(text) if text[m.start() - 1 : m.start()] != "-"), None
+    )
     if match and int(match.group(1)) <= 100:
         return float(match.group(1))
     raise RetryableReply(f"no score in the judge's answer {text[:60]!r}")
