@@ -132,6 +132,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX judgments_response ON judgments(response);
     """,
+    # 3 -> 4: the host of a job's worker, so a lock is judged by pid on its own host and by
+    # heartbeat alone from another (a database on a shared filesystem).
+    """
+    ALTER TABLE jobs ADD COLUMN host TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

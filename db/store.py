@@ -23,6 +23,7 @@ JOB_STATUSES = ("pending", "running", "done", "failed", "cancelled")
 _JOB_UPDATABLE = {
     "status",
     "pid",
+    "host",
     "heartbeat",
     "done",
     "total",
@@ -67,6 +68,7 @@ class Job:
     created: str
     started: str | None
     ended: str | None
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,9 +191,23 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All writes inside commit together or not at all (nested blocks are savepoints)."""
-        with self.db.atomic():
+        """All writes inside commit together or not at all (nested blocks are savepoints).
+
+        The outer block takes the write lock at BEGIN (IMMEDIATE): a deferred transaction that
+        reads and then writes fails at once with "database is locked" when another process
+        committed in between, without waiting out the busy timeout."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            with self.db.atomic():  # a savepoint
+                yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             yield
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.rollback()
+            raise
 
     def info(self) -> dict[str, Any]:
         counts = {name: self.db[name].count for name in self.db.table_names()}
@@ -335,6 +351,16 @@ class Store:
             if self.db["jobs"].count_where("id = ?", [job_id]) == 0:
                 raise UnknownJobError(job_id)
             self.db["jobs"].update(job_id, fields)
+
+    def beat(self, job_id: int, pid: int, host: str) -> bool:
+        """Refresh a job's heartbeat if the row still names this worker; False when another
+        worker has taken the job over."""
+        with self.transaction():
+            cursor = self.db.execute(
+                "UPDATE jobs SET heartbeat = ? WHERE id = ? AND pid = ? AND host = ?",
+                [utc_now(), job_id, pid, host],
+            )
+            return cursor.rowcount == 1
 
     def list_jobs(
         self, trait: str | None = None, status: str | None = None, kind: str | None = None

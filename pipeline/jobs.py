@@ -1,20 +1,39 @@
 """Job rows as the steps see them: progress written about once a second (done/total, rate,
-ETA, GPU memory, heartbeat), cancellation read back, and the runner behind
-``persona worker JOB_ID``."""
+ETA, GPU memory, heartbeat), cancellation read back, the job lock, and the runner behind
+``persona worker JOB_ID``.
+
+The lock: a running job's row names its worker (pid and host) and carries a heartbeat that a
+background thread refreshes every few seconds, also while a model loads. A job is held while
+that worker is alive on this host and beating (from another host: while it beats); otherwise
+the lock is stale and the next worker takes it over."""
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from db import PersonaError, Store
-from db.store import utc_now
+from db.store import Job, utc_now
 
 FLUSH_SECONDS = 1.0
+HEARTBEAT_SECONDS = 5.0
+# A heartbeat older than this means the worker is gone or hung: its lock may be taken over.
+STALE_SECONDS = 30.0
+
+
+class JobLockedError(PersonaError):
+    """Another live worker holds the job."""
+
+
+class JobTakenOver(Exception):
+    """Another worker took this job over (our heartbeat had gone stale); stop writing."""
 
 
 @dataclass
@@ -108,8 +127,11 @@ class JobProgress:
             )
 
     def check_cancelled(self) -> None:
-        if self.store.get_job(self.job_id).status == "cancelled":
+        job = self.store.get_job(self.job_id)
+        if job.status == "cancelled":
             raise JobCancelled()
+        if job.pid is not None and (job.pid, job.host) != (os.getpid(), this_host()):
+            raise JobTakenOver(f"job {self.job_id} was taken over by pid {job.pid}")
 
     def finish(self, status: str = "done", message: str = "") -> None:
         self.message = message
@@ -125,6 +147,95 @@ def _gpu_memory_gb() -> float | None:
     if not torch.cuda.is_available():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+# ---- the job lock -------------------------------------------------------------------------
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not alive.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def heartbeat_age(heartbeat: str | None) -> float | None:
+    if not heartbeat:
+        return None
+    return (datetime.now(UTC) - datetime.fromisoformat(heartbeat)).total_seconds()
+
+
+def lock_holder(job: Job) -> str | None:
+    """Who holds a job, as words ("pid 123 on host"), or None when it is free: never started,
+    ended, or its worker is gone (a dead pid, or a heartbeat older than STALE_SECONDS: a hung
+    worker or a reused pid)."""
+    if job.status != "running" or job.pid is None:
+        return None
+    age = heartbeat_age(job.heartbeat)
+    if age is None or age >= STALE_SECONDS:
+        return None
+    host = job.host or this_host()
+    if host == this_host() and not pid_alive(job.pid):
+        return None
+    return f"pid {job.pid} on {host}, heartbeat {max(age, 0):.0f} s ago"
+
+
+def claim_job(store: Store, job_id: int) -> None:
+    """Take a job's lock for this process or raise ``JobLockedError``. The check and the
+    write are one IMMEDIATE transaction, so two workers never both see the job free."""
+    with store.transaction():
+        job = store.get_job(job_id)
+        holder = lock_holder(job)
+        if holder and (job.pid, job.host) != (os.getpid(), this_host()):
+            raise JobLockedError(
+                f"job {job_id} is already running ({holder}); wait for it, or stop it with "
+                f"`persona jobs cancel {job_id}`"
+            )
+        store.update_job(
+            job_id, status="running", pid=os.getpid(), host=this_host(), heartbeat=utc_now()
+        )
+
+
+class Heartbeat:
+    """Refreshes the job's heartbeat from a thread (its own connection) while the step runs,
+    so a long model load or batch never looks like a dead worker."""
+
+    def __init__(self, db_path: str | Path, job_id: int) -> None:
+        self.db_path = db_path
+        self.job_id = job_id
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        with Store(self.db_path) as store:
+            while not self._stop.wait(HEARTBEAT_SECONDS):
+                try:
+                    if not store.beat(self.job_id, os.getpid(), this_host()):
+                        self.lost = True
+                        return
+                except Exception:  # a locked or busy database: try again next beat
+                    continue
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # ---- running a job by id ------------------------------------------------------------------
@@ -156,8 +267,12 @@ def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | No
         runner = _runners().get(job.kind)
         if runner is None:
             raise PersonaError(f"job {job_id} has kind '{job.kind}', which no step runs")
+        claim_job(store, job_id)
         try:
-            runner(store, job_id, on_progress=on_progress)
+            with Heartbeat(db_path, job_id):
+                runner(store, job_id, on_progress=on_progress)
+        except JobTakenOver:
+            return  # the row is the new worker's now: leave it as it is
         except JobCancelled:
             store.update_job(job_id, status="cancelled", ended=utc_now(), message="cancelled")
         except PersonaError as exc:

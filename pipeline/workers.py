@@ -8,13 +8,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 from db import PersonaError, Store
-
-# A running job whose heartbeat is older than this and whose process is gone is dead.
-STALE_SECONDS = 30.0
+from pipeline.jobs import lock_holder
 
 
 def log_path(store: Store, job_id: int) -> Path:
@@ -24,8 +21,9 @@ def log_path(store: Store, job_id: int) -> Path:
 def start_worker(store: Store, job_id: int) -> int:
     """Start (or resume) a job in a detached process; returns its pid."""
     job = store.get_job(job_id)
-    if job.status == "running" and pid_alive(job.pid):
-        raise PersonaError(f"job {job_id} is already running (pid {job.pid})")
+    holder = lock_holder(job)
+    if holder:
+        raise PersonaError(f"job {job_id} is already running ({holder})")
     path = log_path(store, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     store.update_job(job_id, status="pending", message="starting", ended=None)
@@ -50,36 +48,12 @@ def cancel(store: Store, job_id: int) -> None:
     store.update_job(job_id, status="cancelled", message="cancel requested")
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not alive.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def heartbeat_age(heartbeat: str | None) -> float | None:
-    if not heartbeat:
-        return None
-    return (datetime.now(UTC) - datetime.fromisoformat(heartbeat)).total_seconds()
-
-
 def reap_dead_jobs(store: Store) -> list[int]:
     """Mark running jobs whose worker process is gone as failed, with their last heartbeat;
     resuming them continues where they stopped. Returns the job ids marked."""
     dead = []
     for job in store.list_jobs(status="running"):
-        age = heartbeat_age(job.heartbeat)
-        if pid_alive(job.pid) or (age is not None and age < STALE_SECONDS):
+        if lock_holder(job):
             continue
         store.update_job(
             job.id,

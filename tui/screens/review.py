@@ -43,6 +43,14 @@ class PairsLoaded(Message):
 
 
 @dataclass
+class PairsUnavailable(Message):
+    """Nothing to review yet (no generations, or none judged): said in place, not a modal,
+    since the screen is often open while those jobs run."""
+
+    reason: str
+
+
+@dataclass
 class CountsLoaded(Message):
     counts: dict[str, int]
 
@@ -129,10 +137,16 @@ class ReviewScreen(PersonaScreen):
         from pipeline.filter import generation_jobs
 
         with Store(self.db_path) as store:
-            pos_job, neg_job = generation_jobs(store, trait, "extract")
+            try:
+                pos_job, neg_job = generation_jobs(store, trait, "extract")
+            except PersonaError as exc:
+                self.post_message(PairsUnavailable(str(exc)))
+                return
             judges = store.judges_of([pos_job, neg_job])
             if not judges:
-                raise PersonaError(f"the responses of '{trait}' are not judged yet (screen 2)")
+                reason = f"the responses of '{trait}' are not judged yet (jobs: screen 2)"
+                self.post_message(PairsUnavailable(reason))
+                return
             source = {"trait": trait, "pos_job": pos_job, "neg_job": neg_job, "judge": judges[0]}
             query = PairQuery(**source, **filters)
             rows = store.pair_rows(query, offset=offset, limit=PAGE)
@@ -145,6 +159,12 @@ class ReviewScreen(PersonaScreen):
         with Store(self.db_path) as store:
             counts = store.pair_reason_counts(query)
         self.post_message(CountsLoaded(counts))
+
+    def on_pairs_unavailable(self, message: PairsUnavailable) -> None:
+        self.source = None
+        self.exhausted = True
+        self.query_one(DataTable).clear()
+        self.query_one("#review-counts", Static).update(message.reason)
 
     def on_counts_loaded(self, message: CountsLoaded) -> None:
         self.show_counts(message.counts)

@@ -28,6 +28,11 @@ class ReportLoaded(Message):
     cosine: tuple[list[str], Any] | None
 
 
+@dataclass
+class ReportUnavailable(Message):
+    reason: str
+
+
 def short_model(model_id: str) -> str:
     """A model folder's name rather than its whole path (screens are narrow)."""
     return model_id.rstrip("/").rsplit("/", 1)[-1] if model_id.startswith("/") else model_id
@@ -114,6 +119,12 @@ class VectorsScreen(PersonaScreen):
         from vectors.files import load_vector
 
         with Store(self.db_path) as store:
+            if not store.vectors(trait=trait, kind="response_avg_diff"):
+                # A state, not an error: said in place (the screen is open while jobs run).
+                self.post_message(
+                    ReportUnavailable(f"'{trait}' has no vectors yet: press x to extract")
+                )
+                return
             report = analyze(store, trait)
             vectors = {}
             for summary in store.list_traits():
@@ -124,6 +135,12 @@ class VectorsScreen(PersonaScreen):
             layer = report.recommended_layer or len(report.norms["response_avg_diff"]) // 2
         cosine = cosine_matrix(vectors, layer) if len(vectors) > 1 else None
         self.post_message(ReportLoaded(report, (layer, cosine)))
+
+    def on_report_unavailable(self, message: ReportUnavailable) -> None:
+        self.report = None
+        self.query_one("#vectors-summary", Static).update(message.reason)
+        self.query_one("#vectors-table", Static).update("")
+        self.query_one("#vectors-cosine", Static).update("")
 
     def on_report_loaded(self, message: ReportLoaded) -> None:
         report = self.report = message.report
