@@ -12,7 +12,10 @@ import asyncio
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from db import PersonaError, Store, TraitDefinition
 from db.traits import N_PAIRS, N_QUESTIONS_PER_SPLIT, SPLITS
@@ -160,19 +163,47 @@ def run_generation_job(
             _generate_local(store, job_id, params, trait, pending, progress)
         else:
             asyncio.run(_generate_openai(store, job_id, params, trait, pending, progress))
+    message = ""
     if params.backend == "local" and params.capture:
-        progress.extra["activations"] = str(_consolidate(store, job_id))
-    progress.finish("done")
+        path, torn, rebuilt = _consolidate(store, job_id, params)
+        progress.extra["activations"] = str(path)
+        if torn or rebuilt:
+            message = (
+                f"rebuilt the activations of {rebuilt} responses from their stored tokens "
+                f"({len(torn)} unreadable activation files set aside as .torn)"
+            )
+    progress.finish("done", message)
 
 
-def activations_dir(store: Store, job_id: int):
+def activations_dir(store: Store, job_id: int) -> Path:
     return store.data_dir / "activations" / f"job-{job_id}"
 
 
-def _consolidate(store: Store, job_id: int):
-    folder = activations_dir(store, job_id)
-    key_to_id = {r.key: r.id for r in store.responses(job=job_id)}
-    return activations.consolidate(folder, key_to_id)
+def _consolidate(store: Store, job_id: int, params: GenerateParams):
+    """One activation file for the job; entries lost to a torn file are rebuilt by a forward
+    pass over the stored prompt and answer ids (the same means, up to float rounding)."""
+    responses = {r.key: r for r in store.responses(job=job_id)}
+
+    def rebuild(keys: list[RowKey]) -> dict[RowKey, dict[str, torch.Tensor]]:
+        from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
+        from pipeline.models import load_model
+
+        forward = ForwardMeans(load_model(params.model, device=params.device))
+        rows = [(responses[k].prompt_ids, responses[k].answer_ids) for k in keys]
+        out: dict[RowKey, dict[str, torch.Tensor]] = {}
+        for chunk, means in forward.iter_means(rows, TOKENS_PER_BATCH):
+            for position, index in enumerate(chunk):
+                entry = {kind: means[kind][position].cpu() for kind in activations.KINDS}
+                entry["response_tokens"] = torch.tensor(len(rows[index][1]))
+                out[keys[index]] = entry
+        return out
+
+    try:
+        return activations.consolidate(
+            activations_dir(store, job_id), {k: r.id for k, r in responses.items()}, rebuild
+        )
+    except activations.ActivationFileError as exc:
+        raise PersonaError(str(exc)) from None
 
 
 def _row(
@@ -214,7 +245,6 @@ def _generate_local(
     pending: list[RowKey],
     progress: JobProgress,
 ) -> None:
-    import torch
 
     from pipeline.chat import prompt_ids
     from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
@@ -256,7 +286,12 @@ def _generate_local(
                 kind: torch.stack([r.activations[kind] for r in results])
                 for kind in activations.KINDS
             }
-            activations.write_shard(folder, batch, stacked, [len(r.answer_ids) for r in results])
+            try:
+                activations.write_shard(
+                    folder, batch, stacked, [len(r.answer_ids) for r in results]
+                )
+            except activations.ActivationFileError as exc:  # the batch's rows are not stored
+                raise PersonaError(str(exc)) from None
         rows = [
             _row(
                 job_id,

@@ -6,12 +6,16 @@ never leaves a torn shard under its final name), keyed by the response's
 so every stored row has its activations; a row regenerated after a kill rewrites the same
 key (the latest shard wins). When the job ends the shards are consolidated into one
 ``activations.safetensors`` indexed by response id, stored as float16.
+
+A file that cannot be read whole (a torn write, a bad disk, an edit) is never used: it is
+renamed to ``NAME.torn`` and the responses it held are rebuilt by the caller from their
+stored token ids.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -47,27 +51,56 @@ def write_shard(
     return path
 
 
-def read_shards(folder: Path) -> dict[tuple[int, int, int], dict[str, torch.Tensor]]:
-    """Every key's activations from the shards, the latest shard winning; torn or unreadable
-    shards raise ``ActivationFileError`` naming the file."""
-    by_key: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
+Entry = dict[str, torch.Tensor]
+Key = tuple[int, int, int]
+# Builds the entries of the given keys anew (from their stored token ids).
+Rebuild = Callable[[list[Key]], dict[Key, Entry]]
+
+
+def read_shards(folder: Path) -> tuple[dict[Key, Entry], list[Path]]:
+    """Every key's activations from the shards, the latest shard winning, and the torn
+    shards found (set aside as ``.torn``, never read)."""
+    by_key: dict[Key, Entry] = {}
+    torn: list[Path] = []
     for path in sorted(folder.glob(_SHARD_GLOB)):
-        tensors = _load(path)
-        for row, key in enumerate(tensors["keys"].tolist()):
-            entry = {kind: tensors[kind][row] for kind in KINDS}
-            entry["response_tokens"] = tensors["response_tokens"][row]
-            by_key[tuple(key)] = entry
-    return by_key
+        try:
+            tensors = _load(path)
+        except ActivationFileError:
+            torn.append(set_aside(path))
+            continue
+        by_key.update(_entries(tensors))
+    return by_key, torn
 
 
-def consolidate(folder: Path, key_to_response: Mapping[tuple[int, int, int], int]) -> Path:
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable activation file to ``NAME.torn`` (kept for inspection)."""
+    target = path.with_name(path.name + ".torn")
+    os.replace(path, target)
+    return target
+
+
+def consolidate(
+    folder: Path, key_to_response: Mapping[Key, int], rebuild: Rebuild | None = None
+) -> tuple[Path, list[Path], int]:
     """Write ``activations.safetensors`` for exactly the given responses (ordered by id),
-    then drop the shards. Raises when a response has no captured activations."""
-    by_key = read_shards(folder)
+    then drop the shards. Entries lost to a torn file (or never captured) come from
+    ``rebuild``; without it they raise. Returns the path, the files set aside and how many
+    entries were rebuilt."""
+    by_key, torn = read_shards(folder)
     if (folder / CONSOLIDATED).exists():
-        for key, entry in load_by_key(folder).items():
+        try:
+            earlier = load_by_key(folder)
+        except ActivationFileError:
+            torn.append(set_aside(folder / CONSOLIDATED))
+            earlier = {}
+        for key, entry in earlier.items():
             by_key.setdefault(key, entry)
     missing = [k for k in key_to_response if k not in by_key]
+    rebuilt = 0
+    if missing and rebuild is not None:
+        by_key.update(rebuild(missing))
+        rebuilt = len(missing)
+        missing = [k for k in key_to_response if k not in by_key]
     if missing:
         raise ActivationFileError(
             f"{len(missing)} responses have no captured activations in {folder} "
@@ -87,17 +120,20 @@ def consolidate(folder: Path, key_to_response: Mapping[tuple[int, int, int], int
     _atomic_save(tensors, path)
     for shard in folder.glob(_SHARD_GLOB):
         shard.unlink()
-    return path
+    return path, torn, rebuilt
 
 
-def load_by_key(folder: Path) -> dict[tuple[int, int, int], dict[str, torch.Tensor]]:
-    tensors = _load(folder / CONSOLIDATED)
+def _entries(tensors: dict[str, torch.Tensor]) -> dict[Key, Entry]:
     out = {}
     for row, key in enumerate(tensors["keys"].tolist()):
         entry = {kind: tensors[kind][row] for kind in KINDS}
         entry["response_tokens"] = tensors["response_tokens"][row]
         out[tuple(key)] = entry
     return out
+
+
+def load_by_key(folder: Path) -> dict[Key, Entry]:
+    return _entries(_load(folder / CONSOLIDATED))
 
 
 def load_consolidated(path: Path) -> dict[str, torch.Tensor]:
@@ -122,8 +158,16 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
-    match_umask(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp))
+        match_umask(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:  # a full disk, most often
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ActivationFileError(
+            f"could not write activation file {path} ({reason}); free disk space and resume "
+            "the job (what was not written is generated again)"
+        ) from None
