@@ -534,6 +534,7 @@ def make_judge(
     prices_path: str | None = None,
     samples: int = 1,
     device: str | None = None,
+    timeout_s: float = 60.0,
 ) -> Judge:
     kind, _, model = spec.partition(":")
     if not model:
@@ -543,9 +544,11 @@ def make_judge(
         )
     prices = load_prices(prices_path)
     if kind == "openai":
-        return OpenAIJudge(model, base_url=base_url, prices=prices)
+        return OpenAIJudge(model, base_url=base_url, prices=prices, timeout_s=timeout_s)
     if kind == "anthropic":
-        return AnthropicJudge(model, base_url=base_url, prices=prices, samples=samples)
+        return AnthropicJudge(
+            model, base_url=base_url, prices=prices, samples=samples, timeout_s=timeout_s
+        )
     if kind == "local":
         return LocalJudge(model, device=device)
     raise PersonaError(f"--judge kind '{kind}' is unknown; use openai, anthropic or local")

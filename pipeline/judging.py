@@ -20,7 +20,7 @@ from pipeline.judge import COHERENCE_PROMPT, Judge, JudgeResult, make_judge
 DEFAULT_JUDGE = "openai:gpt-4.1-mini-2025-04-14"
 METRICS = ("trait", "coherence")
 FLUSH_EVERY = 64
-_NOT_IDENTITY = {"max_concurrent", "device", "prices"}
+_NOT_IDENTITY = {"max_concurrent", "device", "prices", "timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class JudgeParams:
     samples: int = 1
     prices: str | None = None
     device: str | None = None
+    timeout_s: float = 60.0  # one request; a timeout is retried like a 5xx
 
     def validate(self) -> JudgeParams:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -45,6 +46,10 @@ class JudgeParams:
             raise PersonaError(f"--max-concurrent must be at least 1 (got {self.max_concurrent})")
         if self.samples < 1:
             raise PersonaError(f"--samples must be at least 1 (got {self.samples})")
+        if not self.timeout_s > 0:
+            raise PersonaError(
+                f"--timeout must be a positive number of seconds (got {self.timeout_s})"
+            )
         if ":" not in self.judge:
             raise PersonaError(
                 f"--judge '{self.judge}' must be KIND:MODEL, e.g. {DEFAULT_JUDGE} or local:smollm2"
@@ -106,6 +111,7 @@ def run_judge_job(
             prices_path=params.prices,
             samples=params.samples,
             device=params.device,
+            timeout_s=params.timeout_s,
         )
     templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
     scope = store.responses(trait=trait.name, job=params.job)
