@@ -254,14 +254,27 @@ def _is_one_of(exc: BaseException, names: set[str]) -> bool:
     return bool({c.__name__ for c in type(exc).__mro__} & names)
 
 
+API_KEY_VARIABLES = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
+
+
+def redact_keys(text: str) -> str:
+    """``text`` with any API key of ours replaced: a proxy or server may echo the key in its
+    error message, and messages are stored in job rows and logs."""
+    for variable in API_KEY_VARIABLES:
+        key = os.environ.get(variable)
+        if key and len(key) >= 8:
+            text = text.replace(key, f"[{variable}]")
+    return text
+
+
 def api_error_text(exc: BaseException) -> str:
-    """The server's own error message, first line, from the SDK exception."""
+    """The server's own error message, first line, from the SDK exception, keys redacted."""
     body = getattr(exc, "body", None)
     message = None
     if isinstance(body, dict):
         inner = body.get("error") if isinstance(body.get("error"), dict) else body
         message = inner.get("message")
-    message = str(message or getattr(exc, "message", "") or exc).strip()
+    message = redact_keys(str(message or getattr(exc, "message", "") or exc)).strip()
     return message.splitlines()[0][:200] if message else "no message"
 
 

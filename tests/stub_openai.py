@@ -48,6 +48,7 @@ class StubServer:
         self.handler = handler
         self.latency_s = latency_s
         self.requests: list[dict[str, Any]] = []
+        self.api_keys: list[str] = []  # what the client sent as its key, request by request
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -66,8 +67,10 @@ class StubServer:
                     self.close_connection = True
                     return
                 body = json.loads(raw or b"{}")
+                key = self.headers.get("x-api-key") or self.headers.get("Authorization", "")
                 with stub._lock:
                     stub.requests.append(body)
+                    stub.api_keys.append(key.removeprefix("Bearer "))
                     stub.in_flight += 1
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                 try:
