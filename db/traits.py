@@ -279,20 +279,25 @@ def _read_json(path: Path) -> Any:
         raise PersonaError(f"trait file {path} is not UTF-8 text") from None
     except OSError as exc:
         raise PersonaError(f"cannot read trait file {path}: {exc.strerror}") from None
+    return parse_trait_json(text, f"trait file {path}")
+
+
+def parse_trait_json(text: str, what: str = "the trait") -> Any:
+    """JSON text as data, or a one-line ``PersonaError`` starting with ``what``."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise PersonaError(
-            f"trait file {path} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"
+            f"{what} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
     except RecursionError:
         raise PersonaError(
-            f"trait file {path} nests lists or objects too deeply to read; a trait file is one "
+            f"{what} nests lists or objects too deeply to read; a trait file is one "
             "object holding lists of strings"
         ) from None
     except ValueError:  # an integer past Python's digit limit for int()
         raise PersonaError(
-            f"trait file {path} holds a number too long to read; a trait file holds strings, "
+            f"{what} holds a number too long to read; a trait file holds strings, "
             "so remove the number"
         ) from None
 

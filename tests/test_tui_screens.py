@@ -345,3 +345,20 @@ async def test_a_trait_created_from_the_template_is_saved(review_db: Path) -> No
     with Store(review_db) as store:
         assert store.get_trait("from_template").description == "written in the editor"
         assert store.trait_source("from_template") == "edited"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"name": "x",', "the editor's text is not valid JSON: line 1"),
+        ("[" * 100_000 + "]" * 100_000, "nests lists or objects too deeply"),
+        ('{"name": ' + "9" * 5000 + "}", "holds a number too long"),
+    ],
+    ids=["truncated", "too deep", "huge number"],
+)
+def test_the_editor_lists_unreadable_json_as_a_problem(text: str, problem: str) -> None:
+    from tui.screens.trait_editor import problems_of
+
+    trait, problems = problems_of(text)
+    assert trait is None and len(problems) == 1
+    assert problems[0].startswith("the editor's text ") and problem in problems[0]

@@ -13,14 +13,12 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, Static, TextArea
 
 from db import PersonaError, TraitDefinition
+from db.traits import parse_trait_json
 
 
 def problems_of(text: str) -> tuple[TraitDefinition | None, list[str]]:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, [f"not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"]
-    try:
+        data = parse_trait_json(text, "the editor's text")
         trait = TraitDefinition.from_dict(data, source="the editor")
     except PersonaError as exc:
         return None, [str(exc)]
