@@ -8,19 +8,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import multiprocessing
+import os
+import queue as queue_module
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from db import PersonaError, Store
 from db.traits import fill_judge_template
 from pipeline.jobs import JobProgress, ProgressCallback
-from pipeline.judge import COHERENCE_PROMPT, Judge, JudgeResult, make_judge
+from pipeline.judge import COHERENCE_PROMPT, Judge, JudgeFatalError, JudgeResult, make_judge
 
 DEFAULT_JUDGE = "openai:gpt-4.1-mini-2025-04-14"
 METRICS = ("trait", "coherence")
 FLUSH_EVERY = 64
-_NOT_IDENTITY = {"max_concurrent", "device", "prices", "timeout_s"}
+_NOT_IDENTITY = {"max_concurrent", "device", "prices", "timeout_s", "processes"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class JudgeParams:
     prices: str | None = None
     device: str | None = None
     timeout_s: float = 60.0  # one request; a timeout is retried like a 5xx
+    # Client processes for an API judge: one process's SDK tops out near 500 requests/s.
+    processes: int = 1
 
     def validate(self) -> JudgeParams:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -46,6 +53,10 @@ class JudgeParams:
             raise PersonaError(f"--max-concurrent must be at least 1 (got {self.max_concurrent})")
         if self.samples < 1:
             raise PersonaError(f"--samples must be at least 1 (got {self.samples})")
+        if self.processes < 1:
+            raise PersonaError(f"--processes must be at least 1 (got {self.processes})")
+        if self.processes > 1 and self.judge.startswith("local:"):
+            raise PersonaError("--processes is for API judges; a local judge runs in one process")
         if not self.timeout_s > 0:
             raise PersonaError(
                 f"--timeout must be a positive number of seconds (got {self.timeout_s})"
@@ -104,15 +115,16 @@ def run_judge_job(
     job = store.get_job(job_id)
     params = JudgeParams.from_dict(job.params).validate()
     trait = store.get_trait(job.trait)
+    judge_kwargs = {
+        "spec": params.judge,
+        "base_url": params.base_url,
+        "prices_path": params.prices,
+        "samples": params.samples,
+        "device": params.device,
+        "timeout_s": params.timeout_s,
+    }
     if judge is None:
-        judge = make_judge(
-            params.judge,
-            base_url=params.base_url,
-            prices_path=params.prices,
-            samples=params.samples,
-            device=params.device,
-            timeout_s=params.timeout_s,
-        )
+        judge = make_judge(**judge_kwargs)
     templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
     scope = store.responses(trait=trait.name, job=params.job)
     tasks: list[tuple[int, str, str]] = []  # (response id, metric, prompt)
@@ -133,7 +145,8 @@ def run_judge_job(
     )
     progress.start()
     progress.counters.update(tokens=0, cost=0.0, errors=0, cached=0)
-    asyncio.run(_judge_all(store, judge, tasks, params.max_concurrent, progress))
+    processes = (judge_kwargs, params.processes) if params.processes > 1 else None
+    asyncio.run(_judge_all(store, judge, tasks, params.max_concurrent, progress, processes))
     errors = int(progress.counters.get("errors", 0))
     message = f"{errors} judgments failed; rerun to retry them" if errors else ""
     progress.extra["counts"] = {
@@ -170,7 +183,11 @@ async def _judge_all(
     tasks: list[tuple[int, str, str]],
     max_concurrent: int,
     progress: JobProgress,
+    processes: tuple[dict[str, Any], int] | None = None,
 ) -> None:
+    """Score ``tasks`` (response id, metric, prompt), cached ones first, writing results in
+    batches; ``processes`` = (make_judge arguments, count) spreads the requests over that
+    many client processes."""
     cached = store.cached_judge_results([cache_key(judge.spec, p) for _, _, p in tasks])
     buffer: list[tuple[int, str, str, JudgeResult, bool]] = []
     last_flush = time.monotonic()
@@ -230,15 +247,26 @@ async def _judge_all(
         buffer.append((rid, metric, prompt, result, True))
     flush()
 
+    def collect(rid: int, metric: str, prompt: str, result: JudgeResult) -> None:
+        buffer.append((rid, metric, prompt, result, False))
+        if len(buffer) >= FLUSH_EVERY or time.monotonic() - last_flush > 1.0:
+            flush()
+            progress.check_cancelled()
+
+    if processes is not None and len(to_ask) > 1:
+        try:
+            await _score_in_processes(*processes, to_ask, max_concurrent, collect)
+        finally:
+            flush()
+            await judge.aclose()
+        return
+
     limit = asyncio.Semaphore(max_concurrent)
 
     async def one(rid: int, metric: str, prompt: str) -> None:
         async with limit:
             result = await judge.score_prompt(prompt)
-        buffer.append((rid, metric, prompt, result, False))
-        if len(buffer) >= FLUSH_EVERY or time.monotonic() - last_flush > 1.0:
-            flush()
-            progress.check_cancelled()
+        collect(rid, metric, prompt, result)
 
     pending = [asyncio.ensure_future(one(*task)) for task in to_ask]
     try:
@@ -251,3 +279,114 @@ async def _judge_all(
     finally:
         flush()  # whatever came back is kept, whatever the ending
         await judge.aclose()
+
+
+# ---- client processes ---------------------------------------------------------------------
+Task = tuple[int, str, str]  # (response id, metric, prompt)
+_SEND_EVERY_S = 0.05
+
+
+async def _score_in_processes(
+    judge_kwargs: dict[str, Any],
+    count: int,
+    tasks: list[Task],
+    max_concurrent: int,
+    collect: Callable[[int, str, str, JudgeResult], None],
+) -> None:
+    """Split ``tasks`` over ``count`` spawned client processes (max_concurrent in flight in
+    all) and hand each result to ``collect`` here, where the database is written."""
+    count = min(count, len(tasks))
+    # Forked: a spawned child spends a second importing the SDK, as long as judging 1,000
+    # requests takes. A forked child touches neither SQLite nor torch nor the parent's
+    # event loop (asyncio ignores a running loop of another pid): it makes its own client.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    results = context.Queue()
+    limits = [max_concurrent // count + (i < max_concurrent % count) for i in range(count)]
+    children = [
+        context.Process(
+            target=_client_process,
+            args=(judge_kwargs, tasks[i::count], max(1, limits[i]), results, os.getpid()),
+            daemon=True,
+        )
+        for i in range(count)
+    ]
+    with warnings.catch_warnings():
+        # Python 3.12+ warns on fork() in a threaded process (here: the heartbeat thread,
+        # which holds no lock the child uses).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for child in children:
+            child.start()
+    loop = asyncio.get_running_loop()
+    running = count
+    try:
+        while running:
+            try:
+                message = await loop.run_in_executor(None, results.get, True, 1.0)
+            except queue_module.Empty:
+                if not any(child.is_alive() for child in children):
+                    raise RuntimeError("a judge client process died without a word") from None
+                continue
+            kind, payload = message
+            if kind == "results":
+                for rid, metric, prompt, result in payload:
+                    collect(rid, metric, prompt, result)
+            elif kind == "done":
+                running -= 1
+            elif kind == "fatal":
+                raise JudgeFatalError(payload)
+            else:
+                raise RuntimeError(f"a judge client process failed: {payload}")
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+            child.join(timeout=5)
+
+
+def _client_process(
+    judge_kwargs: dict[str, Any],
+    tasks: list[Task],
+    limit: int,
+    results: Any,
+    parent: int,
+) -> None:
+    """One client process: score its share of the tasks, sending results back in small
+    batches; it stops when its parent is gone (a killed job must not keep spending)."""
+
+    async def main() -> None:
+        judge = make_judge(**judge_kwargs)
+        gate = asyncio.Semaphore(limit)
+        out: list[tuple[int, str, str, JudgeResult]] = []
+        sent = time.monotonic()
+
+        def send() -> None:
+            nonlocal sent
+            if out:
+                results.put(("results", list(out)))
+                out.clear()
+            sent = time.monotonic()
+
+        async def one(rid: int, metric: str, prompt: str) -> None:
+            async with gate:
+                if os.getppid() != parent:
+                    os._exit(1)
+                result = await judge.score_prompt(prompt)
+            out.append((rid, metric, prompt, result))
+            if time.monotonic() - sent > _SEND_EVERY_S:
+                send()
+
+        try:
+            await asyncio.gather(*(one(*task) for task in tasks))
+        finally:
+            send()
+            await judge.aclose()
+
+    try:
+        asyncio.run(main())
+    except JudgeFatalError as exc:
+        results.put(("fatal", str(exc)))
+    except BaseException as exc:  # reported to the parent, which fails the job
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+    else:
+        results.put(("done", None))

@@ -347,3 +347,42 @@ def test_coherence_prompt_has_both_slots() -> None:
 
     assert judge_template_problems(COHERENCE_PROMPT) == []
     assert chat_completion("x")["choices"][0]["message"]["content"] == "x"
+
+
+def test_client_processes_judge_everything_once_within_the_limit(store: Store) -> None:
+    gen = _seed_responses(store, n=30)
+
+    def reply(path: str, body: dict):
+        value = str(len(body["messages"][0]["content"]) % 101)
+        return 200, logprob_completion([(value, 0.0)]), {}
+
+    with StubServer(reply, latency_s=0.02) as server:
+        params = JudgeParams(
+            judge="openai:m", base_url=server.base_url, max_concurrent=4, processes=2
+        )
+        job_id = find_or_create_judge_job(store, "paternalism", params)
+        run_job(store.path, job_id)
+    prompts = [r["messages"][0]["content"] for r in server.requests]
+    assert len(prompts) == len(set(prompts)) == 60  # every judgment asked exactly once
+    assert server.max_in_flight <= 4
+    job = store.get_job(job_id)
+    assert (job.status, job.done) == ("done", 60)
+    for response in store.responses(job=gen):
+        for j in store.judgments(response.id):
+            assert j.score is not None and j.evidence["top_logprobs"]
+
+
+def test_a_client_process_error_stops_the_job_with_the_servers_message(store: Store) -> None:
+    _seed_responses(store, n=6)
+    error = {"error": {"message": "Incorrect API key provided"}}
+    with StubServer(lambda p, b: (401, error, {})) as server:
+        params = JudgeParams(judge="openai:m", base_url=server.base_url, processes=2)
+        job_id = find_or_create_judge_job(store, "paternalism", params)
+        with pytest.raises(PersonaError, match="answered 401: Incorrect API key provided"):
+            run_job(store.path, job_id)
+    assert store.get_job(job_id).status == "failed"
+
+
+def test_processes_are_for_api_judges() -> None:
+    with pytest.raises(PersonaError, match="--processes is for API judges"):
+        JudgeParams(judge="local:smollm2", processes=2).validate()
