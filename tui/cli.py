@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -23,6 +27,121 @@ _FILE_ERRORS = {"VectorFileError", "ActivationFileError"}
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# ---- argument types -----------------------------------------------------------------------
+# One checker per kind of value, shared by every option of that kind: a bad value stops at
+# parse time with one line naming the option, before any database or model is opened.
+MAX_SEED = 2**63 - 1  # seeds are packed as signed 64-bit integers (pipeline.sampling.row_seed)
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+
+
+def _real_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (answers, tokens, batch rows, concurrent requests)."""
+    value = _whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An index or budget that may be 0 but not negative."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = _whole_number(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED} (got {value})")
+    return value
+
+
+def percent(text: str) -> float:
+    """A 0-100 score threshold, the judges' scale."""
+    value = _real_number(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100 (got {value:g})")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _real_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value:g})")
+    return value
+
+
+def probability(text: str) -> float:
+    """A nucleus mass in (0, 1]: 0 would keep no token at all."""
+    value = _real_number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (got {value:g})")
+    return value
+
+
+def number_list(text: str) -> list[float]:
+    """Comma-separated numbers, such as steering coefficients."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError("is empty; give numbers such as 2 or -2,2")
+    try:
+        return [_real_number(part) for part in parts]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma list of numbers such as -2,2"
+        ) from None
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write into; created when missing, so only an existing file is wrong."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file; pass a folder (made if missing)")
+    return path
+
+
+def output_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; pass a file name")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"folder {path.parent} does not exist; create it first or write elsewhere"
+        )
+    return path
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors as one ``error:`` line, like every other bad input, instead of
+    a usage block: the line names the option and ``--help`` shows the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        err.print(
+            f"error: {message}; see `{self.prog} --help`",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        self.exit(2)
 
 
 def _db_path(args: argparse.Namespace) -> Path:
@@ -196,7 +315,8 @@ def cmd_models_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar():
+@contextmanager
+def _progress_bar() -> Iterator[Any]:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -206,7 +326,7 @@ def _progress_bar():
         TimeRemainingColumn,
     )
 
-    return Progress(
+    progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -215,6 +335,16 @@ def _progress_bar():
         TimeRemainingColumn(),
         console=err,
     )
+    progress.start()
+    try:
+        yield progress
+    except BaseException:
+        # A failed step leaves no bar behind, nor the blank line Progress.stop adds off a
+        # terminal: the error line printed next is then the only thing on stderr.
+        progress.live.transient = True
+        progress.live.stop()
+        raise
+    progress.stop()
 
 
 def _bar_updater(bar, task):
@@ -294,6 +424,10 @@ def cmd_judge(args: argparse.Namespace) -> int:
         prices=args.prices,
         device=args.device,
     ).validate()
+    if args.prices:
+        from pipeline.judge import load_prices
+
+        load_prices(args.prices)  # a bad file fails here, before a job row exists
     with _open_store(args) as store:
         job_id = find_or_create_judge_job(store, args.trait, params)
     _run_jobs_with_progress(_db_path(args), [(job_id, f"job {job_id} judge {args.trait}")])
@@ -462,13 +596,16 @@ def cmd_vectors_export(args: argparse.Namespace) -> int:
 
 def cmd_vectors_import(args: argparse.Namespace) -> int:
     from pipeline.models import load_model
-    from vectors.files import import_pt, save_vector
+    from vectors.files import check_fits, import_pt, save_vector
 
-    with err.status(f"loading {args.model} to check the shape"):
-        loaded = load_model(args.model, device="cpu")
-    vector = import_pt(Path(args.path), num_layers=loaded.num_layers, hidden=loaded.hidden_size)
     with _open_store(args) as store:
         store.get_trait(args.trait)
+    # The file is read before the model loads: a missing or unsafe file fails at once.
+    vector = import_pt(Path(args.path))
+    with err.status(f"loading {args.model} to check the shape"):
+        loaded = load_model(args.model, device="cpu")
+    check_fits(vector, loaded.num_layers, loaded.hidden_size, what=args.path)
+    with _open_store(args) as store:
         meta = {
             "trait": args.trait,
             "model": loaded.model_id,
@@ -560,11 +697,15 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from pipeline.models import load_model
     from pipeline.monitor import baseline_stats, project_tokens, zscore
     from tui.widgets.heatmap import heatmap, legend
+    from vectors.files import check_fits
 
     with _open_store(args) as store:
         records, vectors = _trait_vectors(store, args.trait, [args.vector])
         model = args.model or records[args.vector].model
         loaded = load_model(model, device=args.device)
+        made_with = records[args.vector].model
+        what = f"the {args.vector} vector of {args.trait} (made with {made_with})"
+        check_fits(vectors[args.vector], loaded.num_layers, loaded.hidden_size, what=what)
         layer = (
             args.layer
             if args.layer is not None
@@ -615,7 +756,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
             model=args.model or records[args.vector].model,
             vector=vectors[args.vector],
             layer=args.layer,
-            coefs=[float(c) for c in args.coef.split(",")],
+            coefs=args.coef,
             prompt=args.prompt,
             positions=args.positions,
             max_new_tokens=args.max_new_tokens,
@@ -750,14 +891,14 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     # --db is accepted before or after the subcommand.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--db",
         default=argparse.SUPPRESS,
         metavar="PATH",
         help=f"SQLite database (default: $PERSONA_DB or ./{DEFAULT_DB})",
     )
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="persona",
         description="Turn a trait description into a persona vector; review and monitor it.",
         parents=[common],
@@ -795,7 +936,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="replace a trait of the same name")
     exp = add(traits_cmds, "export", cmd_traits_export, "write a trait to files")
     exp.add_argument("name")
-    exp.add_argument("--out", default=".", help="folder to write into (default: .)")
+    exp.add_argument(
+        "--out", type=output_folder, default=".", help="folder to write into (default: .)"
+    )
     exp.add_argument(
         "--format",
         choices=("original", "studio"),
@@ -822,13 +965,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_AUTHOR}; keys from ANTHROPIC_API_KEY / OPENAI_API_KEY)",
     )
     new.add_argument("--base-url", help="an Anthropic- or OpenAI-compatible server")
-    new.add_argument("--thinking", type=int, default=0, help="Anthropic thinking budget, tokens")
+    new.add_argument(
+        "--thinking", type=non_negative_int, default=0, help="Anthropic thinking budget, tokens"
+    )
     new.add_argument("--assistant-name", help='adjective for "You are a/an ... assistant."')
     new.add_argument("--force", action="store_true", help="replace a trait of the same name")
     tpl = add(traits_cmds, "template", cmd_traits_template, "print an empty trait to fill in")
     tpl.add_argument("name")
     tpl.add_argument("--description")
-    tpl.add_argument("--out", help="write to this file instead of stdout")
+    tpl.add_argument("--out", type=output_file, help="write to this file instead of stdout")
     dele = add(traits_cmds, "delete", cmd_traits_delete, "delete a trait and all its data")
     dele.add_argument("name")
 
@@ -844,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="smollm2", help="smollm2, a model folder or cached id")
     gen.add_argument(
         "--n-per-question",
-        type=int,
+        type=positive_int,
         default=10,
         help="answers per question, instructions rotated (default 10)",
     )
@@ -853,13 +998,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="n answers for every (question, instruction) pair instead",
     )
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--max-new-tokens", type=int, default=1000)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=non_negative_float, default=1.0)
+    gen.add_argument("--top-p", type=probability, default=1.0)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=1000)
+    gen.add_argument("--seed", type=seed_int, default=0)
     gen.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="rows per batch (default 64 on CUDA, 8 on CPU)",
     )
@@ -870,7 +1015,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=("local", "openai"), default="local")
     gen.add_argument("--base-url", help="OpenAI-compatible server for --backend openai")
     gen.add_argument("--tokenizer", help="local tokenizer for token ids with --backend openai")
-    gen.add_argument("--max-concurrent", type=int, default=16)
+    gen.add_argument("--max-concurrent", type=positive_int, default=16)
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
 
     from pipeline.judging import DEFAULT_JUDGE
@@ -890,16 +1035,16 @@ def build_parser() -> argparse.ArgumentParser:
         "local:smollm2 is a smoke-test judge only: a 135M model has no real signal",
     )
     jud.add_argument("--metrics", default="trait,coherence")
-    jud.add_argument("--max-concurrent", type=int, default=50)
+    jud.add_argument("--max-concurrent", type=positive_int, default=50)
     jud.add_argument("--base-url", help="an OpenAI- or Anthropic-compatible server")
-    jud.add_argument("--samples", type=int, default=1, help="anthropic: average k answers")
+    jud.add_argument("--samples", type=positive_int, default=1, help="anthropic: average k answers")
     jud.add_argument("--prices", help="JSON file of model: [input, output] $ per 1M tokens")
     jud.add_argument("--device", help="local judge: cpu, cuda or cuda:N")
 
     def filter_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("trait")
-        sub.add_argument("--threshold", type=float, default=50.0, help="T (default 50)")
-        sub.add_argument("--coherence", type=float, default=50.0, help="C (default 50)")
+        sub.add_argument("--threshold", type=percent, default=50.0, help="T (default 50)")
+        sub.add_argument("--coherence", type=percent, default=50.0, help="C (default 50)")
         sub.add_argument("--pos-job", type=int, help="default: the latest pos extract job")
         sub.add_argument("--neg-job", type=int, help="default: the latest neg extract job")
         sub.add_argument("--judge", help="whose scores (default: the judge with most scores)")
@@ -914,9 +1059,9 @@ def build_parser() -> argparse.ArgumentParser:
     pair_cmds = pairs.add_subparsers(dest="pairs_command", metavar="ACTION")
     for action in ("include", "exclude", "clear"):
         sub = add(pair_cmds, action, cmd_pairs_set, f"{action} one pair by hand")
-        sub.add_argument("question", type=int)
-        sub.add_argument("instruction", type=int)
-        sub.add_argument("sample", type=int)
+        sub.add_argument("question", type=non_negative_int)
+        sub.add_argument("instruction", type=non_negative_int)
+        sub.add_argument("sample", type=non_negative_int)
         sub.add_argument("--note")
 
     ext = add(
@@ -948,7 +1093,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp_v.add_argument("trait")
     exp_v.add_argument("--format", choices=("pt",), default="pt")
-    exp_v.add_argument("--out", default=".")
+    exp_v.add_argument("--out", type=output_folder, default=".")
     exp_v.add_argument("--model")
     imp_v = add(
         vec_cmds,
@@ -993,14 +1138,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="KIND:MODEL; local:smollm2 runs offline but is a smoke test only",
     )
     run.add_argument("--judge-base-url")
-    run.add_argument("--n-per-question", type=int, default=10, help="extract split")
-    run.add_argument("--n-eval", type=int, default=5, help="answers per eval question")
+    run.add_argument("--n-per-question", type=positive_int, default=10, help="extract split")
+    run.add_argument("--n-eval", type=positive_int, default=5, help="answers per eval question")
     run.add_argument("--all-instructions", action="store_true")
-    run.add_argument("--max-new-tokens", type=int, default=1000)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--batch-size", type=int)
-    run.add_argument("--threshold", type=float, default=50.0)
-    run.add_argument("--coherence", type=float, default=50.0)
+    run.add_argument("--max-new-tokens", type=positive_int, default=1000)
+    run.add_argument("--seed", type=seed_int, default=0)
+    run.add_argument("--batch-size", type=positive_int)
+    # Checked here: the run would otherwise generate and judge for hours before extract
+    # found a threshold outside 0-100.
+    run.add_argument("--threshold", type=percent, default=50.0)
+    run.add_argument("--coherence", type=percent, default=50.0)
     run.add_argument("--device")
     run.add_argument("--tui", action="store_true", help="open the dashboard at the end")
 
@@ -1025,15 +1172,16 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--show-prompt", action="store_true")
     mon.add_argument("--model")
     mon.add_argument("--device")
-    mon.add_argument("--max-new-tokens", type=int, default=120)
-    mon.add_argument("--temperature", type=float, default=0.0)
-    mon.add_argument("--seed", type=int, default=0)
+    mon.add_argument("--max-new-tokens", type=positive_int, default=120)
+    mon.add_argument("--temperature", type=non_negative_float, default=0.0)
+    mon.add_argument("--seed", type=seed_int, default=0)
 
     st = add(commands, "steer", cmd_steer, "steered vs unsteered answers side by side")
     st.add_argument("trait")
     st.add_argument("--layer", type=int, required=True)
     st.add_argument(
         "--coef",
+        type=number_list,
         default="2.0",
         help="one or more, comma-separated; start a negative with = (--coef=-2,2)",
     )
@@ -1043,9 +1191,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--vector", default="response_avg_diff", choices=vector_kinds)
     st.add_argument("--model")
     st.add_argument("--device")
-    st.add_argument("--max-new-tokens", type=int, default=120)
-    st.add_argument("--temperature", type=float, default=0.0)
-    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--max-new-tokens", type=positive_int, default=120)
+    st.add_argument("--temperature", type=non_negative_float, default=0.0)
+    st.add_argument("--seed", type=seed_int, default=0)
 
     sw = add(
         commands,
@@ -1056,14 +1204,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("trait")
     sw.add_argument("--layers", required=True, help="8-24, 8-24:4 or 8,12,16")
     sw.add_argument("--coefs", default="-2,-1,1,2", help="write --coefs=-2,-1,1,2 (with =)")
-    sw.add_argument("--n", type=int, default=5, help="eval questions (default 5)")
+    sw.add_argument("--n", type=positive_int, default=5, help="eval questions (default 5)")
     sw.add_argument("--judge", default=DEFAULT_JUDGE)
     sw.add_argument("--judge-base-url")
     sw.add_argument("--model")
     sw.add_argument("--positions", choices=("response", "prompt", "all"), default="response")
-    sw.add_argument("--max-new-tokens", type=int, default=120)
-    sw.add_argument("--seed", type=int, default=0)
-    sw.add_argument("--prune-top", type=int, help="keep the K layers with the best eval AUROC")
+    sw.add_argument("--max-new-tokens", type=positive_int, default=120)
+    sw.add_argument("--seed", type=seed_int, default=0)
+    sw.add_argument(
+        "--prune-top", type=positive_int, help="keep the K layers with the best eval AUROC"
+    )
     sw.add_argument("--device")
 
     scr = add(
@@ -1080,8 +1230,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also generate the model's own answers and rank by the difference",
     )
-    scr.add_argument("--out", help="write the full ranking (.csv or .jsonl)")
-    scr.add_argument("--top", type=int, default=20, help="rows to print")
+    scr.add_argument("--out", type=output_file, help="write the full ranking (.csv or .jsonl)")
+    scr.add_argument("--top", type=positive_int, default=20, help="rows to print")
     scr.add_argument("--model")
     scr.add_argument("--device")
 
@@ -1111,9 +1261,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _database_problem(path: Path, exc: sqlite3.DatabaseError) -> str | None:
+    """One line for SQLite failing on a database that opened fine: a page damaged past the
+    header, a full disk, a lock held too long. None for anything else (our own bug, such as
+    a wrong column name, keeps its traceback)."""
+    text = str(exc)
+    if "malformed" in text or "not a database" in text:
+        return (
+            f"the database {path} is damaged ({text}); restore a backup, or move it aside and "
+            "pass another --db (`sqlite3 FILE .recover` may save its rows)"
+        )
+    if "locked" in text or "busy" in text:
+        return (
+            f"the database {path} stayed locked by another process ({text}); wait for it to "
+            "finish or stop it, then rerun"
+        )
+    if any(word in text for word in ("disk", "full", "readonly", "unable to open")):
+        return f"cannot use the database {path} ({text}); check free disk space and permissions"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad argument already reported in one line
+        return exc.code if isinstance(exc.code, int) else 2
     handler = getattr(args, "handler", None) or cmd_tui
     try:
         return int(handler(args) or 0)
@@ -1121,6 +1294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, PersonaError) and type(exc).__name__ not in _FILE_ERRORS:
             raise
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except sqlite3.DatabaseError as exc:
+        # Integrity and programming errors are our bugs; only the file's state is the user's.
+        message = _database_problem(_db_path(args), exc)
+        if message is None or type(exc) not in (sqlite3.DatabaseError, sqlite3.OperationalError):
+            raise
+        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

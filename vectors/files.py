@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,28 @@ def load_vector(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:
             vector = handle.get_tensor("vector")
             header = handle.metadata() or {}
     except (SafetensorError, OSError, KeyError) as exc:
-        raise VectorFileError(f"vector file {path} is unreadable ({exc})") from None
-    meta = json.loads(header.get("persona", "{}"))
+        raise VectorFileError(
+            f"vector file {path} is unreadable ({exc}); run `persona extract` again to rewrite it"
+        ) from None
+    try:
+        meta = json.loads(header.get("persona", "{}"))
+    except json.JSONDecodeError:
+        raise VectorFileError(
+            f"vector file {path} has a damaged provenance header; run `persona extract` again "
+            "to rewrite it"
+        ) from None
     return vector, meta
+
+
+def check_fits(vector: torch.Tensor, num_layers: int, hidden: int, *, what: str) -> None:
+    """Refuse a vector whose shape is not [num_layers + 1, hidden]: it was made for another
+    model, and projecting or steering with it would fail deep inside a forward pass."""
+    want = [num_layers + 1, hidden]
+    if list(vector.shape) != want:
+        raise VectorFileError(
+            f"{what} has shape {list(vector.shape)} but the model needs {want} "
+            f"({num_layers} layers + embeddings, hidden {hidden}); is it for another model?"
+        )
 
 
 def export_pt(vector: torch.Tensor, path: Path) -> Path:
@@ -66,29 +86,54 @@ def export_pt(vector: torch.Tensor, path: Path) -> Path:
 
 def import_pt(path: Path, *, num_layers: int | None = None, hidden: int | None = None):
     """A ``.pt`` vector, refusing pickled objects and shapes that do not fit the model."""
+    if path.is_dir():
+        raise VectorFileError(f"{path} is a folder; pass the .pt file itself")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise VectorFileError(f"{path} does not exist; check the path") from None
     except Exception as exc:  # torch raises UnpicklingError and friends for unsafe content
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise VectorFileError(
-            f"{path} is not a plain tensor file and was not loaded (weights_only refused it: "
-            f"{first})"
-        ) from None
+        raise VectorFileError(_refusal(path, exc)) from None
     if isinstance(data, dict) and len(data) == 1:
         data = next(iter(data.values()))
     if not isinstance(data, torch.Tensor) or data.dim() != 2:
         shape = list(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
         raise VectorFileError(f"{path} must hold one [L+1, d] tensor, found {shape}")
+    if not data.is_floating_point() or not torch.isfinite(data).all():
+        # NaN or inf would turn every projection and steered answer into NaN, far from here.
+        raise VectorFileError(
+            f"{path} holds {'NaN or infinite' if data.is_floating_point() else data.dtype} "
+            "values; a vector must be finite floats"
+        )
     if num_layers is not None and hidden is not None:
-        want = [num_layers + 1, hidden]
-        if list(data.shape) != want:
-            raise VectorFileError(
-                f"{path} has shape {list(data.shape)} but the model needs {want} "
-                f"({num_layers} layers + embeddings, hidden {hidden}); is it for another model?"
-            )
+        check_fits(data, num_layers, hidden, what=str(path))
     return data.float()
+
+
+def _refusal(path: Path, exc: BaseException) -> str:
+    """One line for a ``.pt`` that ``torch.load(weights_only=True)`` would not read. Torch's
+    own message is a paragraph of advice to turn the safety off; keep only the reason."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch bolds part of it with ANSI codes
+    # Torch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose module..."
+    pickled = re.search(r"GLOBAL ([\w.]+)", text)
+    if pickled:
+        return (
+            f"{path} holds a pickled Python object ({pickled.group(1)}), not only tensors; "
+            "weights_only refused it and ran nothing. Save the bare tensor with "
+            "torch.save(tensor, path)"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail:
+        reason = f"weights_only refused it: {detail.group(1).strip()}"
+    elif isinstance(exc, EOFError):
+        reason = "the file is empty"
+    else:
+        lines = text.strip().splitlines()
+        reason = lines[0].split(". ")[0][:160] if lines else type(exc).__name__
+    return (
+        f"{path} is not a tensor file written by torch.save ({reason}); check the file or "
+        "save the tensor again with torch.save(tensor, path)"
+    )
 
 
 def match_umask(path: Path) -> None:
