@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -140,11 +141,9 @@ class JobProgress:
 
 
 def _gpu_memory_gb() -> float | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
+    # Only where torch is loaded already: importing it costs a judging job seconds.
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
@@ -242,21 +241,24 @@ class Heartbeat:
 JobRunner = Callable[..., Any]
 
 
-def _runners() -> dict[str, JobRunner]:
-    # Imported here: each step pulls in torch or API clients only when its job runs.
-    from pipeline.author import run_author_job
-    from pipeline.extract import run_extract_job
-    from pipeline.generate import run_generation_job
-    from pipeline.judging import run_judge_job
-    from pipeline.sweep import run_sweep_job
+# Imported only when a job of that kind runs: a judging job never pays for torch.
+_RUNNERS = {
+    "author": "pipeline.author:run_author_job",
+    "extract": "pipeline.extract:run_extract_job",
+    "generate": "pipeline.generate:run_generation_job",
+    "judge": "pipeline.judging:run_judge_job",
+    "sweep": "pipeline.sweep:run_sweep_job",
+}
 
-    return {
-        "author": run_author_job,
-        "extract": run_extract_job,
-        "generate": run_generation_job,
-        "judge": run_judge_job,
-        "sweep": run_sweep_job,
-    }
+
+def _runner(kind: str) -> JobRunner | None:
+    import importlib
+
+    target = _RUNNERS.get(kind)
+    if target is None:
+        return None
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | None = None) -> None:
@@ -264,7 +266,7 @@ def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | No
     finished job runs again cheaply: each step does only what is missing or failed."""
     with Store(db_path) as store:
         job = store.get_job(job_id)
-        runner = _runners().get(job.kind)
+        runner = _runner(job.kind)
         if runner is None:
             raise PersonaError(f"job {job_id} has kind '{job.kind}', which no step runs")
         claim_job(store, job_id)

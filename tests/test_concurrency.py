@@ -215,10 +215,13 @@ async def test_soak_the_dashboard_reads_while_two_workers_write(
             deadline = time.monotonic() + soak_s
             keys = ["2", "3", "j", "j", "4", "1", "j", "2", "3", "k"]
             presses = 0
+            slowest = 0.0
             while time.monotonic() < deadline:
+                started = time.monotonic()
                 await pilot.press(keys[presses % len(keys)])
                 presses += 1
                 await pilot.pause(0.2)
+                slowest = max(slowest, time.monotonic() - started)
                 assert not isinstance(app.screen, ErrorModal), errors
             with Store(db_path) as store:
                 written = store.db["judgments"].count
@@ -238,4 +241,5 @@ async def test_soak_the_dashboard_reads_while_two_workers_write(
         )
     assert "database is locked" not in log_text and "Traceback" not in log_text
     assert written > 200, f"the workers wrote only {written} judgments in {soak_s} s"
-    assert presses >= soak_s  # the dashboard kept answering keys
+    # The dashboard kept answering keys: never frozen for seconds by the writers.
+    assert presses >= 5 and slowest < 5.0, (presses, slowest)

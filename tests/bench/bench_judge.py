@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _serve(latency: float, port_queue) -> None:
-    """A lean asyncio HTTP/1.1 server (keep-alive, fixed latency, one canned reply), so the
-    measured ceiling is the client's, not the stub's."""
+def _serve(latency: float, port_queue, port: int = 0) -> None:
+    """A lean asyncio HTTP/1.1 server (keep-alive, fixed latency, one canned reply). Several
+    of them share one port (SO_REUSEPORT), so the measured ceiling is the client's, not the
+    stub's."""
     import asyncio
     import json
 
@@ -58,9 +59,10 @@ def _serve(latency: float, port_queue) -> None:
             writer.close()
 
     async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
-        port = server.sockets[0].getsockname()[1]
-        port_queue.put(f"http://127.0.0.1:{port}/v1")
+        server = await asyncio.start_server(
+            handle, "127.0.0.1", port, backlog=1024, reuse_port=True
+        )
+        port_queue.put(server.sockets[0].getsockname()[1])
         async with server:
             await server.serve_forever()
 
@@ -75,19 +77,26 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--concurrency", default="64", help="comma list, e.g. 8,16,32,64")
     parser.add_argument("--processes", default="1", help="comma list of client processes")
+    parser.add_argument(
+        "--stub-processes", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4))
+    )
     args = parser.parse_args()
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-not-real")
-
-    from common import print_table
 
     from db import Store
     from pipeline.jobs import run_job
     from pipeline.judging import JudgeParams, find_or_create_judge_job
 
     queue = multiprocessing.Queue()
-    server = multiprocessing.Process(target=_serve, args=(args.latency, queue), daemon=True)
-    server.start()
-    base_url = queue.get(timeout=30)
+    servers = []
+    port = 0
+    for _ in range(args.stub_processes):
+        servers.append(
+            multiprocessing.Process(target=_serve, args=(args.latency, queue, port), daemon=True)
+        )
+        servers[-1].start()
+        port = queue.get(timeout=30)
+    base_url = f"http://127.0.0.1:{port}/v1"
     rows = []
     grid = [
         (int(c), int(p)) for c in args.concurrency.split(",") for p in args.processes.split(",")
@@ -143,9 +152,13 @@ def main() -> None:
                 "parent CPU ms/judgment": 1000 * cpu / done,
             }
         )
-    server.terminate()
+    for server in servers:
+        server.terminate()
+    from common import print_table  # imports torch, which a judging worker never loads
+
     print_table(
-        f"bench_judge: {args.n} judgments, {1000 * args.latency:.0f} ms latency",
+        f"bench_judge: {args.n} judgments, {1000 * args.latency:.0f} ms latency, "
+        f"{args.stub_processes} stub processes",
         rows,
         list(rows[0]),
     )
