@@ -106,7 +106,10 @@ def analyze(store: Store, trait: str, *, model: str | None = None, device: str |
         report.notes.append("fewer than two eval answers a side: no separation computed")
         return report
     forward = None
-    captured = captured_means(store, pos + neg)  # the activation files, read once
+    captured = None
+    # Captured activations are the generator's; a vector of another model needs its own pass.
+    if all(r.model == model_id for r in pos + neg):
+        captured = captured_means(store, pos + neg)  # the activation files, read once
     if captured is None:
         from pipeline.models import load_model
 

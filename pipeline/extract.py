@@ -167,7 +167,13 @@ def captured_means(
         path = activations_dir(store, job_id) / activations.CONSOLIDATED
         if not path.exists():
             return None
-        tensors = activations.load_consolidated(path)
+        try:
+            tensors = activations.load_consolidated(path)
+        except activations.ActivationFileError as exc:  # never used; say how to rebuild it
+            raise PersonaError(
+                f"{exc}; run `persona worker {job_id}` to rebuild it from the stored tokens, "
+                "or extract with --source forward"
+            ) from None
         index = {rid: row for row, rid in enumerate(tensors["response_ids"].tolist())}
         for r in responses:
             if r.job == job_id:

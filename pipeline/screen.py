@@ -15,7 +15,7 @@ from pipeline.analyze import latest_vectors
 from pipeline.chat import prompt_ids
 from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
 from vectors.analysis import projections_by_layer
-from vectors.files import load_vector
+from vectors.files import check_fits, load_vector
 
 
 @dataclass
@@ -39,15 +39,18 @@ def read_samples(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise PersonaError(f"--data {path} does not exist; pass a JSONL file")
     samples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PersonaError(f"{path} line {number} is not JSON ({exc.msg})") from None
-            samples.append(_sample(item, path, number))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise PersonaError(f"--data {path} is not UTF-8 text; save it as UTF-8") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PersonaError(f"{path} line {number} is not JSON ({exc.msg})") from None
+        samples.append(_sample(item, path, number))
     if not samples:
         raise PersonaError(f"{path} holds no samples")
     return samples
@@ -93,6 +96,8 @@ def screen(
         raise PersonaError(f"trait '{trait}' has no vectors yet; run `persona extract {trait}`")
     vector = load_vector(records["response_avg_diff"].path)[0]
     loaded = load_model(model or records["response_avg_diff"].model, device=device)
+    what = f"the {trait} vector ({records['response_avg_diff'].path})"
+    check_fits(vector, loaded.num_layers, loaded.hidden_size, what=what)
     if layer is None:
         from pipeline.analyze import default_layer
 

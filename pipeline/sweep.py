@@ -16,7 +16,7 @@ from typing import Any
 from db import PersonaError, Store
 from pipeline.analyze import analyze, latest_vectors
 from pipeline.jobs import JobProgress, ProgressCallback
-from vectors.files import load_vector
+from vectors.files import VectorFileError, check_fits, load_vector
 
 MIN_COHERENCE = 50.0
 
@@ -109,6 +109,11 @@ def run_sweep_job(
     record = latest_vectors(store, trait.name)[params.vector]
     vector = load_vector(record.path)[0]
     loaded = load_model(params.model or record.model, device=params.device)
+    try:
+        what = f"the {trait.name} vector ({record.path})"
+        check_fits(vector, loaded.num_layers, loaded.hidden_size, what=what)
+    except VectorFileError as exc:  # a job's failure message is a PersonaError's
+        raise PersonaError(str(exc)) from None
     bad = [layer for layer in params.layers if not 1 <= layer <= loaded.num_layers]
     if bad:
         raise PersonaError(f"--layers {bad} are outside 1..{loaded.num_layers} for this model")

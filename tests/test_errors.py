@@ -25,9 +25,6 @@ from tui.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE = ROOT / "docs" / "errors.md"
-# Tests the catalogue names that someone else is still writing; the existence check skips
-# exactly these and nothing else.
-PENDING = {"tests/test_crash.py::test_full_disk_while_writing_activations"}
 TRAIT = "paternalism"
 
 
@@ -833,10 +830,6 @@ def test_pairs_before_generating_or_judging(capsys, vectors_db: Path) -> None:
     )
 
 
-@pytest.mark.xfail(
-    reason="pipeline/screen.py: screen() never checks the vector against --model",
-    strict=True,
-)
 def test_screen_with_another_model(
     capsys, vectors_db: Path, tmp_path: Path, other_model_dir: Path
 ) -> None:
@@ -846,10 +839,6 @@ def test_screen_with_another_model(
     expect_unchanged(capsys, vectors_db, argv, "but the model needs [3, 32]")
 
 
-@pytest.mark.xfail(
-    reason="pipeline/sweep.py: run_sweep_job never checks the vector against --model",
-    strict=True,
-)
 def test_sweep_with_another_model(
     capsys, vectors_db: Path, other_model_dir: Path, tiny_model_dir: Path
 ) -> None:
@@ -858,11 +847,6 @@ def test_sweep_with_another_model(
     assert_error(cli(capsys, "--db", vectors_db, *argv), "but the model needs [3, 32]")
 
 
-@pytest.mark.xfail(
-    reason="pipeline/analyze.py: analyze() projects the generator's captured activations on "
-    "a vector extracted with another --model",
-    strict=True,
-)
 def test_vectors_show_after_extract_with_another_model(
     capsys, vectors_db: Path, other_model_dir: Path
 ) -> None:
@@ -898,6 +882,11 @@ BAD_VALUES = [
     ([*GEN, "--seed", "-1"], "argument --seed: must be between 0 and 9223372036854775807"),
     ([*GEN, "--seed", str(2**64)], "argument --seed: must be between 0 and 9223372036854775807"),
     (["judge", TRAIT, "--max-concurrent", "0"], "argument --max-concurrent: must be at least 1"),
+    (["judge", TRAIT, "--timeout", "0"], "argument --timeout: must be above 0 (got 0)"),
+    (
+        ["judge", TRAIT, "--processes", "2", "--judge", "local:smollm2"],
+        "--processes is for API judges; a local judge runs in one process",
+    ),
     (["judge", TRAIT, "--samples", "0"], "argument --samples: must be at least 1 (got 0)"),
     (
         ["judge", TRAIT, "--metrics", "honesty"],
@@ -1015,9 +1004,6 @@ def test_bad_screening_data_file(capsys, vectors_db: Path, tmp_path: Path) -> No
     expect_unchanged(capsys, vectors_db, argv, "gone.jsonl does not exist; pass a JSONL file")
 
 
-@pytest.mark.xfail(
-    reason="pipeline/screen.py: read_samples lets UnicodeDecodeError through", strict=True
-)
 def test_screening_data_not_utf8(capsys, vectors_db: Path, tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_bytes(b'\xff\xfe{"prompt": "a", "response": "b"}\n')
@@ -1060,8 +1046,6 @@ def test_every_catalogue_entry_names_an_existing_test() -> None:
         assert references, f"no tests/FILE.py::test_name in: {row}"
         assert row.count("`error: ") >= 1 or "not an error" in row, f"no message in: {row}"
         for file, name in references:
-            if f"tests/{file}::{name}" in PENDING:
-                continue
             if file not in names:
                 assert (ROOT / "tests" / file).is_file(), f"tests/{file} does not exist"
                 names[file] = _test_names(ROOT / "tests" / file)

@@ -90,6 +90,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A duration or size that must be above 0."""
+    value = _real_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 (got {value:g})")
+    return value
+
+
 def probability(text: str) -> float:
     """A nucleus mass in (0, 1]: 0 would keep no token at all."""
     value = _real_number(text)
@@ -423,6 +431,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
         samples=args.samples,
         prices=args.prices,
         device=args.device,
+        timeout_s=args.timeout,
+        processes=args.processes,
     ).validate()
     if args.prices:
         from pipeline.judge import load_prices
@@ -1040,6 +1050,16 @@ def build_parser() -> argparse.ArgumentParser:
     jud.add_argument("--samples", type=positive_int, default=1, help="anthropic: average k answers")
     jud.add_argument("--prices", help="JSON file of model: [input, output] $ per 1M tokens")
     jud.add_argument("--device", help="local judge: cpu, cuda or cuda:N")
+    jud.add_argument(
+        "--timeout", type=positive_float, default=60.0, help="seconds a request may take"
+    )
+    jud.add_argument(
+        "--processes",
+        type=positive_int,
+        default=1,
+        help="API judges: client processes sharing --max-concurrent (one tops out near "
+        "500 requests/s)",
+    )
 
     def filter_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("trait")
