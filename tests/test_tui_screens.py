@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 from textual.widgets import DataTable, Input, Static
 
-from db import Store
+from db import PersonaError, Store
 from pipeline.extract import extract
 from tui.app import PersonaApp
 from tui.screens.form import FormModal
@@ -362,3 +362,14 @@ def test_the_editor_lists_unreadable_json_as_a_problem(text: str, problem: str) 
     trait, problems = problems_of(text)
     assert trait is None and len(problems) == 1
     assert problems[0].startswith("the editor's text ") and problem in problems[0]
+
+
+def test_the_judge_form_passes_client_processes(db_path: Path) -> None:
+    from tui.screens.jobs import start_judging
+
+    values = {"judge": "openai:m", "metrics": "trait", "max_concurrent": "16", "base_url": ""}
+    with Store(db_path) as store:
+        (job_id,) = start_judging(store, "paternalism", {**values, "processes": "4"})
+        assert store.get_job(job_id).params["processes"] == 4
+        with pytest.raises(PersonaError, match="--processes must be at least 1"):
+            start_judging(store, "paternalism", {**values, "processes": "0"})
