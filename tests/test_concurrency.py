@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fake_rows import seed_generation
 from stub_openai import StubServer, logprob_completion
 
 from db import Store
@@ -120,29 +121,6 @@ def test_the_heartbeat_thread_beats_and_notices_a_takeover(
 
 
 # ---- processes ----------------------------------------------------------------------------
-def _seed_generation(store: Store, trait: str, n: int, side: str = "pos") -> None:
-    job = store.create_job("generate", trait, {"side": side, "split": "extract"}).id
-    store.add_responses(
-        {
-            "job": job,
-            "trait": trait,
-            "side": side,
-            "split": "extract",
-            "question": i % 20,
-            "instruction": i % 5,
-            "sample": i // 20,
-            "question_text": f"Question {i % 20}?",
-            "system_prompt": "s",
-            "prompt_ids": [1],
-            "answer_ids": [2],
-            "answer": f"{trait} {side} answer {i}",
-            "finish_reason": "eos",
-            "model": "m",
-        }
-        for i in range(n)
-    )
-
-
 def _judge_reply(path: str, body: dict):
     value = str(len(body["messages"][0]["content"]) % 101)
     return 200, logprob_completion([(value, math.log(0.9)), ("7", math.log(0.1))]), {}
@@ -160,7 +138,7 @@ def test_a_second_worker_on_the_same_job_refuses(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     with StubServer(_judge_reply, latency_s=0.2) as server, Store(db_path) as store:
-        _seed_generation(store, "paternalism", 15)
+        seed_generation(store, 15)
         params = JudgeParams(judge="openai:stub", base_url=server.base_url, max_concurrent=1)
         job_id = find_or_create_judge_job(store, "paternalism", params)
         first = start_worker(store, job_id)
@@ -196,7 +174,13 @@ async def test_soak_the_dashboard_reads_while_two_workers_write(
             jobs = []
             for trait in ("paternalism", "deception"):
                 for side in ("pos", "neg"):  # pairs, so the review screen has rows
-                    _seed_generation(store, trait, 2000, side)
+                    seed_generation(
+                        store,
+                        2000,
+                        trait=trait,
+                        side=side,
+                        answer=lambda i, t=trait, s=side: f"{t} {s} answer {i}",
+                    )
                 params = JudgeParams(
                     judge="openai:stub", base_url=server.base_url, max_concurrent=8
                 )

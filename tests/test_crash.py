@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_rows import seed_generation
 from stub_openai import StubServer, logprob_completion
 
 import vectors.activations as activations_module
@@ -176,29 +177,6 @@ def _deterministic_judge(path: str, body: dict):
     return 200, logprob_completion([(value, math.log(0.8)), ("50", math.log(0.2))]), {}
 
 
-def _seed_generation(store: Store, n: int) -> None:
-    job = store.create_job("generate", "paternalism", {"side": "pos"}).id
-    store.add_responses(
-        {
-            "job": job,
-            "trait": "paternalism",
-            "side": "pos",
-            "split": "extract",
-            "question": i % 20,
-            "instruction": i % 5,
-            "sample": i // 20,
-            "question_text": f"Question {i % 20}?",
-            "system_prompt": "s",
-            "prompt_ids": [1],
-            "answer_ids": [2],
-            "answer": f"Answer {i}: {'yes ' * (i % 7)}",
-            "finish_reason": "eos",
-            "model": "m",
-        }
-        for i in range(n)
-    )
-
-
 def _judgment_table(store: Store) -> dict[tuple, tuple]:
     rows = store.db.query(
         "SELECT r.question, r.instruction, r.sample, j.metric, j.score, j.error "
@@ -233,7 +211,7 @@ def test_judging_killed_ten_times_equals_an_uninterrupted_run(
         ids = {}
         for path in (clean_db, killed_db):
             with Store(path) as store:
-                _seed_generation(store, 100)
+                seed_generation(store, 100, answer=lambda i: f"Answer {i}: {'yes ' * (i % 7)}")
                 ids[path] = find_or_create_judge_job(store, "paternalism", params)
         timing = _run_to_end(clean_db, ids[clean_db], lambda store: store.db["judgments"].count)
         snapshots: list[tuple[int, set[str]]] = []

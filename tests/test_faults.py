@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from fake_rows import seed_generation
 from stub_openai import StubServer, logprob_completion
 
 from db import Store
@@ -65,27 +66,9 @@ class FaultyJudge:
         return 200, logprob_completion([(value, 0.0)]), {}
 
 
-def _seed(store: Store, n: int) -> None:
-    job = store.create_job("generate", "paternalism", {"side": "pos"}).id
-    store.add_responses(
-        {
-            "job": job,
-            "trait": "paternalism",
-            "side": "pos",
-            "split": "extract",
-            "question": i % 20,
-            "instruction": i % 5,
-            "sample": i // 20,
-            "question_text": f"Question {i % 20}?",
-            "system_prompt": "s",
-            "prompt_ids": [1],
-            "answer_ids": [2],
-            "answer": ("REFUSE " if i % 17 == 0 else "") + f"answer {i}" + (" broken" * (i < 3)),
-            "finish_reason": "eos",
-            "model": "m",
-        }
-        for i in range(n)
-    )
+def _answer(i: int) -> str:
+    """Every 17th answer draws a refusal; the first three always fail."""
+    return ("REFUSE " if i % 17 == 0 else "") + f"answer {i}" + (" broken" * (i < 3))
 
 
 def test_every_judgment_ends_scored_refused_or_failed_with_a_reason(
@@ -93,7 +76,7 @@ def test_every_judgment_ends_scored_refused_or_failed_with_a_reason(
 ) -> None:
     monkeypatch.setattr(judge_module, "RETRY_BASE_S", 0.01)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
-    _seed(store, 60)
+    seed_generation(store, 60, answer=_answer)
     judge = FaultyJudge(seed=20)
     judge.broken = {"broken"}
     with StubServer(judge) as server:

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from fake_rows import seed_generation
 from stub_openai import StubServer, anthropic_message, chat_completion, logprob_completion
 
 from db import PersonaError, Store
@@ -42,27 +43,9 @@ def _in_one_loop(judge, *calls):
 
 
 def _seed_responses(store: Store, trait: str = "paternalism", n: int = 6) -> int:
-    job = store.create_job("generate", trait, {"side": "pos"}).id
-    store.add_responses(
-        {
-            "job": job,
-            "trait": trait,
-            "side": "pos",
-            "split": "extract",
-            "question": q,
-            "instruction": q % 5,
-            "sample": 0,
-            "question_text": f"Question {q}?",
-            "system_prompt": "s",
-            "prompt_ids": [1],
-            "answer_ids": [2],
-            "answer": f"Answer number {q} with {{braces}} [and brackets]",
-            "finish_reason": "eos",
-            "model": "m",
-        }
-        for q in range(n)
+    return seed_generation(
+        store, n, trait=trait, answer=lambda q: f"Answer number {q} with {{braces}} [and brackets]"
     )
-    return job
 
 
 # ---- aggregation ------------------------------------------------------------------------------

@@ -83,6 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-not-real")
 
+    from fake_rows import seed_generation
+
     from db import Store
     from pipeline.jobs import run_job
     from pipeline.judging import JudgeParams, find_or_create_judge_job
@@ -107,26 +109,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             db_path = Path(tmp) / "bench.db"
             with Store(db_path) as store:
-                job = store.create_job("generate", "paternalism", {}).id
-                store.add_responses(
-                    {
-                        "job": job,
-                        "trait": "paternalism",
-                        "side": "pos",
-                        "split": "extract",
-                        "question": i % 20,
-                        "instruction": i % 5,
-                        "sample": i,
-                        "question_text": "q?",
-                        "system_prompt": "s",
-                        "prompt_ids": [1],
-                        "answer_ids": [2],
-                        "answer": f"answer {i}",
-                        "finish_reason": "eos",
-                        "model": "m",
-                    }
-                    for i in range(args.n // 2 if run else 32)
-                )
+                seed_generation(store, args.n // 2 if run else 32)
                 params = JudgeParams(
                     judge="openai:bench",
                     base_url=base_url,
