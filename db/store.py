@@ -164,12 +164,23 @@ class Store:
                 f"{self.path} was written by a newer persona-studio (schema {version}, this one "
                 f"knows up to {SCHEMA_VERSION}); upgrade persona-studio to open it"
             )
-        for target in range(version, SCHEMA_VERSION):
-            # One script per step, run with its version bump as one transaction.
-            self.db.conn.executescript(
-                f"BEGIN;\n{MIGRATIONS[target]}\nPRAGMA user_version = {target + 1};\nCOMMIT;"
-            )
-        return version == 0
+        if version == SCHEMA_VERSION:
+            return False
+        conn = self.db.conn
+        # Under the write lock, reading the version again: two processes opening an old
+        # database at once must not both run the same step.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            start = self.schema_version
+            for target in range(start, SCHEMA_VERSION):
+                for statement in _statements(MIGRATIONS[target]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.rollback()
+            raise
+        return start == 0
 
     @property
     def data_dir(self) -> Path:
@@ -338,8 +349,13 @@ class Store:
             raise UnknownJobError(job_id)
         return _job(rows[0])
 
-    def update_job(self, job_id: int, **fields: Any) -> None:
-        unknown = set(fields) - _JOB_UPDATABLE
+    def update_job(
+        self, job_id: int, *, only_if: dict[str, Any] | None = None, **fields: Any
+    ) -> bool:
+        """Change a job row. With ``only_if`` (column: value, NULL matching NULL) the row
+        changes only if it still holds those values, and the answer says whether it did: a
+        worker writes only while the row names it, a reaper only what it looked at."""
+        unknown = (set(fields) | set(only_if or {})) - _JOB_UPDATABLE
         if unknown:
             raise ValueError(f"job fields not updatable: {sorted(unknown)}")
         if "status" in fields and fields["status"] not in JOB_STATUSES:
@@ -348,17 +364,17 @@ class Store:
             if key in fields and not isinstance(fields[key], str):
                 fields[key] = json.dumps(fields[key], sort_keys=True)
         with self.transaction():
-            if self.db["jobs"].count_where("id = ?", [job_id]) == 0:
-                raise UnknownJobError(job_id)
-            self.db["jobs"].update(job_id, fields)
-
-    def beat(self, job_id: int, pid: int, host: str) -> bool:
-        """Refresh a job's heartbeat if the row still names this worker; False when another
-        worker has taken the job over."""
-        with self.transaction():
+            if only_if is None:
+                if self.db["jobs"].count_where("id = ?", [job_id]) == 0:
+                    raise UnknownJobError(job_id)
+                self.db["jobs"].update(job_id, fields)
+                return True
+            # Column names come from _JOB_UPDATABLE (checked above), values are bound.
+            assignments = ", ".join(f"{column} = ?" for column in fields)
+            conditions = "".join(f" AND {column} IS ?" for column in only_if)
             cursor = self.db.execute(
-                "UPDATE jobs SET heartbeat = ? WHERE id = ? AND pid = ? AND host = ?",
-                [utc_now(), job_id, pid, host],
+                f"UPDATE jobs SET {assignments} WHERE id = ?{conditions}",
+                [*fields.values(), job_id, *only_if.values()],
             )
             return cursor.rowcount == 1
 
@@ -737,6 +753,19 @@ def _pairs_sql(query: PairQuery) -> tuple[str, list[Any]]:
 
 
 # ---- row conversion -------------------------------------------------------------------
+def _statements(script: str) -> list[str]:
+    """A migration script as single statements (executescript would commit first)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete statement in a migration: {current.strip()[:60]!r}")
+    return statements
+
+
 def _where(filters: dict[str, Any]) -> tuple[str | None, list[Any]]:
     used = {k: v for k, v in filters.items() if v is not None}
     if not used:

@@ -11,6 +11,7 @@ import torch
 
 from db import PersonaError, Store
 from db.store import Response, VectorRecord
+from pipeline.chat import token_ids
 from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans, captured_means
 from pipeline.filter import generation_jobs
 from vectors.analysis import (
@@ -64,7 +65,7 @@ def response_avg_projections(
     if forward is None:
         raise PersonaError("the eval responses have no captured activations; pass a model")
     out = torch.zeros(len(responses), vector.shape[0])
-    rows = [(r.prompt_ids, r.answer_ids) for r in responses]
+    rows = [token_ids(r, forward.loaded) for r in responses]
     device_vector = vector.to(forward.loaded.device)
     for chunk, means in forward.iter_means(rows, TOKENS_PER_BATCH):
         out[chunk] = projections_by_layer(means["response_avg"], device_vector).cpu()

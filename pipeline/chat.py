@@ -72,3 +72,15 @@ def stop_token_ids(tokenizer: Any, model_config: Any = None) -> list[int]:
         if token in vocab:
             ids.add(int(vocab[token]))
     return sorted(ids)
+
+
+def token_ids(response: Any, loaded: Any) -> tuple[list[int], list[int]]:
+    """A stored response's prompt and answer as ``loaded``'s token ids: the stored ids when
+    that model generated them, else the stored text tokenised anew (another tokenizer's ids
+    would be read as other words)."""
+    if response.model == loaded.model_id and response.prompt_ids:
+        return list(response.prompt_ids), list(response.answer_ids)
+    tokenizer = loaded.tokenizer
+    prompt = prompt_ids(tokenizer, response.system_prompt or None, response.question_text)
+    answer = tokenizer(response.answer, add_special_tokens=False)["input_ids"]
+    return prompt, list(answer)

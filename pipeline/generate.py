@@ -165,6 +165,7 @@ def run_generation_job(
             asyncio.run(_generate_openai(store, job_id, params, trait, pending, progress))
     message = ""
     if params.backend == "local" and params.capture:
+        progress.check_cancelled()  # still ours: consolidating drops the shards
         path, torn, rebuilt = _consolidate(store, job_id, params)
         progress.extra["activations"] = str(path)
         if torn or rebuilt:
@@ -188,7 +189,14 @@ def _consolidate(store: Store, job_id: int, params: GenerateParams):
         from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
         from pipeline.models import load_model
 
-        forward = ForwardMeans(load_model(params.model, device=params.device))
+        loaded = load_model(params.model, device=params.device)
+        made_by = {responses[k].model for k in keys}
+        if made_by != {loaded.model_id}:
+            raise PersonaError(
+                f"cannot rebuild the activations of job {job_id}: its answers were generated "
+                f"by {sorted(made_by)}, but --model now loads {loaded.model_id}"
+            )
+        forward = ForwardMeans(loaded)
         rows = [(responses[k].prompt_ids, responses[k].answer_ids) for k in keys]
         out: dict[RowKey, dict[str, torch.Tensor]] = {}
         for chunk, means in forward.iter_means(rows, TOKENS_PER_BATCH):

@@ -9,6 +9,7 @@ the lock is stale and the next worker takes it over."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -79,11 +80,14 @@ class JobProgress:
         self._last_flush = 0.0
         self.message = ""
 
+    def _write(self, **fields: Any) -> None:
+        """Write the job row while it still names this worker (see ``claim_job``)."""
+        if not self.store.update_job(self.job_id, only_if=owner(), **fields):
+            raise JobTakenOver(f"job {self.job_id} was taken over by another worker")
+
     def start(self) -> None:
-        self.store.update_job(
-            self.job_id,
+        self._write(
             status="running",
-            pid=os.getpid(),
             started=utc_now(),
             ended=None,
             total=self.total,
@@ -119,9 +123,7 @@ class JobProgress:
             return
         self._last_flush = now
         stats = self.stats()
-        self.store.update_job(
-            self.job_id, done=self.done, stats=stats, heartbeat=utc_now(), message=self.message
-        )
+        self._write(done=self.done, stats=stats, heartbeat=utc_now(), message=self.message)
         if self.on_progress is not None:
             self.on_progress(
                 ProgressUpdate(self.job_id, self.done, self.total, stats, self.message)
@@ -131,13 +133,13 @@ class JobProgress:
         job = self.store.get_job(self.job_id)
         if job.status == "cancelled":
             raise JobCancelled()
-        if job.pid is not None and (job.pid, job.host) != (os.getpid(), this_host()):
+        if job.pid is not None and {"pid": job.pid, "host": job.host} != owner():
             raise JobTakenOver(f"job {self.job_id} was taken over by pid {job.pid}")
 
     def finish(self, status: str = "done", message: str = "") -> None:
         self.message = message
         self.flush(force=True)
-        self.store.update_job(self.job_id, status=status, ended=utc_now(), message=message)
+        self._write(status=status, ended=utc_now(), message=message)
 
 
 def _gpu_memory_gb() -> float | None:
@@ -149,8 +151,15 @@ def _gpu_memory_gb() -> float | None:
 
 
 # ---- the job lock -------------------------------------------------------------------------
+@functools.cache
 def this_host() -> str:
+    # Read once: a hostname changed mid-job must not look like another worker.
     return socket.gethostname()
+
+
+def owner() -> dict[str, Any]:
+    """This process as a job row names its worker."""
+    return {"pid": os.getpid(), "host": this_host()}
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -192,19 +201,25 @@ def lock_holder(job: Job) -> str | None:
 
 
 def claim_job(store: Store, job_id: int) -> None:
-    """Take a job's lock for this process or raise ``JobLockedError``. The check and the
+    """Take a job's lock for this process or raise ``JobLockedError``; ``JobCancelled`` for
+    a job cancelled while it waited to start (it ends without running). The check and the
     write are one IMMEDIATE transaction, so two workers never both see the job free."""
     with store.transaction():
         job = store.get_job(job_id)
-        holder = lock_holder(job)
-        if holder and (job.pid, job.host) != (os.getpid(), this_host()):
-            raise JobLockedError(
-                f"job {job_id} is already running ({holder}); wait for it, or stop it with "
-                f"`persona jobs cancel {job_id}`"
-            )
-        store.update_job(
-            job_id, status="running", pid=os.getpid(), host=this_host(), heartbeat=utc_now()
-        )
+        # Cancelled after ``start_worker`` queued it, before any worker began it.
+        cancelled = job.status == "cancelled" and job.ended is None and job.started is None
+        if cancelled:
+            store.update_job(job_id, ended=utc_now(), message="cancelled before it started")
+        else:
+            holder = lock_holder(job)
+            if holder and {"pid": job.pid, "host": job.host} != owner():
+                raise JobLockedError(
+                    f"job {job_id} is already running ({holder}); wait for it, or stop it "
+                    f"with `persona jobs cancel {job_id}`"
+                )
+            store.update_job(job_id, status="running", heartbeat=utc_now(), **owner())
+    if cancelled:
+        raise JobCancelled()
 
 
 class Heartbeat:
@@ -222,7 +237,7 @@ class Heartbeat:
         with Store(self.db_path) as store:
             while not self._stop.wait(HEARTBEAT_SECONDS):
                 try:
-                    if not store.beat(self.job_id, os.getpid(), this_host()):
+                    if not store.update_job(self.job_id, only_if=owner(), heartbeat=utc_now()):
                         self.lost = True
                         return
                 except Exception:  # a locked or busy database: try again next beat
@@ -269,18 +284,28 @@ def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | No
         runner = _runner(job.kind)
         if runner is None:
             raise PersonaError(f"job {job_id} has kind '{job.kind}', which no step runs")
-        claim_job(store, job_id)
+        try:
+            claim_job(store, job_id)
+        except JobCancelled:
+            return
+
+        def end(status: str, message: str) -> None:
+            # Only while the row is still ours: a worker that lost it leaves it alone.
+            from pipeline.judge import redact_keys
+
+            ended = {"status": status, "ended": utc_now(), "message": redact_keys(message)[:500]}
+            store.update_job(job_id, only_if=owner(), **ended)
+
         try:
             with Heartbeat(db_path, job_id):
                 runner(store, job_id, on_progress=on_progress)
         except JobTakenOver:
             return  # the row is the new worker's now: leave it as it is
         except JobCancelled:
-            store.update_job(job_id, status="cancelled", ended=utc_now(), message="cancelled")
+            end("cancelled", "cancelled")
         except PersonaError as exc:
-            store.update_job(job_id, status="failed", ended=utc_now(), message=str(exc))
+            end("failed", str(exc))
             raise
         except BaseException as exc:
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else repr(exc)
-            store.update_job(job_id, status="failed", ended=utc_now(), message=reason[:500])
+            end("failed", "interrupted" if isinstance(exc, KeyboardInterrupt) else repr(exc))
             raise

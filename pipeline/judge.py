@@ -330,8 +330,11 @@ class OpenAIJudge(Judge):
             return JudgeResult(None, error=str(exc))
         score, mass = aggregate_logprobs(pairs)
         usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
-        tokens_in = int(usage.get("prompt_tokens") or 0)
-        tokens_out = int(usage.get("completion_tokens") or 0)
+        try:
+            tokens_in = int(usage.get("prompt_tokens") or 0)
+            tokens_out = int(usage.get("completion_tokens") or 0)
+        except (TypeError, ValueError):  # odd usage numbers cost the count, not the score
+            tokens_in = tokens_out = 0
         return JudgeResult(
             score,
             evidence={"top_logprobs": pairs, "mass": round(mass, 6)},

@@ -6,6 +6,7 @@ failed last time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing
@@ -20,7 +21,14 @@ from typing import Any
 from db import PersonaError, Store
 from db.traits import fill_judge_template
 from pipeline.jobs import JobProgress, ProgressCallback
-from pipeline.judge import COHERENCE_PROMPT, Judge, JudgeFatalError, JudgeResult, make_judge
+from pipeline.judge import (
+    COHERENCE_PROMPT,
+    Judge,
+    JudgeFatalError,
+    JudgeResult,
+    make_judge,
+    redact_keys,
+)
 
 DEFAULT_JUDGE = "openai:gpt-4.1-mini-2025-04-14"
 METRICS = ("trait", "coherence")
@@ -298,7 +306,7 @@ async def _score_in_processes(
 ) -> None:
     """Split ``tasks`` over ``count`` spawned client processes (max_concurrent in flight in
     all) and hand each result to ``collect`` here, where the database is written."""
-    count = min(count, len(tasks))
+    count = min(count, len(tasks), max_concurrent)  # each process keeps one in flight at least
     # Forked: a spawned child spends a second importing the SDK, as long as judging 1,000
     # requests takes. A forked child touches neither SQLite nor torch nor the parent's
     # event loop (asyncio ignores a running loop of another pid): it makes its own client.
@@ -309,7 +317,7 @@ async def _score_in_processes(
     children = [
         context.Process(
             target=_client_process,
-            args=(judge_kwargs, tasks[i::count], max(1, limits[i]), results, os.getpid()),
+            args=(judge_kwargs, tasks[i::count], limits[i], results, os.getpid()),
             daemon=True,
         )
         for i in range(count)
@@ -322,24 +330,45 @@ async def _score_in_processes(
             child.start()
     loop = asyncio.get_running_loop()
     running = count
+
+    def handle(message: tuple[str, Any]) -> None:
+        nonlocal running
+        kind, payload = message
+        if kind == "results":
+            for rid, metric, prompt, result in payload:
+                collect(rid, metric, prompt, result)
+        elif kind == "done":
+            running -= 1
+        elif kind == "fatal":
+            raise JudgeFatalError(payload)
+        else:
+            raise RuntimeError(f"a judge client process failed: {payload}")
+
+    def drain() -> None:
+        """Whatever is already queued: results paid for are kept, even on the way out."""
+        while True:
+            try:
+                message = results.get_nowait()
+            except queue_module.Empty:
+                return
+            with contextlib.suppress(JudgeFatalError, RuntimeError):
+                handle(message)
+
     try:
         while running:
             try:
                 message = await loop.run_in_executor(None, results.get, True, 1.0)
             except queue_module.Empty:
                 if not any(child.is_alive() for child in children):
-                    raise RuntimeError("a judge client process died without a word") from None
+                    drain()  # the last words may have come between the two checks
+                    if running:
+                        raise RuntimeError("a judge client process died without a word") from None
                 continue
-            kind, payload = message
-            if kind == "results":
-                for rid, metric, prompt, result in payload:
-                    collect(rid, metric, prompt, result)
-            elif kind == "done":
-                running -= 1
-            elif kind == "fatal":
-                raise JudgeFatalError(payload)
-            else:
-                raise RuntimeError(f"a judge client process failed: {payload}")
+            try:
+                handle(message)
+            except BaseException:
+                drain()
+                raise
     finally:
         for child in children:
             if child.is_alive():
@@ -357,6 +386,14 @@ def _client_process(
     """One client process: score its share of the tasks, sending results back in small
     batches; it stops when its parent is gone (a killed job must not keep spending)."""
 
+    # A parent killed mid-job must not leave this process blocked on a full pipe at exit.
+    results.cancel_join_thread()
+
+    def put(message: tuple[str, Any]) -> None:
+        if os.getppid() != parent:
+            os._exit(1)  # nobody reads the results any more
+        results.put(message)
+
     async def main() -> None:
         judge = make_judge(**judge_kwargs)
         gate = asyncio.Semaphore(limit)
@@ -366,7 +403,7 @@ def _client_process(
         def send() -> None:
             nonlocal sent
             if out:
-                results.put(("results", list(out)))
+                put(("results", list(out)))
                 out.clear()
             sent = time.monotonic()
 
@@ -388,8 +425,8 @@ def _client_process(
     try:
         asyncio.run(main())
     except JudgeFatalError as exc:
-        results.put(("fatal", str(exc)))
+        put(("fatal", str(exc)))
     except BaseException as exc:  # reported to the parent, which fails the job
-        results.put(("error", f"{type(exc).__name__}: {exc}"))
+        put(("error", redact_keys(f"{type(exc).__name__}: {exc}")))
     else:
-        results.put(("done", None))
+        put(("done", None))

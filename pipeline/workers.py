@@ -26,7 +26,7 @@ def start_worker(store: Store, job_id: int) -> int:
         raise PersonaError(f"job {job_id} is already running ({holder})")
     path = log_path(store, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    store.update_job(job_id, status="pending", message="starting", ended=None)
+    store.update_job(job_id, status="pending", message="starting", started=None, ended=None)
     with path.open("ab") as log:
         process = subprocess.Popen(  # an argument list, never a shell string
             [sys.executable, "-m", "tui.cli", "--db", str(store.path), "worker", str(job_id)],
@@ -55,13 +55,15 @@ def reap_dead_jobs(store: Store) -> list[int]:
     for job in store.list_jobs(status="running"):
         if lock_holder(job):
             continue
-        store.update_job(
+        # Only the row as it was read: a worker that beat or a job that ended meanwhile wins.
+        if store.update_job(
             job.id,
+            only_if={"status": "running", "pid": job.pid, "heartbeat": job.heartbeat},
             status="failed",
             message=f"worker process died; last heartbeat {job.heartbeat or 'never'}; "
             "resume to continue",
-        )
-        dead.append(job.id)
+        ):
+            dead.append(job.id)
     return dead
 
 

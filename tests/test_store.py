@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -198,3 +199,49 @@ def test_bad_db_paths(tmp_path: Path) -> None:
         Store(tmp_path)
     with pytest.raises(PersonaError, match="does not exist; create it first"):
         Store(tmp_path / "missing" / "x.db")
+
+
+def _open_store(path: str, start: float) -> str:
+    while time.time() < start:  # both processes open the old database at the same moment
+        pass
+    try:
+        Store(path).close()
+    except PersonaError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_two_processes_migrating_one_database_both_succeed(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from db import schema
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        for trial in range(4):
+            path = tmp_path / f"old-{trial}.db"
+            conn = sqlite3.connect(path)
+            conn.execute("PRAGMA journal_mode = WAL")  # as every database we wrote is
+            for step, script in enumerate(schema.MIGRATIONS[:-1]):  # one version behind
+                conn.executescript(script)
+                conn.execute(f"PRAGMA user_version = {step + 1}")
+            conn.commit()
+            conn.close()
+            start = time.time() + 0.5
+            outcomes = pool.starmap(_open_store, [(str(path), start)] * 2)
+            assert outcomes == ["ok", "ok"], outcomes
+            with Store(path) as store:
+                assert store.schema_version == schema.SCHEMA_VERSION
+
+
+def test_a_job_cancelled_before_it_started_does_not_run(db_path: Path) -> None:
+    from pipeline.jobs import run_job
+
+    with Store(db_path) as store:
+        job = store.create_job("extract", "paternalism", {})
+        store.update_job(job.id, status="cancelled", message="cancel requested")
+    run_job(db_path, job.id)  # an extraction with no data would fail if it ran
+    with Store(db_path) as store:
+        job = store.get_job(job.id)
+    assert (job.status, job.message) == ("cancelled", "cancelled before it started")
+    assert job.ended is not None

@@ -129,6 +129,7 @@ class MonitorScreen(PersonaScreen):
 
     @work(thread=True, exclusive=True, group="monitor-load", exit_on_error=False)
     def load_responses(self, trait: str, ids: list[int]) -> None:
+        from pipeline.chat import token_ids
         from pipeline.monitor import baseline_stats, project_tokens, zscore
 
         with Store(self.db_path) as store:
@@ -140,9 +141,7 @@ class MonitorScreen(PersonaScreen):
             panels = []
             for rid in ids:
                 response = store.get_response(rid)
-                proj = project_tokens(
-                    loaded, response.prompt_ids, response.answer_ids, {"v": vector}, layers
-                )
+                proj = project_tokens(loaded, *token_ids(response, loaded), {"v": vector}, layers)
                 if stats is not None:
                     proj = zscore(proj, stats)
                 panels.append(
