@@ -151,7 +151,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     if not needed <= set(tensors):
         raise ActivationFileError(f"activation file {path} lacks {sorted(needed - set(tensors))}")
     n = tensors["keys"].shape[0]
-    if any(tensors[kind].shape[0] != n for kind in KINDS):
+    if any(tensors[kind].shape[0] != n for kind in (*KINDS, "response_tokens")):
         raise ActivationFileError(f"activation file {path} has tensors of different lengths")
     return tensors
 
