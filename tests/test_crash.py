@@ -22,7 +22,7 @@ import vectors.activations as activations_module
 from db import Store
 from db.traits import fill_judge_template
 from pipeline.generate import GenerateParams, activations_dir, find_or_create_job
-from pipeline.jobs import run_job
+from pipeline.jobs import pid_alive, run_job
 from pipeline.judge import COHERENCE_PROMPT
 from pipeline.judging import JudgeParams, find_or_create_judge_job
 from pipeline.workers import start_worker
@@ -356,3 +356,36 @@ def test_a_file_error_outside_the_disk_is_still_an_error(tmp_path: Path) -> None
     with pytest.raises(activations_module.ActivationFileError, match="no captured activations"):
         activations_module.consolidate(folder, {(0, 0, 0): 1})
     assert (folder / "shard-000000.safetensors.torn").exists()
+
+
+def test_client_processes_stop_when_their_worker_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed judging worker must not leave its client processes spending API calls."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    db_path = tmp_path / "persona.db"
+    with StubServer(_deterministic_judge, latency_s=0.3) as server:
+        with Store(db_path) as store:
+            seed_generation(store, 200)
+            params = JudgeParams(
+                judge="openai:stub", base_url=server.base_url, max_concurrent=4, processes=2
+            )
+            pid = start_worker(store, find_or_create_judge_job(store, "paternalism", params))
+        children: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(children) < 2 and time.monotonic() < deadline:
+            path = Path(f"/proc/{pid}/task/{pid}/children")
+            children = [int(c) for c in path.read_text().split()] if path.exists() else []
+            time.sleep(0.05)
+        assert len(children) == 2, "the worker did not start its client processes"
+        while len(server.requests) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        assert _wait(pid, 30)
+        deadline = time.monotonic() + 20
+        while any(pid_alive(c) for c in children):  # a zombie counts as gone
+            assert time.monotonic() < deadline, "client processes outlived their worker"
+            time.sleep(0.1)
+        asked = len(server.requests)
+        time.sleep(1.0)
+        assert len(server.requests) == asked  # nothing asked after they stopped
