@@ -12,6 +12,7 @@ import hashlib
 import multiprocessing
 import os
 import queue as queue_module
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -386,9 +387,6 @@ def _client_process(
     """One client process: score its share of the tasks, sending results back in small
     batches; it stops when its parent is gone (a killed job must not keep spending)."""
 
-    # A parent killed mid-job must not leave this process blocked on a full pipe at exit.
-    results.cancel_join_thread()
-
     def put(message: tuple[str, Any]) -> None:
         if os.getppid() != parent:
             os._exit(1)  # nobody reads the results any more
@@ -430,3 +428,12 @@ def _client_process(
         put(("error", redact_keys(f"{type(exc).__name__}: {exc}")))
     else:
         put(("done", None))
+    # Wait for the queue's feeder thread to hand everything over, but not for a parent that
+    # died meanwhile: its pipe would stay full and this process would never exit.
+    results.close()
+    flusher = threading.Thread(target=results.join_thread, daemon=True)
+    flusher.start()
+    while flusher.is_alive():
+        flusher.join(0.5)
+        if os.getppid() != parent:
+            os._exit(1)
