@@ -295,7 +295,7 @@ async def _judge_all(
 
 # ---- client processes ---------------------------------------------------------------------
 Task = tuple[int, str, str]  # (response id, metric, prompt)
-_SEND_EVERY_S = 0.05
+_SEND_EVERY_S = 0.02
 
 
 async def _score_in_processes(
