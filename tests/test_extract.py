@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import teacher_forced_means
 
 from db import PersonaError, Store
 from pipeline.analyze import analyze
@@ -13,23 +14,6 @@ from pipeline.extract import ForwardMeans, extract
 from pipeline.filter import classify, find_pairs
 from pipeline.models import load_model
 from vectors.files import VectorFileError, export_pt, import_pt, load_vector
-
-
-def _reference_means(model, prompt: list[int], answer: list[int]) -> dict[str, torch.Tensor]:
-    raw = []
-    handle = model.model.layers[-1].register_forward_hook(
-        lambda _m, _i, o: raw.append(o[0] if isinstance(o, tuple) else o)
-    )
-    with torch.inference_mode():
-        out = model(torch.tensor([prompt + answer]), output_hidden_states=True)
-    handle.remove()
-    h = torch.stack([s[0] for s in [*out.hidden_states[:-1], raw[0]]])
-    n = len(prompt)
-    return {
-        "response_avg": h[:, n:].mean(1),
-        "prompt_avg": h[:, :n].mean(1),
-        "prompt_last": h[:, n - 1],
-    }
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -48,7 +32,7 @@ def test_batched_forward_equals_one_at_a_time(tiny_model_dir: Path, padding: str
     for chunk, means in forward.iter_means(rows, tokens_per_batch=120):
         for j, index in enumerate(chunk):
             seen.add(index)
-            ref = _reference_means(loaded.model, *rows[index])
+            ref = teacher_forced_means(loaded.model, *rows[index])
             for kind, value in ref.items():
                 torch.testing.assert_close(means[kind][j], value, rtol=1e-4, atol=1e-5)
     assert seen == set(range(7))

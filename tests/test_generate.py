@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from stub_openai import StubServer, chat_completion
+from tiny_model import teacher_forced_means
 
 from db import PersonaError, Store
 from pipeline.chat import prompt_ids
@@ -39,26 +40,6 @@ def _requests(tiny, seeds=(0, 1, 2, 3)) -> list[DecodeRequest]:
         DecodeRequest(prompt_ids(tiny.tokenizer, "You are a helpful assistant.", q), s)
         for q, s in zip(QUESTIONS, seeds, strict=True)
     ]
-
-
-def _teacher_forced(model, prompt: list[int], answer: list[int]) -> dict[str, torch.Tensor]:
-    """The reference: one forward over prompt ids + answer ids, every hidden state, with the
-    last entry taken as the raw block output (HF normalises it)."""
-    raw = []
-    handle = model.model.layers[-1].register_forward_hook(
-        lambda _m, _i, o: raw.append(o[0] if isinstance(o, tuple) else o)
-    )
-    with torch.inference_mode():
-        out = model(torch.tensor([prompt + answer]), output_hidden_states=True)
-    handle.remove()
-    states = [*out.hidden_states[:-1], raw[0]]
-    h = torch.stack([s[0] for s in states])  # [L+1, T, d]
-    n = len(prompt)
-    return {
-        "response_avg": h[:, n:].mean(1),
-        "prompt_avg": h[:, :n].mean(1),
-        "prompt_last": h[:, n - 1],
-    }
 
 
 # ---- sampling -------------------------------------------------------------------------------
@@ -119,7 +100,7 @@ def test_capture_equals_a_teacher_forced_forward(tiny, backend: str) -> None:
     engine = DecodeEngine(tiny, backend=backend, capture=True)
     results = engine.run(_requests(tiny), SamplingConfig(max_new_tokens=10, temperature=1.0))
     for request, result in zip(_requests(tiny), results, strict=True):
-        ref = _teacher_forced(tiny.model, list(request.prompt_ids), result.answer_ids)
+        ref = teacher_forced_means(tiny.model, list(request.prompt_ids), result.answer_ids)
         for kind, value in ref.items():
             got = result.activations[kind]
             assert got.shape == (tiny.num_layers + 1, tiny.hidden_size)
@@ -140,7 +121,7 @@ def test_stops_at_a_stop_token_and_captures_only_the_answer(tiny) -> None:
     assert stopped[1].finish_reason == "eos" and len(stopped[1].answer_ids) <= 4
     request = _requests(tiny)[1]
     if stopped[1].answer_ids:
-        ref = _teacher_forced(tiny.model, list(request.prompt_ids), stopped[1].answer_ids)
+        ref = teacher_forced_means(tiny.model, list(request.prompt_ids), stopped[1].answer_ids)
         torch.testing.assert_close(
             stopped[1].activations["response_avg"], ref["response_avg"], rtol=1e-3, atol=1e-4
         )
@@ -376,7 +357,7 @@ def test_dropping_finished_rows_changes_no_result(tiny, monkeypatch: pytest.Monk
         alone = engine.run([request], sampling)[0]
         assert result.answer_ids == alone.answer_ids
         if result.answer_ids:
-            ref = _teacher_forced(tiny.model, list(request.prompt_ids), result.answer_ids)
+            ref = teacher_forced_means(tiny.model, list(request.prompt_ids), result.answer_ids)
             torch.testing.assert_close(
                 result.activations["response_avg"], ref["response_avg"], rtol=1e-3, atol=1e-4
             )

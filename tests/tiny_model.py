@@ -94,3 +94,24 @@ def build_tiny_model(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def teacher_forced_means(model, prompt: list[int], answer: list[int]) -> dict:
+    """The reference for every captured or batched mean: one forward over prompt ids + answer
+    ids with every hidden state, the last taken as the raw block output (HF normalises it)."""
+    import torch
+
+    raw = []
+    handle = model.model.layers[-1].register_forward_hook(
+        lambda _m, _i, o: raw.append(o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt + answer]), output_hidden_states=True)
+    handle.remove()
+    h = torch.stack([s[0] for s in [*out.hidden_states[:-1], raw[0]]])  # [L+1, T, d]
+    n = len(prompt)
+    return {
+        "response_avg": h[:, n:].mean(1),
+        "prompt_avg": h[:, :n].mean(1),
+        "prompt_last": h[:, n - 1],
+    }
