@@ -19,18 +19,18 @@ import torch
 
 from db import PersonaError, Store, TraitDefinition
 from db.traits import N_PAIRS, N_QUESTIONS_PER_SPLIT, SPLITS
-from pipeline.jobs import JobProgress, ProgressCallback
+from pipeline.jobs import JobParams, JobProgress, ProgressCallback
 from pipeline.sampling import row_seed
 from vectors import activations
 
 RowKey = tuple[int, int, int]  # (question, instruction, sample)
 BACKENDS = ("local", "openai")
-# Parameters that change no output: a rerun that differs only in these resumes the same job.
-_NOT_IDENTITY = {"batch_size", "device", "max_concurrent"}
 
 
 @dataclass(frozen=True)
-class GenerateParams:
+class GenerateParams(JobParams):
+    NOT_IDENTITY = frozenset({"batch_size", "device", "max_concurrent"})
+
     side: str
     split: str = "extract"
     model: str = "smollm2"
@@ -82,17 +82,6 @@ class GenerateParams:
             if not ok:
                 raise PersonaError(message)
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerateParams:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
 
 
 def plan_rows(split: str, n_per_question: int, all_instructions: bool) -> list[RowKey]:

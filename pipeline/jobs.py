@@ -9,6 +9,7 @@ the lock is stale and the next worker takes it over."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import socket
@@ -148,6 +149,29 @@ def _gpu_memory_gb() -> float | None:
     if torch is None or not torch.cuda.is_available():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+# ---- parameters ---------------------------------------------------------------------------
+class JobParams:
+    """A step's parameters (a frozen dataclass) as stored in its job row's JSON. JSON has no
+    tuples: ``to_dict`` writes them as lists, so a stored row compares equal, and
+    ``from_dict`` reads lists back as tuples, ignoring keys another version wrote. Fields in
+    ``NOT_IDENTITY`` change no output: a rerun differing only in them resumes the same job."""
+
+    NOT_IDENTITY: frozenset[str] = frozenset()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in self.NOT_IDENTITY}
 
 
 # ---- the job lock -------------------------------------------------------------------------

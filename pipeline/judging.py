@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import multiprocessing
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 from db import PersonaError, Store
 from db.traits import fill_judge_template
-from pipeline.jobs import JobProgress, ProgressCallback
+from pipeline.jobs import JobParams, JobProgress, ProgressCallback
 from pipeline.judge import (
     COHERENCE_PROMPT,
     Judge,
@@ -37,11 +36,12 @@ METRICS = ("trait", "coherence")
 # commit costs the same for 10 rows as for 500, and a kill loses at most this much.
 FLUSH_EVERY = 512
 FLUSH_SECONDS = 0.5
-_NOT_IDENTITY = {"max_concurrent", "device", "prices", "timeout_s", "processes"}
 
 
 @dataclass(frozen=True)
-class JudgeParams:
+class JudgeParams(JobParams):
+    NOT_IDENTITY = frozenset({"max_concurrent", "device", "prices", "timeout_s", "processes"})
+
     judge: str = DEFAULT_JUDGE
     metrics: tuple[str, ...] = METRICS
     job: int | None = None
@@ -78,22 +78,6 @@ class JudgeParams:
                 f"--judge '{self.judge}' must be KIND:MODEL, e.g. {DEFAULT_JUDGE} or local:smollm2"
             )
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["metrics"] = list(self.metrics)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JudgeParams:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if "metrics" in values:
-            values["metrics"] = tuple(values["metrics"])
-        return cls(**values)
-
-    def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
 
 
 def find_or_create_judge_job(store: Store, trait: str, params: JudgeParams) -> int:

@@ -9,20 +9,19 @@ Answers are stored as responses of the sweep job (side ``none``, split ``eval``)
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from db import PersonaError, Store
 from pipeline.analyze import analyze, latest_vectors
-from pipeline.jobs import JobProgress, ProgressCallback
+from pipeline.jobs import JobParams, JobProgress, ProgressCallback
 from vectors.files import VectorFileError, check_fits, load_vector
 
 MIN_COHERENCE = 50.0
 
 
 @dataclass(frozen=True)
-class SweepParams:
+class SweepParams(JobParams):
     layers: tuple[int, ...]
     coefs: tuple[float, ...] = (-2.0, -1.0, 1.0, 2.0)
     n: int = 5  # eval questions
@@ -47,20 +46,6 @@ class SweepParams:
         if self.prune_top is not None and self.prune_top < 1:
             raise PersonaError(f"--prune-top must be at least 1 (got {self.prune_top})")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["layers"] = list(self.layers)
-        data["coefs"] = list(self.coefs)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SweepParams:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["layers"] = tuple(values["layers"])
-        values["coefs"] = tuple(values.get("coefs", cls.coefs))
-        return cls(**values)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
