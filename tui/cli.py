@@ -889,11 +889,10 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    from pipeline.workers import cancel
+
     with _open_store(args) as store:
-        job = store.get_job(args.job_id)
-        if job.status in ("done", "failed", "cancelled"):
-            raise PersonaError(f"job {job.id} is already {job.status}; nothing to cancel")
-        store.update_job(job.id, status="cancelled", message="cancel requested")
+        cancel(store, args.job_id)
     out.print(f"job {args.job_id} will stop after its current batch")
     return 0
 
