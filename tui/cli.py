@@ -1050,14 +1050,17 @@ def build_parser() -> argparse.ArgumentParser:
     jud.add_argument("--prices", help="JSON file of model: [input, output] $ per 1M tokens")
     jud.add_argument("--device", help="local judge: cpu, cuda or cuda:N")
     jud.add_argument(
-        "--timeout", type=positive_float, default=60.0, help="seconds a request may take"
+        "--timeout",
+        type=positive_float,
+        default=60.0,
+        help="seconds a request may take (default 60)",
     )
     jud.add_argument(
         "--processes",
         type=positive_int,
         default=1,
-        help="API judges: client processes sharing --max-concurrent (one tops out near "
-        "500 requests/s)",
+        help="API judges: client processes sharing --max-concurrent (default 1; one tops "
+        "out near 500 requests/s)",
     )
 
     def filter_args(sub: argparse.ArgumentParser) -> None:
