@@ -7,11 +7,10 @@ of decoder block l-1, for every l. (HF's ``output_hidden_states`` applies the fi
 its last entry; we keep the raw block output there too, so the vector read at layer L is the
 quantity steering at layer L adds to.)
 
-Two runners do the forward passes:
-- ``LlamaRunner``: our own forward over the HF modules of Llama-shaped models (Llama,
-  Mistral without sliding window, Qwen2), with a static cache, so the decode step can be
-  captured in a CUDA graph;
-- ``HFRunner``: the model's own forward with a dynamic cache, for every other architecture.
+The forward passes are a runner's (``pipeline.runners``): the static-cache runner around the
+model's own layers for every tested family (graphed on CUDA), transformers' own forward for
+the rest. Steering, capture and watching happen in one hook after each block, on both, so
+capture and watch at a steered layer read the steered state.
 """
 
 from __future__ import annotations
@@ -21,23 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.chat import stop_token_ids
-from pipeline.models import LoadedModel, cache_kwarg
+from pipeline.models import LoadedModel
+from pipeline.runners import HFRunner, StaticRunner, choose_runner, notice_once
 from pipeline.sampling import sample_next
-from vectors.steering import SteeringSpec, apply_steering, steered
+from vectors.steering import SteeringSpec, apply_steering, decode_masks, prefill_masks
 
 CAPTURE_KINDS = ("response_avg", "prompt_avg", "prompt_last")
-LLAMA_SHAPED = {"llama", "mistral", "qwen2"}
 # Decode steps between host checks for "every row finished" (the only syncs in the loop).
 FINISH_CHECK_EVERY = 16
 # Cache lengths are rounded up to this, so similar batches reuse one CUDA graph.
 CACHE_ROUND = 64
-
-# Called with (hidden-state index, state) after the embedding and after every block; returns
-# the state to carry on with (steering changes it, capture only reads it).
-HiddenHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -77,196 +71,6 @@ class Watch:
 TokenCallback = Callable[[int, torch.Tensor, torch.Tensor | None], None]
 
 
-# ---- runners --------------------------------------------------------------------------------
-class LlamaRunner:
-    """Forward passes over a Llama-shaped HF model's own modules, with a static KV cache."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        config = model.config
-        self.core = model.model
-        self.layers = list(self.core.layers)
-        self.num_layers = len(self.layers)
-        self.num_heads = int(config.num_attention_heads)
-        self.num_kv = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
-        attn = self.layers[0].self_attn
-        self.head_dim = int(getattr(attn, "head_dim", config.hidden_size // self.num_heads))
-        self.scaling = float(getattr(attn, "scaling", self.head_dim**-0.5))
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-
-    @staticmethod
-    def supports(model: Any) -> bool:
-        config = model.config
-        model_type = getattr(config, "model_type", None)
-        if model_type not in LLAMA_SHAPED:
-            return False
-        # Sliding-window attention is not implemented here; those models take the HF path.
-        if model_type == "mistral" and getattr(config, "sliding_window", None):
-            return False
-        if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
-            return False
-        return hasattr(model, "model") and hasattr(model.model, "rotary_emb")
-
-    def allocate(self, batch: int, length: int) -> None:
-        weight = self.core.embed_tokens.weight
-        shape = (batch, self.num_kv, length, self.head_dim)
-        if self.k_cache and self.k_cache[0].shape == shape:
-            return
-        self.k_cache = self.v_cache = []  # free the old cache before taking the new one
-        self.k_cache = [
-            torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-            for _ in range(self.num_layers)
-        ]
-        self.v_cache = [
-            torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-            for _ in range(self.num_layers)
-        ]
-
-    def release(self) -> None:
-        self.k_cache = []
-        self.v_cache = []
-
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only these batch rows (the engine drops finished ones)."""
-        self.k_cache = [k.index_select(0, keep) for k in self.k_cache]
-        self.v_cache = [v.index_select(0, keep) for v in self.v_cache]
-
-    def _qkv(self, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        attn = layer.self_attn
-        b, s, _ = x.shape
-        q = attn.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
-
-    def prefill(
-        self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, hook: HiddenHook
-    ) -> torch.Tensor:
-        """Run the padded prompts [B, S]; fill cache columns 0..S-1; return last logits."""
-        b, s = ids.shape
-        h = hook(0, self.core.embed_tokens(ids))
-        cos, sin = self.core.rotary_emb(h, positions)
-        causal = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
-        # A pad query sees only itself: never an all-masked row (NaN), never seen by real rows.
-        eye = torch.eye(s, dtype=torch.bool, device=ids.device)
-        mask = ((causal & valid[:, None, :]) | eye)[:, None]
-        groups = self.num_heads // self.num_kv
-        for index, layer in enumerate(self.layers):
-            residual = h
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
-            self.k_cache[index][:, :, :s] = k
-            self.v_cache[index][:, :, :s] = v
-            if groups > 1:
-                k = k.repeat_interleave(groups, dim=1)
-                v = v.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-            out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-            h = residual + layer.self_attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-            h = hook(index + 1, h)
-        return self.model.lm_head(self.core.norm(h[:, -1]))
-
-    def decode(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        column: torch.Tensor,
-        key_valid: torch.Tensor,
-        hook: HiddenHook,
-    ) -> torch.Tensor:
-        """One token per row [B] at cache column ``column`` (a 1-element tensor)."""
-        b = tokens.shape[0]
-        groups = self.num_heads // self.num_kv
-        h = hook(0, self.core.embed_tokens(tokens[:, None]))
-        cos, sin = self.core.rotary_emb(h, positions[:, None])
-        blocked = ~key_valid[:, None, None, :]
-        for index, layer in enumerate(self.layers):
-            residual = h
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
-            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache.index_copy_(2, column, k)
-            v_cache.index_copy_(2, column, v)
-            q = q.view(b, self.num_kv, groups, self.head_dim)
-            scores = torch.matmul(q, k_cache.transpose(-1, -2)) * self.scaling
-            scores = scores.float().masked_fill(blocked, float("-inf"))
-            weights = torch.softmax(scores, dim=-1).to(v_cache.dtype)
-            out = torch.matmul(weights, v_cache).reshape(b, 1, self.num_heads * self.head_dim)
-            h = residual + layer.self_attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-            h = hook(index + 1, h)
-        return self.model.lm_head(self.core.norm(h[:, 0]))
-
-
-class HFRunner:
-    """The model's own forward with a dynamic cache: any architecture, no CUDA graph."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.num_layers = int(model.config.num_hidden_layers)
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None
-        self._last_raw: torch.Tensor | None = None
-        self._last_layer = _decoder_layers(model)[-1]
-        self._cache_arg = cache_kwarg(model)
-
-    def _keep_last_raw(self, _module: Any, _inputs: Any, output: Any) -> None:
-        self._last_raw = output[0] if isinstance(output, tuple) else output
-
-    def allocate(self, batch: int, length: int) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache()
-
-    def release(self) -> None:
-        self.cache = None
-        self.mask = None
-
-    def select(self, keep: torch.Tensor) -> None:
-        self.cache.batch_select_indices(keep)
-        self.mask = self.mask.index_select(0, keep)
-
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, hook: HiddenHook):
-        # Hooked only for this forward: the model may be shared with other engines.
-        handle = self._last_layer.register_forward_hook(self._keep_last_raw)
-        try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=self.mask.long(),
-                position_ids=positions,
-                use_cache=True,
-                output_hidden_states=True,
-                **{self._cache_arg: self.cache},
-            )
-        finally:
-            handle.remove()
-        states = list(out.hidden_states)
-        states[-1] = self._last_raw  # HF normalises its last entry; we keep the block output
-        for index, state in enumerate(states):
-            hook(index, state)  # read-only here: steering runs inside the forward (hooks)
-        return out.logits[:, -1]
-
-    def prefill(self, ids, valid, positions, hook):
-        self.mask = valid.clone()
-        return self._forward(ids, positions, hook)
-
-    def decode(self, tokens, positions, column, key_valid, hook):
-        ones = torch.ones_like(tokens, dtype=torch.bool)[:, None]
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        return self._forward(tokens[:, None], positions[:, None], hook)
-
-
-def _decoder_layers(model: Any) -> Any:
-    core = getattr(model, "model", None)
-    layers = getattr(core, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-    return layers
-
-
 # ---- the engine -----------------------------------------------------------------------------
 class DecodeEngine:
     """Generates one batch at a time; callers choose batches (length-sorted is best)."""
@@ -283,18 +87,17 @@ class DecodeEngine:
         self.model = loaded.model
         self.device = loaded.device
         self.capture = capture
-        if backend == "auto":
-            backend = "llama" if LlamaRunner.supports(self.model) else "hf"
-        if backend == "llama" and not LlamaRunner.supports(self.model):
-            raise ValueError(f"backend 'llama' does not support {self.model.config.model_type}")
+        backend, self.notice = choose_runner(self.model, backend)
+        notice_once(self.notice)
         self.backend = backend
-        self.runner: LlamaRunner | HFRunner = (
-            LlamaRunner(self.model) if backend == "llama" else HFRunner(self.model)
+        self.runner: StaticRunner | HFRunner = (
+            StaticRunner(self.model) if backend == "static" else HFRunner(self.model)
         )
-        on_cuda = self.device.type == "cuda"
-        self.cuda_graphs = (on_cuda and backend == "llama") if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and not (on_cuda and backend == "llama"):
-            raise ValueError("CUDA graphs need a CUDA device and the llama backend")
+        # A graph replays on one device: a model sharded over several GPUs runs eagerly.
+        graphable = self.device.type == "cuda" and backend == "static" and not _sharded(self.model)
+        self.cuda_graphs = graphable if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not graphable:
+            raise ValueError("CUDA graphs need one CUDA device and the static backend")
         tokenizer = loaded.tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
         self.stop_ids = torch.tensor(
@@ -305,7 +108,6 @@ class DecodeEngine:
         self._graph: Any = None
         self.steering: list[SteeringSpec] = []
         self.watch: list[Watch] = []
-        self._steer_context: Any = None
 
     @torch.inference_mode()
     def run(
@@ -325,15 +127,15 @@ class DecodeEngine:
         ``steering`` adds vectors to block outputs (see ``vectors.steering``)."""
         if not requests:
             return []
-        self.steering = list(steering)
+        for spec in steering:
+            if spec.layer > self.runner.num_layers:
+                raise ValueError(
+                    f"layer {spec.layer} is past the model's {self.runner.num_layers} blocks"
+                )
+        # On the device once, before any graph capture (a host-to-device copy cannot be
+        # captured); a sharded model's later layers copy to their own device as they run.
+        self.steering = [spec.on(self.device) for spec in steering]
         self.watch = list(watch)
-        if self.steering and self.backend == "hf":
-            with steered(self.model, self.steering) as context:
-                self._steer_context = context
-                try:
-                    return self._run(requests, sampling, on_step, on_tokens, check_every)
-                finally:
-                    self._steer_context = None
         return self._run(requests, sampling, on_step, on_tokens, check_every)
 
     def _run(
@@ -371,19 +173,18 @@ class DecodeEngine:
         # Prefill: prompt captures, then token 0.
         prompt_count = valid.sum(1, keepdim=True).float()
 
-        llama_steering = self.steering if self.backend == "llama" else []
+        steering = self.steering
+        masks = prefill_masks(valid)
 
         def prompt_hook(index: int, h: torch.Tensor) -> torch.Tensor:
-            if llama_steering:
-                h = apply_steering(h, llama_steering, index, "prefill", valid)
+            if steering:
+                h = apply_steering(h, steering, index, masks)
             if self.capture:
                 hf = h.float()
                 out.prompt_avg[:, index] = (hf * valid[..., None]).sum(1) / prompt_count
                 out.prompt_last[:, index] = hf[:, -1]
             return h
 
-        if self._steer_context is not None:
-            self._steer_context.set("prefill", valid)
         logits = self.runner.prefill(ids, valid, positions, prompt_hook)
         first = sample_next(
             logits, state.seeds, state.step * 0, sampling.temperature, sampling.top_p
@@ -450,17 +251,15 @@ class DecodeEngine:
         stop_ids = self.stop_ids
         pad = self.pad_id
 
-        llama_steering = self.steering if self.backend == "llama" else []
+        steering = self.steering
         watched: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for slot, w in enumerate(self.watch):
             unit = w.vector.to(self.device, torch.float32)
             watched.setdefault(w.layer, []).append((slot, unit / unit.norm().clamp(min=1e-12)))
-        context = self._steer_context
 
         def hook(index: int, h: torch.Tensor) -> torch.Tensor:
-            if llama_steering:
-                alive = ~state.finished[:, None]
-                h = apply_steering(h, llama_steering, index, "decode", alive)
+            if steering:
+                h = apply_steering(h, steering, index, decode_masks(~state.finished[:, None]))
             if capture:
                 state.response_sum[:, index] += h[:, 0].float() * state.alive_f[:, None]
             for slot, unit in watched.get(index, ()):
@@ -472,8 +271,6 @@ class DecodeEngine:
         def step() -> None:
             state.alive_f.copy_((~state.finished).float())
             state.key_valid.index_fill_(1, state.column, True)
-            if context is not None:
-                context.set("decode", ~state.finished[:, None])
             logits = runner.decode(
                 state.current, state.positions, state.column, state.key_valid, hook
             )
@@ -545,6 +342,11 @@ class DecodeEngine:
                 )
             )
         return results
+
+
+def _sharded(model: Any) -> bool:
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    return len(devices) > 1
 
 
 @dataclass

@@ -71,7 +71,7 @@ def test_top_p_never_samples_outside_the_nucleus() -> None:
 
 
 # ---- the engine -----------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["llama", "hf"])
+@pytest.mark.parametrize("backend", ["static", "hf"])
 def test_batched_rows_equal_rows_generated_alone(tiny, backend: str) -> None:
     engine = DecodeEngine(tiny, backend=backend)
     for sampling in (
@@ -85,7 +85,7 @@ def test_batched_rows_equal_rows_generated_alone(tiny, backend: str) -> None:
 
 
 def test_greedy_matches_hf_generate(tiny) -> None:
-    engine = DecodeEngine(tiny, backend="llama")
+    engine = DecodeEngine(tiny, backend="static")
     results = engine.run(_requests(tiny), SamplingConfig(max_new_tokens=12, temperature=0.0))
     for request, result in zip(_requests(tiny), results, strict=True):
         with torch.inference_mode():
@@ -95,7 +95,7 @@ def test_greedy_matches_hf_generate(tiny) -> None:
         assert ref[0, len(request.prompt_ids) :].tolist() == result.answer_ids
 
 
-@pytest.mark.parametrize("backend", ["llama", "hf"])
+@pytest.mark.parametrize("backend", ["static", "hf"])
 def test_capture_equals_a_teacher_forced_forward(tiny, backend: str) -> None:
     engine = DecodeEngine(tiny, backend=backend, capture=True)
     results = engine.run(_requests(tiny), SamplingConfig(max_new_tokens=10, temperature=1.0))

@@ -4,6 +4,7 @@ template: every pipeline test runs on it in seconds on a CPU."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHATML = (
     "{% for message in messages %}"
@@ -96,22 +97,124 @@ def build_tiny_model(
     return folder
 
 
-def teacher_forced_means(model, prompt: list[int], answer: list[int]) -> dict:
-    """The reference for every captured or batched mean: one forward over prompt ids + answer
-    ids with every hidden state, the last taken as the raw block output (HF normalises it)."""
+def teacher_forced_states(model, prompt: list[int], answer: list[int], steering=()) -> Any:
+    """[L+1, T, d]: every hidden state of one forward over prompt ids + answer ids, read by
+    hooks (state 0 the first block's input, state l block l-1's raw output, the last one
+    included: HF normalises its last entry). With ``steering`` specs, the forward runs under
+    ``steered()`` at the positions the engine touches while generating that answer, and the
+    states are read after the steering."""
     import torch
 
-    raw = []
-    handle = model.model.layers[-1].register_forward_hook(
-        lambda _m, _i, o: raw.append(o[0] if isinstance(o, tuple) else o)
-    )
-    with torch.inference_mode():
-        out = model(torch.tensor([prompt + answer]), output_hidden_states=True)
-    handle.remove()
-    h = torch.stack([s[0] for s in [*out.hidden_states[:-1], raw[0]]])  # [L+1, T, d]
+    from vectors.steering import sequence_masks, steered
+
+    layers = model.model.layers
+    states: list = [None] * (len(layers) + 1)
+    ids = torch.tensor([prompt + answer])
+    with steered(model, list(steering)) as context:
+        context.set(sequence_masks(len(prompt), ids.shape[1]))
+        handles = [
+            layers[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: states.__setitem__(
+                    0, args[0] if args else kwargs["hidden_states"]
+                ),
+                with_kwargs=True,
+            )
+        ]
+        for index, layer in enumerate(layers):
+            handles.append(
+                layer.register_forward_hook(
+                    lambda _m, _i, o, index=index: states.__setitem__(
+                        index + 1, o[0] if isinstance(o, tuple) else o
+                    )
+                )
+            )
+        try:
+            with torch.inference_mode():
+                model(ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return torch.stack([s[0] for s in states])
+
+
+def teacher_forced_means(model, prompt: list[int], answer: list[int], steering=()) -> dict:
+    """The reference for every captured or batched mean (see ``teacher_forced_states``)."""
+    h = teacher_forced_states(model, prompt, answer, steering)
     n = len(prompt)
     return {
         "response_avg": h[:, n:].mean(1),
         "prompt_avg": h[:, :n].mean(1),
         "prompt_last": h[:, n - 1],
     }
+
+
+# One tiny config per architecture family the engine's static runner is tested on. Sliding
+# windows (6) are shorter than every test prompt, so a wrong window changes the tokens.
+WINDOW = 6
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": WINDOW},
+    "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+    "qwen3": {
+        "use_sliding_window": True,
+        "sliding_window": WINDOW,
+        "max_window_layers": 1,
+        "head_dim": 16,
+    },
+    "gemma2": {
+        "sliding_window": WINDOW,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 3.0,
+        "hidden_activation": "gelu_pytorch_tanh",
+    },
+    "gemma3_text": {
+        "sliding_window": WINDOW,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "layer_types": [
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
+        "rope_local_base_freq": 100.0,
+    },
+    "phi3": {"sliding_window": WINDOW, "partial_rotary_factor": 0.5},
+    "olmo2": {},
+}
+
+
+def build_tiny_family(folder: str | Path, family: str, *, seed: int = 0) -> Path:
+    """Save a tiny random model of ``family`` (4 layers, hidden 64, 4 heads, 2 KV heads) with
+    the tiny tokenizer; returns the folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer()
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        **FAMILY_CONFIGS[family],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random norms too: a norm left at its init hides a missing one
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

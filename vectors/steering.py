@@ -1,24 +1,28 @@
 """Steering: add coef * v to the output of decoder block l-1 ("layer l", the index of the
 vector file and of ``hidden_states``), or project the direction out (ablation).
 
-Which positions are touched, exactly:
-- ``prompt``: the prompt's real tokens during the prefill; nothing while decoding.
-- ``response``: nothing during the prefill; while decoding, the token being fed (an answer
-  token) of every row that has not finished.
+Which positions are touched, exactly (as the method's code does it):
+- ``response``: in the prefill, the last real prompt token of each row (the position whose
+  output is the first answer token, so that token is steered too); while decoding, the token
+  being fed (an answer token) of every row that has not finished.
+- ``prompt``: the prompt's real tokens during the prefill (the last one included); nothing
+  while decoding.
 - ``all``: both.
-Pad positions are never touched: the caller passes a mask of real prompt tokens for the
-prefill and of live rows for each decode step.
+Pad positions are never touched. ``prefill_masks``, ``decode_masks`` and ``sequence_masks``
+are the one statement of these rules: each maps a ``positions`` value to the [B, T] mask of
+the positions it touches in one forward (None: none).
 
 ``steered(model, specs)`` applies the specs with forward hooks on HF decoder layers, for any
-forward the caller runs (prefill and decode). ``apply_steering`` is the same arithmetic for
-code that runs the layers itself (our decode engine).
+forward the caller runs. ``apply_steering`` is the same arithmetic for code that runs the
+layers itself (our decode engine). ``SteeringSpec.on(device)`` moves a vector to the device
+once, before any CUDA-graph capture (a host-to-device copy cannot be captured).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -46,20 +50,49 @@ class SteeringSpec:
         v = self.vector
         return v[self.layer] if v.dim() == 2 else v
 
-    def touches(self, phase: str) -> bool:
-        """Whether this spec acts in the ``prefill`` or in a ``decode`` step."""
-        if self.positions == "all":
-            return True
-        return (self.positions == "prompt") == (phase == "prefill")
+    def on(self, device: Any) -> SteeringSpec:
+        """The same spec with its direction as a float32 [d] tensor on ``device``."""
+        v = self.direction().to(device=device, dtype=torch.float32)
+        return replace(self, vector=v)
+
+
+# positions value -> [B, T] bool mask of the positions it touches in one forward (None: none).
+PositionMasks = dict[str, torch.Tensor | None]
+
+
+def prefill_masks(valid: torch.Tensor) -> PositionMasks:
+    """For a left-padded prefill whose real tokens are ``valid`` [B, S]: the last column is
+    every row's last real prompt token."""
+    last = torch.zeros_like(valid)
+    last[:, -1] = valid[:, -1]
+    return {"prompt": valid, "response": last, "all": valid}
+
+
+def decode_masks(live: torch.Tensor) -> PositionMasks:
+    """For a decode step whose fed tokens are answer tokens of the rows ``live`` [B, 1]."""
+    return {"prompt": None, "response": live, "all": live}
+
+
+def sequence_masks(prompt_len: int, total_len: int, device: Any = None) -> PositionMasks:
+    """For one teacher-forced forward over prompt ids + answer ids (no padding): what the
+    engine touches while generating that answer."""
+    index = torch.arange(total_len, device=device)[None]
+    return {
+        "prompt": index < prompt_len,
+        "response": index >= prompt_len - 1,
+        "all": torch.ones_like(index, dtype=torch.bool),
+    }
 
 
 def apply_steering(
-    h: torch.Tensor, specs: Sequence[SteeringSpec], layer: int, phase: str, mask: torch.Tensor
+    h: torch.Tensor, specs: Sequence[SteeringSpec], layer: int, masks: PositionMasks
 ) -> torch.Tensor:
     """``h`` [B, T, d] after block ``layer``-1, with every spec for that layer applied at the
-    positions where ``mask`` [B, T] is true. Returns a new tensor (or ``h`` untouched)."""
+    positions its ``positions`` mask marks. Returns a new tensor (or ``h`` untouched).
+    Specs and masks should already be on ``h``'s device (then nothing is copied)."""
     for spec in specs:
-        if spec.layer != layer or not spec.touches(phase):
+        mask = masks.get(spec.positions)
+        if spec.layer != layer or mask is None:
             continue
         v = spec.direction().to(device=h.device, dtype=torch.float32)
         where = mask.to(h.device)[..., None].to(torch.float32)
@@ -75,17 +108,15 @@ def apply_steering(
 
 @dataclass
 class SteeringContext:
-    """What the hooks need to know about the next forward: its phase and which positions
-    are real tokens. The caller sets these before each forward."""
+    """Which positions the next forward's hooks touch. ``masks`` None: every position, as
+    ``all`` would (for a plain forward); callers set them before each forward."""
 
     specs: list[SteeringSpec]
-    phase: str = "prefill"
-    mask: torch.Tensor | None = None  # [B, T] bool; None: every position is real
+    masks: PositionMasks | None = None
     handles: list[Any] = field(default_factory=list)
 
-    def set(self, phase: str, mask: torch.Tensor | None) -> None:
-        self.phase = phase
-        self.mask = mask
+    def set(self, masks: PositionMasks | None) -> None:
+        self.masks = masks
 
 
 @contextmanager
@@ -100,10 +131,11 @@ def steered(model: Any, specs: Sequence[SteeringSpec]) -> Iterator[SteeringConte
 
         def hook(_module: Any, _inputs: Any, output: Any, layer: int = layer) -> Any:
             h = output[0] if isinstance(output, tuple) else output
-            mask = context.mask
-            if mask is None:
-                mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-            new = apply_steering(h, context.specs, layer, context.phase, mask)
+            masks = context.masks
+            if masks is None:
+                every = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+                masks = dict.fromkeys(POSITIONS, every)
+            new = apply_steering(h, context.specs, layer, masks)
             if isinstance(output, tuple):
                 return (new, *output[1:])
             return new

@@ -1,0 +1,461 @@
+"""The forward passes under the decode engine (``pipeline.engine``).
+
+- ``StaticRunner``: our forward around the model's own decoder layers, with a static KV cache
+  we own, so the decode step can be captured in a CUDA graph. The layers run as transformers
+  wrote them (projections, fused qkv, q/k norms, rotary, attention soft-capping, extra and
+  post norms); attention itself runs in ``grouped_attention``, registered with transformers'
+  ``AttentionInterface`` and switched on only while our runner calls the layers. What we
+  write ourselves is what sits around the layers: the embedding scale of older Gemma code,
+  rotary embeddings per layer type (Gemma-3's local base), masks per layer (padding, causal,
+  sliding windows), the final norm, ``lm_head`` and final-logit soft-capping.
+- ``HFRunner``: the model's own forward with a dynamic cache, for architectures whose model
+  code does more than that. Steering, capture and watching run in forward hooks on the
+  decoder layers, so they read and change the same states as on the static runner.
+
+Both call ``hook(index, h)`` after the embedding (index 0) and after every block, and carry
+on with what it returns.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import cache_kwarg
+
+# Called with (hidden-state index, state) after the embedding and after every block; returns
+# the state to carry on with (steering changes it, capture only reads it).
+HiddenHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+# Families whose exactness against HF is tested (tests/test_architectures.py, tests/gpu/).
+TESTED_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+)
+ATTENTION_NAME = "persona_grouped"
+# Older Gemma code scales the embeddings in the model's forward, not in the embedding module.
+_SCALED_EMBEDDING_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+
+log = logging.getLogger("persona.engine")
+
+
+def grouped_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **_kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for the static runner. ``query`` [B, H, q, D]; ``key``/``value``
+    [B, KV, k, D] straight from our cache (no repeated heads); ``attention_mask`` [B, 1, q, k]
+    bool, true where a query may look. Returns [B, q, H, D] as transformers expects."""
+    b, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    if softcap is None and q_len > 1:
+        # The prefill: SDPA's fused kernels (a [B, H, S, S] float score matrix can be GBs).
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=scale
+        )
+        return out.transpose(1, 2), None
+    # Decode (and soft-capped prefill): each key/value head serves its group of query heads
+    # in one matmul, so the cache is read once per step and never copied.
+    grouped = query.reshape(b, kv_heads, groups * q_len, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(b, kv_heads, groups, q_len, k_len)
+    scores = scores.masked_fill(~attention_mask[:, :, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(value.dtype).view(b, kv_heads, groups * q_len, k_len)
+    out = torch.matmul(weights, value).view(b, heads, q_len, dim)
+    return out.transpose(1, 2), None
+
+
+_registered = False
+
+
+def _register_attention() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, grouped_attention)
+        _registered = True
+
+
+@contextmanager
+def _attention_switched(config: Any) -> Iterator[None]:
+    """The layers read ``config._attn_implementation`` when they run: ours, only meanwhile."""
+    field = "_attn_implementation_internal"
+    if not hasattr(config, field):
+        field = "_attn_implementation"
+    saved = getattr(config, field)
+    setattr(config, field, ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        setattr(config, field, saved)
+
+
+class _StaticCache:
+    """The KV cache the layers' attention writes to, as transformers' ``Cache.update``: in
+    the prefill it stores columns 0..S-1 and hands back the prompt's own keys; in a decode
+    step it stores one column (a device tensor, so a CUDA graph can advance it) and hands
+    back the whole cache."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.column: torch.Tensor | None = None  # None: a prefill
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args: Any, **_kw: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.column is None:
+            s = key.shape[2]
+            keys[:, :, :s] = key
+            values[:, :, :s] = value
+            return key, value
+        keys.index_copy_(2, self.column, key)
+        values.index_copy_(2, self.column, value)
+        return keys, values
+
+    def get_seq_length(self, *_args: Any) -> int:
+        return 0
+
+
+class StaticRunner:
+    """Forward passes around a decoder-only HF model's own layers, with a static KV cache."""
+
+    def __init__(self, model: Any) -> None:
+        _register_attention()
+        self.model = model
+        config = model.config
+        self.config = config
+        self.core = model.model
+        self.layers = list(self.core.layers)
+        self.num_layers = len(self.layers)
+        attn = self.layers[0].self_attn
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(
+            getattr(attn, "head_dim", None)
+            or getattr(config, "head_dim", None)
+            or config.hidden_size // self.num_heads
+        )
+        embed = self.core.embed_tokens
+        self.embed_scale: float | None = None
+        if config.model_type in _SCALED_EMBEDDING_FAMILIES and not hasattr(embed, "embed_scale"):
+            dtype = embed.weight.dtype
+            self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=dtype))
+        self.windows = _layer_windows(model, self.layers)
+        self.layer_types = _layer_types(config, self.num_layers)
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self._rope = _rope_function(self.core)
+        self._cache_arg = _layer_cache_kwarg(self.layers[0])
+        self.cache = _StaticCache()
+
+    @staticmethod
+    def fits(model: Any) -> bool:
+        """The model has the layout this runner drives (decoder layers that take
+        ``position_embeddings``, an embedding, a final norm, rotary embeddings)."""
+        core = getattr(model, "model", None)
+        layers = getattr(core, "layers", None)
+        needed = ("embed_tokens", "norm", "rotary_emb")
+        if layers is None or not all(hasattr(core, name) for name in needed):
+            return False
+        if not hasattr(model, "lm_head") or not hasattr(layers[0], "self_attn"):
+            return False
+        params = inspect.signature(layers[0].forward).parameters
+        return "position_embeddings" in params and hasattr(layers[0].self_attn, "layer_idx")
+
+    def allocate(self, batch: int, length: int) -> None:
+        weight = self.core.embed_tokens.weight
+        shape = (batch, self.num_kv, length, self.head_dim)
+        if self.cache.keys and self.cache.keys[0].shape == shape:
+            return
+        self.release()  # free the old cache before taking the new one
+        for layer in self.layers:
+            device = next(layer.parameters()).device  # layers may sit on several GPUs
+            self.cache.keys.append(torch.zeros(shape, dtype=weight.dtype, device=device))
+            self.cache.values.append(torch.zeros(shape, dtype=weight.dtype, device=device))
+
+    def release(self) -> None:
+        self.cache.keys = []
+        self.cache.values = []
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only these batch rows (the engine drops finished ones)."""
+        cache = self.cache
+        cache.keys = [k.index_select(0, keep.to(k.device)) for k in cache.keys]
+        cache.values = [v.index_select(0, keep.to(v.device)) for v in cache.values]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.core.embed_tokens(ids)
+        return h * self.embed_scale if self.embed_scale is not None else h
+
+    def _layers(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        masks: dict[int | None, torch.Tensor],
+        hook: HiddenHook,
+    ) -> torch.Tensor:
+        rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
+        with _attention_switched(self.config):
+            for index, layer in enumerate(self.layers):
+                out = layer(
+                    h,
+                    attention_mask=masks[self.windows[index]],
+                    position_ids=positions,
+                    position_embeddings=rope[self.layer_types[index]],
+                    **{self._cache_arg: self.cache},
+                )
+                h = out[0] if isinstance(out, tuple) else out
+                h = hook(index + 1, h)
+        return h
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        logits = self.model.lm_head(self.core.norm(last))
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def prefill(
+        self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, hook: HiddenHook
+    ) -> torch.Tensor:
+        """Run the padded prompts [B, S]; fill cache columns 0..S-1; return last logits."""
+        s = ids.shape[1]
+        index = torch.arange(s, device=ids.device)
+        causal = index[None, :] <= index[:, None]  # [q, k]
+        # A pad query sees only itself: never an all-masked row (NaN), never seen by real rows.
+        eye = torch.eye(s, dtype=torch.bool, device=ids.device)
+        masks = {}
+        for window in set(self.windows):
+            allowed = (
+                causal if window is None else causal & (index[:, None] - index[None, :] < window)
+            )
+            masks[window] = ((allowed & valid[:, None, :]) | eye)[:, None]
+        self.cache.column = None
+        h = hook(0, self._embed(ids))
+        h = self._layers(h, positions, masks, hook)
+        return self._logits(h[:, -1])
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        column: torch.Tensor,
+        key_valid: torch.Tensor,
+        hook: HiddenHook,
+    ) -> torch.Tensor:
+        """One token per row [B] at cache column ``column`` (a 1-element tensor)."""
+        masks = {}
+        for window in set(self.windows):
+            allowed = key_valid
+            if window is not None:
+                keys = torch.arange(key_valid.shape[1], device=key_valid.device)
+                allowed = allowed & (column - keys < window)[None, :]
+            masks[window] = allowed[:, None, None, :]
+        self.cache.column = column
+        h = hook(0, self._embed(tokens[:, None]))
+        h = self._layers(h, positions[:, None], masks, hook)
+        return self._logits(h[:, 0])
+
+
+def _layer_windows(model: Any, layers: list[Any]) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as its attention module or the
+    config says: per-layer types (Gemma-2/3, Qwen2/3) or one window for all (Mistral, Phi-3)."""
+    config = model.config
+    types = getattr(config, "layer_types", None)
+    windows: list[int | None] = []
+    for index, layer in enumerate(layers):
+        attn = layer.self_attn
+        if "sliding_window" in vars(attn):
+            window = attn.sliding_window
+        elif types:
+            window = config.sliding_window if types[index] == "sliding_attention" else None
+        elif getattr(config, "use_sliding_window", True):
+            window = getattr(config, "sliding_window", None)
+        else:
+            window = None
+        windows.append(int(window) if window else None)
+    return windows
+
+
+def _layer_types(config: Any, num_layers: int) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    return list(types[:num_layers]) if types else ["full_attention"] * num_layers
+
+
+def _rope_function(core: Any) -> Callable[[torch.Tensor, torch.Tensor, str], Any]:
+    """(cos, sin) for a layer type: Gemma-3 gives sliding layers their own rotary base, as
+    a ``layer_type`` argument or a second module, depending on the transformers version."""
+    rotary = core.rotary_emb
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return lambda h, positions, kind: rotary(h, positions, kind)
+    local = getattr(core, "rotary_emb_local", None)
+    if local is not None:
+        return lambda h, positions, kind: (local if kind == "sliding_attention" else rotary)(
+            h, positions
+        )
+    return lambda h, positions, _kind: rotary(h, positions)
+
+
+def _layer_cache_kwarg(layer: Any) -> str:
+    params = inspect.signature(layer.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return name
+    return "past_key_values"
+
+
+class HFRunner:
+    """The model's own forward with a dynamic cache: any architecture, no CUDA graph."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.layers = list(_decoder_layers(model))
+        self.num_layers = len(self.layers)
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None
+        self._cache_arg = cache_kwarg(model)
+
+    def allocate(self, batch: int, length: int) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+
+    def release(self) -> None:
+        self.cache = None
+        self.mask = None
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.mask = self.mask.index_select(0, keep)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, hook: HiddenHook):
+        def first_input(_module: Any, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (hook(0, args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hook(0, kwargs["hidden_states"])}
+
+        def block_output(index: int) -> Callable[..., Any]:
+            def after(_module: Any, _inputs: Any, output: Any) -> Any:
+                if isinstance(output, tuple):
+                    return (hook(index, output[0]), *output[1:])
+                return hook(index, output)
+
+            return after
+
+        # Hooked only for this forward: the model may be shared with other engines.
+        handles = [self.layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+        for index, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_hook(block_output(index + 1)))
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.mask.long(),
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: self.cache},
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out.logits[:, -1]
+
+    def prefill(self, ids, valid, positions, hook):
+        self.mask = valid.clone()
+        return self._forward(ids, positions, hook)
+
+    def decode(self, tokens, positions, column, key_valid, hook):
+        ones = torch.ones_like(tokens, dtype=torch.bool)[:, None]
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        return self._forward(tokens[:, None], positions[:, None], hook)
+
+
+def _decoder_layers(model: Any) -> Any:
+    core = getattr(model, "model", None)
+    layers = getattr(core, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    return layers
+
+
+def choose_runner(model: Any, backend: str = "auto") -> tuple[str, str | None]:
+    """(backend, notice): ``static`` for every tested family; for another architecture the
+    static runner if its layout fits and its logits equal the model's own forward on a short
+    prompt, else ``hf``; the notice says which path runs and why (None for tested ones)."""
+    model_type = getattr(model.config, "model_type", "?")
+    if backend == "static":
+        if not StaticRunner.fits(model):
+            raise ValueError(f"backend 'static' does not support {model_type}")
+        return backend, None
+    if backend == "hf":
+        return backend, None
+    if backend != "auto":
+        raise ValueError(f"backend must be auto, static or hf, not '{backend}'")
+    if model_type in TESTED_FAMILIES and StaticRunner.fits(model):
+        return "static", None
+    if StaticRunner.fits(model) and _static_matches_hf(model):
+        return "static", (
+            f"{model_type} is not a tested family; the static-cache runner matched its own "
+            "forward on a probe prompt, so it runs there"
+        )
+    return "hf", (
+        f"{model_type} runs on transformers' own forward (dynamic cache, no CUDA graph): "
+        "slower than the static-cache runner of the tested families"
+    )
+
+
+@torch.inference_mode()
+def _static_matches_hf(model: Any) -> bool:
+    """Our prefill's last logits against the model's own forward, on one short prompt."""
+    device = model.get_input_embeddings().weight.device
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, 12), generator=gen).to(device)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    positions = torch.arange(12, device=device)[None]
+    runner = StaticRunner(model)
+    try:
+        runner.allocate(1, 12)
+        ours = runner.prefill(ids, valid, positions, lambda _i, h: h).float()
+    except Exception:  # a layout we cannot drive: the general path
+        return False
+    finally:
+        runner.release()
+    theirs = model(input_ids=ids).logits[:, -1].float()
+    tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
+    scale = theirs.abs().max().clamp(min=1.0)
+    return bool(((ours - theirs).abs().max() / scale) < tolerance)
+
+
+def notice_once(notice: str | None, _seen: set[str] = set()) -> None:  # noqa: B006
+    """Log which path runs for an untested architecture, once per process."""
+    if notice and notice not in _seen:
+        _seen.add(notice)
+        log.warning(notice)

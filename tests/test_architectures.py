@@ -1,0 +1,138 @@
+"""Exactness of the decode engine on every architecture family it runs on its static-cache
+runner, against transformers' own code, in fp32 on the CPU: a tiny random model per family
+(4 layers, sliding windows shorter than the prompts, random norm weights), padded batches.
+
+- greedy tokens equal HF ``generate`` greedy;
+- captured means equal a teacher-forced forward;
+- steered generation (each ``positions`` value): tokens, captures and live watch equal
+  between the static and the HF runner, and equal a teacher-forced forward under
+  ``steered()`` at the positions the method touches.
+The GPU acceptance suite (tests/gpu/) runs the same families on CUDA, graphed and eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_model import FAMILY_CONFIGS, WINDOW, build_tiny_family, teacher_forced_states
+
+from pipeline.chat import prompt_ids
+from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig, Watch
+from pipeline.models import load_model
+from pipeline.runners import TESTED_FAMILIES
+from vectors.steering import SteeringSpec
+
+QUESTIONS = [
+    "Hi there",
+    "What should I cook tonight? I have rice, beans and a tired mind.",
+    "Is it fine to skip breakfast every single day of the week?",
+]
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    folder = build_tiny_family(tmp_path_factory.mktemp(request.param), request.param)
+    loaded = load_model(str(folder))
+    assert loaded.model.config.model_type == request.param
+    return loaded
+
+
+def _requests(loaded) -> list[DecodeRequest]:
+    prompts = [prompt_ids(loaded.tokenizer, "You are a helpful assistant.", q) for q in QUESTIONS]
+    assert min(len(p) for p in prompts) > 2 * WINDOW  # the window matters
+    return [DecodeRequest(p, seed=i) for i, p in enumerate(prompts)]
+
+
+def test_every_family_is_tested_and_takes_the_static_runner(family) -> None:
+    assert set(FAMILY_CONFIGS) <= set(TESTED_FAMILIES)
+    engine = DecodeEngine(family)
+    assert engine.backend == "static" and engine.notice is None
+
+
+def test_greedy_tokens_equal_hf_generate(family) -> None:
+    requests = _requests(family)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    results = DecodeEngine(family, capture=False).run(requests, sampling)
+    for request, result in zip(requests, results, strict=True):
+        with torch.inference_mode():
+            ref = family.model.generate(
+                torch.tensor([list(request.prompt_ids)]),
+                max_new_tokens=12,
+                min_new_tokens=12,
+                do_sample=False,
+            )
+        assert ref[0, len(request.prompt_ids) :].tolist() == result.answer_ids
+
+
+def test_capture_equals_a_teacher_forced_forward(family) -> None:
+    requests = _requests(family)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    results = DecodeEngine(family, capture=True).run(requests, sampling)
+    for request, result in zip(requests, results, strict=True):
+        prompt = list(request.prompt_ids)
+        states = teacher_forced_states(family.model, prompt, result.answer_ids)
+        n = len(prompt)
+        torch.testing.assert_close(result.activations["prompt_last"], states[:, n - 1], **TOL)
+        torch.testing.assert_close(result.activations["prompt_avg"], states[:, :n].mean(1), **TOL)
+        torch.testing.assert_close(result.activations["response_avg"], states[:, n:].mean(1), **TOL)
+
+
+@pytest.mark.parametrize("positions", ["response", "prompt", "all"])
+def test_steering_is_the_same_on_both_runners_and_a_teacher_forced_forward(
+    family, positions: str
+) -> None:
+    torch.manual_seed(5)
+    layer = 2
+    vector = torch.randn(family.num_layers + 1, family.hidden_size)
+    vector[layer] *= 4 / vector[layer].norm()
+    spec = SteeringSpec(layer, vector, coef=2.0, positions=positions)
+    requests = _requests(family)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    watch = [Watch("v", layer, vector[layer])]
+    plain = DecodeEngine(family, capture=True).run(requests, sampling)
+    by_runner = {
+        backend: DecodeEngine(family, backend=backend, capture=True).run(
+            requests, sampling, steering=[spec], watch=watch
+        )
+        for backend in ("static", "hf")
+    }
+    assert any(
+        s.answer_ids != p.answer_ids for s, p in zip(by_runner["static"], plain, strict=True)
+    ), "steering changed no answer: the test lost its point"
+    unit = vector[layer] / vector[layer].norm()
+    for row, request in enumerate(requests):
+        static, hf = by_runner["static"][row], by_runner["hf"][row]
+        assert static.answer_ids == hf.answer_ids
+        for kind in ("prompt_last", "prompt_avg", "response_avg"):
+            torch.testing.assert_close(static.activations[kind], hf.activations[kind], **TOL)
+        torch.testing.assert_close(static.projections, hf.projections, **TOL)
+        prompt = list(request.prompt_ids)
+        n = len(prompt)
+        states = teacher_forced_states(family.model, prompt, static.answer_ids, [spec])
+        torch.testing.assert_close(static.activations["prompt_last"], states[:, n - 1], **TOL)
+        torch.testing.assert_close(static.activations["prompt_avg"], states[:, :n].mean(1), **TOL)
+        torch.testing.assert_close(static.activations["response_avg"], states[:, n:].mean(1), **TOL)
+        torch.testing.assert_close(static.projections[:, 0], states[layer, n:] @ unit, **TOL)
+
+
+def test_prefill_logits_equal_the_model_forward(family) -> None:
+    """Logits, not only their argmax: soft-capping and embedding scales leave greedy tokens
+    alone but not the sampling distribution."""
+    from pipeline.runners import StaticRunner
+
+    requests = _requests(family)
+    width = max(len(r.prompt_ids) for r in requests)
+    ids = torch.full((len(requests), width), family.tokenizer.pad_token_id)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    for row, r in enumerate(requests):
+        ids[row, width - len(r.prompt_ids) :] = torch.tensor(list(r.prompt_ids))
+        valid[row, width - len(r.prompt_ids) :] = True
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    runner = StaticRunner(family.model)
+    runner.allocate(len(requests), width + 8)
+    with torch.inference_mode():
+        ours = runner.prefill(ids, valid, positions, lambda _i, h: h)
+        for row, r in enumerate(requests):
+            theirs = family.model(torch.tensor([list(r.prompt_ids)])).logits[0, -1]
+            torch.testing.assert_close(ours[row], theirs, **TOL)
