@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.persona-setup
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo bench clean gpu-test
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ format: setup
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The GPU acceptance suite (tests/gpu/), on a machine with a CUDA GPU. GPU hosts often keep
+# their own torch; run it with that Python: `make gpu-test GPU_PYTHON=python3`.
+GPU_PYTHON ?= $(BIN)/python
+gpu-test:
+	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 
 # The whole method on the embedded model, on a CPU, then the dashboard on the result. The
 # 135M judge has no real signal, so the demo keeps every scored pair (threshold 0).

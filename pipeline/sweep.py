@@ -80,6 +80,8 @@ def create_sweep_job(store: Store, trait: str, params: SweepParams) -> int:
 def run_sweep_job(
     store: Store, job_id: int, *, on_progress: ProgressCallback | None = None
 ) -> None:
+    import torch
+
     from pipeline.chat import prompt_ids
     from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
     from pipeline.judge import COHERENCE_PROMPT, make_judge
@@ -135,7 +137,14 @@ def run_sweep_job(
         if layer:
             specs = [SteeringSpec(layer, vector, coef=coef, positions=params.positions)]
         requests = [DecodeRequest(prompts[q], row_seed(params.seed, q, 0, 0)) for q in todo]
-        results = engine.run(requests, sampling, steering=specs)
+        try:
+            results = engine.run(requests, sampling, steering=specs)
+        except torch.cuda.OutOfMemoryError:
+            raise PersonaError(
+                f"CUDA out of memory generating {len(requests)} steered answers at once; rerun "
+                "the same command with a lower --n or --max-new-tokens (the job resumes where "
+                "it stopped)"
+            ) from None
         store.add_responses(
             {
                 "job": job_id,

@@ -3,6 +3,10 @@
 and off, in the same run, on a random-init Llama-3.1-8B-shaped model in bf16.
 
     python tests/bench/bench_generate.py [--batches 16,64,256] [--new 256] [--layers 32]
+    python tests/bench/bench_generate.py --arch all [--batches 64] [--new 128]
+
+``--arch`` (a list of model types, or ``all``) measures each family's 7-12B shape against
+HF ``generate`` on the same model in the same run: the target is >= 3x for every family.
 
 Prompts are 100-200 random tokens; every row is forced to ``--new`` tokens (EOS ignored).
 Targets: >= 5x plain generate at batch 64, >= 10,000 new tok/s at batch 256, capture <= 10%.
@@ -20,7 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build_model, card, print_table, random_prompts, save_json, timed  # noqa: E402
+from common import (  # noqa: E402
+    ARCH_SHAPES,
+    build_arch_model,
+    build_model,
+    card,
+    print_table,
+    random_prompts,
+    save_json,
+    timed,
+)
 
 from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig  # noqa: E402
 
@@ -78,13 +91,49 @@ def graph_matches_eager(loaded) -> bool:
     return same_tokens and close
 
 
+def by_architecture(archs: list[str], batch: int, new: int) -> None:
+    """One row per family: HF generate and ours (with capture) on the same model and prompts."""
+    rows = []
+    for arch in archs:
+        loaded = build_arch_model(arch)
+        vocab = loaded.model.config.vocab_size
+        engine = DecodeEngine(loaded, capture=True)
+        warm = random_prompts(4, 100, 200, vocab, seed=9)
+        engine_generate(engine, warm, 8)
+        hf_generate(loaded, warm, 4)
+        prompts = random_prompts(batch, 100, 200, vocab, seed=batch)
+        hf = batch * new / hf_generate(loaded, prompts, new)
+        ours_seconds = engine_generate(engine, prompts, new)
+        row = {
+            "arch": arch,
+            "runner": engine.backend,
+            "graphs": engine.cuda_graphs,
+            "hf_generate tok/s": hf,
+            "ours+capture tok/s": batch * new / ours_seconds,
+            "ms/step": 1000 * ours_seconds / new,
+        }
+        row["speedup"] = row["ours+capture tok/s"] / hf
+        rows.append(row)
+        print(row, flush=True)
+        del engine, loaded
+        torch.cuda.empty_cache()
+    columns = list(rows[0])
+    print_table(f"bench_generate --arch: batch {batch}, {new} new tokens", rows, columns)
+    save_json("bench_generate_arch.json", {"card": card(), "rows": rows})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="16,64,256")
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--arch", help="model types, comma-separated, or 'all'")
     args = parser.parse_args()
+    if args.arch:
+        archs = ["llama", *ARCH_SHAPES] if args.arch == "all" else args.arch.split(",")
+        by_architecture(archs, int(args.batches.split(",")[0]), args.new)
+        return
     loaded = build_model(args.layers)
     vocab = loaded.model.config.vocab_size
     print(f"card: {card()}; model: 8B shape, {args.layers} layers, bf16; new tokens {args.new}")

@@ -52,6 +52,75 @@ def llama8b_config(layers: int = 32):
     )
 
 
+# Published shapes of each family's common 7-12B model (random weights: speed does not
+# depend on them). Keys are model types; values are config arguments.
+ARCH_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2": dict(  # Qwen2.5-7B
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6,
+    ),
+    "qwen3": dict(  # Qwen3-8B
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+    ),
+    "mistral": dict(  # Mistral-7B-v0.1 (sliding window 4096)
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, sliding_window=4096,
+    ),
+    "gemma2": dict(  # Gemma-2-9B
+        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=4096,
+        query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+    ),
+    "gemma3_text": dict(  # Gemma-3-12B's text model
+        vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=1024,
+        query_pre_attn_scalar=256,
+    ),
+    "phi3": dict(  # Phi-3-mini (fused qkv and gate_up)
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, sliding_window=2047,
+    ),
+    "olmo2": dict(  # OLMo-2-7B
+        vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32,
+    ),
+}  # fmt: skip
+
+
+def build_arch_model(arch: str):
+    """A family's 7-12B shape in bf16 on the GPU (``llama`` is the Llama-3.1-8B shape)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models import LoadedModel
+
+    if arch == "llama":
+        return build_model()
+    shape = dict(ARCH_SHAPES[arch])
+    vocab = shape["vocab_size"]
+    config = AutoConfig.for_model(
+        arch,
+        **shape,
+        max_position_embeddings=8192,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 2,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.eval()
+    model.generation_config.pad_token_id = config.pad_token_id
+    return LoadedModel(
+        model=model,
+        tokenizer=BenchTokenizer(vocab),
+        model_id=f"random-{arch}-shape",
+        path=Path("."),
+        device=torch.device("cuda"),
+    )
+
+
 def build_model(layers: int = 32):
     """The 8B shape in bf16 on the GPU, initialised there (a CPU init takes minutes)."""
     from transformers import LlamaForCausalLM

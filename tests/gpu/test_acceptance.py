@@ -1,0 +1,252 @@
+"""GPU acceptance: every model-touching command of the CLI on an 8B-shaped random model in
+bf16, the dashboard's live monitor with a steering coefficient, graph-vs-eager equality with
+steering on, and one tiny config per architecture family on CUDA (fp32, against HF
+``generate``). The tests share one database and run in file order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_model import FAMILY_CONFIGS, build_tiny_family
+
+from db import Store
+from pipeline.chat import prompt_ids
+from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig, Watch
+from pipeline.models import load_model
+from tui.cli import main
+from vectors.steering import SteeringSpec
+
+TRAIT = "paternalism"
+LAYER = "16"
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gpu-db") / "persona.db"
+
+
+def cli(db: Path, *args: str) -> int:
+    return main(["--db", str(db), *args])
+
+
+def _layer(big_model_dir: Path) -> str:
+    layers = json.loads((big_model_dir / "config.json").read_text())["num_hidden_layers"]
+    return str(min(int(LAYER), layers))
+
+
+# ---- the CLI, command by command --------------------------------------------------------------
+def test_generate_both_sides_with_capture(db: Path, big_model_dir: Path) -> None:
+    for split in ("extract", "eval"):
+        rc = cli(db, "generate", TRAIT, "--side", "both", "--split", split,
+                 "--model", str(big_model_dir), "--n-per-question", "1",
+                 "--max-new-tokens", "48")  # fmt: skip
+        assert rc == 0
+    with Store(db) as store:
+        rows = store.responses()
+        assert len(rows) == 80 and all(r.answer_ids for r in rows)
+        jobs = store.list_jobs(trait=TRAIT, kind="generate")
+        assert all(job.status == "done" for job in jobs)
+
+
+def test_cuda_oom_names_batch_size_and_the_job_resumes(db: Path, big_model_dir: Path) -> None:
+    loaded = load_model(str(big_model_dir))  # the one the CLI reuses
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    headroom = torch.cuda.memory_reserved() + 64 * 2**20
+    torch.cuda.set_per_process_memory_fraction(headroom / total)
+    try:
+        rc = cli(db, "generate", "deception", "--side", "pos", "--model", str(big_model_dir),
+                 "--n-per-question", "1", "--max-new-tokens", "256",
+                 "--batch-size", "20")  # fmt: skip
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert rc == 2
+    rc = cli(db, "generate", "deception", "--side", "pos", "--model", str(big_model_dir),
+             "--n-per-question", "1", "--max-new-tokens", "256", "--batch-size", "10")  # fmt: skip
+    assert rc == 0
+    with Store(db) as store:
+        job = store.list_jobs(trait="deception", kind="generate")[0]
+        assert job.status == "done" and job.done == 20
+    assert loaded.model is load_model(str(big_model_dir)).model
+
+
+def test_judge_with_a_local_judge(db: Path, big_model_dir: Path) -> None:
+    rc = cli(db, "judge", TRAIT, "--judge", f"local:{big_model_dir}")
+    assert rc == 0
+    with Store(db) as store:
+        judged = store.db.execute("select count(*) from judgments").fetchone()[0]
+    assert judged >= 2 * 80
+
+
+def test_extract_captured_and_forward_agree(db: Path, big_model_dir: Path) -> None:
+    with Store(db) as store:  # every pair, whatever the random judge said
+        for r in store.responses(trait=TRAIT):
+            if r.side == "pos" and r.split == "extract":
+                store.set_override(TRAIT, (r.question, r.instruction, r.sample), True)
+    from vectors.files import load_vector
+
+    vectors = {}
+    for source in ("captured", "forward"):
+        rc = cli(db, "extract", TRAIT, "--threshold", "0", "--coherence", "0",
+                 "--source", source)  # fmt: skip
+        assert rc == 0
+        with Store(db) as store:
+            record = store.vectors(trait=TRAIT, kind="response_avg_diff")[-1]
+            vectors[source] = load_vector(record.path)[0]  # the next one may reuse the path
+    captured, forward = vectors["captured"], vectors["forward"]
+    assert captured.shape == forward.shape
+    cosine = torch.nn.functional.cosine_similarity(captured[1:], forward[1:], dim=-1)
+    assert cosine.min() > 0.98, cosine
+
+
+def test_vectors_show_and_monitor(db: Path, big_model_dir: Path, capsys) -> None:
+    assert cli(db, "vectors", "show", TRAIT) == 0
+    layer = _layer(big_model_dir)
+    assert cli(db, "monitor", TRAIT, "--prompt", "Plan my week", "--layer", layer,
+               "--max-new-tokens", "24") == 0  # fmt: skip
+    with Store(db) as store:
+        rid = store.responses(trait=TRAIT)[0].id
+    assert cli(db, "monitor", TRAIT, "--response", str(rid), "--layer", layer) == 0
+    assert capsys.readouterr().out.count(f"at layer {layer}") >= 2
+
+
+@pytest.mark.parametrize("positions", ["response", "prompt", "all"])
+def test_steer_every_position(db: Path, big_model_dir: Path, positions: str, capsys) -> None:
+    rc = cli(db, "steer", TRAIT, "--layer", _layer(big_model_dir), "--coef=-8,8",
+             "--prompt", "Should I quit my job?", "--positions", positions,
+             "--max-new-tokens", "24")  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "coef +8" in printed and "coef -8" in printed
+
+
+def test_sweep(db: Path, big_model_dir: Path) -> None:
+    rc = cli(db, "sweep", TRAIT, "--layers", f"8,{_layer(big_model_dir)}", "--coefs=-4,4",
+             "--n", "2", "--judge", f"local:{big_model_dir}", "--max-new-tokens", "24")  # fmt: skip
+    assert rc == 0
+    with Store(db) as store:
+        job = store.list_jobs(trait=TRAIT, kind="sweep")[0]
+        assert job.status == "done"
+
+
+def test_screen_with_compare_base(db: Path, big_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    rows = [
+        {"prompt": "How should I save money?", "response": "You must let me decide for you."},
+        {"prompt": "What is a good hobby?", "response": "Painting is relaxing and fun."},
+        {"prompt": "Can I skip the gym today?", "response": "No. I forbid it, for your own good."},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ranked.csv"
+    rc = cli(db, "screen", TRAIT, "--data", str(data), "--compare-base",
+             "--layer", _layer(big_model_dir), "--out", str(out))  # fmt: skip
+    assert rc == 0 and len(out.read_text().splitlines()) == 4
+
+
+def test_run_end_to_end(db: Path, big_model_dir: Path) -> None:
+    rc = cli(db, "run", "power_seeking", "--model", str(big_model_dir),
+             "--judge", f"local:{big_model_dir}", "--n-per-question", "1", "--n-eval", "1",
+             "--max-new-tokens", "24", "--threshold", "0", "--coherence", "0")  # fmt: skip
+    assert rc == 0
+    with Store(db) as store:
+        assert store.vectors(trait="power_seeking")
+
+
+# ---- the dashboard ----------------------------------------------------------------------------
+def test_dashboard_live_monitor_with_a_steering_coefficient(db: Path) -> None:
+    from textual.widgets import Input, Static
+
+    from tui.app import PersonaApp
+
+    async def drive() -> str:
+        app = PersonaApp(db, trait=TRAIT)
+        async with app.run_test(size=(120, 32)) as pilot:
+            await pilot.press("5")
+            await pilot.pause(0.2)
+            app.screen.query_one("#coef", Input).value = "6"
+            prompt = app.screen.query_one("#prompt", Input)
+            prompt.value = "Plan my week"
+            prompt.focus()
+            await pilot.press("enter")
+            deadline = time.monotonic() + 120
+            info = ""
+            while time.monotonic() < deadline:
+                await pilot.pause(0.2)
+                if app.screen.query("#monitor-info"):
+                    info = str(app.screen.query_one("#monitor-info", Static).content)
+                    if "done" in info:
+                        break
+                else:  # an error dialog replaced the screen
+                    return f"error dialog: {type(app.screen).__name__}"
+            return info
+
+    info = asyncio.run(drive())
+    assert "steering coef +6" in info and "done" in info, info
+
+
+# ---- the engine on CUDA -----------------------------------------------------------------------
+def test_graphed_and_eager_steps_agree_with_steering_on(big_model_dir: Path) -> None:
+    loaded = load_model(str(big_model_dir))
+    torch.manual_seed(1)
+    layer = int(_layer(big_model_dir))
+    vector = torch.randn(loaded.num_layers + 1, loaded.hidden_size)
+    questions = ["Plan my week", "Should I quit my job and travel?", "Hi", "Tell me a story"]
+    requests = [
+        DecodeRequest(prompt_ids(loaded.tokenizer, None, q), seed=i)
+        for i, q in enumerate(questions)
+    ]
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, ignore_eos=True)
+    for positions in ("response", "prompt", "all"):
+        specs = [SteeringSpec(layer, vector, coef=4.0, positions=positions)]
+        watch = [Watch("v", layer, vector[layer])]
+        graphed, eager = (
+            DecodeEngine(loaded, capture=True, cuda_graphs=graphs).run(
+                requests, sampling, steering=specs, watch=watch
+            )
+            for graphs in (True, False)
+        )
+        for g, e in zip(graphed, eager, strict=True):
+            assert g.answer_ids == e.answer_ids
+            for kind in ("prompt_last", "prompt_avg", "response_avg"):
+                torch.testing.assert_close(g.activations[kind], e.activations[kind])
+            torch.testing.assert_close(g.projections, e.projections)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
+    """fp32 on the GPU: greedy tokens equal HF ``generate``; the graphed steered step equals
+    the eager one."""
+    folder = build_tiny_family(tmp_path / family, family)
+    loaded = load_model(str(folder), dtype="float32")
+    assert loaded.device.type == "cuda"
+    questions = ["Hi there", "What should I cook tonight? I have rice and beans."]
+    requests = [
+        DecodeRequest(prompt_ids(loaded.tokenizer, "You are a helpful assistant.", q), seed=i)
+        for i, q in enumerate(questions)
+    ]
+    greedy = SamplingConfig(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    engine = DecodeEngine(loaded, capture=True)
+    assert engine.backend == "static" and engine.cuda_graphs
+    results = engine.run(requests, greedy)
+    for request, result in zip(requests, results, strict=True):
+        with torch.inference_mode():
+            ids = torch.tensor([list(request.prompt_ids)], device="cuda")
+            ref = loaded.model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        assert ref[0, ids.shape[1] :].tolist() == result.answer_ids
+    torch.manual_seed(2)
+    vector = torch.randn(loaded.num_layers + 1, loaded.hidden_size)
+    specs = [SteeringSpec(2, vector, coef=2.0, positions="all")]
+    sampled = SamplingConfig(max_new_tokens=16, temperature=1.0, ignore_eos=True)
+    graphed = engine.run(requests, sampled, steering=specs)
+    eager = DecodeEngine(loaded, capture=True, cuda_graphs=False).run(
+        requests, sampled, steering=specs
+    )
+    for g, e in zip(graphed, eager, strict=True):
+        assert g.answer_ids == e.answer_ids
+        torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])
