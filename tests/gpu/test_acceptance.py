@@ -1,12 +1,18 @@
 """GPU acceptance: every model-touching command of the CLI on an 8B-shaped random model in
 bf16, the dashboard's live monitor with a steering coefficient, graph-vs-eager equality with
 steering on, and one tiny config per architecture family on CUDA (fp32, against HF
-``generate``). The tests share one database and run in file order."""
+``generate``). The tests share one database and run in file order.
+
+Skipped where torch sees no CUDA device (CI, laptops); run it on a GPU machine with
+``make gpu-test``. ``PERSONA_GPU_LAYERS`` lowers the 8B-shaped model's depth (default 32,
+the real depth) to save loading time."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +29,39 @@ from vectors.steering import SteeringSpec
 
 TRAIT = "paternalism"
 LAYER = "16"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="the GPU acceptance suite needs a CUDA device"
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def big_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init Llama-3.1-8B-shaped model (bf16) with a small real BPE vocabulary (the
+    tiny tokenizer, trained on the trait library) and a ChatML template, saved once."""
+    from tiny_model import build_tiny_tokenizer
+    from transformers import LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from common import llama8b_config
+
+    folder = tmp_path_factory.mktemp("llama-8b-shape")
+    tokenizer = build_tiny_tokenizer(vocab_size=4000)
+    config = llama8b_config(int(os.environ.get("PERSONA_GPU_LAYERS", "32")))
+    config.vocab_size = len(tokenizer)
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = None
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
 
 
 @pytest.fixture(scope="module")
