@@ -1055,3 +1055,31 @@ def test_every_test_here_is_in_the_catalogue() -> None:
         "test_every_test_here_is_in_the_catalogue",
     }
     assert sorted(own - named) == []
+
+
+def test_sweep_out_of_gpu_memory(capsys, vectors_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA out-of-memory while generating steered answers names the remedy; the answers
+    of the settings before it stay stored, so the rerun resumes."""
+    import torch
+
+    from pipeline.engine import DecodeEngine
+
+    real_run = DecodeEngine.run
+    calls = {"n": 0}
+
+    def run_then_oom(self, requests, sampling, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real_run(self, requests, sampling, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeEngine, "run", run_then_oom)
+    argv = ["sweep", TRAIT, "--layers", "2", "--coefs=1", "--n", "2", "--max-new-tokens", "4"]
+    assert_error(
+        cli(capsys, "--db", vectors_db, *argv),
+        "CUDA out of memory generating 2 steered answers at once; rerun the same command with "
+        "a lower --n or --max-new-tokens (the job resumes where it stopped)",
+    )
+    with Store(vectors_db) as store:
+        job = store.list_jobs(trait=TRAIT, kind="sweep")[0]
+        assert job.status == "failed" and len(store.responses(job=job.id)) == 2
