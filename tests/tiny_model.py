@@ -63,6 +63,23 @@ def build_tiny_tokenizer(vocab_size: int = 400, *, system_role: bool = True):
     return fast
 
 
+def _tiny_config(tokenizer: Any, *, hidden: int, layers: int) -> dict[str, Any]:
+    """What every tiny config shares: 4 heads, 2 KV heads, the tokenizer's ids."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+    }
+
+
 def build_tiny_model(
     folder: str | Path,
     *,
@@ -77,19 +94,7 @@ def build_tiny_model(
 
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer(system_role=system_role)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**_tiny_config(tokenizer, hidden=hidden, layers=layers))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
@@ -161,6 +166,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
         "max_window_layers": 1,
         "head_dim": 16,
     },
+    "gemma": {"head_dim": 16, "hidden_activation": "gelu_pytorch_tanh"},
     "gemma2": {
         "sliding_window": WINDOW,
         "head_dim": 16,
@@ -195,19 +201,7 @@ def build_tiny_family(folder: str | Path, family: str, *, seed: int = 0) -> Path
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer()
     config = AutoConfig.for_model(
-        family,
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-        **FAMILY_CONFIGS[family],
+        family, **_tiny_config(tokenizer, hidden=64, layers=4), **FAMILY_CONFIGS[family]
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
