@@ -15,7 +15,8 @@ capture and watch at a steered layer read the steered state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,10 @@ TokenCallback = Callable[[int, torch.Tensor, torch.Tensor | None], None]
 
 # ---- the engine -----------------------------------------------------------------------------
 class DecodeEngine:
-    """Generates one batch at a time; callers choose batches (length-sorted is best)."""
+    """Generates for a queue of requests with continuous batching: a fixed number of slots;
+    when rows finish, their results are handed out and their slots refilled from the queue
+    at once (on the static runner; the HF runner takes the queue in fixed chunks). A row's
+    tokens depend only on its prompt, seed and the model, never on its neighbours."""
 
     def __init__(
         self,
@@ -109,124 +113,247 @@ class DecodeEngine:
         self.steering: list[SteeringSpec] = []
         self.watch: list[Watch] = []
 
-    @torch.inference_mode()
     def run(
         self,
         requests: Sequence[DecodeRequest],
         sampling: SamplingConfig,
         on_step: Callable[[int], None] | None = None,
         *,
+        slots: int | None = None,
         steering: Sequence[SteeringSpec] = (),
         watch: Sequence[Watch] = (),
         on_tokens: TokenCallback | None = None,
         check_every: int = FINISH_CHECK_EVERY,
     ) -> list[DecodeResult]:
-        """Generate for one batch. ``on_step(steps_done)`` is called at the loop's periodic
-        host checks (every ``check_every`` steps), e.g. to write a heartbeat; ``on_tokens``
-        gets the tokens (and watched projections) produced since the last check.
-        ``steering`` adds vectors to block outputs (see ``vectors.steering``)."""
+        """Every request's result, in order (see ``stream``; default: one slot a request)."""
+        results: list[DecodeResult | None] = [None] * len(requests)
+        for index, result in self.stream(
+            requests,
+            sampling,
+            on_step,
+            slots=slots,
+            steering=steering,
+            watch=watch,
+            on_tokens=on_tokens,
+            check_every=check_every,
+        ):
+            results[index] = result
+        return results  # type: ignore[return-value]
+
+    def stream(
+        self,
+        requests: Sequence[DecodeRequest],
+        sampling: SamplingConfig,
+        on_step: Callable[[int], None] | None = None,
+        *,
+        slots: int | None = None,
+        steering: Sequence[SteeringSpec] = (),
+        watch: Sequence[Watch] = (),
+        on_tokens: TokenCallback | None = None,
+        check_every: int = FINISH_CHECK_EVERY,
+    ) -> Iterator[tuple[int, DecodeResult]]:
+        """Yield (request index, result) as rows finish, at the loop's host checks (every
+        ``check_every`` steps), ``slots`` rows at a time (default: all). ``on_step(steps)``
+        is called at each check (e.g. to write a heartbeat); ``on_tokens`` gets the tokens
+        (and watched projections) produced since the last check, and needs every request
+        in one batch. ``steering`` adds vectors to block outputs (``vectors.steering``)."""
         if not requests:
-            return []
+            return
         for spec in steering:
             if spec.layer > self.runner.num_layers:
                 raise ValueError(
                     f"layer {spec.layer} is past the model's {self.runner.num_layers} blocks"
                 )
+        slots = min(slots or len(requests), len(requests))
+        if on_tokens is not None and slots < len(requests):
+            raise ValueError("on_tokens needs every request in one batch (slots >= requests)")
         # On the device once, before any graph capture (a host-to-device copy cannot be
         # captured); a sharded model's later layers copy to their own device as they run.
         self.steering = [spec.on(self.device) for spec in steering]
         self.watch = list(watch)
-        return self._run(requests, sampling, on_step, on_tokens, check_every)
+        queue = deque(range(len(requests)))
+        while queue:
+            yield from self._session(
+                requests, queue, sampling, slots, on_step, on_tokens, check_every
+            )
 
-    def _run(
+    def _session(
         self,
         requests: Sequence[DecodeRequest],
+        queue: deque[int],
         sampling: SamplingConfig,
+        slots: int,
         on_step: Callable[[int], None] | None,
         on_tokens: TokenCallback | None,
         check_every: int,
-    ) -> list[DecodeResult]:
-        device = self.device
-        batch = len(requests)
-        prompt_len = max(len(r.prompt_ids) for r in requests)
+    ) -> Iterator[tuple[int, DecodeResult]]:
+        """One cache allocation: the first ``slots`` requests of the queue, refilled from it
+        as rows finish where the runner can (the static one), until no slot is busy."""
+        refills = isinstance(self.runner, StaticRunner)
+        longest = max(len(requests[i].prompt_ids) for i in queue)
         new = sampling.max_new_tokens
-        length = -(-(prompt_len + new) // CACHE_ROUND) * CACHE_ROUND
-        ids = torch.full((batch, prompt_len), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((batch, prompt_len), dtype=torch.bool)
-        for row, request in enumerate(requests):
-            n = len(request.prompt_ids)
-            ids[row, prompt_len - n :] = torch.tensor(list(request.prompt_ids), dtype=torch.long)
-            valid[row, prompt_len - n :] = True
-        ids, valid = ids.to(device), valid.to(device)
-        positions = (valid.long().cumsum(1) - 1).clamp_(min=0)
+        # +1: a finished row idles at one column past its last until it is harvested.
+        length = -(-(longest + new + 1) // CACHE_ROUND) * CACHE_ROUND
         act_shape = (self.num_states, self.hidden_size) if self.capture else (1, 1)
-        state = _State.create(batch, length, new, act_shape, device, len(self.watch))
-        out = _Outputs.create(
-            batch, new, self.num_states, self.hidden_size, device, self.capture, len(self.watch)
-        )
-        state.seeds.copy_(torch.tensor([r.seed for r in requests], dtype=torch.long))
-        state.key_valid[:, :prompt_len] = valid
-        state.positions.copy_(valid.sum(1))
-        state.column.fill_(prompt_len)
-        self.runner.allocate(batch, length)
+        slots = min(slots, len(queue))
+        # Inference mode around each piece of work, never across a yield (the caller's code
+        # between results must not run in it).
+        with torch.inference_mode():
+            state = _State.create(slots, length, new, act_shape, self.device, len(self.watch))
+            self.runner.allocate(slots, length)
+        busy: list[int | None] = [None] * slots  # the request each slot holds
+        self._fill(state, busy, list(range(slots)), requests, queue, sampling)
+        step_fn = self._make_step(state, sampling)
+        streamed = steps = 0
+        while True:
+            with torch.inference_mode():
+                step_fn()
+            steps += 1
+            if steps % check_every:
+                continue
+            if on_step is not None:
+                on_step(steps)
+            if on_tokens is not None:
+                with torch.inference_mode():
+                    streamed = self._stream(state, streamed, min(steps, new), on_tokens)
+            yield from self._harvest(state, busy, new, sampling)
+            free = [slot for slot, held in enumerate(busy) if held is None]
+            if refills and queue and free:
+                self._fill(state, busy, free, requests, queue, sampling)
+            if all(held is None for held in busy):
+                break
+            # Without a queue, drop finished rows once enough have finished: the rest decode
+            # faster. A graphed step must be captured again for the new shape: it waits longer.
+            alive = len(busy) - len(free)
+            if (
+                not queue
+                and on_tokens is None
+                and alive <= len(busy) * (0.5 if self.cuda_graphs else 0.75)
+            ):
+                busy = self._compact(state, busy)
+                step_fn = self._make_step(state, sampling)
+        self._graph = None
+        if on_tokens is not None:
+            with torch.inference_mode():
+                self._stream(state, streamed, new, on_tokens)
+        if not refills:
+            self.runner.release()
 
-        # Prefill: prompt captures, then token 0.
+    @torch.inference_mode()
+    def _compact(self, state: _State, busy: list[int | None]) -> list[int | None]:
+        """Keep only the busy slots (their rows, caches and state); returns the new map."""
+        keep = [slot for slot, held in enumerate(busy) if held is not None]
+        index = torch.tensor(keep, device=self.device)
+        state.select(index)
+        self.runner.select(index)
+        return [busy[slot] for slot in keep]
+
+    @torch.inference_mode()
+    def _fill(
+        self,
+        state: _State,
+        busy: list[int | None],
+        free: list[int],
+        requests: Sequence[DecodeRequest],
+        queue: deque[int],
+        sampling: SamplingConfig,
+    ) -> None:
+        """Prefill the next queued requests into the free slots: prompt captures and each
+        row's first token; the slots' step, column and caches start afresh."""
+        take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+        where = free[: len(take)]
+        device = self.device
+        width = max(len(requests[i].prompt_ids) for i in take)
+        ids = torch.full((len(take), width), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(take), width), dtype=torch.bool)
+        for row, index in enumerate(take):
+            prompt = requests[index].prompt_ids
+            ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            valid[row, width - len(prompt) :] = True
+        ids, valid = ids.to(device), valid.to(device)
+        slot = torch.tensor(where, dtype=torch.long, device=device)
+        seeds = torch.tensor([requests[i].seed for i in take], dtype=torch.long, device=device)
+        positions = (valid.long().cumsum(1) - 1).clamp_(min=0)
+        state.reset(slot, seeds, valid)
         prompt_count = valid.sum(1, keepdim=True).float()
-
         steering = self.steering
         masks = prefill_masks(valid)
+        capture = self.capture
 
         def prompt_hook(index: int, h: torch.Tensor) -> torch.Tensor:
             if steering:
                 h = apply_steering(h, steering, index, masks)
-            if self.capture:
+            if capture:
                 hf = h.float()
-                out.prompt_avg[:, index] = (hf * valid[..., None]).sum(1) / prompt_count
-                out.prompt_last[:, index] = hf[:, -1]
+                state.prompt_avg[slot, index] = (hf * valid[..., None]).sum(1) / prompt_count
+                state.prompt_last[slot, index] = hf[:, -1]
             return h
 
-        logits = self.runner.prefill(ids, valid, positions, prompt_hook)
+        logits = self.runner.prefill(ids, valid, positions, prompt_hook, slot)
         first = sample_next(
-            logits, state.seeds, state.step * 0, sampling.temperature, sampling.top_p
+            logits, seeds, torch.zeros_like(seeds), sampling.temperature, sampling.top_p
         )
-        state.tokens[:, 0] = first
-        state.current.copy_(first)
+        state.tokens[slot, 0] = first
+        state.current[slot] = first
+        state.positions[slot] = valid.sum(1)
+        state.column[slot] = width
+        finished = torch.zeros_like(first, dtype=torch.bool)
         if not sampling.ignore_eos:
-            state.finished |= (first[:, None] == self.stop_ids[None, :]).any(1)
+            finished = (first[:, None] == self.stop_ids[None, :]).any(1)
+        state.finished[slot] = finished
+        for row, index in zip(where, take, strict=True):
+            busy[row] = index
 
-        step_fn = self._make_step(state, sampling)
-        streamed = 0
-        for steps_done in range(1, new + 1):
-            step_fn()
-            if steps_done % check_every == 0:
-                if on_step is not None:
-                    on_step(steps_done)
-                if on_tokens is not None:
-                    streamed = self._stream(state, out, streamed, steps_done, on_tokens)
-                alive = int((~state.finished).sum())
-                if alive == 0:
-                    break
-                # Drop finished rows once enough have finished: the rest decode faster. A
-                # graphed step must be captured again for the new shape, so it waits longer.
-                if alive <= state.rows.numel() * (0.5 if self.cuda_graphs else 0.75):
-                    self._compact(state, out)
-                    step_fn = self._make_step(state, sampling)
-        self._graph = None
-        out.save(state)
-        if on_tokens is not None:
-            self._stream(state, out, streamed, new, on_tokens)
-        return self._results(out, new, sampling)
+    def _harvest(
+        self, state: _State, busy: list[int | None], new: int, sampling: SamplingConfig
+    ) -> Iterator[tuple[int, DecodeResult]]:
+        """Hand out the rows that finished since the last check and free their slots."""
+        yield from self._collect(state, busy, new, sampling)
 
-    def _stream(
-        self, state: _State, out: _Outputs, streamed: int, upto: int, on_tokens: TokenCallback
-    ) -> int:
-        """Hand the caller the tokens (and projections) of steps since the last call."""
-        out.save(state)
-        upto = min(upto, out.tokens.shape[1] - 1)
+    @torch.inference_mode()
+    def _collect(
+        self, state: _State, busy: list[int | None], new: int, sampling: SamplingConfig
+    ) -> list[tuple[int, DecodeResult]]:
+        finished = state.finished.tolist()
+        done = [slot for slot, held in enumerate(busy) if held is not None and finished[slot]]
+        if not done:
+            return []
+        index = torch.tensor(done, device=self.device)
+        tokens = state.tokens[index, :new].cpu()
+        acts: dict[str, torch.Tensor] = {}
+        if self.capture:
+            count = state.response_count[index].clamp(min=1)[:, None, None]
+            acts = {
+                "response_avg": (state.response_sum[index] / count).cpu(),
+                "prompt_avg": state.prompt_avg[index].cpu(),
+                "prompt_last": state.prompt_last[index].cpu(),
+            }
+        projections = state.projections[index].cpu() if self.watch else None
+        stops = set(self.stop_ids.tolist())
+        out = []
+        for row, slot in enumerate(done):
+            seq = tokens[row].tolist()
+            end = len(seq)
+            if not sampling.ignore_eos:
+                end = next((i for i, t in enumerate(seq) if t in stops), len(seq))
+            request = busy[slot]
+            busy[slot] = None
+            result = DecodeResult(
+                answer_ids=seq[:end],
+                finish_reason="eos" if end < len(seq) else "length",
+                activations={k: v[row] for k, v in acts.items()} if self.capture else None,
+                projections=projections[row, :end] if projections is not None else None,
+            )
+            out.append((request, result))
+        return out
+
+    def _stream(self, state: _State, streamed: int, upto: int, on_tokens: TokenCallback) -> int:
+        """Hand the caller the tokens (and projections) of steps since the last call (every
+        row started together: no refills, no dropped rows)."""
         if upto <= streamed:
             return streamed
-        tokens = out.tokens[:, streamed:upto].cpu()
-        proj = out.projections[:, streamed:upto].cpu() if self.watch else None
+        tokens = state.tokens[:, streamed:upto].cpu()
+        proj = state.projections[:, streamed:upto].cpu() if self.watch else None
         on_tokens(streamed, tokens, proj)
         return upto
 
@@ -237,19 +364,16 @@ class DecodeEngine:
             step_fn = self._graphed(step_fn, min(2, sampling.max_new_tokens))
         return step_fn
 
-    def _compact(self, state: _State, out: _Outputs) -> None:
-        out.save(state)
-        keep = (~state.finished).nonzero().squeeze(1)
-        state.select(keep)
-        self.runner.select(keep)
-
     def _step_fn(self, state: _State, sampling: SamplingConfig) -> Callable[[], None]:
         """One decode step, all on the device, state updated in place (graph-capturable):
-        feed token k-1, capture its hidden states if it is an answer token, sample token k."""
+        each row feeds its token step-1, captures its hidden states if it is an answer
+        token, and samples its token ``step``; rows keep their own step and cache column."""
         runner = self.runner
         capture = self.capture
         stop_ids = self.stop_ids
         pad = self.pad_id
+        new = sampling.max_new_tokens
+        rows = torch.arange(state.current.shape[0], device=self.device)
 
         steering = self.steering
         watched: dict[int, list[tuple[int, torch.Tensor]]] = {}
@@ -263,14 +387,16 @@ class DecodeEngine:
             if capture:
                 state.response_sum[:, index] += h[:, 0].float() * state.alive_f[:, None]
             for slot, unit in watched.get(index, ()):
-                # The fed token is answer token step-1: its projection goes in that column.
-                value = (h[:, 0].float() @ unit)[:, None]
-                state.projections[:, :, slot].index_copy_(1, state.step - 1, value)
+                # The fed token is answer token step-1: its projection goes in that column
+                # (an idle row's goes to the scratch column ``new``).
+                column = torch.where(state.finished, new, state.step - 1)
+                state.projections[rows, column, slot] = h[:, 0].float() @ unit
             return h
 
         def step() -> None:
-            state.alive_f.copy_((~state.finished).float())
-            state.key_valid.index_fill_(1, state.column, True)
+            alive = ~state.finished
+            state.alive_f.copy_(alive.float())
+            state.key_valid[rows, state.column] = True
             logits = runner.decode(
                 state.current, state.positions, state.column, state.key_valid, hook
             )
@@ -278,14 +404,20 @@ class DecodeEngine:
             token = sample_next(
                 logits, state.seeds, state.step, sampling.temperature, sampling.top_p
             )
-            token = torch.where(state.finished, torch.full_like(token, pad), token)
-            state.tokens.index_copy_(1, state.step, token[:, None])
+            token = torch.where(alive, token, torch.full_like(token, pad))
+            # An idle row writes to the scratch column ``new``, never over its last token.
+            state.tokens[rows, torch.where(alive, state.step, new)] = token
+            # Token ``new`` is one past the answer: sampled only so that answer token new-1
+            # is fed (and captured); the row ends there.
+            ended = state.step >= new
             if not sampling.ignore_eos:
-                state.finished |= (token[:, None] == stop_ids[None, :]).any(1)
+                ended = ended | (token[:, None] == stop_ids[None, :]).any(1)
+            state.finished |= ended
             state.current.copy_(token)
-            state.positions.add_(1)
-            state.column.add_(1)
-            state.step.add_(1)
+            moving = (~state.finished).long()
+            state.positions.add_(moving)
+            state.column.add_(moving)
+            state.step.add_(moving)
 
         return step
 
@@ -314,35 +446,6 @@ class DecodeEngine:
 
         return graphed
 
-    def _results(self, out: _Outputs, new: int, sampling: SamplingConfig) -> list[DecodeResult]:
-        tokens = out.tokens[:, :new].cpu()
-        stops = set(self.stop_ids.tolist())
-        acts: dict[str, torch.Tensor] = {}
-        if self.capture:
-            count = out.response_count.clamp(min=1)[:, None, None]
-            acts = {
-                "response_avg": (out.response_sum / count).cpu(),
-                "prompt_avg": out.prompt_avg.cpu(),
-                "prompt_last": out.prompt_last.cpu(),
-            }
-        projections = out.projections.cpu() if self.watch else None
-        results = []
-        for row in range(tokens.shape[0]):
-            seq = tokens[row].tolist()
-            end = len(seq)
-            if not sampling.ignore_eos:
-                end = next((i for i, t in enumerate(seq) if t in stops), len(seq))
-            reason = "eos" if end < len(seq) else "length"
-            results.append(
-                DecodeResult(
-                    answer_ids=seq[:end],
-                    finish_reason=reason,
-                    activations={k: v[row] for k, v in acts.items()} if self.capture else None,
-                    projections=projections[row, :end] if projections is not None else None,
-                )
-            )
-        return results
-
 
 def _sharded(model: Any) -> bool:
     devices = set((getattr(model, "hf_device_map", None) or {}).values())
@@ -351,35 +454,22 @@ def _sharded(model: Any) -> bool:
 
 @dataclass
 class _State:
-    """Every tensor a decode step reads or writes, one row per unfinished batch row."""
+    """Every tensor a decode step reads or writes, one row per slot."""
 
-    rows: torch.Tensor  # the batch row each state row belongs to
     seeds: torch.Tensor
-    tokens: torch.Tensor
+    tokens: torch.Tensor  # [B, new + 1]: the row's tokens, by its own step
     current: torch.Tensor
     finished: torch.Tensor
     alive_f: torch.Tensor
     positions: torch.Tensor
-    column: torch.Tensor
-    step: torch.Tensor
+    column: torch.Tensor  # [B]: the cache column each row writes next
+    step: torch.Tensor  # [B]: the index of the token each row samples next
     key_valid: torch.Tensor
     response_sum: torch.Tensor
     response_count: torch.Tensor
+    prompt_avg: torch.Tensor
+    prompt_last: torch.Tensor
     projections: torch.Tensor  # [B, new + 1, W] watched projections per answer token
-
-    _BATCHED = (
-        "rows",
-        "seeds",
-        "tokens",
-        "current",
-        "finished",
-        "alive_f",
-        "positions",
-        "key_valid",
-        "response_sum",
-        "response_count",
-        "projections",
-    )
 
     @classmethod
     def create(
@@ -395,60 +485,35 @@ class _State:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         return cls(
-            rows=torch.arange(batch, device=device),
             seeds=zeros(batch, dtype=torch.long),
             tokens=zeros(batch, new + 1, dtype=torch.long),
             current=zeros(batch, dtype=torch.long),
-            finished=zeros(batch, dtype=torch.bool),
+            finished=torch.ones(batch, dtype=torch.bool, device=device),  # empty slots idle
             alive_f=zeros(batch),
             positions=zeros(batch, dtype=torch.long),
-            column=zeros(1, dtype=torch.long),
-            step=torch.ones(1, dtype=torch.long, device=device),
+            column=zeros(batch, dtype=torch.long),
+            step=torch.ones(batch, dtype=torch.long, device=device),
             key_valid=zeros(batch, length, dtype=torch.bool),
             response_sum=zeros(batch, *act_shape),
             response_count=zeros(batch),
+            prompt_avg=zeros(batch, *act_shape),
+            prompt_last=zeros(batch, *act_shape),
             projections=zeros(batch, new + 1, max(watched, 1)),
         )
 
+    def reset(self, slot: torch.Tensor, seeds: torch.Tensor, valid: torch.Tensor) -> None:
+        """Start these slots afresh for new rows whose real prompt columns are ``valid``."""
+        self.seeds[slot] = seeds
+        self.tokens[slot] = 0
+        self.step[slot] = 1
+        self.key_valid[slot] = False
+        self.key_valid[slot, : valid.shape[1]] = valid
+        self.response_sum[slot] = 0
+        self.response_count[slot] = 0
+        self.prompt_avg[slot] = 0
+        self.prompt_last[slot] = 0
+        self.projections[slot] = 0
+
     def select(self, keep: torch.Tensor) -> None:
-        for name in self._BATCHED:
+        for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name).index_select(0, keep))
-
-
-@dataclass
-class _Outputs:
-    """Per batch row, what the caller gets back; state rows are saved here when dropped."""
-
-    tokens: torch.Tensor
-    response_sum: torch.Tensor
-    response_count: torch.Tensor
-    prompt_avg: torch.Tensor
-    prompt_last: torch.Tensor
-    projections: torch.Tensor
-
-    @classmethod
-    def create(
-        cls,
-        batch: int,
-        new: int,
-        states: int,
-        hidden: int,
-        device: Any,
-        capture: bool,
-        watched: int = 0,
-    ) -> _Outputs:
-        shape = (batch, states, hidden) if capture else (batch, 1, 1)
-        return cls(
-            tokens=torch.zeros(batch, new + 1, dtype=torch.long, device=device),
-            response_sum=torch.zeros(shape, device=device),
-            response_count=torch.zeros(batch, device=device),
-            prompt_avg=torch.zeros(shape, device=device),
-            prompt_last=torch.zeros(shape, device=device),
-            projections=torch.zeros(batch, new + 1, max(watched, 1), device=device),
-        )
-
-    def save(self, state: _State) -> None:
-        self.tokens[state.rows] = state.tokens
-        self.response_count[state.rows] = state.response_count
-        self.response_sum[state.rows] = state.response_sum
-        self.projections[state.rows] = state.projections

@@ -24,6 +24,9 @@ from pipeline.sampling import row_seed
 from vectors import activations
 
 RowKey = tuple[int, int, int]  # (question, instruction, sample)
+# Without --batch-size, slots come from free GPU memory, at most this many: past it a step's
+# attention over every slot's cache costs more than the extra rows bring.
+MAX_AUTO_SLOTS = 256
 BACKENDS = ("local", "openai")
 
 
@@ -252,7 +255,6 @@ def _generate_local(
     loaded = load_model(params.model, device=params.device)
     engine = DecodeEngine(loaded, capture=params.capture)
     tokenizer = loaded.tokenizer
-    batch_size = params.batch_size or (64 if loaded.device.type == "cuda" else 8)
     sampling = SamplingConfig(
         max_new_tokens=params.max_new_tokens,
         temperature=params.temperature,
@@ -263,31 +265,34 @@ def _generate_local(
     prompts = {
         key: prompt_ids(tokenizer, systems[key[1]], trait.questions[key[0]]) for key in pending
     }
-    # Length-sorted batches waste the least padding; seeds make the order irrelevant.
+    # Similar lengths side by side pad least; seeds make the order irrelevant to the tokens.
     ordered = sorted(pending, key=lambda k: (len(prompts[k]), k))
+    longest = max(len(prompts[k]) for k in ordered)
+    if params.batch_size:
+        slots, how = params.batch_size, "--batch-size"
+    else:
+        slots = auto_slots(loaded, longest + params.max_new_tokens, params.capture)
+        how = "chosen from free GPU memory" if loaded.device.type == "cuda" else "CPU default"
+    slots = min(slots, len(ordered))
+    progress.extra["slots"] = slots
     folder = activations_dir(store, job_id)
-    progress.message = f"generating with {loaded.model_id} (batch {batch_size})"
-    for start in range(0, len(ordered), batch_size):
-        progress.check_cancelled()
-        batch = ordered[start : start + batch_size]
-        requests = [DecodeRequest(prompts[k], row_seed(params.seed, *k)) for k in batch]
-        try:
-            results = engine.run(requests, sampling, on_step=lambda _steps: progress.flush())
-        except torch.cuda.OutOfMemoryError:
-            raise PersonaError(
-                f"CUDA out of memory at --batch-size {batch_size}; rerun the same command with "
-                "a lower --batch-size (the job resumes where it stopped)"
-            ) from None
+    progress.message = f"generating with {loaded.model_id} ({slots} slots, {how})"
+    finished: list[tuple[RowKey, Any]] = []
+
+    def store_finished() -> None:
+        """Rows that finished since the last write: their activations, then the rows."""
+        if not finished:
+            return
+        keys = [key for key, _ in finished]
+        results = [result for _, result in finished]
         if params.capture:
             stacked = {
                 kind: torch.stack([r.activations[kind] for r in results])
                 for kind in activations.KINDS
             }
             try:
-                activations.write_shard(
-                    folder, batch, stacked, [len(r.answer_ids) for r in results]
-                )
-            except activations.ActivationFileError as exc:  # the batch's rows are not stored
+                activations.write_shard(folder, keys, stacked, [len(r.answer_ids) for r in results])
+            except activations.ActivationFileError as exc:  # those rows are not stored
                 raise PersonaError(str(exc)) from None
         rows = [
             _row(
@@ -302,10 +307,51 @@ def _generate_local(
                 result.finish_reason,
                 loaded.model_id,
             )
-            for key, result in zip(batch, results, strict=True)
+            for key, result in finished
         ]
         store.add_responses(rows)
-        progress.add(len(batch), new_tokens=sum(len(r.answer_ids) for r in results))
+        progress.add(len(rows), new_tokens=sum(len(r.answer_ids) for r in results))
+        finished.clear()
+
+    def at_check(_steps: int) -> None:
+        # Rows are written in groups of a quarter of the slots (a killed job loses at most
+        # those and the rows in flight); a cancel is seen within one host check.
+        if len(finished) >= max(1, slots // 4):
+            store_finished()
+        progress.flush()
+        progress.check_cancelled()
+
+    requests = [DecodeRequest(prompts[k], row_seed(params.seed, *k)) for k in ordered]
+    try:
+        for index, result in engine.stream(requests, sampling, at_check, slots=slots):
+            finished.append((ordered[index], result))
+    except torch.cuda.OutOfMemoryError:
+        raise PersonaError(
+            f"CUDA out of memory at --batch-size {slots}; rerun the same command with "
+            "a lower --batch-size (the job resumes where it stopped)"
+        ) from None
+    store_finished()
+
+
+def auto_slots(loaded: Any, length: int, capture: bool) -> int:
+    """Rows decoded at once when ``--batch-size`` is not given: on a GPU, as many as the
+    free memory holds (KV cache of ``length`` tokens and capture buffers a row, after a
+    reserve for prefill activations), at most ``MAX_AUTO_SLOTS``; on a CPU, 8."""
+    if loaded.device.type != "cuda":
+        return 8
+    config = loaded.model.config
+    layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    width = loaded.model.get_input_embeddings().weight.element_size()
+    per_row = 2 * layers * kv_heads * head_dim * (length + 64) * width
+    per_row += 4 * int(config.vocab_size) * 4  # logits and sampling, fp32
+    if capture:
+        per_row += 3 * (layers + 1) * int(config.hidden_size) * 4
+    free, total = torch.cuda.mem_get_info(loaded.device)
+    budget = free - 0.1 * total  # prefill activations, the graph's pool, fragmentation
+    return max(1, min(MAX_AUTO_SLOTS, int(budget // per_row)))
 
 
 async def _generate_openai(

@@ -127,7 +127,8 @@ class _StaticCache:
     def __init__(self) -> None:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.column: torch.Tensor | None = None  # None: a prefill
+        self.column: torch.Tensor | None = None  # [B] per-row columns; None: a prefill
+        self.slots: torch.Tensor | None = None  # the cache rows a prefill fills
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args: Any, **_kw: Any
@@ -135,11 +136,14 @@ class _StaticCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.column is None:
             s = key.shape[2]
-            keys[:, :, :s] = key
-            values[:, :, :s] = value
+            slots = self.slots.to(keys.device)
+            keys[slots, :, :s] = key
+            values[slots, :, :s] = value
             return key, value
-        keys.index_copy_(2, self.column, key)
-        values.index_copy_(2, self.column, value)
+        rows = torch.arange(keys.shape[0], device=keys.device)
+        column = self.column.to(keys.device)
+        keys[rows, :, column] = key[:, :, 0]
+        values[rows, :, column] = value[:, :, 0]
         return keys, values
 
     def get_seq_length(self, *_args: Any) -> int:
@@ -244,9 +248,15 @@ class StaticRunner:
         return logits
 
     def prefill(
-        self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, hook: HiddenHook
+        self,
+        ids: torch.Tensor,
+        valid: torch.Tensor,
+        positions: torch.Tensor,
+        hook: HiddenHook,
+        slots: torch.Tensor,
     ) -> torch.Tensor:
-        """Run the padded prompts [B, S]; fill cache columns 0..S-1; return last logits."""
+        """Run the padded prompts [g, S] into cache rows ``slots`` [g], columns 0..S-1;
+        return the last position's logits."""
         s = ids.shape[1]
         index = torch.arange(s, device=ids.device)
         causal = index[None, :] <= index[:, None]  # [q, k]
@@ -259,6 +269,7 @@ class StaticRunner:
             )
             masks[window] = ((allowed & valid[:, None, :]) | eye)[:, None]
         self.cache.column = None
+        self.cache.slots = slots
         h = hook(0, self._embed(ids))
         h = self._layers(h, positions, masks, hook)
         return self._logits(h[:, -1])
@@ -271,13 +282,13 @@ class StaticRunner:
         key_valid: torch.Tensor,
         hook: HiddenHook,
     ) -> torch.Tensor:
-        """One token per row [B] at cache column ``column`` (a 1-element tensor)."""
+        """One token per row [B], each at its own cache column (``column`` [B])."""
         masks = {}
         for window in set(self.windows):
             allowed = key_valid
             if window is not None:
                 keys = torch.arange(key_valid.shape[1], device=key_valid.device)
-                allowed = allowed & (column - keys < window)[None, :]
+                allowed = allowed & (column[:, None] - keys[None, :] < window)
             masks[window] = allowed[:, None, None, :]
         self.cache.column = column
         h = hook(0, self._embed(tokens[:, None]))
@@ -387,7 +398,8 @@ class HFRunner:
                 handle.remove()
         return out.logits[:, -1]
 
-    def prefill(self, ids, valid, positions, hook):
+    def prefill(self, ids, valid, positions, hook, slots):
+        """Every row of a fresh cache at once (``slots`` is all of them: no refills here)."""
         self.mask = valid.clone()
         return self._forward(ids, positions, hook)
 
@@ -443,7 +455,8 @@ def _static_matches_hf(model: Any) -> bool:
     runner = StaticRunner(model)
     try:
         runner.allocate(1, 12)
-        ours = runner.prefill(ids, valid, positions, lambda _i, h: h).float()
+        slots = torch.zeros(1, dtype=torch.long, device=device)
+        ours = runner.prefill(ids, valid, positions, lambda _i, h: h, slots).float()
     except Exception:  # a layout we cannot drive: the general path
         return False
     finally:

@@ -132,7 +132,25 @@ def test_prefill_logits_equal_the_model_forward(family) -> None:
     runner = StaticRunner(family.model)
     runner.allocate(len(requests), width + 8)
     with torch.inference_mode():
-        ours = runner.prefill(ids, valid, positions, lambda _i, h: h)
+        ours = runner.prefill(ids, valid, positions, lambda _i, h: h, torch.arange(len(requests)))
         for row, r in enumerate(requests):
             theirs = family.model(torch.tensor([list(r.prompt_ids)])).logits[0, -1]
             torch.testing.assert_close(ours[row], theirs, **TOL)
+
+
+def test_continuous_batching_with_sliding_windows(family) -> None:
+    """Refilled slots start at their own cache column: windows and positions follow each
+    row, so two slots for three requests give the rows of three slots."""
+    requests = _requests(family)
+    sampling = SamplingConfig(max_new_tokens=9, temperature=1.0)
+    engine = DecodeEngine(family, capture=True)
+    together = engine.run(requests, sampling)
+    # One request is held back until a slot frees: it starts at another column.
+    staggered = engine.run(
+        [requests[0], requests[2], requests[1]], sampling, slots=2, check_every=3
+    )
+    for a, b in zip(together, [staggered[0], staggered[2], staggered[1]], strict=True):
+        assert a.answer_ids == b.answer_ids
+        torch.testing.assert_close(
+            a.activations["response_avg"], b.activations["response_avg"], **TOL
+        )

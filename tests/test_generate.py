@@ -292,22 +292,25 @@ def test_bad_parameters(store: Store, change: dict, message: str) -> None:
 def test_cuda_oom_is_a_clear_resumable_error(
     store: Store, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Out of memory while refilling slots (a prefill, mid-run): one line naming the remedy;
+    the rows written before stay, the ones finished since the last write are generated
+    again on the rerun, which finishes the job."""
     calls = {"n": 0}
-    real_run = DecodeEngine.run
+    real_fill = DecodeEngine._fill
 
-    def flaky(self, requests, sampling, on_step=None):
+    def flaky(self, *args):
         calls["n"] += 1
         if calls["n"] == 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real_run(self, requests, sampling, on_step)
+        return real_fill(self, *args)
 
-    monkeypatch.setattr(DecodeEngine, "run", flaky)
+    monkeypatch.setattr(DecodeEngine, "_fill", flaky)
     job_id = find_or_create_job(store, "paternalism", _tiny_params(tiny_model_dir))
     with pytest.raises(PersonaError, match="CUDA out of memory at --batch-size 4; rerun"):
         run_job(store.path, job_id)
     assert store.get_job(job_id).status == "failed"
-    assert len(store.responses(job=job_id)) == 8  # the two batches before the failure
-    monkeypatch.setattr(DecodeEngine, "run", real_run)
+    assert len(store.responses(job=job_id)) == 4  # the first slots' rows, written at a check
+    monkeypatch.setattr(DecodeEngine, "_fill", real_fill)
     run_job(store.path, job_id)
     assert len(store.responses(job=job_id)) == 20 and store.get_job(job_id).status == "done"
 
@@ -349,7 +352,9 @@ def test_dropping_finished_rows_changes_no_result(tiny, monkeypatch: pytest.Monk
     compactions = []
     real = DecodeEngine._compact
     monkeypatch.setattr(
-        DecodeEngine, "_compact", lambda self, st, out: (compactions.append(1), real(self, st, out))
+        DecodeEngine,
+        "_compact",
+        lambda self, st, busy: compactions.append(1) or real(self, st, busy),
     )
     batched = engine.run(requests, sampling)
     assert compactions, "no row was dropped: the test lost its point"
@@ -361,3 +366,46 @@ def test_dropping_finished_rows_changes_no_result(tiny, monkeypatch: pytest.Monk
             torch.testing.assert_close(
                 result.activations["response_avg"], ref["response_avg"], rtol=1e-3, atol=1e-4
             )
+
+
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_continuous_batching_refills_slots_and_changes_no_result(
+    tiny, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight requests through three slots: a finished row's slot takes the next request at
+    once (static runner; the HF runner takes fixed chunks), and every row equals the same
+    request generated alone, tokens and captures."""
+    engine = DecodeEngine(tiny, backend=backend, capture=True)
+    questions = [*QUESTIONS, "Why?", "Plan my week", "Define love", "Sell me a pen"]
+    requests = [
+        DecodeRequest(prompt_ids(tiny.tokenizer, None, q), seed=i) for i, q in enumerate(questions)
+    ]
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0)
+    free = engine.run(requests, sampling)
+    # A stop token that ends rows at different steps, so slots free up at different times.
+    counts = Counter(t for r in free for t in r.answer_ids[:30])
+    engine.stop_ids = torch.tensor([counts.most_common(1)[0][0]])
+    fills = []
+    real = DecodeEngine._fill
+    monkeypatch.setattr(
+        DecodeEngine,
+        "_fill",
+        lambda self, st, busy, slots, *a: (
+            fills.append(len(slots)) or real(self, st, busy, slots, *a)
+        ),
+    )
+    order = [index for index, _ in engine.stream(requests, sampling, slots=3, check_every=4)]
+    assert sorted(order) == list(range(8))
+    if backend == "static":
+        assert len(fills) > 3 and order != sorted(order), "no slot was refilled mid-run"
+    else:
+        assert fills == [3, 3, 2]
+    fills.clear()
+    batched = engine.run(requests, sampling, slots=3, check_every=4)
+    for request, result in zip(requests, batched, strict=True):
+        alone = engine.run([request], sampling)[0]
+        assert result.answer_ids == alone.answer_ids
+        if result.answer_ids:
+            ref = teacher_forced_means(tiny.model, list(request.prompt_ids), result.answer_ids)
+            for kind, value in ref.items():
+                torch.testing.assert_close(result.activations[kind], value, rtol=1e-3, atol=1e-4)
