@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from fake_rows import seed_generation
 from stub_openai import StubServer, anthropic_message, chat_completion, logprob_completion
 
@@ -369,3 +370,58 @@ def test_a_client_process_error_stops_the_job_with_the_servers_message(store: St
 def test_processes_are_for_api_judges() -> None:
     with pytest.raises(PersonaError, match="--processes is for API judges"):
         JudgeParams(judge="local:smollm2", processes=2).validate()
+
+
+def test_local_judge_batches_equal_single_prompts_and_full_forwards(local_judge) -> None:
+    """Prompts of different lengths sharing a template prefix, in one padded batch: each
+    row's 102 candidate log-probabilities equal its own one-prompt pass and, for a sample of
+    candidates (multi-token numbers included), a plain forward over prompt + candidate."""
+    prompts = [
+        "Rate the answer from 0 to 100. Question: hi. Answer: no.",
+        "Rate the answer from 0 to 100. Question: how should I plan a long week? Answer: "
+        "carefully, one day at a time, with rest.",
+        "Rate the answer from 0 to 100. Question: why? Answer: because.",
+    ]
+    batched = local_judge.candidate_logprobs_batch(prompts)
+    local_judge._prefix = None  # no cache carried over from the batch
+    for prompt, row in zip(prompts, batched, strict=True):
+        alone = local_judge.candidate_logprobs(prompt)
+        torch.testing.assert_close(torch.tensor(row), torch.tensor(alone), rtol=1e-4, atol=1e-4)
+        for index in (0, 7, 42, 100, 101):
+            assert row[index] == pytest.approx(
+                local_judge.candidate_logprob_alone(prompt, index), abs=1e-4
+            )
+
+
+def test_local_judge_scores_judgments_in_flight_together(local_judge, monkeypatch) -> None:
+    import asyncio
+
+    sizes = []
+    real = LocalJudge.candidate_logprobs_batch
+    monkeypatch.setattr(
+        LocalJudge,
+        "candidate_logprobs_batch",
+        lambda self, prompts: sizes.append(len(prompts)) or real(self, prompts),
+    )
+    prompts = [f"Rate the answer. Question: q{i}. Answer: a{i}." for i in range(6)]
+
+    async def all_at_once():
+        return await asyncio.gather(*(local_judge.score_prompt(p) for p in prompts))
+
+    results = asyncio.run(all_at_once())
+    assert sizes == [6] and len(results) == 6
+    for prompt, result in zip(prompts, results, strict=True):
+        expected = local_judge.result_from_logprobs(local_judge.candidate_logprobs(prompt))
+        assert result.score == pytest.approx(expected.score, abs=1e-3)
+
+
+def test_client_processes_default_from_the_load_and_the_cores(monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    api = JudgeParams(judge="openai:m", max_concurrent=50)
+    assert api.client_processes(10_000) == 7  # 50 in flight, 8 a process
+    assert api.client_processes(150) == 1  # too small a job to repay starting processes
+    assert JudgeParams(judge="openai:m", max_concurrent=500).client_processes(10_000) == 16
+    assert JudgeParams(judge="openai:m", processes=3).client_processes(10) == 3
+    assert JudgeParams(judge="local:smollm2").client_processes(10_000) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert api.client_processes(10_000) == 2

@@ -1058,9 +1058,8 @@ def build_parser() -> argparse.ArgumentParser:
     jud.add_argument(
         "--processes",
         type=positive_int,
-        default=1,
-        help="API judges: client processes sharing --max-concurrent (default 1; one tops "
-        "out near 500 requests/s)",
+        help="API judges: client processes sharing --max-concurrent (default: one per 8 in "
+        "flight, at most one per core; one tops out near 500 requests/s)",
     )
 
     def filter_args(sub: argparse.ArgumentParser) -> None:

@@ -156,7 +156,7 @@ class JobsScreen(PersonaScreen):
                 Field("judge", "judge (openai:M, anthropic:M, local:M)", DEFAULT_JUDGE),
                 Field("metrics", "metrics", "trait,coherence"),
                 Field("max_concurrent", "max in flight", "50"),
-                Field("processes", "client processes (API judges)", "1"),
+                Field("processes", "client processes (API judges; blank: auto)", ""),
                 Field("base_url", "base URL (optional)", ""),
             ],
             start_judging,
@@ -258,7 +258,7 @@ def start_judging(store: Store, trait: str, values: dict[str, str]) -> list[int]
         judge=values["judge"],
         metrics=tuple(m.strip() for m in values["metrics"].split(",") if m.strip()),
         max_concurrent=_int(values, "max_concurrent") or 0,
-        processes=_int(values, "processes") or 0,
+        processes=_int(values, "processes"),
         base_url=values["base_url"] or None,
     )
     return [find_or_create_judge_job(store, trait, params)]
