@@ -1,0 +1,176 @@
+"""The seed's plan end to end on the 8B shape (bf16, random weights, a small real BPE
+vocabulary so answers end at an end-of-turn token after a few hundred tokens): generate pos
+and neg answers to the 20 extract questions (``--n`` each) and the 20 eval questions
+(``--n-eval`` each) with capture, judge the extract answers for trait and coherence through
+a local stub OpenAI server with 200 ms latency, and extract the vectors.
+
+    python tests/bench/bench_workload.py [--n 10] [--n-eval 5] [--new 1000] [--layers 32]
+
+Printed in the same run: the old generation path (length-sorted static batches of 64, the
+engine's previous default) and the real pipeline jobs of today (continuous batching, slots
+from free GPU memory, default judge processes), per step and in total. The old path is
+timed on the engine alone (no database writes): a conservative baseline.
+Targets (issue 13): <= 60 s on one H200 for the whole plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_judge import _serve  # noqa: E402
+from common import card, llama8b_config, print_table, save_json  # noqa: E402
+
+
+def build_model_dir(folder: Path, layers: int) -> Path:
+    from tiny_model import build_tiny_tokenizer
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(vocab_size=1000)
+    config = llama8b_config(layers)
+    config.vocab_size = len(tokenizer)
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = None
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def old_generation(model_dir: Path, n: int, n_eval: int, new: int) -> tuple[float, int]:
+    """The previous default: each side and split in length-sorted static batches of 64."""
+    from db.traits import bundled_traits
+    from pipeline.chat import prompt_ids
+    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.generate import plan_rows
+    from pipeline.models import load_model
+    from pipeline.sampling import row_seed
+
+    loaded = load_model(str(model_dir))
+    engine = DecodeEngine(loaded, capture=True)
+    trait = next(t for t in bundled_traits() if t.name == "paternalism")
+    sampling = SamplingConfig(max_new_tokens=new)
+    tokens = 0
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for split, count in (("extract", n), ("eval", n_eval)):
+        for side in ("pos", "neg"):
+            keys = plan_rows(split, count, False)
+            prompts = {
+                k: prompt_ids(
+                    loaded.tokenizer, trait.system_prompt(side, k[1]), trait.questions[k[0]]
+                )
+                for k in keys
+            }
+            ordered = sorted(keys, key=lambda k: (len(prompts[k]), k))
+            for first in range(0, len(ordered), 64):
+                chunk = ordered[first : first + 64]
+                requests = [DecodeRequest(prompts[k], row_seed(0, *k)) for k in chunk]
+                results = engine.run(requests, sampling)
+                tokens += sum(len(r.answer_ids) for r in results)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, tokens
+
+
+def new_plan(db: Path, model_dir: Path, n: int, n_eval: int, new: int, base_url: str) -> dict:
+    from db import Store
+    from pipeline.extract import extract
+    from pipeline.generate import GenerateParams, find_or_create_job
+    from pipeline.jobs import run_job
+    from pipeline.judging import JudgeParams, find_or_create_judge_job
+
+    times: dict[str, float] = {}
+    tokens = 0
+    slots = set()
+    start = time.perf_counter()
+    with Store(db) as store:
+        for split, count in (("extract", n), ("eval", n_eval)):
+            for side in ("pos", "neg"):
+                params = GenerateParams(
+                    side=side, split=split, model=str(model_dir), n_per_question=count,
+                    max_new_tokens=new,
+                )  # fmt: skip
+                job_id = find_or_create_job(store, "paternalism", params)
+                run_job(db, job_id)
+                job = store.get_job(job_id)
+                slots.add(job.stats.get("slots"))
+                tokens += sum(len(r.answer_ids) for r in store.responses(job=job_id))
+        times["generate"] = time.perf_counter() - start
+        mark = time.perf_counter()
+        judge = JudgeParams(judge="openai:stub", base_url=base_url, max_concurrent=50)
+        run_job(db, find_or_create_judge_job(store, "paternalism", judge))
+        times["judge"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        extract(store, "paternalism", threshold=0, coherence=0, judge="openai:stub")
+        times["extract"] = time.perf_counter() - mark
+    times["total"] = time.perf_counter() - start
+    return {"times": times, "tokens": tokens, "slots": sorted(map(str, slots))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=10)
+    parser.add_argument("--n-eval", type=int, default=5)
+    parser.add_argument("--new", type=int, default=1000)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--skip-old", action="store_true")
+    args = parser.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    ports = ctx.Queue()
+    stub = ctx.Process(target=_serve, args=(0.2, ports), daemon=True)
+    stub.start()
+    base_url = f"http://127.0.0.1:{ports.get(timeout=30)}/v1"
+    folder = Path(tempfile.mkdtemp(prefix="bench-workload-"))
+    model_dir = build_model_dir(folder / "model", args.layers)
+    print(f"card: {card()}; 8B shape, {args.layers} layers; plan n={args.n} n_eval={args.n_eval}")
+    rows = []
+    new = new_plan(folder / "new.db", model_dir, args.n, args.n_eval, args.new, base_url)
+    rows.append(
+        {
+            "path": "new: continuous batching, auto slots",
+            "generate s": new["times"]["generate"],
+            "answer tokens": new["tokens"],
+            "tok/s": new["tokens"] / new["times"]["generate"],
+            "judge s": new["times"]["judge"],
+            "extract s": new["times"]["extract"],
+            "total s": new["times"]["total"],
+        }
+    )
+    print(rows[-1], flush=True)
+    if not args.skip_old:
+        seconds, tokens = old_generation(model_dir, args.n, args.n_eval, args.new)
+        rows.append(
+            {
+                "path": "old: static batches of 64",
+                "generate s": seconds,
+                "answer tokens": tokens,
+                "tok/s": tokens / seconds,
+            }
+        )
+        print(rows[-1], flush=True)
+        rows[0]["generation speedup"] = seconds / new["times"]["generate"]
+    columns = ["path", "generate s", "answer tokens", "tok/s", "judge s", "extract s"]
+    columns += ["total s", "generation speedup"]
+    print_table("bench_workload: the seed's plan, 8B shape", rows, columns)
+    save_json("bench_workload.json", {"card": card(), "rows": rows, "slots": new["slots"]})
+    stub.terminate()
+
+
+if __name__ == "__main__":
+    main()
