@@ -374,6 +374,10 @@ class DecodeEngine:
         pad = self.pad_id
         new = sampling.max_new_tokens
         rows = torch.arange(state.current.shape[0], device=self.device)
+        # Device tensors for the constants the step writes: a Python scalar written by index
+        # would be copied from the host, which a CUDA graph cannot capture.
+        every = torch.ones_like(rows, dtype=torch.bool)
+        scratch = torch.full_like(rows, new)
 
         steering = self.steering
         watched: dict[int, list[tuple[int, torch.Tensor]]] = {}
@@ -389,14 +393,14 @@ class DecodeEngine:
             for slot, unit in watched.get(index, ()):
                 # The fed token is answer token step-1: its projection goes in that column
                 # (an idle row's goes to the scratch column ``new``).
-                column = torch.where(state.finished, new, state.step - 1)
+                column = torch.where(state.finished, scratch, state.step - 1)
                 state.projections[rows, column, slot] = h[:, 0].float() @ unit
             return h
 
         def step() -> None:
             alive = ~state.finished
             state.alive_f.copy_(alive.float())
-            state.key_valid[rows, state.column] = True
+            state.key_valid.index_put_((rows, state.column), every)
             logits = runner.decode(
                 state.current, state.positions, state.column, state.key_valid, hook
             )
@@ -406,7 +410,7 @@ class DecodeEngine:
             )
             token = torch.where(alive, token, torch.full_like(token, pad))
             # An idle row writes to the scratch column ``new``, never over its last token.
-            state.tokens[rows, torch.where(alive, state.step, new)] = token
+            state.tokens[rows, torch.where(alive, state.step, scratch)] = token
             # Token ``new`` is one past the answer: sampled only so that answer token new-1
             # is fed (and captured); the row ends there.
             ended = state.step >= new

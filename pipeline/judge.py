@@ -556,7 +556,10 @@ class LocalJudge(Judge):
             logp = torch.log_softmax(out.logits.float(), -1)
             head = logp[:, width - 1]  # the last real tail token's next-token distribution
             step = logp[:, width:]
-            totals = head[:, trie.first] + (step[:, trie.parents, trie.nexts] * trie.used).sum(-1)
+            on = head.device
+            used = trie.used.to(on)
+            picked = step[:, trie.parents.to(on), trie.nexts.to(on)]
+            totals = head[:, trie.first.to(on)] + (picked * used).sum(-1)
         return totals.cpu().tolist()
 
     def _shared_prefix(self, all_ids: list[list[int]]) -> tuple[int, Any]:
