@@ -44,12 +44,13 @@ def build_model_dir(folder: Path, layers: int) -> Path:
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = None
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # CPU: a smoke run
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return folder
 
 
@@ -64,10 +65,11 @@ def old_generation(model_dir: Path, n: int, n_eval: int, new: int) -> tuple[floa
 
     loaded = load_model(str(model_dir))
     engine = DecodeEngine(loaded, capture=True)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     trait = next(t for t in bundled_traits() if t.name == "paternalism")
     sampling = SamplingConfig(max_new_tokens=new)
     tokens = 0
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for split, count in (("extract", n), ("eval", n_eval)):
         for side in ("pos", "neg"):
@@ -84,7 +86,7 @@ def old_generation(model_dir: Path, n: int, n_eval: int, new: int) -> tuple[floa
                 requests = [DecodeRequest(prompts[k], row_seed(0, *k)) for k in chunk]
                 results = engine.run(requests, sampling)
                 tokens += sum(len(r.answer_ids) for r in results)
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start, tokens
 
 
