@@ -137,6 +137,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN host TEXT;
     """,
+    # 4 -> 5: vector paths relative to the database's own data folder (NAME.data/), never to
+    # the working directory of the process that wrote them. Older rows hold a path through
+    # some "NAME.data/" folder (relative to where the command ran, or absolute): keep what
+    # follows it. A path through no data folder (a file elsewhere) stays as it was.
+    """
+    UPDATE vectors SET path = substr(path, instr(path, '.data/') + 6)
+        WHERE instr(path, '.data/') > 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -184,8 +184,22 @@ class Store:
 
     @property
     def data_dir(self) -> Path:
-        """Where this database's tensor files live: ``NAME.data/`` beside ``NAME.db``."""
-        return self.path.parent / f"{self.path.stem}.data"
+        """Where this database's tensor files live: ``NAME.data/`` beside ``NAME.db``,
+        wherever the process runs (an absolute path)."""
+        return self.path.resolve().parent / f"{self.path.stem}.data"
+
+    def _stored_path(self, path: str | Path) -> str:
+        """A file path as the database keeps it: relative to ``data_dir`` when inside it (so
+        the database and its folder can move together), else absolute."""
+        resolved = Path(path).resolve()
+        try:
+            return resolved.relative_to(self.data_dir).as_posix()
+        except ValueError:
+            return str(resolved)
+
+    def _file_path(self, stored: str) -> str:
+        """The absolute path of a file the database names (the inverse of ``_stored_path``)."""
+        return str(self.data_dir / stored) if not Path(stored).is_absolute() else stored
 
     @property
     def schema_version(self) -> int:
@@ -648,14 +662,15 @@ class Store:
         coherence: float | None,
         metadata: dict[str, Any],
     ) -> VectorRecord:
+        stored = self._stored_path(path)
         with self.transaction():
-            self.db["vectors"].delete_where("path = ?", [path])
+            self.db["vectors"].delete_where("path = ?", [stored])
             self.db["vectors"].insert(
                 {
                     "trait": trait,
                     "model": model,
                     "kind": kind,
-                    "path": path,
+                    "path": stored,
                     "n_pairs": n_pairs,
                     "threshold": threshold,
                     "coherence": coherence,
@@ -663,14 +678,21 @@ class Store:
                     "created": utc_now(),
                 }
             )
-        return self.vectors(path=path)[0]
+        return self.vectors(path=self._file_path(stored))[0]
 
     def vectors(
         self, *, trait: str | None = None, kind: str | None = None, path: str | None = None
     ) -> list[VectorRecord]:
-        where, args = _where({"trait": trait, "kind": kind, "path": path})
+        """Vector records; their ``path`` is absolute, resolved against this database."""
+        stored = self._stored_path(path) if path is not None else None
+        where, args = _where({"trait": trait, "kind": kind, "path": stored})
         rows = self.db["vectors"].rows_where(where, args, order_by="id")
-        return [VectorRecord(**{**r, "metadata": json.loads(r["metadata"])}) for r in rows]
+        return [
+            VectorRecord(
+                **{**r, "path": self._file_path(r["path"]), "metadata": json.loads(r["metadata"])}
+            )
+            for r in rows
+        ]
 
 
 # ---- pairs in SQL ----------------------------------------------------------------------

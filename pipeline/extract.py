@@ -160,7 +160,7 @@ class ForwardMeans:
 def captured_means(
     store: Store, responses: Sequence[Response]
 ) -> dict[int, dict[str, torch.Tensor]] | None:
-    """Per-response captured means (float16, CPU), or None when any response lacks them."""
+    """Per-response captured means (CPU), or None when any response lacks them."""
     from pipeline.generate import activations_dir
 
     found: dict[int, dict[str, torch.Tensor]] = {}

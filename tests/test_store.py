@@ -245,3 +245,64 @@ def test_a_job_cancelled_before_it_started_does_not_run(db_path: Path) -> None:
         job = store.get_job(job.id)
     assert (job.status, job.message) == ("cancelled", "cancelled before it started")
     assert job.ended is not None
+
+
+def _add(store: Store, path: Path) -> None:
+    store.add_vector(
+        trait="paternalism",
+        model="m",
+        kind="response_avg_diff",
+        path=str(path),
+        n_pairs=3,
+        threshold=50,
+        coherence=50,
+        metadata={},
+    )
+
+
+def test_vector_paths_follow_the_database_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written from one directory with a relative --db, read from another (which holds a
+    decoy data folder of the same name), and after moving the database with its folder."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    (elsewhere / "demo.data").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    with Store(Path("demo.db")) as store:
+        target = store.data_dir / "vectors" / "v.safetensors"
+        target.parent.mkdir(parents=True)
+        target.write_text("real")
+        _add(store, Path("demo.data/vectors/v.safetensors"))  # as a relative path
+        raw = store.db.execute("select path from vectors").fetchone()[0]
+    assert raw == "vectors/v.safetensors"
+    monkeypatch.chdir(elsewhere)
+    with Store(here / "demo.db") as store:
+        (record,) = store.vectors(trait="paternalism")
+        assert Path(record.path) == here / "demo.data" / "vectors" / "v.safetensors"
+        assert Path(record.path).read_text() == "real"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (here / "demo.db").rename(moved / "demo.db")
+    (here / "demo.data").rename(moved / "demo.data")
+    with Store(moved / "demo.db") as store:
+        (record,) = store.vectors(trait="paternalism")
+        assert Path(record.path).read_text() == "real"
+        assert store.vectors(path=record.path)  # a lookup by the absolute path
+        _add(store, tmp_path / "outside.safetensors")  # a file elsewhere stays absolute
+        assert Path(store.vectors(path=str(tmp_path / "outside.safetensors"))[0].path) == (
+            tmp_path / "outside.safetensors"
+        )
+
+
+def test_migration_makes_working_directory_paths_relative(db_path: Path) -> None:
+    with Store(db_path) as store:
+        _add(store, store.data_dir / "vectors" / "a.safetensors")
+        store.db.execute("update vectors set path = 'persona.data/vectors/a.safetensors'")
+        store.db.conn.commit()
+        store.db.execute("PRAGMA user_version = 4")
+    with Store(db_path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        raw = store.db.execute("select path from vectors").fetchone()[0]
+        assert raw == "vectors/a.safetensors"
+        assert store.vectors()[0].path == str(store.data_dir / "vectors" / "a.safetensors")
