@@ -268,12 +268,34 @@ def extract(
     used = "captured" if captured is not None else "forward"
     pos_sums = side_sums(pos, captured=captured, forward=forward, tokens_per_batch=tokens_per_batch)
     neg_sums = side_sums(neg, captured=captured, forward=forward, tokens_per_batch=tokens_per_batch)
+    # An empty answer has no response mean (its captured or forward mean is a zero
+    # placeholder that adds nothing to the sum): response_avg divides by the answers that
+    # exist; the prompt kinds use every pair.
+    counts = {
+        "pos": sum(bool(r.answer_ids) for r in pos),
+        "neg": sum(bool(r.answer_ids) for r in neg),
+    }
+    if not counts["pos"] or not counts["neg"]:
+        side = "pos" if not counts["pos"] else "neg"
+        raise PersonaError(
+            f"every {side} answer among the {len(effective)} effective pairs of '{trait}' is "
+            "empty, so response_avg_diff does not exist; generate again with more "
+            "--max-new-tokens or check the chat template"
+        )
+    empty = len(pos) - counts["pos"] + len(neg) - counts["neg"]
+    if empty:
+        warnings.append(
+            f"{empty} effective answers are empty (pos {len(pos) - counts['pos']}, neg "
+            f"{len(neg) - counts['neg']}): left out of response_avg_diff (a mean over no "
+            "tokens does not exist); the prompt kinds use every pair"
+        )
     vectors = {}
     paths = {}
     folder = store.data_dir / "vectors" / trait / _slug(model_id)
     for mean_kind, kind in MEAN_TO_VECTOR.items():
-        pos_mean = pos_sums[mean_kind] / len(pos)
-        neg_mean = neg_sums[mean_kind] / len(neg)
+        response = mean_kind == "response_avg"
+        pos_mean = pos_sums[mean_kind] / (counts["pos"] if response else len(pos))
+        neg_mean = neg_sums[mean_kind] / (counts["neg"] if response else len(neg))
         vector = pos_mean - neg_mean
         vectors[kind] = vector
         norms = vector.norm(dim=-1)

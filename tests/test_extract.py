@@ -234,3 +234,51 @@ def test_sql_pairs_follow_the_same_rule_as_the_filter(
     assert got == expected
     assert counts == dict(Counter(expected.values()))
     assert len(effective) == sum(r in ("effective", "included by hand") for r in got.values())
+
+
+def test_empty_answers_are_left_out_of_the_response_mean(
+    generated: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """An empty answer has no response mean: response_avg_diff averages the answers that
+    exist (with a warning saying so); the prompt kinds keep every pair."""
+    import json
+    import sqlite3
+
+    from pipeline.extract import side_sums
+
+    db = tmp_path / "empty.db"
+    with sqlite3.connect(generated) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+    with Store(db) as store:
+        pairs = find_pairs(store, "paternalism")
+        emptied = pairs.effective[0].pos_id
+        store.db.execute(
+            "update responses set answer_ids = ?, answer = '' where id = ?",
+            [json.dumps([]), emptied],
+        )
+        store.db.conn.commit()
+        result = extract(store, "paternalism", source="forward")
+        pos = store.responses_by_id([p.pos_id for p in pairs.effective])
+        neg = store.responses_by_id([p.neg_id for p in pairs.effective])
+        forward = ForwardMeans(load_model(str(tiny_model_dir)))
+        kept = [r for r in pos if r.answer_ids]
+        assert len(kept) == len(pos) - 1
+        pos_kept = side_sums(kept, captured=None, forward=forward)["response_avg"] / len(kept)
+        neg_all = side_sums(neg, captured=None, forward=forward)["response_avg"] / len(neg)
+    torch.testing.assert_close(
+        result.vectors["response_avg_diff"], pos_kept - neg_all, rtol=1e-4, atol=1e-5
+    )
+    assert any("1 effective answers are empty (pos 1, neg 0)" in w for w in result.warnings)
+
+
+def test_a_side_of_only_empty_answers_is_refused(generated: Path, tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "all-empty.db"
+    with sqlite3.connect(generated) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+    with Store(db) as store:
+        store.db.execute("update responses set answer_ids = '[]', answer = '' where side = 'neg'")
+        store.db.conn.commit()
+        with pytest.raises(PersonaError, match="every neg answer among the 38 effective pairs"):
+            extract(store, "paternalism", source="forward")
