@@ -27,6 +27,10 @@ RowKey = tuple[int, int, int]  # (question, instruction, sample)
 # Without --batch-size, slots come from free GPU memory, at most this many: past it a step's
 # attention over every slot's cache costs more than the extra rows bring.
 MAX_AUTO_SLOTS = 256
+# Refused before anything is allocated: a job's rows (its plan is held in memory) and the
+# answer length (the cache is sized for it); the model's own context is checked on load.
+MAX_ROWS_PER_JOB = 100_000
+MAX_NEW_TOKENS = 32_768
 BACKENDS = ("local", "openai")
 
 
@@ -68,6 +72,16 @@ class GenerateParams(JobParams):
                 f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})",
             ),
             (
+                self.max_new_tokens <= MAX_NEW_TOKENS,
+                f"--max-new-tokens {self.max_new_tokens} is more than {MAX_NEW_TOKENS:,} "
+                "tokens an answer; give a smaller number",
+            ),
+            (
+                self.planned_rows() <= MAX_ROWS_PER_JOB,
+                f"--n-per-question {self.n_per_question} plans {self.planned_rows():,} answers, "
+                f"more than {MAX_ROWS_PER_JOB:,} a job; give a smaller number",
+            ),
+            (
                 self.batch_size is None or self.batch_size >= 1,
                 f"--batch-size must be at least 1 (got {self.batch_size})",
             ),
@@ -85,6 +99,24 @@ class GenerateParams(JobParams):
             if not ok:
                 raise PersonaError(message)
         return self
+
+    def planned_rows(self) -> int:
+        per_question = self.n_per_question * (N_PAIRS if self.all_instructions else 1)
+        return N_QUESTIONS_PER_SPLIT * per_question
+
+
+def _context_length(folder: Path) -> int | None:
+    """The model's context (``max_position_embeddings``) from its config.json, unloaded."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    context = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings"
+    )
+    return int(context) if isinstance(context, int) else None
 
 
 def plan_rows(split: str, n_per_question: int, all_instructions: bool) -> list[RowKey]:
@@ -117,7 +149,13 @@ def find_or_create_job(store: Store, trait: str, params: GenerateParams) -> int:
     if params.backend == "local":
         from pipeline.models import resolve_model
 
-        resolve_model(params.model)  # a bad --model fails here, before a job row exists
+        resolved = resolve_model(params.model)  # a bad --model fails here, before a job row
+        context = _context_length(resolved.path)
+        if context and params.max_new_tokens >= context:
+            raise PersonaError(
+                f"--max-new-tokens {params.max_new_tokens} is past {params.model}'s context of "
+                f"{context} tokens (prompt included); give a smaller number"
+            )
     for job in store.list_jobs(trait=trait, kind="generate"):
         if GenerateParams.from_dict(job.params).identity() == params.identity():
             if job.params != params.to_dict():
@@ -268,6 +306,13 @@ def _generate_local(
     # Similar lengths side by side pad least; seeds make the order irrelevant to the tokens.
     ordered = sorted(pending, key=lambda k: (len(prompts[k]), k))
     longest = max(len(prompts[k]) for k in ordered)
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if context and longest + params.max_new_tokens > context:
+        raise PersonaError(
+            f"--max-new-tokens {params.max_new_tokens} plus the longest prompt ({longest} "
+            f"tokens) is past {loaded.model_id}'s context of {context} tokens; give at most "
+            f"--max-new-tokens {max(1, context - longest)}"
+        )
     if params.batch_size:
         slots, how = params.batch_size, "--batch-size"
     else:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from db import PersonaError, Store
 from pipeline.jobs import lock_holder
@@ -65,6 +66,13 @@ def reap_dead_jobs(store: Store) -> list[int]:
         ):
             dead.append(job.id)
     return dead
+
+
+def current_jobs(store: Store, trait: str | None = None) -> list[Any]:
+    """Every reader's view of the jobs (CLI and dashboard alike): dead workers' jobs are
+    marked failed first, so no job whose process died shows as running."""
+    reap_dead_jobs(store)
+    return store.list_jobs(trait=trait)
 
 
 def tail_log(store: Store, job_id: int, lines: int = 5) -> list[str]:

@@ -229,3 +229,17 @@ async def test_soak_the_dashboard_reads_while_two_workers_write(
     assert written > 200, f"the workers wrote only {written} judgments in {soak_s} s"
     # The dashboard kept answering keys: never frozen for seconds by the writers.
     assert presses >= 5 and slowest < 5.0, (presses, slowest)
+
+
+def test_jobs_list_shows_a_dead_workers_job_as_failed(db_path: Path, capsys) -> None:
+    """`persona jobs list` reaps as the dashboard does: one reaper for every reader."""
+    from tui.cli import main
+
+    with Store(db_path) as store:
+        job_id = _running(store, _dead_pid(), _ago(2), this_host())
+    assert main(["--db", str(db_path), "jobs", "list"]) == 0
+    printed = capsys.readouterr().out
+    assert "failed" in printed and "running" not in printed
+    with Store(db_path) as store:
+        job = store.get_job(job_id)
+    assert job.status == "failed" and "worker process died" in job.message

@@ -281,6 +281,12 @@ def test_openai_backend_error_is_one_line_and_keeps_rows(store: Store) -> None:
         (dict(top_p=0.0), "--top-p must be in (0, 1]"),
         (dict(batch_size=-1), "--batch-size must be at least 1"),
         (dict(backend="openai"), "--backend openai needs --base-url"),
+        (
+            dict(n_per_question=1_000_000_000),
+            "--n-per-question 1000000000 plans 20,000,000,000 answers, more than 100,000 a job",
+        ),
+        (dict(n_per_question=99999999999999999999999), "more than 100,000 a job"),
+        (dict(max_new_tokens=10_000_000), "--max-new-tokens 10000000 is more than 32,768"),
     ],
 )
 def test_bad_parameters(store: Store, change: dict, message: str) -> None:
@@ -313,6 +319,20 @@ def test_cuda_oom_is_a_clear_resumable_error(
     monkeypatch.setattr(DecodeEngine, "_fill", real_fill)
     run_job(store.path, job_id)
     assert len(store.responses(job=job_id)) == 20 and store.get_job(job_id).status == "done"
+
+
+def test_max_new_tokens_past_the_models_context(store: Store, tiny_model_dir: Path) -> None:
+    """Refused before a job row exists (config.json), and again on load with the prompt."""
+    params = _tiny_params(tiny_model_dir, max_new_tokens=4096)
+    with pytest.raises(PersonaError, match="is past .*'s context of 4096 tokens"):
+        find_or_create_job(store, "paternalism", params)
+    assert store.list_jobs() == []
+    job_id = find_or_create_job(
+        store, "paternalism", _tiny_params(tiny_model_dir, max_new_tokens=4090)
+    )
+    with pytest.raises(PersonaError, match=r"plus the longest prompt \(\d+ tokens\) is past"):
+        run_job(store.path, job_id)
+    assert store.get_job(job_id).status == "failed" and not store.responses(job=job_id)
 
 
 def test_cli_errors_are_one_line(db_path: Path, tiny_model_dir: Path, capsys) -> None:

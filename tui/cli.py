@@ -873,8 +873,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from pipeline.workers import current_jobs
+
     with _open_store(args) as store:
-        jobs = store.list_jobs(trait=args.trait)
+        jobs = current_jobs(store, trait=args.trait)
     table = Table(title=f"{len(jobs)} jobs")
     for column in ("id", "kind", "trait", "status", "done", "message"):
         table.add_column(column, no_wrap=column != "message")

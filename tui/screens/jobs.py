@@ -66,8 +66,7 @@ class JobsScreen(PersonaScreen):
     @work(thread=True, exclusive=True, group="jobs-poll", exit_on_error=False)
     def load_jobs(self, selected: int | None) -> None:
         with Store(self.db_path) as store:
-            workers.reap_dead_jobs(store)
-            jobs = store.list_jobs()
+            jobs = workers.current_jobs(store)
             if selected is None and jobs:
                 selected = jobs[-1].id
             log = workers.tail_log(store, selected) if selected is not None else []
