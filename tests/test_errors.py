@@ -1083,3 +1083,27 @@ def test_sweep_out_of_gpu_memory(capsys, vectors_db: Path, monkeypatch: pytest.M
     with Store(vectors_db) as store:
         job = store.list_jobs(trait=TRAIT, kind="sweep")[0]
         assert job.status == "failed" and len(store.responses(job=job.id)) == 2
+
+
+def test_traits_delete_asks_and_says_what_it_removed(capsys, vectors_db: Path) -> None:
+    """Without a terminal to ask on, deleting needs --yes and deletes nothing; with it, the
+    rows, the jobs and the trait's files inside the data folder all go, and the output says
+    how many."""
+    data = vectors_db.parent / "persona.data"
+    with Store(vectors_db) as store:
+        vector_files = [Path(v.path) for v in store.vectors(trait=TRAIT)]
+        jobs = [job.id for job in store.list_jobs(trait=TRAIT)]
+        responses = len(store.responses(trait=TRAIT))
+    assert vector_files and all(p.exists() for p in vector_files)
+    kept = {t: table_rows(vectors_db, t) for t in ("responses", "judgments", "vectors")}
+    assert_error(
+        cli(capsys, "--db", vectors_db, "traits", "delete", TRAIT), "pass --yes to confirm"
+    )
+    assert {t: table_rows(vectors_db, t) for t in kept} == kept
+    code, out, _err = cli(capsys, "--db", vectors_db, "traits", "delete", TRAIT, "--yes")
+    assert code == 0 and f"deleted trait {TRAIT}: {responses} responses" in out
+    assert not any(p.exists() for p in vector_files)
+    assert not any((data / "activations" / f"job-{j}").exists() for j in jobs)
+    with Store(vectors_db) as store:
+        assert not store.has_trait(TRAIT) and not store.responses(trait=TRAIT)
+        assert not [job for job in store.list_jobs() if job.id in jobs]

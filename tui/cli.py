@@ -287,9 +287,22 @@ def cmd_traits_template(args: argparse.Namespace) -> int:
 
 
 def cmd_traits_delete(args: argparse.Namespace) -> int:
+    from pipeline.deletion import delete_trait, trait_contents
+
     with _open_store(args) as store:
-        store.delete_trait(args.name)
-    out.print(f"deleted trait {args.name} and everything stored for it")
+        contents = trait_contents(store, args.name)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise PersonaError(
+                    f"deleting trait '{args.name}' removes {contents.summary()}; "
+                    "pass --yes to confirm"
+                )
+            answer = input(f"delete trait '{args.name}': {contents.summary()}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                out.print("nothing deleted")
+                return 1
+        deleted = delete_trait(store, args.name)
+    out.print(f"deleted trait {args.name}: {deleted.summary()}")
     return 0
 
 
@@ -987,6 +1000,7 @@ def build_parser() -> argparse.ArgumentParser:
     tpl.add_argument("--out", type=output_file, help="write to this file instead of stdout")
     dele = add(traits_cmds, "delete", cmd_traits_delete, "delete a trait and all its data")
     dele.add_argument("name")
+    dele.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
 
     gen = add(
         commands,
