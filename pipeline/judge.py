@@ -37,6 +37,8 @@ LOCAL_BATCH_TOKENS_CPU = 4096
 
 MIN_LOGPROB_MASS = 0.25
 RETRY_ATTEMPTS = 6
+# Requests in a row that could not connect before a judging job takes the server for down.
+CONNECT_FAILURES_LIMIT = 20
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 30.0
 
@@ -209,15 +211,44 @@ def _retry_after(exc: BaseException) -> float | None:
         return None
 
 
-async def call_with_retries(call, *, what: str) -> Any:
+class ConnectionBreaker:
+    """Counts requests in a row that could not connect at all (not timeouts: a slow server
+    is alive). Past ``limit`` the server is taken for down and the job stops with one line,
+    instead of retrying every judgment with backoff for minutes."""
+
+    def __init__(self, where: str | None, limit: int = CONNECT_FAILURES_LIMIT) -> None:
+        self.where = where or "the API"
+        self.limit = limit
+        self.in_a_row = 0
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+    def failed(self, exc: BaseException, what: str) -> None:
+        if type(exc).__name__ not in _CONNECT_ERRORS:
+            return
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise JudgeFatalError(
+                f"the {what} at {self.where} cannot be reached ({self.in_a_row} requests in a "
+                f"row failed to connect: {type(exc).__name__}); start it, or rerun with "
+                "--base-url pointing at a live one (the job resumes where it stopped)"
+            )
+
+
+async def call_with_retries(call, *, what: str, breaker: ConnectionBreaker | None = None) -> Any:
     """Run ``call()`` with exponential backoff and jitter on rate limits, server errors,
     timeouts, dropped connections and unusable replies, honouring Retry-After. A client
-    error other than 408/409/429 raises ``JudgeFatalError``; retries used up return the
-    last reason as ``RetryableReply``."""
+    error other than 408/409/429 raises ``JudgeFatalError``, and so does ``breaker`` once
+    too many requests in a row could not connect; retries used up return the last reason
+    as ``RetryableReply``."""
     last = "no attempt"
     for attempt in range(RETRY_ATTEMPTS):
         try:
-            return await call()
+            result = await call()
+            if breaker is not None:
+                breaker.ok()
+            return result
         except RetryableReply as exc:
             last = str(exc)
             delay = None
@@ -231,6 +262,8 @@ async def call_with_retries(call, *, what: str) -> Any:
                 last = f"HTTP {status}"
             elif _is_one_of(exc, _TRANSPORT_ERRORS):
                 last = type(exc).__name__
+                if breaker is not None:
+                    breaker.failed(exc, what)
             elif _is_one_of(exc, _BAD_BODY_ERRORS):
                 last = f"unusable reply ({type(exc).__name__})"
             else:
@@ -251,6 +284,10 @@ _TRANSPORT_ERRORS = {
     "ReadError",
     "RemoteProtocolError",
 }
+
+
+# A request that found nobody listening (by exact class: the SDKs' timeouts subclass these).
+_CONNECT_ERRORS = {"APIConnectionError", "ConnectError"}
 
 
 # Replies that arrived but could not be read.
@@ -305,6 +342,7 @@ class OpenAIJudge(Judge):
             max_retries=0,  # call_with_retries owns retrying, so it can count and report
             timeout=timeout_s,
         )
+        self.breaker = ConnectionBreaker(base_url or "api.openai.com")
 
     async def score_prompt(self, prompt: str) -> JudgeResult:
         body = {
@@ -332,7 +370,7 @@ class OpenAIJudge(Judge):
             return reply, pairs
 
         try:
-            reply, pairs = await call_with_retries(call, what="OpenAI judge")
+            reply, pairs = await call_with_retries(call, what="OpenAI judge", breaker=self.breaker)
         except RetryableReply as exc:
             return JudgeResult(None, error=str(exc))
         score, mass = aggregate_logprobs(pairs)
@@ -371,6 +409,7 @@ class AnthropicJudge(Judge):
         self.spec = f"anthropic:{model}" + (f"@k{samples}" if samples > 1 else "")
         self.samples = samples
         self.prices = prices or DEFAULT_PRICES
+        self.breaker = ConnectionBreaker(base_url or "api.anthropic.com")
         self.client = AsyncAnthropic(
             api_key=api_key("ANTHROPIC_API_KEY", base_url),
             base_url=base_url,
@@ -395,7 +434,9 @@ class AnthropicJudge(Judge):
             text = "".join(getattr(b, "text", "") for b in reply.content)
             return parse_score_text(text), text, reply.usage
 
-        score, text, usage = await call_with_retries(call, what="Anthropic judge")
+        score, text, usage = await call_with_retries(
+            call, what="Anthropic judge", breaker=self.breaker
+        )
         return score, text, int(usage.input_tokens or 0), int(usage.output_tokens or 0)
 
     async def score_prompt(self, prompt: str) -> JudgeResult:

@@ -45,7 +45,11 @@ MIN_REQUESTS_FOR_PROCESSES = 200
 
 @dataclass(frozen=True)
 class JudgeParams(JobParams):
-    NOT_IDENTITY = frozenset({"max_concurrent", "device", "prices", "timeout_s", "processes"})
+    # Where the judge is served is not what the job is: a rerun with another --base-url
+    # (a restarted server) resumes the same job.
+    NOT_IDENTITY = frozenset(
+        {"max_concurrent", "device", "prices", "timeout_s", "processes", "base_url"}
+    )
 
     judge: str = DEFAULT_JUDGE
     metrics: tuple[str, ...] = METRICS

@@ -425,3 +425,29 @@ def test_client_processes_default_from_the_load_and_the_cores(monkeypatch) -> No
     assert JudgeParams(judge="local:smollm2").client_processes(10_000) == 1
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert api.client_processes(10_000) == 2
+
+
+def test_a_dead_judge_server_stops_the_job_and_a_new_url_resumes_it(store: Store) -> None:
+    """Nobody listening: the job stops after CONNECT_FAILURES_LIMIT requests in a row could
+    not connect (seconds, not minutes of backoff per judgment), with one line; the same
+    command against a live server (another --base-url) resumes the same job."""
+    import socket
+    import time
+
+    _seed_responses(store, n=30)
+    with socket.socket() as probe:  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    params = JudgeParams(judge="openai:m", base_url=dead, max_concurrent=25)
+    job_id = find_or_create_judge_job(store, "paternalism", params)
+    start = time.monotonic()
+    with pytest.raises(PersonaError, match="cannot be reached .* failed to connect"):
+        run_job(store.path, job_id)
+    assert time.monotonic() - start < 20
+    assert store.get_job(job_id).status == "failed"
+    with StubServer(lambda p, b: (200, logprob_completion([("40", 0.0)]), {})) as server:
+        again = JudgeParams(judge="openai:m", base_url=server.base_url, max_concurrent=25)
+        assert find_or_create_judge_job(store, "paternalism", again) == job_id
+        run_job(store.path, job_id)
+    job = store.get_job(job_id)
+    assert (job.status, job.done) == ("done", 60)
