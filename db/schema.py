@@ -145,6 +145,11 @@ MIGRATIONS: list[str] = [
     UPDATE vectors SET path = substr(path, instr(path, '.data/') + 6)
         WHERE instr(path, '.data/') > 0;
     """,
+    # 5 -> 6: the rendered prompt text of an imported row (the CSV holds no system prompt),
+    # so a forward pass with another tokenizer reads exactly the prompt the row was made of.
+    """
+    ALTER TABLE responses ADD COLUMN prompt_text TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -89,6 +89,7 @@ class Response:
     finish_reason: str
     model: str
     created: str
+    prompt_text: str | None = None  # imported rows: the rendered prompt, system text included
 
     @property
     def key(self) -> tuple[int, int, int]:

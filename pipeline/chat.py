@@ -4,6 +4,8 @@ the boundary and shift it by a token)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from db.errors import PersonaError
@@ -74,13 +76,37 @@ def stop_token_ids(tokenizer: Any, model_config: Any = None) -> list[int]:
     return sorted(ids)
 
 
+@lru_cache(maxsize=64)
+def _model_folder(spec: str) -> Path | None:
+    from pipeline.models import resolve_model
+
+    try:
+        return resolve_model(spec).path
+    except PersonaError:
+        return None
+
+
+def same_model(spec: str, loaded: Any) -> bool:
+    """Whether a stored model name and a loaded model are one model: the same name, or
+    names that resolve to the same folder."""
+    if spec == loaded.model_id:
+        return True
+    folder = _model_folder(spec)
+    return folder is not None and Path(folder) == Path(loaded.path)
+
+
 def token_ids(response: Any, loaded: Any) -> tuple[list[int], list[int]]:
     """A stored response's prompt and answer as ``loaded``'s token ids: the stored ids when
-    that model generated them, else the stored text tokenised anew (another tokenizer's ids
-    would be read as other words)."""
-    if response.model == loaded.model_id and response.prompt_ids:
+    that model made them (under any spelling of its name: ``smollm2`` or its folder), else
+    the stored text tokenised anew (another tokenizer's ids would be read as other words):
+    an imported row's rendered prompt as it is, a generated row's prompt rendered again
+    from its system prompt and question."""
+    if response.prompt_ids and same_model(response.model, loaded):
         return list(response.prompt_ids), list(response.answer_ids)
     tokenizer = loaded.tokenizer
-    prompt = prompt_ids(tokenizer, response.system_prompt or None, response.question_text)
+    if getattr(response, "prompt_text", None):
+        prompt = list(tokenizer(response.prompt_text, add_special_tokens=False)["input_ids"])
+    else:
+        prompt = prompt_ids(tokenizer, response.system_prompt or None, response.question_text)
     answer = tokenizer(response.answer, add_special_tokens=False)["input_ids"]
     return prompt, list(answer)

@@ -292,7 +292,8 @@ def _write_side(
             "instruction": row.key[1],
             "sample": row.key[2],
             "question_text": row.question_text,
-            "system_prompt": "",  # the CSV keeps only the rendered prompt
+            "system_prompt": "",  # the CSV keeps only the rendered prompt: stored as it is
+            "prompt_text": row.prompt,
             "prompt_ids": prompt,
             "answer_ids": answer,
             "answer": row.answer,

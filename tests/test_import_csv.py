@@ -308,3 +308,27 @@ def test_failure_while_writing_leaves_nothing(
     with pytest.raises(RuntimeError, match="disk full"):
         import_csv(store, TRAIT, pos_path, neg_path, model=str(tiny_model_dir))
     _assert_nothing_written(store)
+
+
+def test_imported_prompts_are_read_as_stored(
+    store: Store, tiny_model_dir: Path, tokenizer, csvs
+) -> None:
+    """Another model (or the same one under another name) reads an imported row's prompt as
+    the CSV rendered it, system prompt included, never rebuilt from the empty stored one."""
+    from types import SimpleNamespace
+
+    from pipeline.chat import prompt_ids, token_ids
+
+    specs, pos, _neg, pos_path, neg_path = csvs
+    result = import_csv(store, TRAIT, pos_path, neg_path, model=str(tiny_model_dir))
+    stored = _by_key(store, result.pos_job)
+    other = SimpleNamespace(model_id="another-model", path=Path("/nowhere"), tokenizer=tokenizer)
+    alias = SimpleNamespace(model_id="tiny", path=tiny_model_dir.resolve(), tokenizer=None)
+    for (question, _qid, key), row in zip(specs, pos.to_dict("records"), strict=True):
+        response = stored[key]
+        assert response.prompt_text == row["prompt"]
+        prompt, answer = token_ids(response, other)
+        assert prompt == tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        assert prompt != prompt_ids(tokenizer, None, question)  # the system text is kept
+        assert answer == response.answer_ids
+        assert token_ids(response, alias) == (response.prompt_ids, response.answer_ids)

@@ -299,6 +299,7 @@ def test_migration_makes_working_directory_paths_relative(db_path: Path) -> None
     with Store(db_path) as store:
         _add(store, store.data_dir / "vectors" / "a.safetensors")
         store.db.execute("update vectors set path = 'persona.data/vectors/a.safetensors'")
+        store.db.execute("ALTER TABLE responses DROP COLUMN prompt_text")  # as version 4 had
         store.db.conn.commit()
         store.db.execute("PRAGMA user_version = 4")
     with Store(db_path) as store:
