@@ -146,7 +146,9 @@ def load_consolidated(path: Path) -> dict[str, torch.Tensor]:
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
     try:
-        tensors = load_file(str(path))
+        # Copied out of the file's memory map: a file rewritten in place later (an editor,
+        # a torn write being tested) must not change tensors already read.
+        tensors = {name: t.clone() for name, t in load_file(str(path)).items()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ActivationFileError(f"activation file {path} is unreadable ({exc})") from None
     needed = {*KINDS, "keys", "response_tokens"}
