@@ -15,8 +15,10 @@ from pipeline.chat import token_ids
 from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans, captured_means
 from pipeline.filter import generation_jobs
 from vectors.analysis import (
+    LayerChoice,
     LayerSeparation,
     cosine_by_layer,
+    cross_validated_layer,
     layer_norms,
     projections_by_layer,
     recommend_layer,
@@ -33,6 +35,7 @@ class TraitReport:
     norms: dict[str, list[float]]
     separation: list[LayerSeparation] | None = None
     recommended_layer: int | None = None
+    choice: LayerChoice | None = None  # how the recommended layer was chosen, and how stably
     eval_counts: tuple[int, int] = (0, 0)
     similarity: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -118,14 +121,26 @@ def analyze(store: Store, trait: str, *, model: str | None = None, device: str |
     pos_proj = response_avg_projections(store, pos, main, forward=forward, captured=captured)
     neg_proj = response_avg_projections(store, neg, main, forward=forward, captured=captured)
     report.separation = separation_by_layer(pos_proj, neg_proj)
-    report.recommended_layer = recommend_layer(report.separation)
+    # Chosen on held-out questions: the best layer on all eval answers, scored on the same
+    # answers, overstates its AUROC (the demo: 0.785 in-sample against 0.72 held out).
+    report.choice = cross_validated_layer(
+        pos_proj, neg_proj, [r.question for r in pos], [r.question for r in neg]
+    )
+    if report.choice is not None:
+        report.recommended_layer = report.choice.layer
+    else:
+        report.recommended_layer = recommend_layer(report.separation)
+        report.notes.append(
+            "fewer than 4 eval questions answered on both sides: the recommended layer is the "
+            "best on all answers, and its AUROC is optimistic"
+        )
     report.eval_counts = (len(pos), len(neg))
     return report
 
 
 def default_layer(store: Store, trait: str, num_layers: int) -> int:
-    """The layer to look at first: the recommended one (best eval AUROC), else two thirds
-    of the way up the model."""
+    """The layer to look at first: the recommended one (best held-out eval AUROC), else two
+    thirds of the way up the model."""
     try:
         layer = analyze(store, trait).recommended_layer
     except PersonaError:

@@ -271,9 +271,10 @@ def extract(
     # An empty answer has no response mean (its captured or forward mean is a zero
     # placeholder that adds nothing to the sum): response_avg divides by the answers that
     # exist; the prompt kinds use every pair.
+    # (A server's answer stored without token ids still has its text, tokenised anew.)
     counts = {
-        "pos": sum(bool(r.answer_ids) for r in pos),
-        "neg": sum(bool(r.answer_ids) for r in neg),
+        "pos": sum(bool(r.answer_ids or r.answer) for r in pos),
+        "neg": sum(bool(r.answer_ids or r.answer) for r in neg),
     }
     if not counts["pos"] or not counts["neg"]:
         side = "pos" if not counts["pos"] else "neg"

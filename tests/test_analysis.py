@@ -374,3 +374,26 @@ def test_mean_diff_errors() -> None:
         mean_diff(torch.ones(1, 2, 3), torch.zeros(0, 2, 3))
     with pytest.raises(ValueError):
         mean_diff(torch.ones(1, 2, 3), torch.ones(1, 2, 4))
+
+
+def test_cross_validated_layer_is_honest_about_noise_and_finds_a_signal() -> None:
+    from vectors.analysis import cross_validated_layer, recommend_layer, separation_by_layer
+
+    gen = torch.Generator().manual_seed(0)
+    questions = [q for q in range(20) for _ in range(10)]  # 20 eval questions, 10 answers each
+    pos = torch.randn(200, 12, generator=gen)
+    neg = torch.randn(200, 12, generator=gen)
+    # No signal anywhere: the best of 11 layers on all answers is picked for its luck; held
+    # out, the choice scores as chance, and no layer is chosen stably.
+    noise = cross_validated_layer(pos, neg, questions, questions, splits=100)
+    best_in_sample = separation_by_layer(pos, neg)[recommend_layer(separation_by_layer(pos, neg))]
+    assert noise.heldout_mean < best_in_sample.auroc - 0.02
+    assert abs(noise.heldout_mean - 0.5) < 0.04 and noise.stability < 0.6
+    # A real signal at layer 7: chosen nearly always, and held out it stays high.
+    pos[:, 7] += 1.5
+    signal = cross_validated_layer(pos, neg, questions, questions, splits=100)
+    assert signal.layer == 7 and signal.stability > 0.9
+    assert signal.heldout_mean > 0.8 and signal.heldout_sd < 0.1
+    assert "held-out AUROC" in signal.text()
+    few = questions[:30]  # three questions
+    assert cross_validated_layer(pos[:30], neg[:30], few, few) is None

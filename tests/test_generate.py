@@ -167,7 +167,7 @@ def test_generation_job_stores_rows_by_the_method(store: Store, tiny_model_dir: 
     acts = load_consolidated(Path(job.stats["activations"]))
     assert acts["response_ids"].tolist() == sorted(r.id for r in rows)
     assert acts["response_avg"].shape == (20, 4, 64)
-    assert acts["response_avg"].dtype == torch.float16
+    assert acts["response_avg"].dtype == torch.float32
     by_id = {r.id: r for r in rows}
     for index, rid in enumerate(acts["response_ids"].tolist()):
         assert acts["response_tokens"][index] == len(by_id[rid].answer_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -21,9 +22,13 @@ from tui.screens.trait_editor import TraitEditor
 
 
 def copy_db(source: Path, target: Path) -> Path:
-    """A consistent copy of a WAL database (the backup API, not a file copy)."""
+    """A consistent copy of a WAL database (the backup API, not a file copy), with its data
+    folder (vector and activation files, named relative to it)."""
     with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
         src.backup(dst)
+    data = source.parent / f"{source.stem}.data"
+    if data.exists():
+        shutil.copytree(data, target.parent / f"{target.stem}.data")
     return target
 
 

@@ -561,8 +561,9 @@ def print_report(report) -> None:
     if report.recommended_layer is not None:
         best = report.separation[report.recommended_layer]
         pos_n, neg_n = report.eval_counts
+        how = report.choice.text() if report.choice else f"eval AUROC {best.auroc:.3f}"
         out.print(
-            f"recommended layer {report.recommended_layer}: eval AUROC {best.auroc:.3f}, "
+            f"recommended layer {report.recommended_layer}: {how}, "
             f"Cohen's d {best.cohens_d:.2f} ({pos_n} pos / {neg_n} neg eval answers)"
         )
     for name, cos in sorted(report.similarity.items()):

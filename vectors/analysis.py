@@ -207,6 +207,79 @@ def recommend_layer(separations: list[LayerSeparation], skip_first: int = 1) -> 
     return best.layer
 
 
+@dataclass
+class LayerChoice:
+    """A layer chosen by held-out AUROC over random splits of the eval questions.
+
+    ``heldout_mean`` / ``heldout_sd``: for each split, the layer best on one half of the
+    questions is scored on the other half (a nested estimate: choosing and scoring never see
+    the same answers). ``layer`` is the layer with the best mean held-out AUROC;
+    ``stability`` the share of splits whose first half picks that layer too."""
+
+    layer: int
+    heldout_mean: float
+    heldout_sd: float
+    stability: float
+    splits: int
+    in_sample: float  # that layer's AUROC on every eval answer (optimistic)
+
+    def text(self) -> str:
+        return (
+            f"held-out AUROC {self.heldout_mean:.3f} ± {self.heldout_sd:.3f} "
+            f"({self.splits} question splits; chosen in {self.stability:.0%} of them; "
+            f"{self.in_sample:.3f} on all answers)"
+        )
+
+
+def cross_validated_layer(
+    pos_proj: torch.Tensor,
+    neg_proj: torch.Tensor,
+    pos_questions: list[int],
+    neg_questions: list[int],
+    *,
+    splits: int = 200,
+    seed: int = 0,
+    skip_first: int = 1,
+) -> LayerChoice | None:
+    """The layer to recommend, from projections [n, L+1] whose rows belong to the given eval
+    questions; None when fewer than 4 questions have answers on both sides (no split has
+    two of them a side)."""
+    questions = sorted(set(pos_questions) & set(neg_questions))
+    if len(questions) < 4:
+        return None
+    pos_q = torch.tensor(pos_questions)
+    neg_q = torch.tensor(neg_questions)
+    layers = list(range(skip_first, pos_proj.shape[1]))
+    gen = torch.Generator().manual_seed(seed)
+
+    def aurocs(chosen: torch.Tensor) -> list[float]:
+        p = pos_proj[torch.isin(pos_q, chosen)]
+        n = neg_proj[torch.isin(neg_q, chosen)]
+        return [auroc(p[:, layer], n[:, layer]) for layer in layers]
+
+    heldout_by_layer = torch.zeros(len(layers))
+    nested, picks = [], []
+    for _ in range(splits):
+        order = torch.tensor(questions)[torch.randperm(len(questions), generator=gen)]
+        half = len(questions) // 2
+        first, second = order[:half], order[half:]
+        train, test = aurocs(first), aurocs(second)
+        best = max(range(len(layers)), key=lambda i: (train[i], -i))
+        nested.append(test[best])
+        picks.append(best)
+        heldout_by_layer += torch.tensor(test)
+    index = int(torch.argmax(heldout_by_layer))
+    values = torch.tensor(nested, dtype=torch.float64)
+    return LayerChoice(
+        layer=layers[index],
+        heldout_mean=float(values.mean()),
+        heldout_sd=float(values.std()) if len(nested) > 1 else 0.0,
+        stability=sum(p == index for p in picks) / len(picks),
+        splits=splits,
+        in_sample=auroc(pos_proj[:, layers[index]], neg_proj[:, layers[index]]),
+    )
+
+
 def mean_diff(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """mean(pos) - mean(neg) in float32: pos [N, L+1, d], neg [M, L+1, d] -> [L+1, d]."""
     if pos.ndim != 3 or neg.ndim != 3:

@@ -151,9 +151,9 @@ class VectorsScreen(PersonaScreen):
         summary.append(f" · {record.n_pairs} pairs · T {record.threshold} · C {record.coherence}")
         if report.recommended_layer is not None:
             best = report.separation[report.recommended_layer]
+            how = report.choice.text() if report.choice else f"eval AUROC {best.auroc:.3f}"
             summary.append(
-                f"\nrecommended layer {report.recommended_layer}: eval AUROC {best.auroc:.3f}, "
-                f"d {best.cohens_d:.2f}",
+                f"\nrecommended layer {report.recommended_layer}: {how}, d {best.cohens_d:.2f}",
                 style="green",
             )
         for note in report.notes:
