@@ -260,7 +260,36 @@ class Store:
                 f"trait '{trait.name}' already exists; pass --force to replace it or pick a name"
             )
         with self.transaction():
+            if self.has_trait(trait.name):
+                self._refuse_changing_what_responses_used(trait)
             self._write_trait(trait, source)
+
+    def _refuse_changing_what_responses_used(self, trait: TraitDefinition) -> None:
+        """Stored answers were generated under the trait's instructions and questions and
+        judged under its judge prompt: changing those under them would make every pair and
+        judgment unreadable. The description may change freely."""
+        answered = self.db.execute(
+            "SELECT COUNT(*) FROM responses WHERE trait = ?", [trait.name]
+        ).fetchone()[0]
+        if not answered:
+            return
+        old = self.get_trait(trait.name)
+        changed = [
+            what
+            for what, same in (
+                ("instructions", old.instructions == trait.instructions),
+                ("questions", old.questions == trait.questions),
+                ("judge prompt", old.eval_prompt == trait.eval_prompt),
+                ("assistant name", old.assistant_name == trait.assistant_name),
+            )
+            if not same
+        ]
+        if changed:
+            raise PersonaError(
+                f"trait '{trait.name}' has {answered} responses made under its current "
+                f"{', '.join(changed)}; save the new definition under another name, or delete "
+                f"the trait's data first (`persona traits delete {trait.name}`)"
+            )
 
     def _write_trait(self, trait: TraitDefinition, source: str) -> None:
         now = utc_now()

@@ -52,11 +52,14 @@ class Extraction:
 class ForwardMeans:
     """Per-response layer means by a batched forward pass, reduced inside the batch."""
 
-    def __init__(self, loaded: Any, *, padding: str = "right") -> None:
+    def __init__(self, loaded: Any, *, padding: str = "right", final_norm: bool = False) -> None:
         if padding not in ("left", "right"):
             raise ValueError("padding must be left or right")
         self.loaded = loaded
         self.padding = padding
+        # Also each kind's mean of the last block's output after the final norm (HF's
+        # ``hidden_states[L]``, the original project's row L), as KIND + "_final" [B, d].
+        self.final_norm = final_norm
         model = loaded.model
         self.base = getattr(model, model.base_model_prefix, model)  # no LM head: no logits
         self.layers = list(self.base.layers)
@@ -103,6 +106,12 @@ class ForwardMeans:
             out["prompt_avg"][:, index] = means[:, 0]
             out["response_avg"][:, index] = means[:, 1]
             out["prompt_last"][:, index] = h[rows_index, last].float()
+            if self.final_norm and index == len(self.layers):
+                normed = self.base.norm(h).float()
+                means = torch.bmm(weights, normed)
+                out["prompt_avg_final"] = means[:, 0]
+                out["response_avg_final"] = means[:, 1]
+                out["prompt_last_final"] = normed[rows_index, last]
 
         def hook_for(index: int):
             def hook(_module: Any, _inputs: Any, output: Any) -> None:
@@ -154,6 +163,62 @@ class ForwardMeans:
                 continue
             yield chunk, means
             start = end
+
+
+def original_format_vectors(
+    store: Store, trait: str, *, model: str | None = None, device: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The trait's latest vectors in the original project's convention: rows 0..L-1 as
+    stored, row L the difference of the means of HF's ``hidden_states[L]`` (the last block's
+    output after the final norm) instead of our raw block output. Row L needs a forward pass
+    over the effective pairs the vectors were made from (their thresholds, judge and jobs
+    are in the vector's provenance)."""
+    from pipeline.analyze import latest_vectors
+    from pipeline.models import load_model
+    from vectors.files import load_vector
+
+    records = latest_vectors(store, trait, model)
+    if "response_avg_diff" not in records:
+        raise PersonaError(f"trait '{trait}' has no vectors; run `persona extract` first")
+    meta = records["response_avg_diff"].metadata
+    pairs = find_pairs(
+        store,
+        trait,
+        threshold=meta.get("threshold") if meta.get("threshold") is not None else 0.0,
+        coherence=meta.get("coherence") if meta.get("coherence") is not None else 0.0,
+        pos_job=meta.get("pos_job"),
+        neg_job=meta.get("neg_job"),
+        judge=meta.get("judge"),
+    )
+    if not pairs.effective or meta.get("pos_job") is None:
+        raise PersonaError(
+            f"the {trait} vectors do not name the pairs they were made from (imported?); "
+            "export them with --format studio, or extract again"
+        )
+    pos = store.responses_by_id([p.pos_id for p in pairs.effective])
+    neg = store.responses_by_id([p.neg_id for p in pairs.effective])
+    forward = ForwardMeans(
+        load_model(model or records["response_avg_diff"].model, device=device), final_norm=True
+    )
+    sums = {
+        side: side_sums(rows, captured=None, forward=forward)
+        for side, rows in (("pos", pos), ("neg", neg))
+    }
+    counts = {
+        side: (sum(bool(r.answer_ids or r.answer) for r in rows), len(rows))
+        for side, rows in (("pos", pos), ("neg", neg))
+    }
+    out = {}
+    for mean_kind, kind in MEAN_TO_VECTOR.items():
+        if kind not in records:
+            continue
+        vector = load_vector(records[kind].path)[0].clone()
+        which = 0 if mean_kind == "response_avg" else 1  # empty answers: as in extract
+        pos_mean = sums["pos"][f"{mean_kind}_final"] / counts["pos"][which]
+        neg_mean = sums["neg"][f"{mean_kind}_final"] / counts["neg"][which]
+        vector[-1] = pos_mean - neg_mean
+        out[kind] = vector
+    return out
 
 
 # ---- means for a set of responses -------------------------------------------------------------

@@ -468,7 +468,7 @@ def test_damaged_page_inside_the_database(capsys, fresh_db: Path) -> None:
         handle.seek((root[0] - 1) * page_size)
         handle.write(b"\xff" * page_size)
     before = fresh_db.read_bytes()
-    for argv in (["traits", "show", TRAIT], ["traits", "delete", "deception"]):
+    for argv in (["traits", "show", TRAIT], ["traits", "delete", "deception", "--yes"]):
         assert_error(
             cli(capsys, "--db", fresh_db, *argv),
             f"the database {fresh_db} is damaged (database disk image is malformed); restore a "

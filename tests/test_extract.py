@@ -282,3 +282,50 @@ def test_a_side_of_only_empty_answers_is_refused(generated: Path, tmp_path: Path
         store.db.conn.commit()
         with pytest.raises(PersonaError, match="every neg answer among the 38 effective pairs"):
             extract(store, "paternalism", source="forward")
+
+
+def test_original_format_export_follows_the_hf_convention_at_every_row(
+    generated: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Rows 0..L-1 are the native vector's; row L is the difference of the means of HF's own
+    hidden_states[L] (final norm applied), as the original project's files hold, computed
+    here independently with output_hidden_states over each effective pair's tokens."""
+    from pipeline.chat import token_ids
+    from pipeline.extract import original_format_vectors
+    from tui.cli import main
+
+    with Store(generated) as store:
+        native = extract(store, "paternalism", threshold=40, coherence=60).vectors
+        exported = original_format_vectors(store, "paternalism")
+        pairs = find_pairs(store, "paternalism", threshold=40, coherence=60)
+        pos = store.responses_by_id([p.pos_id for p in pairs.effective])
+        neg = store.responses_by_id([p.neg_id for p in pairs.effective])
+    loaded = load_model(str(tiny_model_dir))
+
+    def final_means(rows) -> dict[str, torch.Tensor]:
+        sums = {"response_avg": 0, "prompt_avg": 0, "prompt_last": 0}
+        for r in rows:
+            prompt, answer = token_ids(r, loaded)
+            with torch.inference_mode():
+                out = loaded.model(torch.tensor([prompt + answer]), output_hidden_states=True)
+            h = out.hidden_states[-1][0]  # HF: the final norm applied
+            n = len(prompt)
+            sums["response_avg"] += h[n:].mean(0)
+            sums["prompt_avg"] += h[:n].mean(0)
+            sums["prompt_last"] += h[n - 1]
+        return {k: v / len(rows) for k, v in sums.items()}
+
+    pos_final, neg_final = final_means(pos), final_means(neg)
+    for mean_kind in ("response_avg", "prompt_avg", "prompt_last"):
+        kind = f"{mean_kind}_diff"
+        assert torch.equal(exported[kind][:-1], native[kind][:-1])
+        torch.testing.assert_close(
+            exported[kind][-1], pos_final[mean_kind] - neg_final[mean_kind], rtol=1e-4, atol=1e-5
+        )
+        assert not torch.allclose(exported[kind][-1], native[kind][-1])  # the raw output differs
+    out = tmp_path / "pv"
+    assert (
+        main(["--db", str(generated), "vectors", "export", "paternalism", "--out", str(out)]) == 0
+    )
+    written = import_pt(out / "paternalism_response_avg_diff.pt")
+    torch.testing.assert_close(written, exported["response_avg_diff"])

@@ -307,3 +307,23 @@ def test_migration_makes_working_directory_paths_relative(db_path: Path) -> None
         raw = store.db.execute("select path from vectors").fetchone()[0]
         assert raw == "vectors/a.safetensors"
         assert store.vectors()[0].path == str(store.data_dir / "vectors" / "a.safetensors")
+
+
+def test_a_trait_with_responses_keeps_what_they_were_made_under(store: Store) -> None:
+    """Instructions, questions, judge prompt and assistant name cannot change under stored
+    answers (replace, import --force and the editor all save here); the description can."""
+    trait = store.get_trait("paternalism")
+    job = store.create_job("generate", "paternalism", {}).id
+    store.add_responses([_response(job, (0, 0, 0))])
+    new_questions = (*trait.questions[:-1], "A brand new last question?")
+    for change, what in (
+        ({"questions": new_questions}, "questions"),
+        ({"eval_prompt": trait.eval_prompt + " Be strict."}, "judge prompt"),
+    ):
+        with pytest.raises(PersonaError, match=f"has 1 responses made under its current {what}"):
+            store.save_trait(replace(trait, **change), "edited")
+    assert store.get_trait("paternalism") == trait
+    store.save_trait(replace(trait, description="Reworded."), "edited")
+    assert store.get_trait("paternalism").description == "Reworded."
+    store.save_trait(replace(trait, name="paternalism_v2", questions=new_questions), "edited")
+    assert store.get_trait("paternalism_v2").questions == new_questions

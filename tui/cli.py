@@ -604,17 +604,16 @@ def cmd_vectors_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vectors_export(args: argparse.Namespace) -> int:
-    from pipeline.analyze import latest_vectors
-    from vectors.files import export_pt, load_vector
+    from pipeline.extract import original_format_vectors
+    from vectors.files import export_pt
 
     with _open_store(args) as store:
-        records = latest_vectors(store, args.trait, args.model)
-    if not records:
-        raise PersonaError(f"trait '{args.trait}' has no vectors; run `persona extract` first")
-    for kind, record in records.items():
-        vector, _meta = load_vector(record.path)
+        vectors = original_format_vectors(store, args.trait, model=args.model, device=args.device)
+    for kind, vector in vectors.items():
         path = export_pt(vector, Path(args.out) / f"{args.trait}_{kind}.pt")
-        out.print(f"wrote {path} {list(vector.shape)}")
+        out.print(
+            f"wrote {path} {list(vector.shape)} (row L: hidden_states[L], final norm applied)"
+        )
     return 0
 
 
@@ -636,6 +635,9 @@ def cmd_vectors_import(args: argparse.Namespace) -> int:
             "kind": args.kind,
             "source": f"imported:{Path(args.path).name}",
             "n_pairs": 0,
+            # The original format's row L is HF's hidden_states[L] (final norm applied); a
+            # native file keeps the raw block output there. Kept as it came.
+            "row_L": "hidden_states[L], final norm applied (original format)",
         }
         folder = store.data_dir / "vectors" / args.trait / "imported"
         path = save_vector(folder / f"{args.kind}.safetensors", vector, meta)
@@ -1133,6 +1135,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp_v.add_argument("--format", choices=("pt",), default="pt")
     exp_v.add_argument("--out", type=output_folder, default=".")
     exp_v.add_argument("--model")
+    exp_v.add_argument("--device", help="for the forward pass that computes row L")
     imp_v = add(
         vec_cmds,
         "import",
