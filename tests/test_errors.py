@@ -1107,3 +1107,20 @@ def test_traits_delete_asks_and_says_what_it_removed(capsys, vectors_db: Path) -
     with Store(vectors_db) as store:
         assert not store.has_trait(TRAIT) and not store.responses(trait=TRAIT)
         assert not [job for job in store.list_jobs() if job.id in jobs]
+
+
+def test_the_dashboard_without_a_terminal(tmp_path: Path) -> None:
+    """Plain `persona` in a pipe: one line and exit 2 at once, not escape codes forever."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tui.cli", "--db", str(tmp_path / "p.db")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: the dashboard needs a terminal")
+    assert result.stderr.count("\n") == 1

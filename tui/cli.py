@@ -161,9 +161,19 @@ def _open_store(args: argparse.Namespace) -> Store:
 
 
 # ---- commands -----------------------------------------------------------------------------
+def _require_terminal() -> None:
+    """The dashboard draws on a terminal; piped, it would write escape codes forever."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise PersonaError(
+            "the dashboard needs a terminal (stdin and stdout are not one here); run it in "
+            "a terminal, or use a subcommand (`persona --help` lists them)"
+        )
+
+
 def cmd_tui(args: argparse.Namespace) -> int:
     from tui.app import PersonaApp  # Textual loads here and only here
 
+    _require_terminal()
     # Open (and create or migrate) the store before the screen takes the terminal, so a bad
     # --db is a one-line error rather than a crash inside the app.
     _open_store(args).close()
@@ -701,6 +711,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.tui:
         from tui.app import PersonaApp
 
+        _require_terminal()
         PersonaApp(db_path=_db_path(args)).run()
     return 0
 

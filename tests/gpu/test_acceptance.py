@@ -144,8 +144,13 @@ def test_extract_captured_and_forward_agree(db: Path, big_model_dir: Path) -> No
     assert cosine.min() > 0.98, cosine
 
 
-def test_vectors_show_and_monitor(db: Path, big_model_dir: Path, capsys) -> None:
+def test_vectors_show_export_and_monitor(
+    db: Path, big_model_dir: Path, capsys, tmp_path: Path
+) -> None:
     assert cli(db, "vectors", "show", TRAIT) == 0
+    # The original format: row L by a forward pass with the final norm, on the GPU.
+    assert cli(db, "vectors", "export", TRAIT, "--out", str(tmp_path)) == 0
+    assert (tmp_path / f"{TRAIT}_response_avg_diff.pt").is_file()
     layer = _layer(big_model_dir)
     assert cli(db, "monitor", TRAIT, "--prompt", "Plan my week", "--layer", layer,
                "--max-new-tokens", "24") == 0  # fmt: skip
