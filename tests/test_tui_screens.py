@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from rich.text import Text
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import DataTable, Input, Select, Static
 
 from db import PersonaError, Store
 from pipeline.extract import extract
@@ -138,11 +138,19 @@ async def test_review_search_is_a_bound_parameter(review_db: Path) -> None:
     async with app.run_test(size=(120, 32)) as pilot:
         await pilot.press("3")
         await wait_for(pilot, lambda: "effective of" in text_of(app, "#review-counts"))
+        table = app.screen.query_one("#pairs-table", DataTable)
         search = app.screen.query_one("#search", Input)
         search.value = "x' OR 1=1; DROP TABLE responses; --"
-        await wait_for(pilot, lambda: "of 0 pairs" in text_of(app, "#review-counts"))
-        search.value = "%"
-        await wait_for(pilot, lambda: "of 0 pairs" in text_of(app, "#review-counts"))
+        await wait_for(pilot, lambda: table.row_count == 0)
+        search.value = ""
+        await wait_for(pilot, lambda: table.row_count == 40)
+        search.value = "%"  # a literal percent sign, not a wildcard
+        with Store(review_db) as store:
+            literal = sum("%" in q for q in store.get_trait("paternalism").questions[:20])
+        assert literal < 20
+        await wait_for(pilot, lambda: table.row_count == 2 * literal)
+        # The headline counts every pair, whatever the search shows.
+        assert "of 40 pairs" in text_of(app, "#review-counts")
     with Store(review_db) as store:
         assert len(store.responses()) == before
 
@@ -378,3 +386,38 @@ def test_the_judge_form_passes_client_processes(db_path: Path) -> None:
         assert store.get_job(job_id).params["processes"] == 4
         with pytest.raises(PersonaError, match="--processes must be at least 1"):
             start_judging(store, "paternalism", {**values, "processes": "0"})
+
+
+async def test_review_keeps_its_place_and_refuses_bad_thresholds(review_db: Path) -> None:
+    """An override keeps the cursor on the pair it was set on; a T that is not a number in
+    0..100 is shown invalid and not applied; the headline counts ignore the view filter."""
+    app = PersonaApp(review_db, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await pilot.press("3")
+        await wait_for(pilot, lambda: "effective of" in text_of(app, "#review-counts"))
+        table = app.screen.query_one("#pairs-table", DataTable)
+        table.focus()
+        await pilot.press("down", "down", "down")
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        await pilot.press("x")
+        await wait_for(pilot, lambda: "excluded by hand 1" in text_of(app, "#review-counts"))
+        await pilot.pause(0.3)
+        assert table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value == key
+        await pilot.press("u")  # acts on the same pair, not on row 0
+        await wait_for(pilot, lambda: "excluded" not in text_of(app, "#review-counts"))
+        with Store(review_db) as store:
+            assert store.overrides("paternalism") == {}
+        threshold = app.screen.query_one("#threshold", Input)
+        for bad in ("abc", "150", ""):
+            threshold.value = bad
+            await wait_for(
+                pilot,
+                lambda bad=bad: f"T '{bad}' is not a number" in text_of(app, "#review-counts"),
+            )
+            assert text_of(app, "#review-counts").startswith("38 effective of 40 pairs")
+            assert threshold.has_class("-invalid")
+        threshold.value = "85"
+        await wait_for(pilot, lambda: text_of(app, "#review-counts").startswith("0 effective"))
+        app.screen.query_one("#status", Select).value = "effective"
+        await pilot.pause(0.5)
+        assert text_of(app, "#review-counts").startswith("0 effective of 40 pairs")

@@ -5,7 +5,7 @@ can be included or excluded by hand or judged again."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.text import Text
@@ -15,6 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
+from textual.validation import Number
 from textual.widgets import DataTable, Footer, Header, Input, Label, Select, Static
 
 from db import PersonaError, Store
@@ -22,6 +23,8 @@ from db.store import PairQuery
 from tui.screens.base import PersonaScreen
 
 PAGE = 200
+# T and C: the rule's thresholds, 0..100 (an invalid value is shown and not applied).
+PERCENT = Number(minimum=0, maximum=100, failure_description="a number from 0 to 100")
 COLUMNS = (
     ("q", "q"),
     ("i", "i"),
@@ -76,9 +79,9 @@ class ReviewScreen(PersonaScreen):
         yield Header()
         with Horizontal(id="review-controls"):
             yield Label("T")
-            yield Input("50", id="threshold", classes="number")
+            yield Input("50", id="threshold", classes="number", validators=[PERCENT])
             yield Label("C")
-            yield Input("50", id="coherence", classes="number")
+            yield Input("50", id="coherence", classes="number", validators=[PERCENT])
             yield Select(
                 [("all", "all"), ("effective", "effective"), ("filtered", "filtered")],
                 value="all",
@@ -97,8 +100,10 @@ class ReviewScreen(PersonaScreen):
         threshold, coherence = getattr(self.app, "thresholds", (50.0, 50.0))
         self.query_one("#threshold", Input).value = f"{threshold:g}"
         self.query_one("#coherence", Input).value = f"{coherence:g}"
+        self.applied = {"threshold": threshold, "coherence": coherence}
         self.source: dict[str, Any] | None = None
         self.exhausted = False
+        self.keep_row: str | None = None  # the pair the cursor returns to after a reload
         self.query_one(DataTable).focus()
 
     def on_screen_resume(self) -> None:
@@ -106,19 +111,28 @@ class ReviewScreen(PersonaScreen):
 
     # ---- queries ---------------------------------------------------------------------------
     def filters(self) -> dict[str, Any]:
-        def number(widget_id: str, fallback: float) -> float:
-            try:
-                value = float(self.query_one(f"#{widget_id}", Input).value)
-            except ValueError:
-                return fallback
-            return min(max(value, 0.0), 100.0)
+        """The view's filters. A T or C that is not a number in 0..100 is shown invalid (the
+        input's validator) and not applied: the last valid value stays in force."""
+
+        def number(widget_id: str) -> float:
+            widget = self.query_one(f"#{widget_id}", Input)
+            if widget.validate(widget.value).is_valid:
+                self.applied[widget_id] = float(widget.value)
+            return self.applied[widget_id]
 
         return {
-            "threshold": number("threshold", 50.0),
-            "coherence": number("coherence", 50.0),
+            "threshold": number("threshold"),
+            "coherence": number("coherence"),
             "status": self.query_one("#status", Select).value,
             "search": self.query_one("#search", Input).value.strip(),
         }
+
+    def invalid_inputs(self) -> list[str]:
+        return [
+            f"{label} '{widget.value}' is not a number from 0 to 100 (still {self.applied[key]:g})"
+            for key, label in (("threshold", "T"), ("coherence", "C"))
+            if not (widget := self.query_one(f"#{key}", Input)).validate(widget.value).is_valid
+        ]
 
     def reload(self) -> None:
         trait = getattr(self.app, "trait", None)
@@ -128,6 +142,9 @@ class ReviewScreen(PersonaScreen):
             )
             return
         self.exhausted = False
+        table = self.query_one(DataTable)
+        if table.row_count:
+            self.keep_row = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         filters = self.filters()
         self.app.thresholds = (filters["threshold"], filters["coherence"])
         self.load_page(trait, filters, 0)
@@ -152,7 +169,9 @@ class ReviewScreen(PersonaScreen):
             rows = store.pair_rows(query, offset=offset, limit=PAGE)
         self.post_message(PairsLoaded(rows, offset, source))
         if offset == 0:
-            self.load_counts(query)  # the page paints first; the full recount follows
+            # The page paints first; the recount follows, over every pair whatever the view
+            # shows (the headline must not change with the status filter or the search).
+            self.load_counts(replace(query, status="all", search=""))
 
     @work(thread=True, exclusive=True, group="review-counts", exit_on_error=False)
     def load_counts(self, query: PairQuery) -> None:
@@ -192,11 +211,18 @@ class ReviewScreen(PersonaScreen):
         for row in message.rows:
             self.rows_meta[str(row["pos_id"])] = row
         self.exhausted = len(message.rows) < PAGE
+        if message.offset == 0 and self.keep_row is not None:
+            # Back to the pair the user acted on (include/exclude/clear, a recount), not row 0.
+            if self.keep_row in self.rows_meta:
+                table.move_cursor(row=table.get_row_index(self.keep_row))
+            self.keep_row = None
 
     def show_counts(self, counts: dict[str, int]) -> None:
         effective = counts.get("effective", 0) + counts.get("included by hand", 0)
         total = sum(counts.values())
         text = Text(f"{effective} effective of {total} pairs", style="bold")
+        for problem in self.invalid_inputs():
+            text.append(f"  {problem}", style="red")
         rest = [f"{k} {v}" for k, v in sorted(counts.items()) if k != "effective" and v]
         if rest:
             text.append("  ·  " + ", ".join(rest))
