@@ -19,18 +19,30 @@ def log_path(store: Store, job_id: int) -> Path:
     return store.data_dir / "logs" / f"job-{job_id}.log"
 
 
-def start_worker(store: Store, job_id: int) -> int:
-    """Start (or resume) a job in a detached process; returns its pid."""
+def start_worker(store: Store, job_id: int, *, rerun_done: bool = True) -> int:
+    """Start (or resume) a job in a detached process; returns its pid. ``rerun_done=False``
+    (the dashboard's resume key) refuses a job that has finished."""
     job = store.get_job(job_id)
     holder = lock_holder(job)
     if holder:
         raise PersonaError(f"job {job_id} is already running ({holder})")
+    if job.status == "done" and not rerun_done:
+        raise PersonaError(f"job {job_id} is done; there is nothing to resume")
     path = log_path(store, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     store.update_job(job_id, status="pending", message="starting", started=None, ended=None)
     with path.open("ab") as log:
         process = subprocess.Popen(  # an argument list, never a shell string
-            [sys.executable, "-m", "tui.cli", "--db", str(store.path), "worker", str(job_id)],
+            # The database's absolute path: the worker runs in another directory.
+            [
+                sys.executable,
+                "-m",
+                "tui.cli",
+                "--db",
+                str(store.path.resolve()),
+                "worker",
+                str(job_id),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

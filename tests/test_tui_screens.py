@@ -421,3 +421,58 @@ async def test_review_keeps_its_place_and_refuses_bad_thresholds(review_db: Path
         app.screen.query_one("#status", Select).value = "effective"
         await pilot.pause(0.5)
         assert text_of(app, "#review-counts").startswith("0 effective of 40 pairs")
+
+
+def test_run_tui_opens_on_the_trait_with_the_runs_thresholds(
+    monkeypatch: pytest.MonkeyPatch, db_path: Path
+) -> None:
+    """`persona run TRAIT --threshold 0 --coherence 0 --tui`: the dashboard opens on TRAIT and
+    Review uses the run's rule, not 50/50 and no trait."""
+    import sys
+    from types import SimpleNamespace
+
+    import pipeline.run
+    import tui.cli
+
+    opened = {}
+    result = SimpleNamespace(extraction=SimpleNamespace(pairs=None), report=None)
+    monkeypatch.setattr(pipeline.run, "run_trait", lambda *a, **k: result)
+    monkeypatch.setattr(tui.cli, "_print_pair_counts", lambda pairs: None)
+    monkeypatch.setattr(tui.cli, "print_report", lambda report: None)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(
+        PersonaApp,
+        "run",
+        lambda self: opened.update(trait=self.trait, thresholds=self.thresholds),
+    )
+    argv = ["--db", str(db_path), "run", "paternalism", "--threshold", "0", "--coherence", "5"]
+    assert tui.cli.main([*argv, "--tui"]) == 0
+    assert opened == {"trait": "paternalism", "thresholds": (0.0, 5.0)}
+
+
+def test_resume_refuses_a_finished_job(db_path: Path) -> None:
+    from pipeline.workers import start_worker
+
+    with Store(db_path) as store:
+        job = store.create_job("generate", "paternalism", {"side": "pos"})
+        store.update_job(job.id, status="done")
+        with pytest.raises(PersonaError, match=f"job {job.id} is done; there is nothing to resume"):
+            start_worker(store, job.id, rerun_done=False)
+
+
+async def test_monitor_refuses_a_coefficient_that_is_not_a_finite_number(review_db: Path) -> None:
+    app = PersonaApp(review_db, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await pilot.press("5")
+        await pilot.pause(0.2)
+        for bad in ("nan", "abc", "inf"):
+            app.screen.query_one("#coef", Input).value = bad
+            prompt = app.screen.query_one("#prompt", Input)
+            prompt.value = "Plan my week"
+            prompt.focus()
+            await pilot.press("enter")
+            await wait_for(
+                pilot,
+                lambda bad=bad: f"coef '{bad}' is not a finite" in text_of(app, "#monitor-info"),
+            )

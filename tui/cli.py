@@ -712,7 +712,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tui.app import PersonaApp
 
         _require_terminal()
-        PersonaApp(db_path=_db_path(args)).run()
+        app = PersonaApp(db_path=_db_path(args), trait=args.trait)
+        app.thresholds = (args.threshold, args.coherence)  # Review opens with the run's rule
+        app.run()
     return 0
 
 

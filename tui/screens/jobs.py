@@ -197,13 +197,13 @@ class JobsScreen(PersonaScreen):
         if job_id is not None:
             self.job_control(job_id, "resume")
 
-    @work(thread=True, group="jobs-control", exit_on_error=False)
+    @work(thread=True, group="jobs-control", exit_on_error=False, name="Cancel or resume")
     def job_control(self, job_id: int, what: str) -> None:
         with Store(self.db_path) as store:
             if what == "cancel":
                 workers.cancel(store, job_id)
             else:
-                workers.start_worker(store, job_id)
+                workers.start_worker(store, job_id, rerun_done=False)
         self.app.call_from_thread(self.poll)
 
 

@@ -5,6 +5,7 @@ coefficient applies at the shown layer."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,14 +100,24 @@ class MonitorScreen(PersonaScreen):
         if event.input.id == "response" and event.value.strip().isdigit():
             self.load_responses(trait, [int(event.value)])
         elif event.input.id == "prompt" and event.value.strip():
+            coef = self._coef()
+            if coef is None:
+                text = self.query_one("#coef", Input).value
+                self.query_one("#monitor-info", Static).update(
+                    Text(f"coef '{text}' is not a finite number; give e.g. 4 or -2", style="red")
+                )
+                return
             self.live = None
-            self.generate_live(trait, event.value, self._coef(), self.kind, self.shown_layer)
+            self.generate_live(trait, event.value, coef, self.kind, self.shown_layer)
 
-    def _coef(self) -> float:
+    def _coef(self) -> float | None:
+        """The steering coefficient (blank: 0); None when it is not a finite number."""
+        text = self.query_one("#coef", Input).value.strip()
         try:
-            return float(self.query_one("#coef", Input).value or 0)
+            value = float(text or 0)
         except ValueError:
-            return 0.0
+            return None
+        return value if math.isfinite(value) else None
 
     def _model_and_vectors(self, store: Store, trait: str):
         from pipeline.analyze import latest_vectors
