@@ -476,3 +476,20 @@ async def test_monitor_refuses_a_coefficient_that_is_not_a_finite_number(review_
                 pilot,
                 lambda bad=bad: f"coef '{bad}' is not a finite" in text_of(app, "#monitor-info"),
             )
+
+
+async def test_review_exports_the_effective_pairs(review_db: Path) -> None:
+    app = PersonaApp(review_db, trait="paternalism")
+    folder = review_db.parent / "review.data" / "exports" / "paternalism-T50-C50"
+    async with app.run_test(size=(120, 32)) as pilot:
+        await pilot.press("3")
+        await wait_for(pilot, lambda: "effective of" in text_of(app, "#review-counts"))
+        app.screen.query_one("#pairs-table", DataTable).focus()
+        await pilot.press("e")
+        await wait_for(pilot, lambda: (folder / "paternalism_pairs.jsonl").exists())
+    lines = (folder / "paternalism_pairs.jsonl").read_text().splitlines()
+    assert len(lines) == 38
+    import csv
+
+    with (folder / "paternalism_pos.csv").open(newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 38

@@ -513,6 +513,26 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pairs_export(args: argparse.Namespace) -> int:
+    from pipeline.pair_export import export_pairs
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    with _open_store(args) as store:
+        done = export_pairs(
+            store,
+            args.trait,
+            Path(args.out),
+            threshold=args.threshold,
+            coherence=args.coherence,
+            every_pair=args.all,
+            formats=formats,
+        )
+    for path in done.files:
+        out.print(f"wrote {path}")
+    out.print(f"{done.pairs} pairs (scores by {done.judge})")
+    return 0
+
+
 def cmd_pairs_set(args: argparse.Namespace) -> int:
     key = (args.question, args.instruction, args.sample)
     include = {"include": True, "exclude": False, "clear": None}[args.pairs_command]
@@ -1116,6 +1136,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("instruction", type=non_negative_int)
         sub.add_argument("sample", type=non_negative_int)
         sub.add_argument("--note")
+    exp_p = add(
+        pair_cmds,
+        "export",
+        cmd_pairs_export,
+        "write the effective pairs (--all: every pair) as the original CSVs and JSONL",
+    )
+    exp_p.add_argument("--out", type=output_folder, default=".")
+    exp_p.add_argument("--all", action="store_true", help="every pair, not only effective ones")
+    exp_p.add_argument("--format", default="csv,jsonl", help="csv, jsonl or both (default)")
 
     ext = add(
         commands, "extract", cmd_extract, "extract response/prompt vectors from the effective pairs"

@@ -73,6 +73,7 @@ class ReviewScreen(PersonaScreen):
         Binding("slash", "search", "Search"),
         Binding("f", "cycle_status", "Filter"),
         Binding("r", "reload", "Reload"),
+        Binding("e", "export", "Export pairs"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -286,6 +287,25 @@ class ReviewScreen(PersonaScreen):
         with Store(self.db_path) as store:
             store.set_override(trait, key, include, note="set in the review screen")
         self.app.call_from_thread(self.reload)
+
+    def action_export(self) -> None:
+        trait = getattr(self.app, "trait", None)
+        if trait:
+            filters = self.filters()
+            self.export_pairs(trait, filters["threshold"], filters["coherence"])
+
+    @work(thread=True, group="review-export", exit_on_error=False, name="Export pairs")
+    def export_pairs(self, trait: str, threshold: float, coherence: float) -> None:
+        """The effective pairs at the screen's T and C, as the CLI's `pairs export` writes
+        them, into the data folder's exports/."""
+        from pipeline.pair_export import export_pairs
+
+        with Store(self.db_path) as store:
+            folder = store.data_dir / "exports" / f"{trait}-T{threshold:g}-C{coherence:g}"
+            done = export_pairs(store, trait, folder, threshold=threshold, coherence=coherence)
+        self.app.call_from_thread(
+            self.notify, f"{done.pairs} effective pairs written to {folder}", timeout=8
+        )
 
     def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
         self.action_open()  # the table takes enter itself
