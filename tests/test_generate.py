@@ -429,3 +429,18 @@ def test_continuous_batching_refills_slots_and_changes_no_result(
             ref = teacher_forced_means(tiny.model, list(request.prompt_ids), result.answer_ids)
             for kind, value in ref.items():
                 torch.testing.assert_close(result.activations[kind], value, rtol=1e-3, atol=1e-4)
+
+
+def test_the_worker_writes_its_progress_to_its_log(
+    store: Store, tiny_model_dir: Path, capsys
+) -> None:
+    """`persona worker` (what the dashboard detaches, stdout into the job's log) says when it
+    started, how far it got and how it ended."""
+    from tui.cli import main
+
+    job_id = find_or_create_job(store, "paternalism", _tiny_params(tiny_model_dir))
+    assert main(["--db", str(store.path), "worker", str(job_id)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"job {job_id}: worker" in lines[0] and "started" in lines[0]
+    assert any(f"job {job_id}: " in line and "/20 " in line for line in lines[1:-1])
+    assert f"job {job_id}: done" in lines[-1]
