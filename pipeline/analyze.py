@@ -36,6 +36,9 @@ class TraitReport:
     separation: list[LayerSeparation] | None = None
     recommended_layer: int | None = None
     choice: LayerChoice | None = None  # how the recommended layer was chosen, and how stably
+    # From the latest finished sweep of this trait and model: the setting that raised the
+    # trait most at mean coherence >= 50 (steering is judged, not inferred from AUROC).
+    steering: dict[str, Any] | None = None
     eval_counts: tuple[int, int] = (0, 0)
     similarity: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -96,6 +99,7 @@ def analyze(store: Store, trait: str, *, model: str | None = None, device: str |
             report.similarity[other.name] = cosine_by_layer(
                 main, load_vector(theirs.path)[0]
             ).tolist()
+    report.steering = steering_from_sweep(store, trait, model_id)
     try:
         pos_job, neg_job = generation_jobs(store, trait, "eval", model=None)
     except PersonaError:
@@ -136,6 +140,27 @@ def analyze(store: Store, trait: str, *, model: str | None = None, device: str |
         )
     report.eval_counts = (len(pos), len(neg))
     return report
+
+
+def steering_from_sweep(store: Store, trait: str, model_id: str) -> dict[str, Any] | None:
+    """The best raising setting of the newest finished sweep of this trait whose vector was
+    this model's, with the sweep's unsteered baseline and its job id; None without one."""
+    for job in reversed(store.list_jobs(trait=trait, kind="sweep")):
+        best = (job.stats or {}).get("best") or {}
+        model = job.params.get("model") or model_id
+        if job.status == "done" and best.get("up") and model == model_id:
+            return {"job": job.id, **best["up"], "baseline": best.get("baseline")}
+    return None
+
+
+def steering_text(steering: dict[str, Any]) -> str:
+    base = (steering.get("baseline") or {}).get("trait")
+    against = f" (unsteered {base:.1f})" if base is not None else ""
+    return (
+        f"steering layer {steering['layer']} from sweep job {steering['job']}: coef "
+        f"{steering['coef']:+g} raised the trait to {steering['trait']:.1f}{against} at mean "
+        f"coherence {steering['coherence']:.1f}"
+    )
 
 
 def default_layer(store: Store, trait: str, num_layers: int) -> int:

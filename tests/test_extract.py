@@ -329,3 +329,35 @@ def test_original_format_export_follows_the_hf_convention_at_every_row(
     )
     written = import_pt(out / "paternalism_response_avg_diff.pt")
     torch.testing.assert_close(written, exported["response_avg_diff"])
+
+
+def test_vectors_show_names_the_steering_layer_of_a_finished_sweep(
+    generated: Path, tmp_path: Path, capsys
+) -> None:
+    """The recommended layer reads the eval AUROC; the steering layer, where a sweep has
+    run, is the sweep's best raising setting at coherence >= 50."""
+    import shutil
+    import sqlite3
+
+    from tui.cli import main
+
+    db = tmp_path / "sweep.db"
+    with sqlite3.connect(generated) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+    shutil.copytree(generated.parent / "persona.data", tmp_path / "sweep.data")
+    with Store(db) as store:
+        extract(store, "paternalism")
+        best = {
+            "baseline": {"layer": 0, "coef": 0.0, "trait": 20.0, "coherence": 80.0},
+            "up": {"layer": 2, "coef": 4.0, "trait": 71.5, "coherence": 66.0},
+            "down": None,
+        }
+        job = store.create_job("sweep", "paternalism", {"layers": [1, 2], "model": None})
+        store.update_job(job.id, status="done", stats={"best": best})
+        report = analyze(store, "paternalism")
+    assert report.steering is not None and report.steering["layer"] == 2
+    assert main(["--db", str(db), "vectors", "show", "paternalism"]) == 0
+    assert (
+        f"steering layer 2 from sweep job {job.id}: coef +4 raised the trait to 71.5 "
+        "(unsteered 20.0) at mean coherence 66.0" in capsys.readouterr().out
+    )

@@ -596,6 +596,10 @@ def print_report(report) -> None:
             f"recommended layer {report.recommended_layer}: {how}, "
             f"Cohen's d {best.cohens_d:.2f} ({pos_n} pos / {neg_n} neg eval answers)"
         )
+    if report.steering is not None:
+        from pipeline.analyze import steering_text
+
+        out.print(steering_text(report.steering))
     for name, cos in sorted(report.similarity.items()):
         layer = report.recommended_layer if report.recommended_layer is not None else len(cos) // 2
         out.print(f"cosine with {name} at layer {layer}: {cos[layer]:+.3f}")

@@ -156,6 +156,10 @@ class VectorsScreen(PersonaScreen):
                 f"\nrecommended layer {report.recommended_layer}: {how}, d {best.cohens_d:.2f}",
                 style="green",
             )
+        if report.steering is not None:
+            from pipeline.analyze import steering_text
+
+            summary.append(f"\n{steering_text(report.steering)}", style="green")
         for note in report.notes:
             summary.append(f"\n{note}", style="yellow")
         self.query_one("#vectors-summary", Static).update(summary)
