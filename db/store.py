@@ -460,6 +460,12 @@ class Store:
             self.db.conn.executemany(sql, [[row[c] for c in columns] for row in rows])
             return self.db.conn.total_changes - before
 
+    def response_keys_of_trait(self, trait: str) -> set[tuple[int, int, int]]:
+        rows = self.db["responses"].rows_where(
+            "trait = ?", [trait], select="question, instruction, sample"
+        )
+        return {(r["question"], r["instruction"], r["sample"]) for r in rows}
+
     def response_keys(self, job_id: int) -> set[tuple[int, int, int]]:
         rows = self.db["responses"].rows_where(
             "job = ?", [job_id], select="question, instruction, sample"

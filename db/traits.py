@@ -269,8 +269,20 @@ def _questions(value: Any, source: str) -> tuple[str, ...]:
     return tuple(_string(q, f"question {i + 1}", source) for i, q in enumerate(value))
 
 
+# A trait definition is a few kilobytes; past this a "trait file" is something else (a
+# device, a dump) and would be read into memory whole.
+MAX_TRAIT_FILE_BYTES = 10 * 2**20
+
+
 def _read_json(path: Path) -> Any:
     try:
+        if path.exists() and not path.is_file():  # a FIFO waits forever; /dev/zero never ends
+            raise PersonaError(f"trait file {path} is not a regular file; pass a .json file")
+        if path.exists() and path.stat().st_size > MAX_TRAIT_FILE_BYTES:
+            raise PersonaError(
+                f"trait file {path} is {path.stat().st_size:,} bytes; a trait file is a few "
+                "kilobytes of JSON"
+            )
         # utf-8-sig: editors on Windows start UTF-8 files with a BOM, which json rejects
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:

@@ -22,7 +22,13 @@ import torch
 from db import PersonaError, Store
 from db.store import Response, utc_now
 from pipeline.chat import token_ids
-from pipeline.filter import DEFAULT_COHERENCE, DEFAULT_THRESHOLD, PairSet, find_pairs
+from pipeline.filter import (
+    DEFAULT_COHERENCE,
+    DEFAULT_THRESHOLD,
+    PairSet,
+    find_pairs,
+    record_counts,
+)
 from vectors import activations
 from vectors.files import save_vector
 
@@ -302,7 +308,7 @@ def extract(
         pos_job=pos_job,
         neg_job=neg_job,
         judge=judge,
-        record=True,
+        record=False,  # recorded once the extraction has passed its checks
     )
     warnings = [w for w in [pairs.advice()] if w]
     effective = pairs.effective
@@ -355,6 +361,7 @@ def extract(
             f"{len(neg) - counts['neg']}): left out of response_avg_diff (a mean over no "
             "tokens does not exist); the prompt kinds use every pair"
         )
+    record_counts(store, pairs)
     vectors = {}
     paths = {}
     folder = store.data_dir / "vectors" / trait / _slug(model_id)

@@ -123,6 +123,22 @@ def generation_jobs(
     return found["pos"], found["neg"]
 
 
+def _check_generation_job(store: Store, trait: str, job_id: int, side: str) -> None:
+    """--pos-job/--neg-job name a generation job of this trait on that side (swapped jobs
+    would negate the vector without a word)."""
+    job = next((j for j in store.list_jobs(trait=trait, kind="generate") if j.id == job_id), None)
+    if job is None:
+        raise PersonaError(
+            f"job {job_id} is not a generation job of trait '{trait}'; `persona jobs list "
+            f"--trait {trait}` shows them"
+        )
+    if job.params.get("side") != side:
+        raise PersonaError(
+            f"job {job_id} generated {job.params.get('side')} answers, not {side}; pass it as "
+            f"--{job.params.get('side')}-job"
+        )
+
+
 def find_pairs(
     store: Store,
     trait: str,
@@ -141,6 +157,8 @@ def find_pairs(
         latest_pos, latest_neg = generation_jobs(store, trait, split)
         pos_job = pos_job if pos_job is not None else latest_pos
         neg_job = neg_job if neg_job is not None else latest_neg
+    for job_id, side in ((pos_job, "pos"), (neg_job, "neg")):
+        _check_generation_job(store, trait, job_id, side)
     if judge is None:
         judges = store.judges_of([pos_job, neg_job])
         if not judges:
@@ -180,13 +198,18 @@ def find_pairs(
         )
     result = PairSet(trait, pos_job, neg_job, judge, threshold, coherence, pairs)
     if record:
-        store.record_pair_counts(
-            trait=trait,
-            pos_job=pos_job,
-            neg_job=neg_job,
-            judge=judge,
-            threshold=threshold,
-            coherence=coherence,
-            counts=result.counts(),
-        )
+        record_counts(store, result)
     return result
+
+
+def record_counts(store: Store, pairs: PairSet) -> None:
+    """Keep the filter's counts (the Traits screen and `pairs` show the latest)."""
+    store.record_pair_counts(
+        trait=pairs.trait,
+        pos_job=pairs.pos_job,
+        neg_job=pairs.neg_job,
+        judge=pairs.judge,
+        threshold=pairs.threshold,
+        coherence=pairs.coherence,
+        counts=pairs.counts(),
+    )

@@ -410,7 +410,7 @@ async def _generate_openai(
     """Answers from an OpenAI-compatible server (vLLM, llama.cpp, ...). No activations: the
     extraction step runs its own forward pass. Token ids are stored when a local tokenizer is
     available (``--tokenizer``, or ``--model`` when it resolves locally)."""
-    from openai import APIStatusError, AsyncOpenAI
+    from openai import APIConnectionError, APIStatusError, AsyncOpenAI
 
     from pipeline.judge import api_key
 
@@ -481,6 +481,13 @@ async def _generate_openai(
         flush()
         raise PersonaError(
             f"the generation server answered {exc.status_code}: {_first_line(exc.message)}"
+        ) from None
+    except APIConnectionError as exc:  # after the SDK's own retries
+        flush()
+        raise PersonaError(
+            f"the generation server at {params.base_url} cannot be reached "
+            f"({type(exc).__name__}); start it or pass the right --base-url (the job resumes "
+            "where it stopped)"
         ) from None
     finally:
         flush()

@@ -679,6 +679,21 @@ class _CandidateTrie:
                 self.used[row, i - 1] = 1.0
 
 
+JUDGE_KINDS = ("openai", "anthropic", "local")
+
+
+def check_judge_spec(spec: str, option: str = "--judge") -> None:
+    """KIND:MODEL with a known kind and a model: checked before any job row is written."""
+    kind, _, model = spec.partition(":")
+    if not model.strip():
+        raise PersonaError(
+            f"{option} {spec!r} must be KIND:MODEL, e.g. openai:gpt-4.1-mini-2025-04-14, "
+            "anthropic:claude-haiku-4-5 or local:smollm2"
+        )
+    if kind not in JUDGE_KINDS:
+        raise PersonaError(f"{option} kind '{kind}' is unknown; use openai, anthropic or local")
+
+
 def make_judge(
     spec: str,
     *,
@@ -688,12 +703,8 @@ def make_judge(
     device: str | None = None,
     timeout_s: float = 60.0,
 ) -> Judge:
+    check_judge_spec(spec)
     kind, _, model = spec.partition(":")
-    if not model:
-        raise PersonaError(
-            f"--judge {spec!r} must be KIND:MODEL, e.g. openai:gpt-4.1-mini-2025-04-14, "
-            "anthropic:claude-haiku-4-5 or local:smollm2"
-        )
     prices = load_prices(prices_path)
     if kind == "openai":
         return OpenAIJudge(model, base_url=base_url, prices=prices, timeout_s=timeout_s)

@@ -26,6 +26,7 @@ from pipeline.judge import (
     Judge,
     JudgeFatalError,
     JudgeResult,
+    check_judge_spec,
     make_judge,
     redact_keys,
 )
@@ -87,6 +88,7 @@ class JudgeParams(JobParams):
             raise PersonaError(
                 f"--judge '{self.judge}' must be KIND:MODEL, e.g. {DEFAULT_JUDGE} or local:smollm2"
             )
+        check_judge_spec(self.judge)
         return self
 
     def client_processes(self, requests: int) -> int:
@@ -104,6 +106,10 @@ class JudgeParams(JobParams):
 def find_or_create_judge_job(store: Store, trait: str, params: JudgeParams) -> int:
     params.validate()
     store.get_trait(trait)
+    if params.judge.startswith("local:"):  # a bad model folder fails before a job row exists
+        from pipeline.models import resolve_model
+
+        resolve_model(params.judge.partition(":")[2])
     if params.job is not None:
         source = store.get_job(params.job)
         if source.kind != "generate" or source.trait != trait:

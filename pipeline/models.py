@@ -181,8 +181,20 @@ def pick_device(device: str | None = None) -> str:
     import torch
 
     if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise PersonaError(
+                f"--device {device!r} is not a device; use cpu, cuda or cuda:N"
+            ) from None
+        if parsed.type not in ("cpu", "cuda"):
+            raise PersonaError(f"--device {device} is not supported here; use cpu, cuda or cuda:N")
+        if parsed.type == "cuda" and not torch.cuda.is_available():
             raise PersonaError(f"--device {device} asked for, but torch sees no CUDA GPU")
+        if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+            raise PersonaError(
+                f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPUs"
+            )
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -52,6 +52,9 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
         callback = on_step(label, job_id) if on_step is not None else None
         run_job(db_path, job_id, on_progress=callback)
 
+    from pipeline.judge import check_judge_spec
+
+    check_judge_spec(params.judge)  # before hours of generation, not after
     with Store(db_path) as store:
         if not store.has_trait(params.trait):
             if not params.description:

@@ -9,6 +9,7 @@ Answers are stored as responses of the sweep job (side ``none``, split ``eval``)
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,26 +46,67 @@ class SweepParams(JobParams):
             raise PersonaError(f"--n must be between 1 and 20 eval questions (got {self.n})")
         if self.prune_top is not None and self.prune_top < 1:
             raise PersonaError(f"--prune-top must be at least 1 (got {self.prune_top})")
+        if any(layer < 1 for layer in self.layers):
+            raise PersonaError(
+                f"--layers {list(self.layers)}: a steered layer is a block output, 1 or more"
+            )
+        if not all(math.isfinite(c) and abs(c) <= MAX_COEF for c in self.coefs):
+            raise PersonaError(f"--coefs needs finite numbers of size at most {MAX_COEF:g}")
+        from pipeline.judge import check_judge_spec
+
+        check_judge_spec(self.judge)
         return self
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    """ "8-24" (every layer), "8-24:4" (every fourth) or "8,12,16"."""
+    """ "8-24" (every layer), "8-24:4" (every fourth) or "8,12,16"; layers from 1."""
+    bad = f"--layers '{text}' is not a range like 8-24[:step] or a list such as 8,12,16"
+    if not text.strip():
+        return ()  # SweepParams.validate says it is empty
     try:
         if "-" in text and "," not in text:
             span, _, step = text.partition(":")
             low, high = (int(x) for x in span.split("-"))
-            return tuple(range(low, high + 1, int(step) if step else 1))
-        return tuple(int(x) for x in text.split(",") if x.strip())
+            stride = int(step) if step else 1
+            if stride < 1 or high - low > MAX_LAYERS:
+                raise PersonaError(bad)
+            layers = tuple(range(low, high + 1, stride))
+        else:
+            parts = [x.strip() for x in text.split(",")]
+            if not all(parts):
+                raise PersonaError(bad)
+            layers = tuple(int(x) for x in parts)
     except ValueError:
-        raise PersonaError(f"--layers '{text}' is not a range like 8-24[:step] or a list") from None
+        raise PersonaError(bad) from None
+    if any(layer < 1 for layer in layers):
+        raise PersonaError(f"--layers {text}: a steered layer is a block output, 1 or more")
+    return layers
+
+
+# A coefficient multiplies an unnormalised difference of means: past this, the steered state
+# is noise (or inf in bf16); past MAX_COEFS values, a command runs for minutes.
+MAX_COEF = 1e4
+MAX_COEFS = 64
+MAX_LAYERS = 4096
 
 
 def parse_coefs(text: str) -> tuple[float, ...]:
+    """Comma-separated steering coefficients: finite numbers, |c| <= MAX_COEF, at most
+    MAX_COEFS of them (sweep --coefs and steer --coef share this)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts) or not all(parts):
+        raise PersonaError(f"--coefs '{text}' is not a comma list of numbers such as -2,2")
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        values = tuple(float(part) for part in parts)
     except ValueError:
-        raise PersonaError(f"--coefs '{text}' is not a comma list of numbers") from None
+        raise PersonaError(
+            f"--coefs '{text}' is not a comma list of numbers such as -2,2"
+        ) from None
+    if not all(math.isfinite(v) and abs(v) <= MAX_COEF for v in values):
+        raise PersonaError(f"--coefs '{text}' needs finite numbers of size at most {MAX_COEF:g}")
+    if len(values) > MAX_COEFS:
+        raise PersonaError(f"--coefs gives {len(values)} values; at most {MAX_COEFS} a run")
+    return values
 
 
 def create_sweep_job(store: Store, trait: str, params: SweepParams) -> int:

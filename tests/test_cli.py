@@ -153,14 +153,21 @@ def test_console_script_runs_headless(db_path: Path) -> None:
 
 
 def test_pair_overrides_from_the_command_line(db_path: Path, capsys) -> None:
+    from fake_rows import seed_generation
+
     from db import Store
 
     db = ["--db", str(db_path)]
-    assert main([*db, "pairs", "paternalism", "exclude", "3", "1", "0", "--note", "odd"]) == 0
-    assert "pair (3, 1, 0) of paternalism: excluded" in capsys.readouterr().out
     with Store(db_path) as store:
-        assert store.overrides("paternalism") == {(3, 1, 0): False}
-    assert main([*db, "pairs", "paternalism", "clear", "3", "1", "0"]) == 0
+        seed_generation(store, 20)  # keys (q, q % 5, 0)
+    # A pair that does not exist is refused, not stored.
+    assert main([*db, "pairs", "paternalism", "include", "3", "1", "0"]) == 2
+    assert "has no pair (3, 1, 0)" in capsys.readouterr().err
+    assert main([*db, "pairs", "paternalism", "exclude", "3", "3", "0", "--note", "odd"]) == 0
+    assert "pair (3, 3, 0) of paternalism: excluded" in capsys.readouterr().out
+    with Store(db_path) as store:
+        assert store.overrides("paternalism") == {(3, 3, 0): False}
+    assert main([*db, "pairs", "paternalism", "clear", "3", "3", "0"]) == 0
     assert "override cleared" in capsys.readouterr().out
     with Store(db_path) as store:
         assert store.overrides("paternalism") == {}

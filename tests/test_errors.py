@@ -1124,3 +1124,51 @@ def test_the_dashboard_without_a_terminal(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: the dashboard needs a terminal")
     assert result.stderr.count("\n") == 1
+
+
+# ---- an adversarial pass (550 inputs, by a separate helper): what it found, fixed ----------
+ADVERSARIAL = [
+    (["pairs", TRAIT, "include", "99999999999999999999999", "0", "0"], "must be at most"),
+    (["monitor", TRAIT, "--response", "99999999999999999999999"], "must be an id from 0 to"),
+    (["jobs", "cancel", "99999999999999999999999"], "must be an id from 0 to"),
+    (["extract", TRAIT, "--source", "forward", "--device", "nope"], "--device 'nope' is not a"),
+    (["vectors", "export", TRAIT, "--out", "/proc/self/x/y"], "cannot make folder /proc/self/x/y"),
+    (["sweep", TRAIT, "--layers", "1-99999999999", "--n", "1"], "is not a range like 8-24"),
+    (["sweep", TRAIT, "--layers", "0", "--n", "1"], "a steered layer is a block output, 1 or"),
+    (["sweep", TRAIT, "--layers", "2", "--coefs=nan"], "needs finite numbers of size at most"),
+    (["sweep", TRAIT, "--layers", "1,,2"], "is not a range like 8-24[:step] or a list"),
+    (["steer", TRAIT, "--layer", "2", "--coef", "1e308", "--prompt", "hi"], "size at most 10000"),
+    (["judge", TRAIT, "--judge", "openai:"], "--judge 'openai:' must be KIND:MODEL"),
+    (["judge", TRAIT, "--judge", "OPENAI:gpt"], "--judge kind 'OPENAI' is unknown"),
+    (["judge", TRAIT, "--judge", "local:/nonexistent"], "model path /nonexistent does not exist"),
+    (["extract", TRAIT, "--pos-job", "2", "--neg-job", "1"], "job 2 generated neg answers, not"),
+    (["pairs", TRAIT, "--pos-job", "999", "--neg-job", "2"], "job 999 is not a generation job"),
+    (["pairs", TRAIT, "include", "999", "7", "5"], "has no pair (999, 7, 5)"),
+    (["traits", "import", "/dev/zero"], "is not a regular file; pass a .json file"),
+    (["run", TRAIT, "--judge", "nojudge"], "--judge 'nojudge' must be KIND:MODEL"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"), ADVERSARIAL, ids=[" ".join(a[:3]) for a, _ in ADVERSARIAL]
+)
+def test_adversarial_inputs_found_by_the_pass(
+    capsys, vectors_db: Path, argv: list[str], expected: str
+) -> None:
+    expect_unchanged(capsys, vectors_db, argv, expected)
+
+
+def test_a_vector_file_that_overflows_float32_is_refused(
+    capsys, vectors_db: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """float64 values of 1e300 are finite until they are stored as float32."""
+    import torch
+
+    path = tmp_path / "huge.pt"
+    torch.save(torch.full((4, 64), 1e300, dtype=torch.float64), path)
+    argv = ["vectors", "import", TRAIT, str(path), "--model", str(tiny_model_dir)]
+    expect_unchanged(capsys, vectors_db, argv, "NaN or infinite")
+    sparse = tmp_path / "sparse.pt"
+    torch.save(torch.eye(4, 64).to_sparse(), sparse)
+    argv = ["vectors", "import", TRAIT, str(sparse), "--model", str(tiny_model_dir)]
+    expect_unchanged(capsys, vectors_db, argv, "holds a torch.sparse_coo tensor")

@@ -52,6 +52,14 @@ def _real_number(text: str) -> float:
     return value
 
 
+def row_id(text: str) -> int:
+    """A database id (job, response): SQLite's integers stop at 2**63 - 1."""
+    value = _whole_number(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an id from 0 to {MAX_SEED} (got {value})")
+    return value
+
+
 def positive_int(text: str) -> int:
     """A count that must be at least 1 (answers, tokens, batch rows, concurrent requests)."""
     value = _whole_number(text)
@@ -61,10 +69,12 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """An index or budget that may be 0 but not negative."""
+    """An index or budget that may be 0 but not negative (nor past SQLite's integers)."""
     value = _whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEED} (got {value})")
     return value
 
 
@@ -107,23 +117,28 @@ def probability(text: str) -> float:
 
 
 def number_list(text: str) -> list[float]:
-    """Comma-separated numbers, such as steering coefficients."""
-    parts = [part.strip() for part in text.split(",")]
-    if not any(parts):
+    """Comma-separated steering coefficients (finite, |c| <= MAX_COEF, at most MAX_COEFS)."""
+    from pipeline.sweep import parse_coefs
+
+    if not any(part.strip() for part in text.split(",")):
         raise argparse.ArgumentTypeError("is empty; give numbers such as 2 or -2,2")
     try:
-        return [_real_number(part) for part in parts]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not a comma list of numbers such as -2,2"
-        ) from None
+        return list(parse_coefs(text))
+    except PersonaError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--coefs ")) from None
 
 
 def output_folder(text: str) -> Path:
-    """A folder to write into; created when missing, so only an existing file is wrong."""
+    """A folder to write into; created when missing, so only an existing file (or a folder
+    that cannot be made) is wrong."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file; pass a folder (made if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise argparse.ArgumentTypeError(f"cannot make folder {path} ({reason})") from None
     return path
 
 
@@ -538,6 +553,11 @@ def cmd_pairs_set(args: argparse.Namespace) -> int:
     include = {"include": True, "exclude": False, "clear": None}[args.pairs_command]
     with _open_store(args) as store:
         store.get_trait(args.trait)
+        if include is not None and key not in store.response_keys_of_trait(args.trait):
+            raise PersonaError(
+                f"trait '{args.trait}' has no pair {key} (question, instruction, sample); "
+                f"`persona pairs {args.trait}` and the Review screen list them"
+            )
         store.set_override(args.trait, key, include, note=args.note or "")
     done = {"include": "included", "exclude": "excluded", "clear": "override cleared"}
     out.print(f"pair {key} of {args.trait}: {done[args.pairs_command]}")
@@ -705,6 +725,9 @@ def cmd_import_csv(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.run import RunParams, run_trait
+
+    if args.tui:
+        _require_terminal()  # before the whole run, not after it
 
     params = RunParams(
         trait=args.trait,
@@ -1151,8 +1174,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("trait")
         sub.add_argument("--threshold", type=percent, default=50.0, help="T (default 50)")
         sub.add_argument("--coherence", type=percent, default=50.0, help="C (default 50)")
-        sub.add_argument("--pos-job", type=int, help="default: the latest pos extract job")
-        sub.add_argument("--neg-job", type=int, help="default: the latest neg extract job")
+        sub.add_argument("--pos-job", type=row_id, help="default: the latest pos extract job")
+        sub.add_argument("--neg-job", type=row_id, help="default: the latest neg extract job")
         sub.add_argument("--judge", help="whose scores (default: the judge with most scores)")
 
     pairs = add(
@@ -1276,7 +1299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mon.add_argument("trait")
     which = mon.add_mutually_exclusive_group(required=True)
-    which.add_argument("--response", type=int, help="a stored response id")
+    which.add_argument("--response", type=row_id, help="a stored response id")
     which.add_argument("--prompt", help="a new user message; the model answers it")
     mon.add_argument("--layer", type=int, help="default: the recommended layer")
     mon.add_argument("--vector", default="response_avg_diff", choices=vector_kinds)
@@ -1352,14 +1375,14 @@ def build_parser() -> argparse.ArgumentParser:
     scr.add_argument("--device")
 
     worker = add(commands, "worker", cmd_worker, "run one job by id (used by the dashboard)")
-    worker.add_argument("job_id", type=int)
+    worker.add_argument("job_id", type=row_id)
 
     jobs = commands.add_parser("jobs", help="list and cancel jobs")
     job_cmds = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
     jl = add(job_cmds, "list", cmd_jobs_list, "list jobs with status and progress")
     jl.add_argument("--trait")
     jc = add(job_cmds, "cancel", cmd_jobs_cancel, "ask a running job to stop")
-    jc.add_argument("job_id", type=int)
+    jc.add_argument("job_id", type=row_id)
 
     dbp = commands.add_parser("db", help="database maintenance")
     db_cmds = dbp.add_subparsers(dest="db_command", metavar="ACTION", required=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +89,25 @@ def import_pt(path: Path, *, num_layers: int | None = None, hidden: int | None =
     """A ``.pt`` vector, refusing pickled objects and shapes that do not fit the model."""
     if path.is_dir():
         raise VectorFileError(f"{path} is a folder; pass the .pt file itself")
+    if path.exists() and not path.is_file():  # a FIFO would wait forever
+        raise VectorFileError(f"{path} is not a regular file; pass the .pt file itself")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings would add lines to the error
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise VectorFileError(f"{path} does not exist; check the path") from None
     except Exception as exc:  # torch raises UnpicklingError and friends for unsafe content
         raise VectorFileError(_refusal(path, exc)) from None
     if isinstance(data, dict) and len(data) == 1:
         data = next(iter(data.values()))
+    if isinstance(data, torch.Tensor) and data.layout != torch.strided:
+        raise VectorFileError(f"{path} holds a {data.layout} tensor; a vector is a dense tensor")
     if not isinstance(data, torch.Tensor) or data.dim() != 2:
         shape = list(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
         raise VectorFileError(f"{path} must hold one [L+1, d] tensor, found {shape}")
+    if data.is_floating_point():
+        data = data.float()  # what is stored: a float64 of 1e300 is inf in float32
     if not data.is_floating_point() or not torch.isfinite(data).all():
         # NaN or inf would turn every projection and steered answer into NaN, far from here.
         raise VectorFileError(
