@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,11 @@ class GenerateParams(JobParams):
                 f"--max-concurrent must be at least 1 (got {self.max_concurrent})",
             ),
             (self.backend in BACKENDS, f"--backend must be local or openai, not '{self.backend}'"),
+            (
+                self.assistant_name is None or bool(re.search(r"[^\W\d_]", self.assistant_name)),
+                f"--assistant-name {self.assistant_name!r} has no letter; give the adjective of "
+                "'You are a/an ... assistant', e.g. paternalistic",
+            ),
             (
                 self.backend != "openai" or bool(self.base_url),
                 "--backend openai needs --base-url (e.g. http://localhost:8000/v1)",

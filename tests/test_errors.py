@@ -1172,3 +1172,40 @@ def test_a_vector_file_that_overflows_float32_is_refused(
     torch.save(torch.eye(4, 64).to_sparse(), sparse)
     argv = ["vectors", "import", TRAIT, str(sparse), "--model", str(tiny_model_dir)]
     expect_unchanged(capsys, vectors_db, argv, "holds a torch.sparse_coo tensor")
+
+
+def test_terminal_control_text_is_shown_not_obeyed(capsys, fresh_db: Path, tmp_path: Path) -> None:
+    """An ESC from a file or the command line never reaches the terminal raw: traits list,
+    traits show and the error line print it as a visible escape."""
+    esc = "\x1b]0;pwned\x07\x1b[2J"
+    path = _studio_file(tmp_path, lambda d: d.update(description=f"Sneaky {esc} text."))
+    assert cli(capsys, "--db", fresh_db, "traits", "import", path)[0] == 0
+    for argv in (["traits", "list"], ["traits", "show", "mine"]):
+        code, out, _err = cli(capsys, "--db", fresh_db, *argv)
+        assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;pwned\\x07" in out  # traits show prints it whole
+    code, _out, err = cli(capsys, "--db", fresh_db, "traits", "show", f"pat{esc}")
+    assert code == 2 and "\x1b" not in err and "\\x1b" in err
+
+
+def test_template_does_not_overwrite_and_blank_assistant_names_are_refused(
+    capsys, fresh_db: Path, tmp_path: Path
+) -> None:
+    existing = tmp_path / "mine.json"
+    existing.write_text("keep me")
+    expect_unchanged(
+        capsys, fresh_db, ["traits", "template", "x", "--out", existing], "exists; pass --force"
+    )
+    assert existing.read_text() == "keep me"
+    assert (
+        cli(capsys, "--db", fresh_db, "traits", "template", "x", "--out", existing, "--force")[0]
+        == 0
+    )
+    assert existing.read_text() != "keep me"
+    for blank in ("   ", "_"):
+        expect_unchanged(
+            capsys,
+            fresh_db,
+            ["generate", TRAIT, "--side", "pos", "--assistant-name", blank],
+            "has no letter; give the adjective",
+        )

@@ -29,6 +29,17 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# ---- output ---------------------------------------------------------------------------------
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0, 9), *range(11, 32), 127, *range(128, 160))}
+
+
+def printable(text: object) -> str:
+    """Text from files, models or the command line as the terminal should show it: control
+    characters (an ESC starting a clear-screen or window-title sequence) as visible escapes;
+    newlines and tabs kept."""
+    return str(text).translate(_CONTROL)
+
+
 # ---- argument types -----------------------------------------------------------------------
 # One checker per kind of value, shared by every option of that kind: a bad value stops at
 # parse time with one line naming the option, before any database or model is opened.
@@ -208,7 +219,7 @@ def cmd_traits_list(args: argparse.Namespace) -> int:
     for t in traits:
         # Text, not str: a name or description may hold "[" that markup would eat.
         cells = (t.name, t.source, t.n_questions, t.n_responses, t.n_judged, t.n_vectors)
-        table.add_row(*(Text(str(c)) for c in cells), Text(t.description))
+        table.add_row(*(Text(printable(c)) for c in cells), Text(printable(t.description)))
     out.print(table)
     return 0
 
@@ -219,18 +230,19 @@ def cmd_traits_show(args: argparse.Namespace) -> int:
     if args.json:
         out.print_json(json.dumps(trait.to_dict(), ensure_ascii=False))
         return 0
-    out.print(Text.assemble((trait.name, "bold"), f" ({trait.assistant_label} assistant)"))
-    out.print(trait.description, markup=False)
+    label = printable(f" ({trait.assistant_label} assistant)")
+    out.print(Text.assemble((printable(trait.name), "bold"), label))
+    out.print(printable(trait.description), markup=False)
     for i, pair in enumerate(trait.instructions, 1):
         out.print(f"\n[bold]pair {i}[/bold]")
-        out.print(Text.assemble("  ", ("pos ", "green"), pair.pos))
-        out.print(Text.assemble("  ", ("neg ", "red"), pair.neg))
+        out.print(Text.assemble("  ", ("pos ", "green"), printable(pair.pos)))
+        out.print(Text.assemble("  ", ("neg ", "red"), printable(pair.neg)))
     for split in ("extract", "eval"):
         out.print(f"\n[bold]{split} questions[/bold]")
         for i, q in enumerate(trait.questions_for(split), 1):
-            out.print(f"  {i:2d}. ", q, markup=False)
+            out.print(f"  {i:2d}. ", printable(q), markup=False)
     out.print("\n[bold]judge prompt[/bold]")
-    out.print(trait.eval_prompt, markup=False)
+    out.print(printable(trait.eval_prompt), markup=False)
     return 0
 
 
@@ -304,6 +316,8 @@ def cmd_traits_new(args: argparse.Namespace) -> int:
 def cmd_traits_template(args: argparse.Namespace) -> int:
     payload = json.dumps(empty_template(args.name, args.description or ""), indent=2)
     if args.out:
+        if Path(args.out).exists() and not args.force:
+            raise PersonaError(f"{args.out} exists; pass --force to overwrite it or pick a path")
         Path(args.out).write_text(payload + "\n", encoding="utf-8")
         out.print(f"wrote {args.out}; fill it in, then `persona traits import {args.out}`")
     else:
@@ -1090,6 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
     tpl.add_argument("name")
     tpl.add_argument("--description")
     tpl.add_argument("--out", type=output_file, help="write to this file instead of stdout")
+    tpl.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     dele = add(traits_cmds, "delete", cmd_traits_delete, "delete a trait and all its data")
     dele.add_argument("name")
     dele.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
@@ -1432,7 +1447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PersonaError, ValueError) as exc:
         if not isinstance(exc, PersonaError) and type(exc).__name__ not in _FILE_ERRORS:
             raise
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"error: {printable(exc)}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except sqlite3.DatabaseError as exc:
         # Integrity and programming errors are our bugs; only the file's state is the user's.
