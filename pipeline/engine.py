@@ -216,7 +216,8 @@ class DecodeEngine:
             if on_tokens is not None:
                 with torch.inference_mode():
                     streamed = self._stream(state, streamed, min(steps, new), on_tokens)
-            yield from self._harvest(state, busy, new, sampling)
+            # Rows that finished since the last check: handed out, their slots freed.
+            yield from self._collect(state, busy, new, sampling)
             free = [slot for slot, held in enumerate(busy) if held is None]
             if refills and queue and free:
                 self._fill(state, busy, free, requests, queue, sampling)
@@ -303,12 +304,6 @@ class DecodeEngine:
         state.finished[slot] = finished
         for row, index in zip(where, take, strict=True):
             busy[row] = index
-
-    def _harvest(
-        self, state: _State, busy: list[int | None], new: int, sampling: SamplingConfig
-    ) -> Iterator[tuple[int, DecodeResult]]:
-        """Hand out the rows that finished since the last check and free their slots."""
-        yield from self._collect(state, busy, new, sampling)
 
     @torch.inference_mode()
     def _collect(

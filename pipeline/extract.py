@@ -171,6 +171,11 @@ class ForwardMeans:
             start = end
 
 
+def answered(responses: Sequence[Response]) -> int:
+    """How many have an answer: token ids, or (a server's row stored without ids) its text."""
+    return sum(bool(r.answer_ids or r.answer) for r in responses)
+
+
 def original_format_vectors(
     store: Store, trait: str, *, model: str | None = None, device: str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -210,10 +215,7 @@ def original_format_vectors(
         side: side_sums(rows, captured=None, forward=forward)
         for side, rows in (("pos", pos), ("neg", neg))
     }
-    counts = {
-        side: (sum(bool(r.answer_ids or r.answer) for r in rows), len(rows))
-        for side, rows in (("pos", pos), ("neg", neg))
-    }
+    counts = {side: (answered(rows), len(rows)) for side, rows in (("pos", pos), ("neg", neg))}
     out = {}
     for mean_kind, kind in MEAN_TO_VECTOR.items():
         if kind not in records:
@@ -342,10 +344,9 @@ def extract(
     # An empty answer has no response mean (its captured or forward mean is a zero
     # placeholder that adds nothing to the sum): response_avg divides by the answers that
     # exist; the prompt kinds use every pair.
-    # (A server's answer stored without token ids still has its text, tokenised anew.)
     counts = {
-        "pos": sum(bool(r.answer_ids or r.answer) for r in pos),
-        "neg": sum(bool(r.answer_ids or r.answer) for r in neg),
+        "pos": answered(pos),
+        "neg": answered(neg),
     }
     if not counts["pos"] or not counts["neg"]:
         side = "pos" if not counts["pos"] else "neg"
