@@ -33,6 +33,9 @@ CAPTURE_KINDS = ("response_avg", "prompt_avg", "prompt_last")
 FINISH_CHECK_EVERY = 16
 # Cache lengths are rounded up to this, so similar batches reuse one CUDA graph.
 CACHE_ROUND = 64
+# Compiled variants kept per step (batch shapes, sampling, steering on or off): past this,
+# torch.compile would silently fall back to the uncompiled step.
+COMPILE_VARIANTS = 64
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class DecodeEngine:
         capture: bool = True,
         backend: str = "auto",
         cuda_graphs: bool | None = None,
+        compiled: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -102,6 +106,13 @@ class DecodeEngine:
         self.cuda_graphs = graphable if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not graphable:
             raise ValueError("CUDA graphs need one CUDA device and the static backend")
+        # Opt-in: the decode step's forward through torch.compile (fused norms, rotary and
+        # elementwise work: fewer kernels a step), under our own CUDA graph. Off by default:
+        # on an 8B shape it compiles for 50-70 s per variant on an H200, more than the seed
+        # plan's whole generation saves (README, "Compiled step").
+        if compiled and backend != "static":
+            raise ValueError("a compiled step needs the static backend")
+        self.compiled = compiled
         tokenizer = loaded.tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
         self.stop_ids = torch.tensor(
@@ -392,13 +403,19 @@ class DecodeEngine:
                 state.projections[rows, column, slot] = h[:, 0].float() @ unit
             return h
 
+        def forward() -> torch.Tensor:
+            return runner.decode(
+                state.current, state.positions, state.column, state.key_valid, hook
+            )
+
+        if self.compiled:
+            forward = self._compiled(forward)
+
         def step() -> None:
             alive = ~state.finished
             state.alive_f.copy_(alive.float())
             state.key_valid.index_put_((rows, state.column), every)
-            logits = runner.decode(
-                state.current, state.positions, state.column, state.key_valid, hook
-            )
+            logits = forward()
             state.response_count.add_(state.alive_f)
             token = sample_next(
                 logits, state.seeds, state.step, sampling.temperature, sampling.top_p
@@ -419,6 +436,26 @@ class DecodeEngine:
             state.step.add_(moving)
 
         return step
+
+    def _compiled(self, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """The step's forward (layers, steering, capture, watch) through torch.compile;
+        sampling stays outside (inductor cannot generate the vocabulary-wide cumsum). Every
+        step's closure shares one code object, so later sessions reuse the compiled code
+        (a changed shape compiles once more, as dynamic). Our attention is switched on
+        around it, not inside it."""
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), COMPILE_VARIANTS))
+        compiled = torch.compile(forward, dynamic=None, fullgraph=False)
+        runner = self.runner
+
+        def switched() -> torch.Tensor:
+            with runner.attention():
+                return compiled()
+
+        return switched
 
     def _graphed(self, step_fn: Callable[[], None], warmup: int) -> Callable[[], None]:
         """The step as a CUDA graph: the first ``warmup`` calls run eagerly on a side stream

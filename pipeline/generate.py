@@ -22,12 +22,10 @@ from db import PersonaError, Store, TraitDefinition
 from db.traits import N_PAIRS, N_QUESTIONS_PER_SPLIT, SPLITS
 from pipeline.jobs import JobParams, JobProgress, ProgressCallback
 from pipeline.sampling import row_seed
+from pipeline.sharding import parse_gpus
 from vectors import activations
 
 RowKey = tuple[int, int, int]  # (question, instruction, sample)
-# Without --batch-size, slots come from free GPU memory, at most this many: past it a step's
-# attention over every slot's cache costs more than the extra rows bring.
-MAX_AUTO_SLOTS = 256
 # Refused before anything is allocated: a job's rows (its plan is held in memory) and the
 # answer length (the cache is sized for it); the model's own context is checked on load.
 MAX_ROWS_PER_JOB = 100_000
@@ -37,7 +35,7 @@ BACKENDS = ("local", "openai")
 
 @dataclass(frozen=True)
 class GenerateParams(JobParams):
-    NOT_IDENTITY = frozenset({"batch_size", "device", "max_concurrent"})
+    NOT_IDENTITY = frozenset({"batch_size", "device", "gpus", "max_concurrent"})
 
     side: str
     split: str = "extract"
@@ -57,6 +55,7 @@ class GenerateParams(JobParams):
     max_concurrent: int = 16
     device: str | None = None
     ignore_eos: bool = False
+    gpus: str | None = None  # pipeline.sharding.parse_gpus
 
     def validate(self) -> GenerateParams:
         checks = [
@@ -104,6 +103,7 @@ class GenerateParams(JobParams):
         for ok, message in checks:
             if not ok:
                 raise PersonaError(message)
+        parse_gpus(self.gpus)
         return self
 
     def planned_rows(self) -> int:
@@ -196,7 +196,9 @@ def run_generation_job(
     progress.start()
     if pending:
         if params.backend == "local":
-            _generate_local(store, job_id, params, trait, pending, progress)
+            from pipeline.local_generation import generate_local
+
+            generate_local(store, job_id, params, trait, pending, progress)
         else:
             asyncio.run(_generate_openai(store, job_id, params, trait, pending, progress))
     message = ""
@@ -279,130 +281,6 @@ def _row(
         "finish_reason": finish,
         "model": model,
     }
-
-
-def _generate_local(
-    store: Store,
-    job_id: int,
-    params: GenerateParams,
-    trait: TraitDefinition,
-    pending: list[RowKey],
-    progress: JobProgress,
-) -> None:
-
-    from pipeline.chat import prompt_ids
-    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
-    from pipeline.models import load_model
-
-    progress.message = f"loading {params.model}"
-    progress.flush(force=True)
-    loaded = load_model(params.model, device=params.device)
-    engine = DecodeEngine(loaded, capture=params.capture)
-    tokenizer = loaded.tokenizer
-    sampling = SamplingConfig(
-        max_new_tokens=params.max_new_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        ignore_eos=params.ignore_eos,
-    )
-    systems = {i: trait.system_prompt(params.side, i) for i in range(N_PAIRS)}
-    prompts = {
-        key: prompt_ids(tokenizer, systems[key[1]], trait.questions[key[0]]) for key in pending
-    }
-    # Similar lengths side by side pad least; seeds make the order irrelevant to the tokens.
-    ordered = sorted(pending, key=lambda k: (len(prompts[k]), k))
-    longest = max(len(prompts[k]) for k in ordered)
-    context = getattr(loaded.model.config, "max_position_embeddings", None)
-    if context and longest + params.max_new_tokens > context:
-        raise PersonaError(
-            f"--max-new-tokens {params.max_new_tokens} plus the longest prompt ({longest} "
-            f"tokens) is past {loaded.model_id}'s context of {context} tokens; give at most "
-            f"--max-new-tokens {max(1, context - longest)}"
-        )
-    if params.batch_size:
-        slots, how = params.batch_size, "--batch-size"
-    else:
-        slots = auto_slots(loaded, longest + params.max_new_tokens, params.capture)
-        how = "chosen from free GPU memory" if loaded.device.type == "cuda" else "CPU default"
-    slots = min(slots, len(ordered))
-    progress.extra["slots"] = slots
-    folder = activations_dir(store, job_id)
-    progress.message = f"generating with {loaded.model_id} ({slots} slots, {how})"
-    finished: list[tuple[RowKey, Any]] = []
-
-    def store_finished() -> None:
-        """Rows that finished since the last write: their activations, then the rows."""
-        if not finished:
-            return
-        keys = [key for key, _ in finished]
-        results = [result for _, result in finished]
-        if params.capture:
-            stacked = {
-                kind: torch.stack([r.activations[kind] for r in results])
-                for kind in activations.KINDS
-            }
-            try:
-                activations.write_shard(folder, keys, stacked, [len(r.answer_ids) for r in results])
-            except activations.ActivationFileError as exc:  # those rows are not stored
-                raise PersonaError(str(exc)) from None
-        rows = [
-            _row(
-                job_id,
-                trait,
-                params,
-                key,
-                systems[key[1]],
-                prompts[key],
-                result.answer_ids,
-                tokenizer.decode(result.answer_ids, skip_special_tokens=True),
-                result.finish_reason,
-                loaded.model_id,
-            )
-            for key, result in finished
-        ]
-        store.add_responses(rows)
-        progress.add(len(rows), new_tokens=sum(len(r.answer_ids) for r in results))
-        finished.clear()
-
-    def at_check(_steps: int) -> None:
-        # Rows are written in groups of a quarter of the slots (a killed job loses at most
-        # those and the rows in flight); a cancel is seen within one host check.
-        if len(finished) >= max(1, slots // 4):
-            store_finished()
-        progress.flush()
-        progress.check_cancelled()
-
-    requests = [DecodeRequest(prompts[k], row_seed(params.seed, *k)) for k in ordered]
-    try:
-        for index, result in engine.stream(requests, sampling, at_check, slots=slots):
-            finished.append((ordered[index], result))
-    except torch.cuda.OutOfMemoryError:
-        raise PersonaError(
-            f"CUDA out of memory at --batch-size {slots}; rerun the same command with "
-            "a lower --batch-size (the job resumes where it stopped)"
-        ) from None
-    store_finished()
-
-
-def auto_slots(loaded: Any, length: int, capture: bool) -> int:
-    """Rows decoded at once when ``--batch-size`` is not given: on a GPU, as many as the
-    free memory holds (KV cache of ``length`` tokens and capture buffers a row, after a
-    reserve for prefill activations), at most ``MAX_AUTO_SLOTS``; on a CPU, 8."""
-    if loaded.device.type != "cuda":
-        return 8
-    config = loaded.model.config
-    layers = int(config.num_hidden_layers)
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    width = loaded.model.get_input_embeddings().weight.element_size()
-    per_row = 2 * layers * kv_heads * head_dim * (length + 64) * width
-    per_row += 4 * int(config.vocab_size) * 4  # logits and sampling, fp32
-    if capture:
-        per_row += 3 * (layers + 1) * int(config.hidden_size) * 4
-    free, total = torch.cuda.mem_get_info(loaded.device)
-    budget = free - 0.1 * total  # prefill activations, the graph's pool, fragmentation
-    return max(1, min(MAX_AUTO_SLOTS, int(budget // per_row)))
 
 
 async def _generate_openai(
@@ -505,14 +383,11 @@ def _first_line(text: str) -> str:
 
 
 def _local_tokenizer(spec: str, *, required: bool) -> Any:
-    from pipeline.models import prepare_tokenizer, resolve_model
+    from pipeline.models import load_tokenizer
 
     try:
-        path = resolve_model(spec).path
+        return load_tokenizer(spec)[0]
     except PersonaError:
         if required:
             raise
         return None
-    from transformers import AutoTokenizer
-
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))

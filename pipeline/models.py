@@ -268,6 +268,30 @@ def _load_model(spec: str, *, device: str | None, dtype: str | None) -> LoadedMo
     )
 
 
+def load_tokenizer(spec: str) -> tuple[Any, ResolvedModel]:
+    """A model's tokenizer (prepared as ``load_model``'s) without its weights."""
+    _require("transformers", "transformers")
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PersonaError(f"cannot load the tokenizer from {resolved.path}: {first}") from None
+    return prepare_tokenizer(tokenizer), resolved
+
+
+def fits_one_gpu(spec: str) -> bool:
+    """Whether the model's bf16 weights fit the first GPU (else ``load_model`` spreads them
+    over the GPUs with ``device_map``); true without GPUs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    return not _needs_sharding(resolve_model(spec).path, torch.bfloat16, any_count=True)
+
+
 def prepare_tokenizer(tokenizer: Any) -> Any:
     """Left padding (generation appends on the right) and a pad token (eos when none)."""
     tokenizer.padding_side = "left"
@@ -276,10 +300,10 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _needs_sharding(path: Path, torch_dtype: Any) -> bool:
+def _needs_sharding(path: Path, torch_dtype: Any, *, any_count: bool = False) -> bool:
     import torch
 
-    if torch.cuda.device_count() < 2:
+    if torch.cuda.device_count() < 2 and not any_count:
         return False
     stored = sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(
         f.stat().st_size for f in path.glob("*.bin")

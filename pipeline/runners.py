@@ -180,6 +180,21 @@ class StaticRunner:
         self._rope = _rope_function(self.core)
         self._cache_arg = _layer_cache_kwarg(self.layers[0])
         self.cache = _StaticCache()
+        self._attention_on = False
+
+    @contextmanager
+    def attention(self) -> Iterator[None]:
+        """Our attention for the layers while this lasts. A compiled step runs inside it, so
+        the switch (a config write, which the compiler would have to replay) stays outside."""
+        if self._attention_on:
+            yield
+            return
+        with _attention_switched(self.config):
+            self._attention_on = True
+            try:
+                yield
+            finally:
+                self._attention_on = False
 
     @staticmethod
     def fits(model: Any) -> bool:
@@ -227,18 +242,20 @@ class StaticRunner:
         masks: dict[int | None, torch.Tensor],
         hook: HiddenHook,
     ) -> torch.Tensor:
+        if not self._attention_on:
+            with self.attention():
+                return self._layers(h, positions, masks, hook)
         rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
-        with _attention_switched(self.config):
-            for index, layer in enumerate(self.layers):
-                out = layer(
-                    h,
-                    attention_mask=masks[self.windows[index]],
-                    position_ids=positions,
-                    position_embeddings=rope[self.layer_types[index]],
-                    **{self._cache_arg: self.cache},
-                )
-                h = out[0] if isinstance(out, tuple) else out
-                h = hook(index + 1, h)
+        for index, layer in enumerate(self.layers):
+            out = layer(
+                h,
+                attention_mask=masks[self.windows[index]],
+                position_ids=positions,
+                position_embeddings=rope[self.layer_types[index]],
+                **{self._cache_arg: self.cache},
+            )
+            h = out[0] if isinstance(out, tuple) else out
+            h = hook(index + 1, h)
         return h
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:

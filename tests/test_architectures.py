@@ -12,6 +12,8 @@ The GPU acceptance suite (tests/gpu/) runs the same families on CUDA, graphed an
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from tiny_model import FAMILY_CONFIGS, WINDOW, build_tiny_family, teacher_forced_states
@@ -154,3 +156,36 @@ def test_continuous_batching_with_sliding_windows(family) -> None:
         torch.testing.assert_close(
             a.activations["response_avg"], b.activations["response_avg"], **TOL
         )
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_compiled_step_equals_the_uncompiled_one(name: str, tmp_path) -> None:
+    """The torch.compile'd decode step (opt-in) against the plain one,
+    with steering, capture and watch on: equal tokens, equal states (fp32)."""
+    loaded = load_model(str(build_tiny_family(tmp_path / name, name)))
+    torch.manual_seed(7)
+    layer = 2
+    vector = torch.randn(loaded.num_layers + 1, loaded.hidden_size)
+    specs = [SteeringSpec(layer, vector, coef=2.0, positions="all")]
+    watch = [Watch("v", layer, vector[layer])]
+    requests = _requests(loaded)
+    for temperature in (0.0, 1.0):
+        sampling = SamplingConfig(max_new_tokens=10, temperature=temperature, ignore_eos=True)
+        plain, compiled = (
+            DecodeEngine(loaded, capture=True, compiled=choice).run(
+                requests, sampling, steering=specs, watch=watch
+            )
+            for choice in (False, True)
+        )
+        for p, c in zip(plain, compiled, strict=True):
+            assert p.answer_ids == c.answer_ids
+            for kind in ("prompt_last", "prompt_avg", "response_avg"):
+                torch.testing.assert_close(c.activations[kind], p.activations[kind], **TOL)
+            torch.testing.assert_close(c.projections, p.projections, **TOL)
+
+
+def test_a_compiled_step_needs_the_static_runner(family) -> None:
+    assert DecodeEngine(family).compiled is False  # opt-in
+    with pytest.raises(ValueError, match="static backend"):
+        DecodeEngine(family, backend="hf", compiled=True)

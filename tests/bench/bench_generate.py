@@ -92,25 +92,32 @@ def graph_matches_eager(loaded) -> bool:
 
 
 def by_architecture(archs: list[str], batch: int, new: int) -> None:
-    """One row per family: HF generate and ours (with capture) on the same model and prompts."""
+    """One row per family: HF generate and ours (with capture; the default compiled step and
+    the uncompiled one) on the same model and prompts."""
     rows = []
     for arch in archs:
         loaded = build_arch_model(arch)
         vocab = loaded.model.config.vocab_size
-        engine = DecodeEngine(loaded, capture=True)
+        engine = DecodeEngine(loaded, capture=True, compiled=True)
+        uncompiled = DecodeEngine(loaded, capture=True, compiled=False)
         warm = random_prompts(4, 100, 200, vocab, seed=9)
-        engine_generate(engine, warm, 8)
+        compile_seconds = engine_generate(engine, warm, 8)  # compile and capture included
+        engine_generate(uncompiled, warm, 8)
         hf_generate(loaded, warm, 4)
         prompts = random_prompts(batch, 100, 200, vocab, seed=batch)
+        engine_generate(engine, prompts, 4)  # the batch shape's (dynamic) compile
         hf = batch * new / hf_generate(loaded, prompts, new)
         ours_seconds = engine_generate(engine, prompts, new)
+        plain_seconds = engine_generate(uncompiled, prompts, new)
         row = {
             "arch": arch,
             "runner": engine.backend,
-            "graphs": engine.cuda_graphs,
+            "compiled": engine.compiled,
             "hf_generate tok/s": hf,
+            "uncompiled tok/s": batch * new / plain_seconds,
             "ours+capture tok/s": batch * new / ours_seconds,
             "ms/step": 1000 * ours_seconds / new,
+            "first call s": compile_seconds,
         }
         row["speedup"] = row["ours+capture tok/s"] / hf
         rows.append(row)
@@ -145,13 +152,15 @@ def main() -> None:
         graphs = False
         print("CUDA graph capture failed: measuring the eager step")
     engines = {
-        "ours+capture": DecodeEngine(loaded, capture=True, cuda_graphs=graphs),
-        "ours": DecodeEngine(loaded, capture=False, cuda_graphs=graphs),
+        "ours+capture": DecodeEngine(loaded, capture=True, cuda_graphs=graphs, compiled=True),
+        "ours": DecodeEngine(loaded, capture=False, cuda_graphs=graphs, compiled=True),
+        "uncompiled+capture": DecodeEngine(loaded, capture=True, compiled=False),
     }
     # Warm-up: kernels, allocator, cuBLAS handles.
     warm = random_prompts(4, 100, 200, vocab, seed=9)
-    for engine in engines.values():
-        engine_generate(engine, warm, 8)
+    for name, engine in engines.items():
+        seconds = engine_generate(engine, warm, 8)  # compile and capture included
+        print(f"{name}: first call (compile, capture) {seconds:.1f} s", flush=True)
     if not args.skip_baseline:
         hf_generate(loaded, warm, 4)
     rows = []
@@ -159,6 +168,8 @@ def main() -> None:
         prompts = random_prompts(batch, 100, 200, vocab, seed=batch)
         new_tokens = batch * args.new
         row = {"batch": batch}
+        for engine in engines.values():  # this batch shape's compile and capture
+            engine_generate(engine, prompts, 4)
         if not args.skip_baseline:
             seconds = hf_generate(loaded, prompts, args.new)
             row["hf_generate tok/s"] = new_tokens / seconds
@@ -177,6 +188,7 @@ def main() -> None:
         "batch",
         "hf_generate tok/s",
         "ours tok/s",
+        "uncompiled+capture tok/s",
         "ours+capture tok/s",
         "ours+capture ms/step",
         "speedup",

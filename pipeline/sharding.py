@@ -1,0 +1,191 @@
+"""One job's rows across several devices: one worker process a device, each with its own copy
+of the model, results sent back to the parent, which alone writes the database.
+
+Rows are dealt round-robin over the job's ordered list (sorted by prompt length), so every
+worker gets the same mix of short and long prompts. A worker that dies costs only its rows
+in flight: the parent has stored every result it received, and a rerun resumes.
+
+``--gpus`` (``parse_gpus``) names the devices: ``all`` (the default: every visible GPU, when
+the model fits on one), a comma list of GPU indices (``0,1``; an index given twice runs two
+workers on that GPU), or ``cpu`` entries, which run workers on the CPU (for tests, and to
+show the sharding on a machine without GPUs).
+"""
+
+from __future__ import annotations
+
+import queue as queue_module
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from db import PersonaError
+
+GPUS_ALL = "all"
+MAX_WORKERS = 64
+# Seconds between the parent's checks while no result arrives (heartbeat, cancel, deaths).
+POLL_SECONDS = 0.5
+# A dead worker's last messages may still be in the pipe: read them for this long first.
+DRAIN_SECONDS = 2.0
+
+# work(device, payload, items, emit, note): runs in a worker on its share of ``items`` (index,
+# item) and calls ``emit(index, result)`` for each; ``note(text)`` reports what the worker
+# chose (e.g. its batch size). Module-level, so a spawned process can import it.
+ShardWork = Callable[..., None]
+
+
+def parse_gpus(text: str | None) -> str | None:
+    """Validate a ``--gpus`` value (``all``, GPU indices or ``cpu``, comma-separated);
+    returns it normalised. Which devices exist is checked when the job runs."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    if value == GPUS_ALL:
+        return value
+    items = [item.strip() for item in value.split(",")]
+    if (
+        not items
+        or len(items) > MAX_WORKERS
+        or not all(item == "cpu" or (item.isdigit() and len(item) <= 3) for item in items)
+    ):
+        raise PersonaError(
+            f"--gpus {text!r}: give 'all', GPU indices like 0,1 (at most {MAX_WORKERS}), "
+            "or cpu,cpu for CPU workers"
+        )
+    return ",".join(items)
+
+
+def worker_devices(
+    gpus: str | None, device: str | None, fits_one_gpu: Callable[[], bool]
+) -> list[str]:
+    """The devices to run workers on; one entry or none means: in this process, as before.
+    An explicit ``--device`` keeps the job on it; a model that needs several GPUs keeps
+    ``device_map`` sharding in one process."""
+    import torch
+
+    if device is not None:
+        return []
+    count = torch.cuda.device_count()
+    if gpus is None or gpus == GPUS_ALL:
+        if count < 2 or not fits_one_gpu():
+            return []
+        return [f"cuda:{index}" for index in range(count)]
+    devices = []
+    for item in gpus.split(","):
+        if item == "cpu":
+            devices.append("cpu")
+            continue
+        if int(item) >= count:
+            raise PersonaError(
+                f"--gpus {gpus}: GPU {item} is not there (torch sees {count} CUDA GPUs); "
+                "list visible GPU indices or leave --gpus out"
+            )
+        devices.append(f"cuda:{int(item)}")
+    if len(devices) > 1 and any(d.startswith("cuda") for d in devices) and not fits_one_gpu():
+        raise PersonaError(
+            f"--gpus {gpus}: the model does not fit on one GPU, so it is spread over them in "
+            "one process; leave --gpus out"
+        )
+    return devices if len(devices) > 1 else []
+
+
+def single_device(gpus: str | None) -> str | None:
+    """The device a one-entry ``--gpus`` names (``--gpus 1`` runs on GPU 1), else None."""
+    if gpus is None or gpus == GPUS_ALL or "," in gpus:
+        return None
+    return "cpu" if gpus == "cpu" else f"cuda:{int(gpus)}"
+
+
+def run_sharded(
+    devices: Sequence[str],
+    work: ShardWork,
+    payload: Any,
+    items: Sequence[Any],
+    *,
+    on_idle: Callable[[], None] = lambda: None,
+    on_note: Callable[[str, str], None] = lambda _device, _text: None,
+) -> Iterator[tuple[int, Any]]:
+    """Yield (index, result) for every item as the workers produce them. ``on_idle`` runs
+    between results (at least every ``POLL_SECONDS``: write, heartbeat, cancel); a worker's
+    error or death raises ``PersonaError`` after the others are stopped."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+    results = context.Queue()
+    shares = [
+        [(index, items[index]) for index in range(rank, len(items), len(devices))]
+        for rank in range(len(devices))
+    ]
+    workers = [
+        context.Process(
+            target=_worker,
+            args=(work, rank, device, payload, share, results),
+            name=f"persona-shard-{rank}",
+            daemon=True,
+        )
+        for rank, (device, share) in enumerate(zip(devices, shares, strict=True))
+    ]
+    for worker in workers:
+        worker.start()
+    finished: set[int] = set()
+    try:
+        while len(finished) < len(workers):
+            try:
+                message = results.get(timeout=POLL_SECONDS)
+            except queue_module.Empty:
+                on_idle()
+                _check_alive(workers, devices, finished, results)
+                continue
+            kind, rank = message[0], message[1]
+            if kind == "item":
+                yield message[2], message[3]
+                on_idle()
+            elif kind == "note":
+                on_note(devices[rank], message[2])
+            elif kind == "done":
+                finished.add(rank)
+            else:  # "error"
+                raise PersonaError(message[2])
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers:
+            worker.join(timeout=10)
+
+
+def _check_alive(workers: list[Any], devices: Sequence[str], finished: set[int], results) -> None:
+    for rank, worker in enumerate(workers):
+        if rank in finished or worker.is_alive():
+            continue
+        # Its "done" (or error) may still be in the pipe.
+        try:
+            message = results.get(timeout=DRAIN_SECONDS)
+        except queue_module.Empty:
+            message = None
+        if message is not None:
+            results.put(message)  # handled by the main loop, in order enough for us
+            return
+        raise PersonaError(
+            f"the worker on {devices[rank]} stopped (exit code {worker.exitcode}) before its "
+            "rows were done; rerun the same command to resume (stored rows are kept)"
+        )
+
+
+def _worker(
+    work: ShardWork, rank: int, device: str, payload: Any, share: list[tuple[int, Any]], results
+) -> None:
+    def emit(index: int, result: Any) -> None:
+        results.put(("item", rank, index, result))
+
+    def note(text: str) -> None:
+        results.put(("note", rank, text))
+
+    try:
+        work(device, payload, share, emit, note)
+    except PersonaError as exc:
+        results.put(("error", rank, f"{device}: {exc}"))
+    except Exception as exc:  # the parent reports it; the traceback goes to the worker log
+        traceback.print_exc()
+        results.put(("error", rank, f"the worker on {device} failed: {type(exc).__name__}: {exc}"))
+    else:
+        results.put(("done", rank))
