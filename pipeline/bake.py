@@ -108,9 +108,10 @@ def bake_vector(
     block layer-1 through an MLP output bias. ``vector`` is [L+1, d] or [d]."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import resolve_model
+    from pipeline.models import _quiet_transformers, resolve_model
 
     params.validate()
+    _quiet_transformers()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PersonaError(f"--out {out} exists and is not empty; give a new folder")
@@ -196,7 +197,7 @@ def _as_llama(config: Any) -> Any:
     if family != "llama" and active:
         raise PersonaError(
             f"cannot bake into this {family} model: it uses sliding-window attention "
-            f"(window {window}), which the Llama layout the bias needs has not; "
+            f"(window {window}), which the Llama layout that carries the bias lacks; "
             f"bake supports {supported} without sliding windows"
         )
     if family == "llama":
