@@ -286,6 +286,7 @@ _RUNNERS = {
     "extract": "pipeline.extract:run_extract_job",
     "generate": "pipeline.generate:run_generation_job",
     "judge": "pipeline.judging:run_judge_job",
+    "shift": "pipeline.shift:run_shift_job",
     "sweep": "pipeline.sweep:run_sweep_job",
 }
 

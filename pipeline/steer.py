@@ -1,8 +1,9 @@
 """Steered generation: the same prompt answered with and without a persona vector added
-(or ablated) at one layer, for quick side-by-side reading."""
+(ablated, or its projection capped) at one layer, for quick side-by-side reading."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,8 +28,12 @@ def steer_side_by_side(
     seed: int = 0,
     device: str | None = None,
     ablate: bool = False,
+    cap: float | None = None,
 ) -> dict[str, str]:
-    """label -> answer text: unsteered first, then each coefficient (or the ablation)."""
+    """label -> answer text: unsteered first, then the ablation and the cap (when asked for),
+    then each coefficient. ``cap`` is a projection value (h . v / |v|, the monitor's unit)."""
+    if cap is not None and not math.isfinite(cap):
+        raise PersonaError(f"--cap must be a finite projection value (got {cap})")
     loaded = load_model(model, device=device)
     if not 1 <= layer <= loaded.num_layers:
         raise PersonaError(
@@ -51,6 +56,9 @@ def steer_side_by_side(
     if ablate:
         spec = SteeringSpec(layer=layer, vector=vector, positions=positions, ablate=True)
         out[f"ablated at layer {layer}"] = answer([spec])
+    if cap is not None:
+        spec = SteeringSpec(layer=layer, vector=vector, positions=positions, cap=cap)
+        out[f"capped at {cap:g} at layer {layer}"] = answer([spec])
     for coef in coefs:
         spec = SteeringSpec(layer=layer, vector=vector, coef=coef, positions=positions)
         out[f"coef {coef:+g} at layer {layer}"] = answer([spec])

@@ -192,17 +192,18 @@ FAMILY_CONFIGS: dict[str, dict] = {
 }
 
 
-def build_tiny_family(folder: str | Path, family: str, *, seed: int = 0) -> Path:
+def build_tiny_family(
+    folder: str | Path, family: str, *, seed: int = 0, overrides: dict | None = None
+) -> Path:
     """Save a tiny random model of ``family`` (4 layers, hidden 64, 4 heads, 2 KV heads) with
-    the tiny tokenizer; returns the folder."""
+    the tiny tokenizer; returns the folder. ``overrides`` replace config values."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer()
-    config = AutoConfig.for_model(
-        family, **_tiny_config(tokenizer, hidden=64, layers=4), **FAMILY_CONFIGS[family]
-    )
+    values = {**_tiny_config(tokenizer, hidden=64, layers=4), **FAMILY_CONFIGS[family]}
+    config = AutoConfig.for_model(family, **{**values, **(overrides or {})})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random norms too: a norm left at its init hides a missing one

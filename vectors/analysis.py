@@ -6,6 +6,7 @@ database, the pipeline or the TUI.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -295,3 +296,16 @@ def mean_diff(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     if pos.shape[1:] != neg.shape[1:]:
         raise ValueError(f"shape mismatch: {tuple(pos.shape[1:])} vs {tuple(neg.shape[1:])}")
     return pos.to(torch.float32).mean(dim=0) - neg.to(torch.float32).mean(dim=0)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's r of two equal-length series; None under 3 points or without spread."""
+    if len(x) < 3:
+        return None
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx <= 0 or syy <= 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)

@@ -12,6 +12,11 @@ Pad positions are never touched. ``prefill_masks``, ``decode_masks`` and ``seque
 are the one statement of these rules: each maps a ``positions`` value to the [B, T] mask of
 the positions it touches in one forward (None: none).
 
+Three modes: add ``coef * v``; ablate (``ablate=True``: h - (h.u) u, u = v/|v|); cap
+(``cap=tau``: h - max(0, h.u - tau) u, so the projection on v is at most tau and a position
+already at or below it is left bit-equal). tau is in the units of the monitor's projection
+(h . v / |v|), so a value read off a heatmap can be used as it is.
+
 ``steered(model, specs)`` applies the specs with forward hooks on HF decoder layers, for any
 forward the caller runs. ``apply_steering`` is the same arithmetic for code that runs the
 layers itself (our decode engine). ``SteeringSpec.on(device)`` moves a vector to the device
@@ -20,6 +25,7 @@ once, before any CUDA-graph capture (a host-to-device copy cannot be captured).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -37,8 +43,13 @@ class SteeringSpec:
     coef: float = 1.0
     positions: str = "response"
     ablate: bool = False  # project the direction out instead of adding
+    cap: float | None = None  # clamp the projection h.v/|v| to at most this instead of adding
 
     def __post_init__(self) -> None:
+        if self.cap is not None and not math.isfinite(self.cap):
+            raise ValueError(f"cap must be a finite projection value, not {self.cap}")
+        if self.cap is not None and self.ablate:
+            raise ValueError("a spec either caps or ablates the direction, not both")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, not '{self.positions}'")
         if self.layer < 1:
@@ -97,7 +108,12 @@ def apply_steering(
         v = spec.direction().to(device=h.device, dtype=torch.float32)
         where = mask.to(h.device)[..., None].to(torch.float32)
         hf = h.float()
-        if spec.ablate:
+        if spec.cap is not None:
+            unit = v / v.norm().clamp(min=1e-12)
+            excess = where * (hf @ unit - spec.cap).clamp(min=0)[..., None]
+            # Selected, not subtracted, where nothing exceeds: those positions stay bit-equal.
+            hf = torch.where(excess > 0, hf - excess * unit, hf)
+        elif spec.ablate:
             unit = v / v.norm().clamp(min=1e-12)
             hf = hf - where * (hf @ unit)[..., None] * unit
         else:
