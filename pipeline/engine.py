@@ -462,23 +462,27 @@ class DecodeEngine:
         (real steps, which also warm the allocator), the next captures, and every call after
         that replays. Capture records without running, so the capturing call replays too."""
         calls = 0
-        stream = torch.cuda.Stream()
+        device = self.device
+        stream = torch.cuda.Stream(device=device)
 
         def graphed() -> None:
             nonlocal calls
             calls += 1
-            if calls <= warmup:
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    step_fn()
-                torch.cuda.current_stream().wait_stream(stream)
-                return
-            if self._graph is None:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step_fn()
-                self._graph = graph  # keeps the graph and its memory pool alive this batch
-            self._graph.replay()
+            # Capture records the current device's stream: the model's device must be current
+            # (a worker whose model sits on cuda:1 still starts with cuda:0 current).
+            with torch.cuda.device(device):
+                if calls <= warmup:
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        step_fn()
+                    torch.cuda.current_stream().wait_stream(stream)
+                    return
+                if self._graph is None:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        step_fn()
+                    self._graph = graph  # keeps the graph and its memory pool alive this batch
+                self._graph.replay()
 
         return graphed
 

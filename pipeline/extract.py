@@ -29,6 +29,7 @@ from pipeline.filter import (
     find_pairs,
     record_counts,
 )
+from pipeline.sharding import parse_gpus
 from vectors import activations
 from vectors.files import save_vector
 
@@ -261,7 +262,7 @@ def side_sums(
     responses: Sequence[Response],
     *,
     captured: dict[int, dict[str, torch.Tensor]] | None,
-    forward: ForwardMeans | None,
+    forward: Any,  # ForwardMeans or ShardedForward (pipeline.sharded_forward)
     tokens_per_batch: int = TOKENS_PER_BATCH,
 ) -> dict[str, torch.Tensor]:
     """kind -> float32 sum over the responses of their per-response means [L+1, d]."""
@@ -299,6 +300,7 @@ def extract(
     neg_job: int | None = None,
     judge: str | None = None,
     tokens_per_batch: int = TOKENS_PER_BATCH,
+    gpus: str | None = None,
 ) -> Extraction:
     if source not in ("auto", "captured", "forward"):
         raise PersonaError(f"--source must be captured, forward or auto, not '{source}'")
@@ -334,9 +336,9 @@ def extract(
             )
     forward = None
     if captured is None:
-        from pipeline.models import load_model
+        from pipeline.sharded_forward import open_forward
 
-        forward = ForwardMeans(load_model(model_id, device=device))
+        forward = open_forward(model_id, device=device, gpus=parse_gpus(gpus))
         model_id = forward.loaded.model_id
     used = "captured" if captured is not None else "forward"
     pos_sums = side_sums(pos, captured=captured, forward=forward, tokens_per_batch=tokens_per_batch)

@@ -123,3 +123,18 @@ def test_two_workers_write_the_rows_one_process_writes(tmp_path: Path, tiny_mode
             torch.testing.assert_close(
                 acts1[kind][ids1[one[key].id]], acts2[kind][ids2[two[key].id]]
             )
+
+
+def test_forward_extraction_across_two_workers(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``extract --source forward --gpus cpu,cpu``: the vectors of the one-process forward."""
+    from conftest import build_generated_db
+
+    from pipeline.extract import extract
+
+    db = build_generated_db(tmp_path / "persona.db", tiny_model_dir)
+    with Store(db) as store:
+        one = extract(store, "paternalism", source="forward", device="cpu")
+        two = extract(store, "paternalism", source="forward", gpus="cpu,cpu")
+    assert two.source == "forward" and len(two.pairs.effective) == len(one.pairs.effective)
+    for kind, vector in one.vectors.items():
+        torch.testing.assert_close(two.vectors[kind], vector, rtol=1e-5, atol=1e-6)

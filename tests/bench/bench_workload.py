@@ -10,7 +10,8 @@ Printed in the same run: the old generation path (length-sorted static batches o
 engine's previous default) and the real pipeline jobs of today (continuous batching, slots
 from free GPU memory, default judge processes), per step and in total. The old path is
 timed on the engine alone (no database writes): a conservative baseline.
-Targets (issue 13): <= 60 s on one H200 for the whole plan.
+Targets (issue 13): <= 60 s on one H200 for the whole plan, <= 35 s on two.
+``--gpus 0 --gpus 0,1`` measures the new path on one GPU and on two in the same run.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def old_generation(model_dir: Path, n: int, n_eval: int, new: int) -> tuple[floa
     return time.perf_counter() - start, tokens
 
 
-def new_plan(db: Path, model_dir: Path, n: int, n_eval: int, new: int, base_url: str) -> dict:
+def new_plan(
+    db: Path, model_dir: Path, n: int, n_eval: int, new: int, base_url: str, gpus: str | None
+) -> dict:
     from db import Store
     from pipeline.extract import extract
     from pipeline.generate import GenerateParams, find_or_create_job
@@ -106,7 +109,7 @@ def new_plan(db: Path, model_dir: Path, n: int, n_eval: int, new: int, base_url:
             for side in ("pos", "neg"):
                 params = GenerateParams(
                     side=side, split=split, model=str(model_dir), n_per_question=count,
-                    max_new_tokens=new,
+                    max_new_tokens=new, gpus=gpus,
                 )  # fmt: skip
                 job_id = find_or_create_job(store, "paternalism", params)
                 run_job(db, job_id)
@@ -132,6 +135,11 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=1000)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--skip-old", action="store_true")
+    parser.add_argument(
+        "--gpus",
+        action="append",
+        help="a --gpus value for the new path, once per variant (default: all visible GPUs)",
+    )
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
@@ -142,19 +150,22 @@ def main() -> None:
     model_dir = build_model_dir(folder / "model", args.layers)
     print(f"card: {card()}; 8B shape, {args.layers} layers; plan n={args.n} n_eval={args.n_eval}")
     rows = []
-    new = new_plan(folder / "new.db", model_dir, args.n, args.n_eval, args.new, base_url)
-    rows.append(
-        {
-            "path": "new: continuous batching, auto slots",
-            "generate s": new["times"]["generate"],
-            "answer tokens": new["tokens"],
-            "tok/s": new["tokens"] / new["times"]["generate"],
-            "judge s": new["times"]["judge"],
-            "extract s": new["times"]["extract"],
-            "total s": new["times"]["total"],
-        }
-    )
-    print(rows[-1], flush=True)
+    for gpus in args.gpus or [None]:
+        db = folder / f"new-{len(rows)}.db"
+        new = new_plan(db, model_dir, args.n, args.n_eval, args.new, base_url, gpus)
+        rows.append(
+            {
+                "path": f"new: continuous batching, auto slots, --gpus {gpus or 'all'}",
+                "generate s": new["times"]["generate"],
+                "answer tokens": new["tokens"],
+                "tok/s": new["tokens"] / new["times"]["generate"],
+                "judge s": new["times"]["judge"],
+                "extract s": new["times"]["extract"],
+                "total s": new["times"]["total"],
+                "slots": " ".join(new["slots"]),
+            }
+        )
+        print(rows[-1], flush=True)
     if not args.skip_old:
         seconds, tokens = old_generation(model_dir, args.n, args.n_eval, args.new)
         rows.append(
@@ -166,11 +177,12 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-        rows[0]["generation speedup"] = seconds / new["times"]["generate"]
+        for row in rows[:-1]:
+            row["generation speedup"] = seconds / row["generate s"]
     columns = ["path", "generate s", "answer tokens", "tok/s", "judge s", "extract s"]
-    columns += ["total s", "generation speedup"]
+    columns += ["total s", "generation speedup", "slots"]
     print_table("bench_workload: the seed's plan, 8B shape", rows, columns)
-    save_json("bench_workload.json", {"card": card(), "rows": rows, "slots": new["slots"]})
+    save_json("bench_workload.json", {"card": card(), "rows": rows})
     stub.terminate()
 
 

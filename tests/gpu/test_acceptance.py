@@ -323,3 +323,30 @@ def test_continuous_batching_under_cuda_graphs(big_model_dir: Path) -> None:
         g, e = runs[True][index], runs[False][index]
         assert g.answer_ids == e.answer_ids
         torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])
+
+
+def test_generation_across_two_workers_on_one_gpu(big_model_dir: Path, tmp_path: Path) -> None:
+    """``--gpus 0,0``: two worker processes on GPU 0, the parent writing: every planned row
+    once, with its prompt, answer and captured means, and the job saying what each chose.
+    (Tokens are not compared with a one-process run: in bf16 a row's neighbours in the batch
+    change its rounding, and a random model's near-ties then change tokens.)"""
+    from pipeline.generate import GenerateParams, find_or_create_job, plan_rows
+    from pipeline.jobs import run_job
+    from vectors.activations import load_consolidated
+
+    with Store(tmp_path / "two.db") as store:
+        params = GenerateParams(
+            side="pos", model=str(big_model_dir), n_per_question=1, max_new_tokens=32,
+            batch_size=8, gpus="0,0",
+        )  # fmt: skip
+        job_id = find_or_create_job(store, TRAIT, params)
+        run_job(store.path, job_id)
+        job = store.get_job(job_id)
+        assert (job.status, job.done) == ("done", 20)
+        assert job.stats["slots"] == {"cuda:0": "8 slots"}
+        rows = store.responses(job=job_id)
+        assert sorted(r.key for r in rows) == sorted(plan_rows("extract", 1, False))
+        assert all(r.answer_ids and r.prompt_ids for r in rows)
+        acts = load_consolidated(Path(job.stats["activations"]))
+        assert sorted(acts["response_ids"].tolist()) == sorted(r.id for r in rows)
+        assert torch.isfinite(acts["response_avg"]).all()
