@@ -30,6 +30,8 @@ from pipeline.judge import (
     make_judge,
     redact_keys,
 )
+from pipeline.sharded_judge import ShardedJudge, sharded_judge
+from pipeline.sharding import parse_gpus
 
 DEFAULT_JUDGE = "openai:gpt-4.1-mini-2025-04-14"
 METRICS = ("trait", "coherence")
@@ -49,7 +51,7 @@ class JudgeParams(JobParams):
     # Where the judge is served is not what the job is: a rerun with another --base-url
     # (a restarted server) resumes the same job.
     NOT_IDENTITY = frozenset(
-        {"max_concurrent", "device", "prices", "timeout_s", "processes", "base_url"}
+        {"max_concurrent", "device", "prices", "timeout_s", "processes", "base_url", "gpus"}
     )
 
     judge: str = DEFAULT_JUDGE
@@ -64,6 +66,7 @@ class JudgeParams(JobParams):
     # Client processes for an API judge: one process's SDK tops out near 500 requests/s.
     # None: chosen from max_concurrent, the cores and the work (``client_processes``).
     processes: int | None = None
+    gpus: str | None = None  # a local judge's devices (pipeline.sharding.parse_gpus)
 
     def validate(self) -> JudgeParams:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -89,6 +92,7 @@ class JudgeParams(JobParams):
                 f"--judge '{self.judge}' must be KIND:MODEL, e.g. {DEFAULT_JUDGE} or local:smollm2"
             )
         check_judge_spec(self.judge)
+        parse_gpus(self.gpus)
         return self
 
     def client_processes(self, requests: int) -> int:
@@ -147,7 +151,9 @@ def run_judge_job(
         "timeout_s": params.timeout_s,
     }
     if judge is None:
-        judge = make_judge(**judge_kwargs)
+        gpus = parse_gpus(params.gpus)
+        judge = sharded_judge(params.judge, gpus, params.device, params.max_concurrent)
+        judge = judge or make_judge(**judge_kwargs)
     templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
     scope = store.responses(trait=trait.name, job=params.job)
     tasks: list[tuple[int, str, str]] = []  # (response id, metric, prompt)
@@ -277,6 +283,19 @@ async def _judge_all(
         if len(buffer) >= FLUSH_EVERY or time.monotonic() - last_flush > FLUSH_SECONDS:
             flush()
             progress.check_cancelled()
+
+    if isinstance(judge, ShardedJudge):
+
+        def flush_when_due() -> None:
+            if time.monotonic() - last_flush > FLUSH_SECONDS:
+                flush()
+                progress.check_cancelled()
+
+        try:
+            judge.score_all(to_ask, collect, flush_when_due)
+        finally:
+            flush()
+        return
 
     if processes is not None and len(to_ask) > 1:
         try:

@@ -138,3 +138,31 @@ def test_forward_extraction_across_two_workers(tmp_path: Path, tiny_model_dir: P
     assert two.source == "forward" and len(two.pairs.effective) == len(one.pairs.effective)
     for kind, vector in one.vectors.items():
         torch.testing.assert_close(two.vectors[kind], vector, rtol=1e-5, atol=1e-6)
+
+
+def test_a_local_judge_across_two_workers(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``judge --judge local:M --gpus cpu,cpu``: the scores one process gives, written by
+    the parent, each (response, metric) once."""
+    from pipeline.judging import JudgeParams, find_or_create_judge_job
+
+    scores = {}
+    for name, extra in (("one", {"device": "cpu"}), ("two", {"gpus": "cpu,cpu"})):
+        with Store(tmp_path / f"{name}.db") as store:
+            params = GenerateParams(
+                side="pos", model=str(tiny_model_dir), n_per_question=1, max_new_tokens=6,
+                batch_size=8, device="cpu",
+            )  # fmt: skip
+            run_job(store.path, find_or_create_job(store, "paternalism", params))
+            judge = JudgeParams(judge=f"local:{tiny_model_dir}", **extra)
+            job_id = find_or_create_judge_job(store, "paternalism", judge)
+            run_job(store.path, job_id)
+            assert store.get_job(job_id).status == "done"
+            rows = store.db.execute(
+                "select r.question, r.instruction, r.sample, j.metric, j.score from judgments j"
+                " join responses r on r.id = j.response"
+            ).fetchall()
+            assert len(rows) == 40
+            scores[name] = {tuple(row[:4]): row[4] for row in rows}
+    assert scores["one"].keys() == scores["two"].keys()
+    for key, score in scores["one"].items():
+        assert scores["two"][key] == pytest.approx(score, abs=1e-4)
