@@ -1,26 +1,26 @@
-"""Steered generation: the same prompt answered with and without a persona vector added
-(or ablated) at one layer, for quick side-by-side reading."""
+"""Steered generation: the same prompt answered with and without a trait's vector added (or
+ablated) at one layer, for quick side-by-side reading."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from db import PersonaError
+from db import Store
 from pipeline.chat import prompt_ids
-from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
-from pipeline.models import load_model
+from pipeline.decoding import answer_text, decode
+from pipeline.trait_vectors import DEFAULT_KIND, check_layer, load_fitted_vector
 from vectors.steering import SteeringSpec
 
 
 def steer_side_by_side(
+    store: Store,
+    trait: str,
     *,
-    model: str,
-    vector: torch.Tensor,
     layer: int,
     coefs: Sequence[float],
     prompt: str,
+    kind: str = DEFAULT_KIND,
+    model: str | None = None,
     positions: str = "response",
     max_new_tokens: int = 120,
     temperature: float = 0.0,
@@ -28,24 +28,23 @@ def steer_side_by_side(
     device: str | None = None,
     ablate: bool = False,
 ) -> dict[str, str]:
-    """label -> answer text: unsteered first, then each coefficient (or the ablation)."""
-    loaded = load_model(model, device=device)
-    if not 1 <= layer <= loaded.num_layers:
-        raise PersonaError(
-            f"--layer must be in 1..{loaded.num_layers} for this model (got {layer})"
-        )
-    if vector.shape[0] != loaded.num_layers + 1 or vector.shape[1] != loaded.hidden_size:
-        raise PersonaError(
-            f"the vector has shape {list(vector.shape)} but {model} needs "
-            f"[{loaded.num_layers + 1}, {loaded.hidden_size}]; it was made for another model"
-        )
-    engine = DecodeEngine(loaded, capture=False)
-    request = [DecodeRequest(prompt_ids(loaded.tokenizer, None, prompt), seed)]
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    """label -> answer text: unsteered first, then each coefficient (or the ablation), with
+    the trait's latest ``kind`` vector on ``model`` (default: the one it was made with)."""
+    fitted = load_fitted_vector(store, trait, kind, model=model, device=device)
+    loaded, vector = fitted.loaded, fitted.vector
+    check_layer(layer, loaded.num_layers, steered=True)
+    prompt_part = prompt_ids(loaded.tokenizer, None, prompt)
 
     def answer(specs: Sequence[SteeringSpec]) -> str:
-        result = engine.run(request, sampling, steering=specs)[0]
-        return loaded.tokenizer.decode(result.answer_ids, skip_special_tokens=True)
+        result = decode(
+            loaded,
+            [prompt_part],
+            [seed],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            steering=specs,
+        )[0]
+        return answer_text(loaded, result.answer_ids)
 
     out = {"unsteered": answer([])}
     if ablate:

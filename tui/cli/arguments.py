@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from db import PersonaError
+from pipeline.filter import DEFAULT_FILTER, FilterParams
 
 MAX_SEED = 2**63 - 1  # seeds are packed as signed 64-bit integers (pipeline.sampling.row_seed)
 VECTOR_KINDS = ("response_avg_diff", "prompt_avg_diff", "prompt_last_diff")
@@ -64,12 +66,23 @@ def seed_int(text: str) -> int:
     return value
 
 
-def percent(text: str) -> float:
-    """A 0-100 score threshold, the judges' scale."""
-    value = _real_number(text)
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 100 (got {value:g})")
-    return value
+def _filter_value(field: str) -> Callable[[str], float]:
+    """T or C of the effective-pair rule, checked by the rule's own ``FilterParams``."""
+
+    def parse(text: str) -> float:
+        value = _real_number(text)
+        try:
+            FilterParams(**{field: value}).validate()
+        except PersonaError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--{field} ")) from None
+        return value
+
+    parse.__name__ = field  # argparse names the type in its messages
+    return parse
+
+
+threshold_value = _filter_value("threshold")
+coherence_value = _filter_value("coherence")
 
 
 def non_negative_float(text: str) -> float:
@@ -132,11 +145,26 @@ def output_file(text: str) -> Path:
     return path
 
 
+def add_filter_values(sub: argparse.ArgumentParser) -> None:
+    """--threshold and --coherence, with the rule's defaults (``pipeline.filter``)."""
+    sub.add_argument(
+        "--threshold",
+        type=threshold_value,
+        default=DEFAULT_FILTER.threshold,
+        help=f"T (default {DEFAULT_FILTER.threshold:g})",
+    )
+    sub.add_argument(
+        "--coherence",
+        type=coherence_value,
+        default=DEFAULT_FILTER.coherence,
+        help=f"C (default {DEFAULT_FILTER.coherence:g})",
+    )
+
+
 def add_pair_filter(sub: argparse.ArgumentParser) -> None:
     """The trait and the effective-pair rule's options (``pairs`` and ``extract``)."""
     sub.add_argument("trait")
-    sub.add_argument("--threshold", type=percent, default=50.0, help="T (default 50)")
-    sub.add_argument("--coherence", type=percent, default=50.0, help="C (default 50)")
+    add_filter_values(sub)
     sub.add_argument("--pos-job", type=row_id, help="default: the latest pos extract job")
     sub.add_argument("--neg-job", type=row_id, help="default: the latest neg extract job")
     sub.add_argument("--judge", help="whose scores (default: the judge with most scores)")

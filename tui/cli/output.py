@@ -130,7 +130,7 @@ def print_report(report) -> None:
 
         out.print(steering_text(report.steering))
     for name, cos in sorted(report.similarity.items()):
-        layer = report.recommended_layer if report.recommended_layer is not None else len(cos) // 2
+        layer = report.default_layer
         out.print(f"cosine with {name} at layer {layer}: {cos[layer]:+.3f}")
     for note in report.notes:
         err.print(Text("note: " + note, style="yellow"))

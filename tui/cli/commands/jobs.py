@@ -4,7 +4,6 @@ and ``persona jobs list|cancel``."""
 from __future__ import annotations
 
 import argparse
-import os
 
 from rich.table import Table
 from rich.text import Text
@@ -14,40 +13,12 @@ from tui.cli.context import db_path, open_store
 from tui.cli.output import out
 from tui.cli.parser import add_command
 
-WORKER_LOG_EVERY_S = 10.0
-
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run one job to its end, headless; the dashboard starts this detached, its output in
-    the job's log file: a progress line every 10 seconds, and the ending."""
-    import time
+    """Run one job to its end, headless, as the dashboard's detached worker does."""
+    from pipeline.worker_main import run_worker
 
-    from pipeline.jobs import ProgressUpdate, run_job
-
-    last = [0.0]
-
-    def log_line(update: ProgressUpdate) -> None:
-        now = time.monotonic()
-        if now - last[0] < WORKER_LOG_EVERY_S:
-            return
-        last[0] = now
-        unit = update.stats.get("unit", "")
-        rate = update.stats.get("new_tokens_per_s") or update.stats.get(f"{unit}_per_s")
-        rate_text = f", {rate:,.1f}/s" if rate else ""
-        stamp = time.strftime("%H:%M:%S")
-        print(
-            f"{stamp} job {args.job_id}: {update.done}/{update.total} {unit}{rate_text}"
-            f"{' · ' + update.message if update.message else ''}",
-            flush=True,
-        )
-
-    print(
-        f"{time.strftime('%H:%M:%S')} job {args.job_id}: worker {os.getpid()} started", flush=True
-    )
-    run_job(db_path(args), args.job_id, on_progress=log_line)
-    with open_store(args) as store:
-        job = store.get_job(args.job_id)
-    print(f"{time.strftime('%H:%M:%S')} job {args.job_id}: {job.status} {job.message}", flush=True)
+    run_worker(db_path(args), args.job_id)
     return 0
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from db import PersonaError, Store
 from tui.cli.arguments import (
     VECTOR_KINDS,
     non_negative_float,
@@ -25,64 +24,31 @@ from tui.cli.output import err, out, run_jobs_with_progress
 from tui.cli.parser import add_command
 
 
-def trait_vectors(store: Store, trait: str, kinds: list[str]):
-    from pipeline.analyze import latest_vectors
-    from vectors.files import load_vector
-
-    records = latest_vectors(store, trait)
-    missing = [k for k in kinds if k not in records]
-    if missing:
-        raise PersonaError(
-            f"trait '{trait}' has no {', '.join(missing)} vector; run `persona extract {trait}`"
-        )
-    return records, {k: load_vector(records[k].path)[0] for k in kinds}
-
-
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from pipeline.analyze import default_layer
-    from pipeline.models import load_model
-    from pipeline.monitor import baseline_stats, project_tokens, zscore
+    from pipeline.monitor import monitor_answer
     from tui.widgets.heatmap import heatmap, legend
-    from vectors.files import check_fits
 
     with open_store(args) as store:
-        records, vectors = trait_vectors(store, args.trait, [args.vector])
-        model = args.model or records[args.vector].model
-        loaded = load_model(model, device=args.device)
-        made_with = records[args.vector].model
-        what = f"the {args.vector} vector of {args.trait} (made with {made_with})"
-        check_fits(vectors[args.vector], loaded.num_layers, loaded.hidden_size, what=what)
-        layer = (
-            args.layer
-            if args.layer is not None
-            else default_layer(store, args.trait, loaded.num_layers)
+        shown = monitor_answer(
+            store,
+            args.trait,
+            kind=args.vector,
+            response_id=args.response,
+            prompt=args.prompt,
+            layer=args.layer,
+            model=args.model,
+            device=args.device,
+            zscored=args.zscore,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
         )
-        if args.response is not None:
-            response = store.get_response(args.response)
-            prompt, answer = response.prompt_ids, response.answer_ids
-        else:
-            from pipeline.chat import prompt_ids
-            from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
-
-            prompt = prompt_ids(loaded.tokenizer, None, args.prompt)
-            answer = (
-                DecodeEngine(loaded, capture=False)
-                .run(
-                    [DecodeRequest(prompt, args.seed)],
-                    SamplingConfig(
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature
-                    ),
-                )[0]
-                .answer_ids
-            )
-        proj = project_tokens(loaded, prompt, answer, vectors, [layer])
-        if args.zscore:
-            proj = zscore(proj, baseline_stats(store, loaded, args.trait, vectors, [layer]))
+    proj = shown.projections
     values = proj.values[:, 0, 0].tolist()
     start = 0 if args.show_prompt else proj.prompt_len
     scale = max((abs(v) for v in values[start:]), default=1.0) or 1.0
     unit = "z-score" if proj.zscored else "h.v/|v|"
-    out.print(Text(f"{args.trait} {args.vector} at layer {layer} ({unit})", style="bold"))
+    out.print(Text(f"{args.trait} {args.vector} at layer {shown.layer} ({unit})", style="bold"))
     out.print(heatmap(proj.tokens, values, scale=scale, start=start))
     out.print(legend(scale, unit))
     mean = proj.response_average()[0, 0].item()
@@ -97,10 +63,11 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from pipeline.steer import steer_side_by_side
 
     with open_store(args) as store:
-        records, vectors = trait_vectors(store, args.trait, [args.vector])
         result = steer_side_by_side(
-            model=args.model or records[args.vector].model,
-            vector=vectors[args.vector],
+            store,
+            args.trait,
+            kind=args.vector,
+            model=args.model,
             layer=args.layer,
             coefs=args.coef,
             prompt=args.prompt,
@@ -117,11 +84,17 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline.sweep import SweepParams, create_sweep_job, parse_coefs, parse_layers
+    from pipeline.sweep import (
+        DEFAULT_COEFS,
+        SweepParams,
+        create_sweep_job,
+        parse_coefs,
+        parse_layers,
+    )
 
     params = SweepParams(
         layers=parse_layers(args.layers),
-        coefs=parse_coefs(args.coefs),
+        coefs=DEFAULT_COEFS if args.coefs is None else parse_coefs(args.coefs),
         n=args.n,
         judge=args.judge,
         judge_base_url=args.judge_base_url,
@@ -202,6 +175,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     from pipeline.judging import DEFAULT_JUDGE
+    from pipeline.sweep import DEFAULT_COEFS, format_coefs
 
     mon = add_command(
         commands,
@@ -254,7 +228,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     sw.add_argument("trait")
     sw.add_argument("--layers", required=True, help="8-24, 8-24:4 or 8,12,16")
-    sw.add_argument("--coefs", default="-2,-1,1,2", help="write --coefs=-2,-1,1,2 (with =)")
+    sw.add_argument(
+        "--coefs",
+        help=f"default {format_coefs(DEFAULT_COEFS)}; a negative first needs = (--coefs=-2,2)",
+    )
     sw.add_argument("--n", type=positive_int, default=5, help="eval questions (default 5)")
     sw.add_argument("--judge", default=DEFAULT_JUDGE)
     sw.add_argument("--judge-base-url")

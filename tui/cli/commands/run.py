@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from tui.cli import output
-from tui.cli.arguments import percent, positive_int, seed_int
+from tui.cli.arguments import add_filter_values, positive_int, seed_int
 from tui.cli.context import db_path, require_terminal
 from tui.cli.parser import add_command
 
@@ -80,7 +80,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--batch-size", type=positive_int)
     # Checked here: the run would otherwise generate and judge for hours before extract
     # found a threshold outside 0-100.
-    run.add_argument("--threshold", type=percent, default=50.0)
-    run.add_argument("--coherence", type=percent, default=50.0)
+    add_filter_values(run)
     run.add_argument("--device")
     run.add_argument("--tui", action="store_true", help="open the dashboard at the end")

@@ -73,54 +73,23 @@ def cmd_vectors_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vectors_export(args: argparse.Namespace) -> int:
-    from pipeline.extract import original_format_vectors
-    from vectors.files import export_pt
+    from pipeline.trait_vectors import export_vectors
 
     with open_store(args) as store:
-        vectors = original_format_vectors(store, args.trait, model=args.model, device=args.device)
-    for kind, vector in vectors.items():
-        path = export_pt(vector, Path(args.out) / f"{args.trait}_{kind}.pt")
-        out.print(
-            f"wrote {path} {list(vector.shape)} (row L: hidden_states[L], final norm applied)"
+        written = export_vectors(
+            store, args.trait, Path(args.out), model=args.model, device=args.device
         )
+    for path, shape in written:
+        out.print(f"wrote {path} {shape} (row L: hidden_states[L], final norm applied)")
     return 0
 
 
 def cmd_vectors_import(args: argparse.Namespace) -> int:
-    from pipeline.models import load_model
-    from vectors.files import check_fits, import_pt, save_vector
+    from pipeline.trait_vectors import import_vector
 
-    with open_store(args) as store:
-        store.get_trait(args.trait)
-    # The file is read before the model loads: a missing or unsafe file fails at once.
-    vector = import_pt(Path(args.path))
-    with err.status(f"loading {args.model} to check the shape"):
-        loaded = load_model(args.model, device="cpu")
-    check_fits(vector, loaded.num_layers, loaded.hidden_size, what=args.path)
-    with open_store(args) as store:
-        meta = {
-            "trait": args.trait,
-            "model": loaded.model_id,
-            "kind": args.kind,
-            "source": f"imported:{Path(args.path).name}",
-            "n_pairs": 0,
-            # The original format's row L is HF's hidden_states[L] (final norm applied); a
-            # native file keeps the raw block output there. Kept as it came.
-            "row_L": "hidden_states[L], final norm applied (original format)",
-        }
-        folder = store.data_dir / "vectors" / args.trait / "imported"
-        path = save_vector(folder / f"{args.kind}.safetensors", vector, meta)
-        store.add_vector(
-            trait=args.trait,
-            model=loaded.model_id,
-            kind=args.kind,
-            path=str(path),
-            n_pairs=0,
-            threshold=None,
-            coherence=None,
-            metadata=meta,
-        )
-    out.print(f"imported {args.path} as {args.trait} {args.kind} {list(vector.shape)}")
+    with open_store(args) as store, err.status(f"loading {args.model} to check the shape"):
+        shape = import_vector(store, args.trait, Path(args.path), model=args.model, kind=args.kind)
+    out.print(f"imported {args.path} as {args.trait} {args.kind} {shape}")
     return 0
 
 
