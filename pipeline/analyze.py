@@ -14,10 +14,12 @@ from db.store import Response, VectorRecord
 from pipeline.chat import token_ids
 from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans, captured_means
 from pipeline.filter import generation_jobs
+from pipeline.trait_vectors import fallback_layer
 from vectors.analysis import (
     LayerChoice,
     LayerSeparation,
     cosine_by_layer,
+    cosine_matrix,
     cross_validated_layer,
     layer_norms,
     projections_by_layer,
@@ -42,6 +44,13 @@ class TraitReport:
     eval_counts: tuple[int, int] = (0, 0)
     similarity: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def default_layer(self) -> int:
+        """The layer to look at first (the one default-layer rule, ``fallback_layer``)."""
+        if self.recommended_layer is not None:
+            return self.recommended_layer
+        return fallback_layer(len(self.norms["response_avg_diff"]) - 1)
 
 
 def latest_vectors(store: Store, trait: str, model: str | None = None) -> dict[str, VectorRecord]:
@@ -164,13 +173,24 @@ def steering_text(steering: dict[str, Any]) -> str:
 
 
 def default_layer(store: Store, trait: str, num_layers: int) -> int:
-    """The layer to look at first: the recommended one (best held-out eval AUROC), else two
-    thirds of the way up the model."""
+    """The layer to look at first: the recommended one (best held-out eval AUROC), else
+    ``fallback_layer``."""
     try:
         layer = analyze(store, trait).recommended_layer
     except PersonaError:
         layer = None
-    return layer if layer is not None else (2 * num_layers) // 3
+    return layer if layer is not None else fallback_layer(num_layers)
+
+
+def trait_cosines(store: Store, model_id: str, layer: int) -> tuple[list[str], torch.Tensor]:
+    """Trait names and the cosine matrix at ``layer`` of the latest response_avg_diff vectors
+    of every trait that has one for ``model_id``."""
+    vectors = {}
+    for summary in store.list_traits():
+        record = latest_vectors(store, summary.name, model_id).get("response_avg_diff")
+        if record is not None:
+            vectors[summary.name] = load_vector(record.path)[0]
+    return cosine_matrix(vectors, layer)
 
 
 def report_rows(report: TraitReport) -> list[dict[str, Any]]:

@@ -217,19 +217,18 @@ def _openai_asker(model: str, params: AuthorParams):
 
 
 def _local_asker(model: str, params: AuthorParams):
-    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.decoding import answer_text, decode
     from pipeline.models import load_model
 
     loaded = load_model(model)
-    engine = DecodeEngine(loaded, capture=False)
     tok = loaded.tokenizer
 
     def ask(messages: list[dict[str, str]]) -> str:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        sampling = SamplingConfig(max_new_tokens=min(params.max_tokens, 4000), temperature=0.0)
-        result = engine.run([DecodeRequest(ids, seed=0)], sampling)[0]
-        return tok.decode(result.answer_ids, skip_special_tokens=True)
+        max_new_tokens = min(params.max_tokens, 4000)
+        result = decode(loaded, [ids], [0], max_new_tokens=max_new_tokens, temperature=0.0)[0]
+        return answer_text(loaded, result.answer_ids)
 
     return ask
 

@@ -7,6 +7,7 @@ order. A pair is effective when pos trait >= T, neg trait < 100 - T and both coh
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -22,9 +23,28 @@ REASONS = (
     "incoherent",
     "unpaired",
 )
-DEFAULT_THRESHOLD = 50.0
-DEFAULT_COHERENCE = 50.0
 FEW_PAIRS = 50
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    """The rule's two numbers on the judges' 0-100 scale: T (pos trait >= T, neg trait
+    < 100 - T) and C (both coherences >= C). Their one default and one check: the command
+    line, ``run``, the dashboard's inputs and extraction all read them from here."""
+
+    threshold: float = 50.0
+    coherence: float = 50.0
+
+    def validate(self) -> FilterParams:
+        for name, value in (("--threshold", self.threshold), ("--coherence", self.coherence)):
+            if not (math.isfinite(value) and 0 <= value <= 100):
+                raise PersonaError(f"{name} must be between 0 and 100 (got {value:g})")
+        return self
+
+
+DEFAULT_FILTER = FilterParams()
+DEFAULT_THRESHOLD = DEFAULT_FILTER.threshold
+DEFAULT_COHERENCE = DEFAULT_FILTER.coherence
 
 
 @dataclass(frozen=True)
@@ -97,9 +117,7 @@ def classify(
 
 
 def check_thresholds(threshold: float, coherence: float) -> None:
-    for name, value in (("--threshold", threshold), ("--coherence", coherence)):
-        if not 0 <= value <= 100:
-            raise PersonaError(f"{name} must be between 0 and 100 (got {value:g})")
+    FilterParams(threshold, coherence).validate()
 
 
 def generation_jobs(

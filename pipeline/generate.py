@@ -264,23 +264,22 @@ def _row(
     finish: str,
     model: str,
 ) -> dict[str, Any]:
-    question, instruction, sample = key
-    return {
-        "job": job_id,
-        "trait": trait.name,
-        "side": params.side,
-        "split": params.split,
-        "question": question,
-        "instruction": instruction,
-        "sample": sample,
-        "question_text": trait.questions[question],
-        "system_prompt": system,
-        "prompt_ids": list(prompt_ids),
-        "answer_ids": list(answer_ids),
-        "answer": answer,
-        "finish_reason": finish,
-        "model": model,
-    }
+    from pipeline.decoding import response_row
+
+    return response_row(
+        job=job_id,
+        trait=trait.name,
+        side=params.side,
+        split=params.split,
+        key=key,
+        question_text=trait.questions[key[0]],
+        system_prompt=system,
+        prompt_ids=prompt_ids,
+        answer_ids=answer_ids,
+        answer=answer,
+        finish_reason=finish,
+        model=model,
+    )
 
 
 async def _generate_openai(

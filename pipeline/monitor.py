@@ -5,14 +5,16 @@ monitoring during generation comes from the engine's ``watch`` (see ``pipeline.e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from db import PersonaError, Store
+from db.store import Response
 from pipeline.chat import prompt_ids
+from pipeline.trait_vectors import DEFAULT_KIND, check_layer, load_fitted_vector
 
 BASELINE_SPLIT = "eval"
 
@@ -51,8 +53,7 @@ def hidden_states(loaded: Any, ids: Sequence[int], layers: Sequence[int]) -> tor
     for layer in wanted:
         if layer == 0:
             continue
-        if not 0 < layer <= len(core.layers):
-            raise PersonaError(f"--layer {layer} is outside 0..{len(core.layers)}")
+        check_layer(layer, len(core.layers), steered=False)
 
         def hook(_m: Any, _i: Any, o: Any, layer: int = layer) -> None:
             captured[layer] = o[0] if isinstance(o, tuple) else o
@@ -123,7 +124,7 @@ def baseline_stats(
 def neutral_responses(
     store: Store, loaded: Any, trait: str, *, n: int, max_new_tokens: int, seed: int
 ) -> list[Any]:
-    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.decoding import answer_text, decode, response_row
     from pipeline.sampling import row_seed
 
     definition = store.get_trait(trait)
@@ -142,31 +143,23 @@ def neutral_responses(
     job = store.create_job("baseline", trait, params)
     questions = list(range(20, 20 + min(n, 20)))
     prompts = [prompt_ids(loaded.tokenizer, None, definition.questions[q]) for q in questions]
-    engine = DecodeEngine(loaded, capture=False)
-    results = engine.run(
-        [
-            DecodeRequest(p, row_seed(seed, q, 0, 0))
-            for p, q in zip(prompts, questions, strict=True)
-        ],
-        SamplingConfig(max_new_tokens=max_new_tokens),
-    )
+    seeds = [row_seed(seed, q, 0, 0) for q in questions]
+    results = decode(loaded, prompts, seeds, max_new_tokens=max_new_tokens)
     store.add_responses(
-        {
-            "job": job.id,
-            "trait": trait,
-            "side": "none",
-            "split": BASELINE_SPLIT,
-            "question": q,
-            "instruction": 0,
-            "sample": 0,
-            "question_text": definition.questions[q],
-            "system_prompt": "",
-            "prompt_ids": p,
-            "answer_ids": r.answer_ids,
-            "answer": loaded.tokenizer.decode(r.answer_ids, skip_special_tokens=True),
-            "finish_reason": r.finish_reason,
-            "model": loaded.model_id,
-        }
+        response_row(
+            job=job.id,
+            trait=trait,
+            side="none",
+            split=BASELINE_SPLIT,
+            key=(q, 0, 0),
+            question_text=definition.questions[q],
+            system_prompt="",
+            prompt_ids=p,
+            answer_ids=r.answer_ids,
+            answer=answer_text(loaded, r.answer_ids),
+            finish_reason=r.finish_reason,
+            model=loaded.model_id,
+        )
         for q, p, r in zip(questions, prompts, results, strict=True)
     )
     store.update_job(job.id, status="done", done=len(questions), total=len(questions))
@@ -178,3 +171,131 @@ def zscore(proj: TokenProjections, stats: dict[str, torch.Tensor]) -> TokenProje
     proj.zscored = True
     proj.baseline = {"tokens": int(stats["tokens"])}
     return proj
+
+
+# ---- the flows the command line and the dashboard share ----------------------------------------
+@dataclass
+class Monitored:
+    """Per-token projections of one answer on one vector at one layer."""
+
+    layer: int
+    projections: TokenProjections
+
+
+def monitor_answer(
+    store: Store,
+    trait: str,
+    *,
+    kind: str = DEFAULT_KIND,
+    response_id: int | None = None,
+    prompt: str | None = None,
+    layer: int | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    zscored: bool = False,
+    max_new_tokens: int = 120,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> Monitored:
+    """A stored response (``response_id``) or the model's new answer to ``prompt``, projected
+    token by token on the trait's latest ``kind`` vector at ``layer`` (default: the trait's
+    default layer); z-scores against the neutral baseline when ``zscored``."""
+    from pipeline.chat import token_ids
+    from pipeline.decoding import decode
+
+    fitted = load_fitted_vector(store, trait, kind, model=model, device=device)
+    loaded = fitted.loaded
+    layer = fitted.layer_or_default(store, layer, steered=False)
+    if response_id is not None:
+        prompt_part, answer = token_ids(store.get_response(response_id), loaded)
+    elif prompt is not None:
+        prompt_part = prompt_ids(loaded.tokenizer, None, prompt)
+        answer = decode(
+            loaded,
+            [prompt_part],
+            [seed],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )[0].answer_ids
+    else:
+        raise PersonaError("monitor needs a stored response id or a prompt to answer")
+    vectors = {kind: fitted.vector}
+    proj = project_tokens(loaded, prompt_part, answer, vectors, [layer])
+    if zscored:
+        proj = zscore(proj, baseline_stats(store, loaded, trait, vectors, [layer]))
+    return Monitored(layer, proj)
+
+
+def monitor_responses(
+    store: Store,
+    trait: str,
+    response_ids: Sequence[int],
+    *,
+    kind: str = DEFAULT_KIND,
+    layer: int | None = None,
+    zscored: bool = False,
+) -> tuple[int, list[tuple[Response, TokenProjections]]]:
+    """Stored responses projected at every layer (values [T, 1, L+1]), for a view that
+    moves between layers; with the layer to show first (``layer``, else the default)."""
+    from pipeline.chat import token_ids
+
+    fitted = load_fitted_vector(store, trait, kind)
+    loaded = fitted.loaded
+    vectors = {kind: fitted.vector}
+    layers = list(range(loaded.num_layers + 1))
+    stats = baseline_stats(store, loaded, trait, vectors, layers) if zscored else None
+    shown = []
+    for response_id in response_ids:
+        response = store.get_response(response_id)
+        proj = project_tokens(loaded, *token_ids(response, loaded), vectors, layers)
+        shown.append((response, proj if stats is None else zscore(proj, stats)))
+    if layer is None:
+        layer = fitted.layer_or_default(store, None, steered=False)
+    return layer, shown
+
+
+# on_words(words, projections): the answer's next tokens as text, each with its projection.
+WordsCallback = Callable[[list[str], list[float]], None]
+
+
+def stream_answer(
+    store: Store,
+    trait: str,
+    prompt: str,
+    on_words: WordsCallback,
+    *,
+    kind: str = DEFAULT_KIND,
+    layer: int | None = None,
+    coef: float = 0.0,
+    max_new_tokens: int = 200,
+) -> int:
+    """The model's greedy answer to ``prompt``, steered by ``coef`` x the vector at ``layer``
+    when ``coef`` is not 0, streamed to ``on_words`` with each token's projection at that
+    layer as it is written; returns the layer."""
+    from pipeline.decoding import decode
+    from pipeline.engine import Watch
+    from vectors.steering import SteeringSpec
+
+    fitted = load_fitted_vector(store, trait, kind)
+    loaded = fitted.loaded
+    layer = fitted.layer_or_default(store, layer, steered=bool(coef))
+    tok = loaded.tokenizer
+    specs = [SteeringSpec(layer, fitted.vector, coef=coef)] if coef else []
+
+    def stream(_start: int, tokens: torch.Tensor, proj: torch.Tensor | None) -> None:
+        words = [tok.decode([t]) for t in tokens[0].tolist()]
+        values = proj[0, :, 0].tolist() if proj is not None else [0.0] * len(words)
+        on_words(words, values)
+
+    decode(
+        loaded,
+        [prompt_ids(tok, None, prompt)],
+        [0],
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        steering=specs,
+        watch=[Watch(kind, layer, fitted.vector[layer])],
+        on_tokens=stream,
+        check_every=4,
+    )
+    return layer

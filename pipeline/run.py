@@ -12,6 +12,7 @@ from db import PersonaError, Store
 from pipeline.analyze import TraitReport, analyze
 from pipeline.author import AuthorParams, create_author_job
 from pipeline.extract import Extraction, extract
+from pipeline.filter import DEFAULT_FILTER, FilterParams
 from pipeline.generate import GenerateParams, find_or_create_job
 from pipeline.jobs import ProgressCallback, run_job
 from pipeline.judging import DEFAULT_JUDGE, JudgeParams, find_or_create_judge_job
@@ -32,8 +33,8 @@ class RunParams:
     temperature: float = 1.0
     seed: int = 0
     batch_size: int | None = None
-    threshold: float = 50.0
-    coherence: float = 50.0
+    threshold: float = DEFAULT_FILTER.threshold
+    coherence: float = DEFAULT_FILTER.coherence
     device: str | None = None
 
 
@@ -54,7 +55,9 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
 
     from pipeline.judge import check_judge_spec
 
-    check_judge_spec(params.judge)  # before hours of generation, not after
+    # Before hours of generation, not after.
+    check_judge_spec(params.judge)
+    FilterParams(params.threshold, params.coherence).validate()
     with Store(db_path) as store:
         if not store.has_trait(params.trait):
             if not params.description:

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from db import PersonaError, Store
-from pipeline.analyze import latest_vectors
 from pipeline.chat import prompt_ids
 from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
+from pipeline.trait_vectors import load_fitted_vector
 from vectors.analysis import projections_by_layer
-from vectors.files import check_fits, load_vector
 
 
 @dataclass
@@ -86,24 +85,13 @@ def screen(
     seed: int = 0,
 ) -> tuple[int, list[ScreenRow]]:
     """Rank the samples (highest first); returns (layer used, rows)."""
-    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
-    from pipeline.models import load_model
+    from pipeline.decoding import decode
     from pipeline.sampling import row_seed
 
     samples = read_samples(data)
-    records = latest_vectors(store, trait)
-    if "response_avg_diff" not in records:
-        raise PersonaError(f"trait '{trait}' has no vectors yet; run `persona extract {trait}`")
-    vector = load_vector(records["response_avg_diff"].path)[0]
-    loaded = load_model(model or records["response_avg_diff"].model, device=device)
-    what = f"the {trait} vector ({records['response_avg_diff'].path})"
-    check_fits(vector, loaded.num_layers, loaded.hidden_size, what=what)
-    if layer is None:
-        from pipeline.analyze import default_layer
-
-        layer = default_layer(store, trait, loaded.num_layers)
-    if not 1 <= layer <= loaded.num_layers:
-        raise PersonaError(f"--layer must be in 1..{loaded.num_layers} (got {layer})")
+    fitted = load_fitted_vector(store, trait, model=model, device=device)
+    loaded, vector = fitted.loaded, fitted.vector
+    layer = fitted.layer_or_default(store, layer, steered=False)
     tok = loaded.tokenizer
     prompts = [prompt_ids(tok, None, p) for p, _ in samples]
     answers = [tok(r, add_special_tokens=False)["input_ids"] for _, r in samples]
@@ -121,11 +109,8 @@ def screen(
     data_proj = project(list(zip(prompts, answers, strict=True)))
     base_proj: list[float | None] = [None] * len(samples)
     if compare_base:
-        engine = DecodeEngine(loaded, capture=False)
-        results = engine.run(
-            [DecodeRequest(p, row_seed(seed, i, 0, 0)) for i, p in enumerate(prompts)],
-            SamplingConfig(max_new_tokens=max_new_tokens),
-        )
+        seeds = [row_seed(seed, i, 0, 0) for i in range(len(prompts))]
+        results = decode(loaded, prompts, seeds, max_new_tokens=max_new_tokens)
         base_proj = project([(p, r.answer_ids) for p, r in zip(prompts, results, strict=True)])
     rows = [ScreenRow(i, p, r, data_proj[i], base_proj[i]) for i, (p, r) in enumerate(samples)]
     key = (lambda row: row.difference) if compare_base else (lambda row: row.projection)

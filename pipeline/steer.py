@@ -1,4 +1,4 @@
-"""Steered generation: the same prompt answered with and without a persona vector added
+"""Steered generation: the same prompt answered with and without a trait's vector added
 (ablated, or its projection capped) at one layer, for quick side-by-side reading."""
 
 from __future__ import annotations
@@ -6,22 +6,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-
-from db import PersonaError
+from db import PersonaError, Store
 from pipeline.chat import prompt_ids
-from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
-from pipeline.models import load_model
+from pipeline.decoding import answer_text, decode
+from pipeline.trait_vectors import DEFAULT_KIND, check_layer, load_fitted_vector
 from vectors.steering import SteeringSpec
 
 
 def steer_side_by_side(
+    store: Store,
+    trait: str,
     *,
-    model: str,
-    vector: torch.Tensor,
     layer: int,
     coefs: Sequence[float],
     prompt: str,
+    kind: str = DEFAULT_KIND,
+    model: str | None = None,
     positions: str = "response",
     max_new_tokens: int = 120,
     temperature: float = 0.0,
@@ -31,26 +31,25 @@ def steer_side_by_side(
     cap: float | None = None,
 ) -> dict[str, str]:
     """label -> answer text: unsteered first, then the ablation and the cap (when asked for),
-    then each coefficient. ``cap`` is a projection value (h . v / |v|, the monitor's unit)."""
+    then each coefficient, with the trait's latest ``kind`` vector on ``model`` (default: the
+    one it was made with). ``cap`` is a projection value (h . v / |v|, the monitor's unit)."""
     if cap is not None and not math.isfinite(cap):
         raise PersonaError(f"--cap must be a finite projection value (got {cap})")
-    loaded = load_model(model, device=device)
-    if not 1 <= layer <= loaded.num_layers:
-        raise PersonaError(
-            f"--layer must be in 1..{loaded.num_layers} for this model (got {layer})"
-        )
-    if vector.shape[0] != loaded.num_layers + 1 or vector.shape[1] != loaded.hidden_size:
-        raise PersonaError(
-            f"the vector has shape {list(vector.shape)} but {model} needs "
-            f"[{loaded.num_layers + 1}, {loaded.hidden_size}]; it was made for another model"
-        )
-    engine = DecodeEngine(loaded, capture=False)
-    request = [DecodeRequest(prompt_ids(loaded.tokenizer, None, prompt), seed)]
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    fitted = load_fitted_vector(store, trait, kind, model=model, device=device)
+    loaded, vector = fitted.loaded, fitted.vector
+    check_layer(layer, loaded.num_layers, steered=True)
+    prompt_part = prompt_ids(loaded.tokenizer, None, prompt)
 
     def answer(specs: Sequence[SteeringSpec]) -> str:
-        result = engine.run(request, sampling, steering=specs)[0]
-        return loaded.tokenizer.decode(result.answer_ids, skip_special_tokens=True)
+        result = decode(
+            loaded,
+            [prompt_part],
+            [seed],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            steering=specs,
+        )[0]
+        return answer_text(loaded, result.answer_ids)
 
     out = {"unsteered": answer([])}
     if ablate:

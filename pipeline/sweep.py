@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from db import PersonaError, Store
-from pipeline.analyze import analyze, latest_vectors
 from pipeline.jobs import JobParams, JobProgress, ProgressCallback
-from vectors.files import VectorFileError, check_fits, load_vector
+from vectors.errors import VectorFileError
 
 MIN_COHERENCE = 50.0
+DEFAULT_COEFS = (-2.0, -1.0, 1.0, 2.0)
 
 
 @dataclass(frozen=True)
 class SweepParams(JobParams):
     layers: tuple[int, ...]
-    coefs: tuple[float, ...] = (-2.0, -1.0, 1.0, 2.0)
+    coefs: tuple[float, ...] = DEFAULT_COEFS
     n: int = 5  # eval questions
     judge: str = "openai:gpt-4.1-mini-2025-04-14"
     judge_base_url: str | None = None
@@ -40,8 +41,6 @@ class SweepParams(JobParams):
     def validate(self) -> SweepParams:
         if not self.layers:
             raise PersonaError("--layers is empty; give a range such as 8-24 or a list 8,12,16")
-        if not self.coefs:
-            raise PersonaError("--coefs is empty; give a list such as -2,-1,1,2")
         if not 1 <= self.n <= 20:
             raise PersonaError(f"--n must be between 1 and 20 eval questions (got {self.n})")
         if self.prune_top is not None and self.prune_top < 1:
@@ -50,8 +49,7 @@ class SweepParams(JobParams):
             raise PersonaError(
                 f"--layers {list(self.layers)}: a steered layer is a block output, 1 or more"
             )
-        if not all(math.isfinite(c) and abs(c) <= MAX_COEF for c in self.coefs):
-            raise PersonaError(f"--coefs needs finite numbers of size at most {MAX_COEF:g}")
+        check_coefs(self.coefs)
         from pipeline.judge import check_judge_spec
 
         check_judge_spec(self.judge)
@@ -78,9 +76,7 @@ def parse_layers(text: str) -> tuple[int, ...]:
             layers = tuple(int(x) for x in parts)
     except ValueError:
         raise PersonaError(bad) from None
-    if any(layer < 1 for layer in layers):
-        raise PersonaError(f"--layers {text}: a steered layer is a block output, 1 or more")
-    return layers
+    return layers  # SweepParams.validate checks each is a block output
 
 
 # A coefficient multiplies an unnormalised difference of means: past this, the steered state
@@ -90,26 +86,40 @@ MAX_COEFS = 64
 MAX_LAYERS = 4096
 
 
+def check_coefs(coefs: Sequence[float]) -> tuple[float, ...]:
+    """Steering coefficients as sweep and steer take them: at least one, each finite with
+    |c| <= MAX_COEF, at most MAX_COEFS (SweepParams.validate and parse_coefs both check
+    here)."""
+    if not coefs:
+        raise PersonaError("--coefs is empty; give a list such as -2,-1,1,2")
+    if not all(math.isfinite(c) and abs(c) <= MAX_COEF for c in coefs):
+        raise PersonaError(f"--coefs needs finite numbers of size at most {MAX_COEF:g}")
+    if len(coefs) > MAX_COEFS:
+        raise PersonaError(f"--coefs gives {len(coefs)} values; at most {MAX_COEFS} a run")
+    return tuple(coefs)
+
+
 def parse_coefs(text: str) -> tuple[float, ...]:
-    """Comma-separated steering coefficients: finite numbers, |c| <= MAX_COEF, at most
-    MAX_COEFS of them (sweep --coefs and steer --coef share this)."""
+    """Comma-separated steering coefficients (sweep --coefs, steer --coef, the dashboard's
+    sweep form), checked by ``check_coefs``."""
+    bad = f"--coefs '{text}' is not a comma list of numbers such as -2,2"
     parts = [part.strip() for part in text.split(",")]
     if not any(parts) or not all(parts):
-        raise PersonaError(f"--coefs '{text}' is not a comma list of numbers such as -2,2")
+        raise PersonaError(bad)
     try:
-        values = tuple(float(part) for part in parts)
+        return check_coefs(tuple(float(part) for part in parts))
     except ValueError:
-        raise PersonaError(
-            f"--coefs '{text}' is not a comma list of numbers such as -2,2"
-        ) from None
-    if not all(math.isfinite(v) and abs(v) <= MAX_COEF for v in values):
-        raise PersonaError(f"--coefs '{text}' needs finite numbers of size at most {MAX_COEF:g}")
-    if len(values) > MAX_COEFS:
-        raise PersonaError(f"--coefs gives {len(values)} values; at most {MAX_COEFS} a run")
-    return values
+        raise PersonaError(bad) from None
+
+
+def format_coefs(coefs: Sequence[float]) -> str:
+    """The inverse of ``parse_coefs``: -2,-1,1,2."""
+    return ",".join(f"{c:g}" for c in coefs)
 
 
 def create_sweep_job(store: Store, trait: str, params: SweepParams) -> int:
+    from pipeline.analyze import latest_vectors
+
     params.validate()
     if "response_avg_diff" not in latest_vectors(store, trait):
         raise PersonaError(f"trait '{trait}' has no vectors yet; run `persona extract {trait}`")
@@ -124,28 +134,26 @@ def run_sweep_job(
 ) -> None:
     import torch
 
+    from pipeline.analyze import analyze
     from pipeline.chat import prompt_ids
-    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.decoding import answer_text, decode, response_row
     from pipeline.judge import COHERENCE_PROMPT, make_judge
     from pipeline.judging import run_judgments
-    from pipeline.models import load_model
     from pipeline.sampling import row_seed
+    from pipeline.trait_vectors import check_steered_layers, load_fitted_vector
     from vectors.steering import SteeringSpec
 
     job = store.get_job(job_id)
     params = SweepParams.from_dict(job.params).validate()
     trait = store.get_trait(job.trait)
-    record = latest_vectors(store, trait.name)[params.vector]
-    vector = load_vector(record.path)[0]
-    loaded = load_model(params.model or record.model, device=params.device)
     try:
-        what = f"the {trait.name} vector ({record.path})"
-        check_fits(vector, loaded.num_layers, loaded.hidden_size, what=what)
+        fitted = load_fitted_vector(
+            store, trait.name, params.vector, model=params.model, device=params.device
+        )
     except VectorFileError as exc:  # a job's failure message is a PersonaError's
         raise PersonaError(str(exc)) from None
-    bad = [layer for layer in params.layers if not 1 <= layer <= loaded.num_layers]
-    if bad:
-        raise PersonaError(f"--layers {bad} are outside 1..{loaded.num_layers} for this model")
+    record, vector, loaded = fitted.record, fitted.vector, fitted.loaded
+    check_steered_layers(params.layers, loaded.num_layers)
     layers = list(params.layers)
     pruned: dict[str, Any] = {}
     if params.prune_top is not None and len(layers) > params.prune_top:
@@ -166,8 +174,6 @@ def run_sweep_job(
     )
     progress.extra["pruned"] = pruned
     progress.start()
-    engine = DecodeEngine(loaded, capture=False)
-    sampling = SamplingConfig(max_new_tokens=params.max_new_tokens, temperature=params.temperature)
     prompts = {q: prompt_ids(loaded.tokenizer, None, trait.questions[q]) for q in questions}
     for layer, index, coef in settings:
         todo = [q for q in questions if (q, layer, index) not in stored]
@@ -178,32 +184,37 @@ def run_sweep_job(
         specs = []
         if layer:
             specs = [SteeringSpec(layer, vector, coef=coef, positions=params.positions)]
-        requests = [DecodeRequest(prompts[q], row_seed(params.seed, q, 0, 0)) for q in todo]
+        seeds = [row_seed(params.seed, q, 0, 0) for q in todo]
         try:
-            results = engine.run(requests, sampling, steering=specs)
+            results = decode(
+                loaded,
+                [prompts[q] for q in todo],
+                seeds,
+                max_new_tokens=params.max_new_tokens,
+                temperature=params.temperature,
+                steering=specs,
+            )
         except torch.cuda.OutOfMemoryError:
             raise PersonaError(
-                f"CUDA out of memory generating {len(requests)} steered answers at once; rerun "
+                f"CUDA out of memory generating {len(todo)} steered answers at once; rerun "
                 "the same command with a lower --n or --max-new-tokens (the job resumes where "
                 "it stopped)"
             ) from None
         store.add_responses(
-            {
-                "job": job_id,
-                "trait": trait.name,
-                "side": "none",
-                "split": "eval",
-                "question": q,
-                "instruction": layer,
-                "sample": index,
-                "question_text": trait.questions[q],
-                "system_prompt": "",
-                "prompt_ids": prompts[q],
-                "answer_ids": r.answer_ids,
-                "answer": loaded.tokenizer.decode(r.answer_ids, skip_special_tokens=True),
-                "finish_reason": r.finish_reason,
-                "model": loaded.model_id,
-            }
+            response_row(
+                job=job_id,
+                trait=trait.name,
+                side="none",
+                split="eval",
+                key=(q, layer, index),
+                question_text=trait.questions[q],
+                system_prompt="",
+                prompt_ids=prompts[q],
+                answer_ids=r.answer_ids,
+                answer=answer_text(loaded, r.answer_ids),
+                finish_reason=r.finish_reason,
+                model=loaded.model_id,
+            )
             for q, r in zip(todo, results, strict=True)
         )
         progress.add(len(todo))

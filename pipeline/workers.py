@@ -1,18 +1,18 @@
-"""Detached job processes: ``persona worker JOB_ID`` started in a new session, so a job
-outlives the dashboard and a dropped SSH connection. Its output goes to a log file beside
-the database; the job row carries its pid and heartbeat, from which a dead worker is told
-apart from a running one."""
+"""Detached job processes: ``python -m pipeline.worker_main DB JOB_ID`` started in a new
+session, so a job outlives the dashboard and a dropped SSH connection. Its output goes to a
+log file beside the database; the job row carries its pid and heartbeat, from which a dead
+worker is told apart from a running one."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from db import PersonaError, Store
 from pipeline.jobs import lock_holder
+from pipeline.worker_main import worker_command
 
 
 def log_path(store: Store, job_id: int) -> Path:
@@ -31,18 +31,11 @@ def start_worker(store: Store, job_id: int, *, rerun_done: bool = True) -> int:
     path = log_path(store, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     store.update_job(job_id, status="pending", message="starting", started=None, ended=None)
+    # The database's absolute path: the worker runs in another directory.
+    command = worker_command(store.path.resolve(), job_id)  # an argument list, never a shell
     with path.open("ab") as log:
-        process = subprocess.Popen(  # an argument list, never a shell string
-            # The database's absolute path: the worker runs in another directory.
-            [
-                sys.executable,
-                "-m",
-                "tui.cli",
-                "--db",
-                str(store.path.resolve()),
-                "worker",
-                str(job_id),
-            ],
+        process = subprocess.Popen(
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

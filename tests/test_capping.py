@@ -101,27 +101,21 @@ def test_capped_decode_equals_a_teacher_forced_forward(tiny, vector, tau, backen
             torch.testing.assert_close(result.activations[kind], ref[kind], rtol=1e-4, atol=1e-4)
 
 
-def test_side_by_side_names_the_cap(tiny_model_dir, vector, tau) -> None:
-    out = steer_side_by_side(
-        model=str(tiny_model_dir),
-        vector=vector,
-        layer=LAYER,
-        coefs=[],
-        prompt="Hi",
-        positions="all",
-        max_new_tokens=4,
-        cap=tau,
-    )
-    assert list(out) == ["unsteered", f"capped at {tau:g} at layer {LAYER}"]
-    with pytest.raises(PersonaError, match="--cap must be a finite"):
-        steer_side_by_side(
-            model=str(tiny_model_dir),
-            vector=vector,
-            layer=2,
-            coefs=[],
-            prompt="Hi",
-            cap=float("nan"),
-        )
+def test_side_by_side_names_the_cap(generated) -> None:
+    from db import Store
+    from pipeline.extract import extract
+
+    with Store(generated) as store:
+        extract(store, "paternalism")
+        out = steer_side_by_side(
+            store, "paternalism", layer=LAYER, coefs=[], prompt="Hi", positions="all",
+            max_new_tokens=4, cap=0.5,
+        )  # fmt: skip
+        assert list(out) == ["unsteered", f"capped at 0.5 at layer {LAYER}"]
+        with pytest.raises(PersonaError, match="--cap must be a finite"):
+            steer_side_by_side(
+                store, "paternalism", layer=LAYER, coefs=[], prompt="Hi", cap=float("nan")
+            )
 
 
 def test_bad_cap_specs(vector) -> None:

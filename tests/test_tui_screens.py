@@ -433,12 +433,13 @@ def test_run_tui_opens_on_the_trait_with_the_runs_thresholds(
 
     import pipeline.run
     import tui.cli
+    import tui.cli.output
 
     opened = {}
     result = SimpleNamespace(extraction=SimpleNamespace(pairs=None), report=None)
     monkeypatch.setattr(pipeline.run, "run_trait", lambda *a, **k: result)
-    monkeypatch.setattr(tui.cli, "_print_pair_counts", lambda pairs: None)
-    monkeypatch.setattr(tui.cli, "print_report", lambda report: None)
+    monkeypatch.setattr(tui.cli.output, "print_pair_counts", lambda pairs: None)
+    monkeypatch.setattr(tui.cli.output, "print_report", lambda report: None)
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.setattr(

@@ -12,6 +12,7 @@ from textual.binding import Binding, BindingType
 from textual.reactive import reactive
 from textual.screen import Screen
 
+from pipeline.filter import DEFAULT_FILTER
 from tui.messages import WorkerError
 from tui.screens.error import ErrorModal
 from tui.screens.jobs import JobsScreen
@@ -49,7 +50,7 @@ class PersonaApp(App[None]):
     def __init__(self, db_path: str | Path, trait: str | None = None) -> None:
         super().__init__()
         self.db_path = Path(db_path)
-        self.thresholds = (50.0, 50.0)
+        self.thresholds = (DEFAULT_FILTER.threshold, DEFAULT_FILTER.coherence)
         self.set_reactive(PersonaApp.trait, trait)
 
     def on_mount(self) -> None:

@@ -24,15 +24,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vectors.errors import ActivationFileError
 from vectors.files import match_umask
 
 KINDS = ("response_avg", "prompt_avg", "prompt_last")
 CONSOLIDATED = "activations.safetensors"
 _SHARD_GLOB = "shard-*.safetensors"
-
-
-class ActivationFileError(ValueError):
-    """An activation file is unreadable or does not match its job."""
 
 
 def write_shard(

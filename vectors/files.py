@@ -18,15 +18,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from vectors.errors import VectorFileError
+
 KINDS = ("response_avg_diff", "prompt_avg_diff", "prompt_last_diff")
 LAYER_CONVENTION = (
     "index 0 = embedding output; index l = output of decoder block l-1 (raw, before the final "
     "norm, for every l)"
 )
-
-
-class VectorFileError(ValueError):
-    """A vector file is unreadable, unsafe or does not fit the model."""
 
 
 def save_vector(path: Path, vector: torch.Tensor, metadata: dict[str, Any]) -> Path:

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -18,7 +17,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Footer, Header, Input, Label, Static
 
-from db import PersonaError, Store
+from db import Store
 from tui.screens.base import PersonaScreen
 from tui.widgets.heatmap import heatmap, legend
 
@@ -119,81 +118,36 @@ class MonitorScreen(PersonaScreen):
             return None
         return value if math.isfinite(value) else None
 
-    def _model_and_vectors(self, store: Store, trait: str):
-        from pipeline.analyze import latest_vectors
-        from pipeline.models import load_model
-        from vectors.files import load_vector
-
-        records = latest_vectors(store, trait)
-        if self.kind not in records:
-            raise PersonaError(f"trait '{trait}' has no {self.kind} vector; extract first (4, x)")
-        vector = load_vector(records[self.kind].path)[0]
-        return load_model(records[self.kind].model), vector
-
-    def _default_layer(self, store: Store, trait: str, loaded: Any) -> int:
-        """The layer shown first: the one on screen, else the model's default layer."""
-        from pipeline.analyze import default_layer
-
-        if self.shown_layer is not None:
-            return self.shown_layer
-        return default_layer(store, trait, loaded.num_layers)
-
     @work(thread=True, exclusive=True, group="monitor-load", exit_on_error=False)
     def load_responses(self, trait: str, ids: list[int]) -> None:
-        from pipeline.chat import token_ids
-        from pipeline.monitor import baseline_stats, project_tokens, zscore
+        from pipeline.monitor import monitor_responses
 
         with Store(self.db_path) as store:
-            loaded, vector = self._model_and_vectors(store, trait)
-            layers = list(range(loaded.num_layers + 1))
-            stats = None
-            if self.zscore:
-                stats = baseline_stats(store, loaded, trait, {"v": vector}, layers)
-            panels = []
-            for rid in ids:
-                response = store.get_response(rid)
-                proj = project_tokens(loaded, *token_ids(response, loaded), {"v": vector}, layers)
-                if stats is not None:
-                    proj = zscore(proj, stats)
-                panels.append(
-                    {
-                        "title": f"{response.side} · response {rid}",
-                        "tokens": proj.tokens,
-                        "values": proj.values[:, 0, :],
-                        "prompt_len": proj.prompt_len,
-                    }
-                )
-            layer = self._default_layer(store, trait, loaded)
+            layer, shown = monitor_responses(
+                store, trait, ids, kind=self.kind, layer=self.shown_layer, zscored=self.zscore
+            )
+        panels = [
+            {
+                "title": f"{response.side} · response {response.id}",
+                "tokens": proj.tokens,
+                "values": proj.values[:, 0, :],
+                "prompt_len": proj.prompt_len,
+            }
+            for response, proj in shown
+        ]
         self.post_message(ProjectionsLoaded(panels, layer))
 
     @work(thread=True, exclusive=True, group="monitor-live", exit_on_error=False)
     def generate_live(
         self, trait: str, prompt: str, coef: float, kind: str, layer: int | None
     ) -> None:
-        from pipeline.chat import prompt_ids
-        from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig, Watch
-        from vectors.steering import SteeringSpec
+        from pipeline.monitor import stream_answer
 
-        with Store(self.db_path) as store:
-            loaded, vector = self._model_and_vectors(store, trait)
-            layer = layer if layer is not None else self._default_layer(store, trait, loaded)
-        tok = loaded.tokenizer
-        engine = DecodeEngine(loaded, capture=False)
-        specs = [SteeringSpec(layer, vector, coef=coef)] if coef else []
-
-        def stream(_start: int, tokens: torch.Tensor, proj: torch.Tensor | None) -> None:
-            words = [tok.decode([t]) for t in tokens[0].tolist()]
-            values = proj[0, :, 0].tolist() if proj is not None else [0.0] * len(words)
+        def show(words: list[str], values: list[float]) -> None:
             self.post_message(TokensStreamed(words, values, False))
 
-        engine.run(
-            [DecodeRequest(prompt_ids(tok, None, prompt), seed=0)],
-            SamplingConfig(max_new_tokens=200, temperature=0.0),
-            steering=specs,
-            watch=[Watch(kind, layer, vector[layer])],
-            on_tokens=stream,
-            check_every=4,
-        )
+        with Store(self.db_path) as store:
+            stream_answer(store, trait, prompt, show, kind=kind, layer=layer, coef=coef)
         self.post_message(TokensStreamed([], [], True))
 
     # ---- showing ---------------------------------------------------------------------------

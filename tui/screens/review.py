@@ -15,16 +15,15 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.validation import Number
 from textual.widgets import DataTable, Footer, Header, Input, Label, Select, Static
 
 from db import PersonaError, Store
 from db.store import PairQuery
+from pipeline.filter import DEFAULT_FILTER
 from tui.screens.base import PersonaScreen
+from tui.validators import FilterValue
 
 PAGE = 200
-# T and C: the rule's thresholds, 0..100 (an invalid value is shown and not applied).
-PERCENT = Number(minimum=0, maximum=100, failure_description="a number from 0 to 100")
 COLUMNS = (
     ("q", "q"),
     ("i", "i"),
@@ -80,9 +79,19 @@ class ReviewScreen(PersonaScreen):
         yield Header()
         with Horizontal(id="review-controls"):
             yield Label("T")
-            yield Input("50", id="threshold", classes="number", validators=[PERCENT])
+            yield Input(
+                f"{DEFAULT_FILTER.threshold:g}",
+                id="threshold",
+                classes="number",
+                validators=[FilterValue("threshold")],
+            )
             yield Label("C")
-            yield Input("50", id="coherence", classes="number", validators=[PERCENT])
+            yield Input(
+                f"{DEFAULT_FILTER.coherence:g}",
+                id="coherence",
+                classes="number",
+                validators=[FilterValue("coherence")],
+            )
             yield Select(
                 [("all", "all"), ("effective", "effective"), ("filtered", "filtered")],
                 value="all",
@@ -98,7 +107,7 @@ class ReviewScreen(PersonaScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        threshold, coherence = getattr(self.app, "thresholds", (50.0, 50.0))
+        threshold, coherence = self.app.thresholds  # type: ignore[attr-defined]
         self.query_one("#threshold", Input).value = f"{threshold:g}"
         self.query_one("#coherence", Input).value = f"{coherence:g}"
         self.applied = {"threshold": threshold, "coherence": coherence}

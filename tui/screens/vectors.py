@@ -114,9 +114,7 @@ class VectorsScreen(PersonaScreen):
 
     @work(thread=True, exclusive=True, group="vectors-load", exit_on_error=False)
     def load(self, trait: str, layer: int | None) -> None:
-        from pipeline.analyze import analyze, latest_vectors
-        from vectors.analysis import cosine_matrix
-        from vectors.files import load_vector
+        from pipeline.analyze import analyze, trait_cosines
 
         with Store(self.db_path) as store:
             if not store.vectors(trait=trait, kind="response_avg_diff"):
@@ -126,14 +124,10 @@ class VectorsScreen(PersonaScreen):
                 )
                 return
             report = analyze(store, trait)
-            vectors = {}
-            for summary in store.list_traits():
-                record = latest_vectors(store, summary.name, report.model).get("response_avg_diff")
-                if record is not None:
-                    vectors[summary.name] = load_vector(record.path)[0]
-        if layer is None:
-            layer = report.recommended_layer or len(report.norms["response_avg_diff"]) // 2
-        cosine = cosine_matrix(vectors, layer) if len(vectors) > 1 else None
+            if layer is None:
+                layer = report.default_layer
+            names, matrix = trait_cosines(store, report.model, layer)
+        cosine = (names, matrix) if len(names) > 1 else None
         self.post_message(ReportLoaded(report, (layer, cosine)))
 
     def on_report_unavailable(self, message: ReportUnavailable) -> None:
@@ -187,7 +181,7 @@ class VectorsScreen(PersonaScreen):
     def start_extraction(self, trait: str) -> None:
         from pipeline import workers
 
-        threshold, coherence = getattr(self.app, "thresholds", (50.0, 50.0))
+        threshold, coherence = self.app.thresholds  # type: ignore[attr-defined]
         with Store(self.db_path) as store:
             job = store.create_job(
                 "extract", trait, {"threshold": threshold, "coherence": coherence}

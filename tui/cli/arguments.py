@@ -1,0 +1,170 @@
+"""Argument types: one checker per kind of value, shared by every option of that kind. A bad
+value stops at parse time with one line naming the option, before any database or model is
+opened. Also the option groups several commands share."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from db import PersonaError
+from pipeline.filter import DEFAULT_FILTER, FilterParams
+
+MAX_SEED = 2**63 - 1  # seeds are packed as signed 64-bit integers (pipeline.sampling.row_seed)
+VECTOR_KINDS = ("response_avg_diff", "prompt_avg_diff", "prompt_last_diff")
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+
+
+def _real_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def row_id(text: str) -> int:
+    """A database id (job, response): SQLite's integers stop at 2**63 - 1."""
+    value = _whole_number(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an id from 0 to {MAX_SEED} (got {value})")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (answers, tokens, batch rows, concurrent requests)."""
+    value = _whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An index or budget that may be 0 but not negative (nor past SQLite's integers)."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEED} (got {value})")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = _whole_number(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED} (got {value})")
+    return value
+
+
+def _filter_value(field: str) -> Callable[[str], float]:
+    """T or C of the effective-pair rule, checked by the rule's own ``FilterParams``."""
+
+    def parse(text: str) -> float:
+        value = _real_number(text)
+        try:
+            FilterParams(**{field: value}).validate()
+        except PersonaError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--{field} ")) from None
+        return value
+
+    parse.__name__ = field  # argparse names the type in its messages
+    return parse
+
+
+threshold_value = _filter_value("threshold")
+coherence_value = _filter_value("coherence")
+
+
+def non_negative_float(text: str) -> float:
+    value = _real_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value:g})")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A duration or size that must be above 0."""
+    value = _real_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 (got {value:g})")
+    return value
+
+
+def probability(text: str) -> float:
+    """A nucleus mass in (0, 1]: 0 would keep no token at all."""
+    value = _real_number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (got {value:g})")
+    return value
+
+
+def number_list(text: str) -> list[float]:
+    """Comma-separated steering coefficients (finite, |c| <= MAX_COEF, at most MAX_COEFS)."""
+    from pipeline.sweep import parse_coefs
+
+    if not any(part.strip() for part in text.split(",")):
+        raise argparse.ArgumentTypeError("is empty; give numbers such as 2 or -2,2")
+    try:
+        return list(parse_coefs(text))
+    except PersonaError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--coefs ")) from None
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write into; created when missing, so only an existing file (or a folder
+    that cannot be made) is wrong."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file; pass a folder (made if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise argparse.ArgumentTypeError(f"cannot make folder {path} ({reason})") from None
+    return path
+
+
+def output_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; pass a file name")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"folder {path.parent} does not exist; create it first or write elsewhere"
+        )
+    return path
+
+
+def add_filter_values(sub: argparse.ArgumentParser) -> None:
+    """--threshold and --coherence, with the rule's defaults (``pipeline.filter``)."""
+    sub.add_argument(
+        "--threshold",
+        type=threshold_value,
+        default=DEFAULT_FILTER.threshold,
+        help=f"T (default {DEFAULT_FILTER.threshold:g})",
+    )
+    sub.add_argument(
+        "--coherence",
+        type=coherence_value,
+        default=DEFAULT_FILTER.coherence,
+        help=f"C (default {DEFAULT_FILTER.coherence:g})",
+    )
+
+
+def add_pair_filter(sub: argparse.ArgumentParser) -> None:
+    """The trait and the effective-pair rule's options (``pairs`` and ``extract``)."""
+    sub.add_argument("trait")
+    add_filter_values(sub)
+    sub.add_argument("--pos-job", type=row_id, help="default: the latest pos extract job")
+    sub.add_argument("--neg-job", type=row_id, help="default: the latest neg extract job")
+    sub.add_argument("--judge", help="whose scores (default: the judge with most scores)")
