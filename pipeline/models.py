@@ -211,8 +211,9 @@ _LAST: dict[tuple, LoadedModel] = {}
 def load_model(spec: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference: bf16 on CUDA, fp32 on CPU,
     ``device_map="auto"`` when the weights do not fit the first GPU. The last model loaded
-    is reused when asked for again with the same arguments."""
-    key = (spec, device, dtype)
+    is reused when asked for again with the same arguments (``cuda`` and the current
+    ``cuda:N`` are one device)."""
+    key = (spec, _device_key(device), dtype)
     with _LOAD_LOCK:
         if key in _LAST:
             return _LAST[key]
@@ -220,6 +221,15 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | None = None
         _LAST.clear()
         _LAST[key] = loaded
         return loaded
+
+
+def _device_key(device: str | None) -> str:
+    import torch
+
+    chosen = pick_device(device)
+    if chosen == "cuda":
+        return f"cuda:{torch.cuda.current_device()}"
+    return chosen
 
 
 def _load_model(spec: str, *, device: str | None, dtype: str | None) -> LoadedModel:

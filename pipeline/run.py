@@ -16,6 +16,7 @@ from pipeline.filter import DEFAULT_FILTER, FilterParams
 from pipeline.generate import GenerateParams, find_or_create_job
 from pipeline.jobs import ProgressCallback, run_job
 from pipeline.judging import DEFAULT_JUDGE, JudgeParams, find_or_create_judge_job
+from pipeline.sharding import parse_gpus
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RunParams:
     threshold: float = DEFAULT_FILTER.threshold
     coherence: float = DEFAULT_FILTER.coherence
     device: str | None = None
+    gpus: str | None = None  # generation, local judging, forward extraction (parse_gpus)
 
 
 @dataclass
@@ -58,6 +60,7 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
     # Before hours of generation, not after.
     check_judge_spec(params.judge)
     FilterParams(params.threshold, params.coherence).validate()
+    parse_gpus(params.gpus)
     with Store(db_path) as store:
         if not store.has_trait(params.trait):
             if not params.description:
@@ -84,6 +87,7 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
                     seed=params.seed,
                     batch_size=params.batch_size,
                     device=params.device,
+                    gpus=params.gpus,
                 )
                 generation[(split, side)] = find_or_create_job(store, params.trait, gen)
         for (split, side), job_id in generation.items():
@@ -96,6 +100,7 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
                 job=generation[("extract", side)],
                 base_url=params.judge_base_url,
                 device=params.device,
+                gpus=params.gpus,
             )
             step(f"judge {side}", find_or_create_judge_job(store, params.trait, judge))
         result = extract(
@@ -106,6 +111,7 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
             pos_job=generation[("extract", "pos")],
             neg_job=generation[("extract", "neg")],
             device=params.device,
+            gpus=params.gpus,
         )
         report = analyze(store, params.trait, model=result.model, device=params.device)
     return RunResult(result, report)

@@ -101,13 +101,14 @@ def test_cuda_oom_names_batch_size_and_the_job_resumes(db: Path, big_model_dir: 
     try:
         rc = cli(db, "generate", "deception", "--side", "pos", "--model", str(big_model_dir),
                  "--n-per-question", "1", "--max-new-tokens", "256",
-                 "--batch-size", "20")  # fmt: skip
+                 "--batch-size", "20", "--gpus", "0")  # fmt: skip
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert rc == 2
     rc = cli(db, "generate", "deception", "--side", "pos", "--model", str(big_model_dir),
-             "--n-per-question", "1", "--max-new-tokens", "256", "--batch-size", "10")  # fmt: skip
+             "--n-per-question", "1", "--max-new-tokens", "256", "--batch-size", "10",
+             "--gpus", "0")  # fmt: skip
     assert rc == 0
     with Store(db) as store:
         job = store.list_jobs(trait="deception", kind="generate")[0]
@@ -350,3 +351,17 @@ def test_generation_across_two_workers_on_one_gpu(big_model_dir: Path, tmp_path:
         acts = load_consolidated(Path(job.stats["activations"]))
         assert sorted(acts["response_ids"].tolist()) == sorted(r.id for r in rows)
         assert torch.isfinite(acts["response_avg"]).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_the_graphed_step_on_a_second_gpu(tmp_path: Path) -> None:
+    """A model on cuda:1 while cuda:0 is current (as in a worker before it picks its GPU):
+    the graph captures on the model's device and equals the eager step."""
+    folder = build_tiny_family(tmp_path / "llama", "llama")
+    loaded = load_model(str(folder), device="cuda:1", dtype="float32")
+    requests = [DecodeRequest(prompt_ids(loaded.tokenizer, None, "Hi there"), seed=0)]
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, ignore_eos=True)
+    with torch.cuda.device(0):
+        graphed = DecodeEngine(loaded).run(requests, sampling)
+        eager = DecodeEngine(loaded, cuda_graphs=False).run(requests, sampling)
+    assert graphed[0].answer_ids == eager[0].answer_ids

@@ -168,3 +168,23 @@ def add_pair_filter(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--pos-job", type=row_id, help="default: the latest pos extract job")
     sub.add_argument("--neg-job", type=row_id, help="default: the latest neg extract job")
     sub.add_argument("--judge", help="whose scores (default: the judge with most scores)")
+
+
+def gpus_value(text: str) -> str:
+    from db import PersonaError
+    from pipeline.sharding import parse_gpus
+
+    try:
+        return parse_gpus(text)
+    except PersonaError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_gpus(sub: argparse.ArgumentParser) -> None:
+    """--gpus: one worker process a device (``pipeline.sharding``)."""
+    sub.add_argument(
+        "--gpus",
+        type=gpus_value,
+        help="devices to spread rows over, one worker each: all (default: every visible GPU, "
+        "when the model fits on one), GPU indices like 0,1, or cpu,cpu",
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from db import PersonaError
 from tui.cli.arguments import (
+    add_gpus,
     add_pair_filter,
     non_negative_float,
     non_negative_int,
@@ -47,6 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 tokenizer=args.tokenizer,
                 max_concurrent=args.max_concurrent,
                 device=args.device,
+                gpus=args.gpus,
             ).validate()
             job_id = find_or_create_job(store, args.trait, params)
             jobs.append((job_id, f"job {job_id} {args.trait} {side}/{args.split}"))
@@ -72,6 +74,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
         device=args.device,
         timeout_s=args.timeout,
         processes=args.processes,
+        gpus=args.gpus,
     ).validate()
     if args.prices:
         from pipeline.judge import load_prices
@@ -193,6 +196,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--tokenizer", help="local tokenizer for token ids with --backend openai")
     gen.add_argument("--max-concurrent", type=positive_int, default=16)
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    add_gpus(gen)
 
     jud = add_command(
         commands,
@@ -214,6 +218,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     jud.add_argument("--samples", type=positive_int, default=1, help="anthropic: average k answers")
     jud.add_argument("--prices", help="JSON file of model: [input, output] $ per 1M tokens")
     jud.add_argument("--device", help="local judge: cpu, cuda or cuda:N")
+    add_gpus(jud)
     jud.add_argument(
         "--timeout",
         type=positive_float,

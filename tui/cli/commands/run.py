@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from tui.cli import output
-from tui.cli.arguments import add_filter_values, positive_int, seed_int
+from tui.cli.arguments import add_filter_values, add_gpus, positive_int, seed_int
 from tui.cli.context import db_path, require_terminal
 from tui.cli.parser import add_command
 
@@ -33,6 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         coherence=args.coherence,
         device=args.device,
+        gpus=args.gpus,
     )
     with output.progress_bar() as bar:
 
@@ -82,4 +83,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     # found a threshold outside 0-100.
     add_filter_values(run)
     run.add_argument("--device")
+    add_gpus(run)
     run.add_argument("--tui", action="store_true", help="open the dashboard at the end")

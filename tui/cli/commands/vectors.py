@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from tui.cli.arguments import VECTOR_KINDS, add_pair_filter, output_folder
+from tui.cli.arguments import VECTOR_KINDS, add_gpus, add_pair_filter, output_folder
 from tui.cli.context import open_store
 from tui.cli.output import err, out, print_pair_counts, print_report
 from tui.cli.parser import add_command
@@ -30,6 +30,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             pos_job=args.pos_job,
             neg_job=args.neg_job,
             judge=args.judge,
+            gpus=args.gpus,
         )
     print_pair_counts(result.pairs)
     out.print(f"vectors from {result.source} activations of {result.model}:")
@@ -115,6 +116,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ext.add_argument("--source", choices=("auto", "captured", "forward"), default="auto")
     ext.add_argument("--model", help="model for the forward path (default: the generator)")
     ext.add_argument("--device")
+    add_gpus(ext)
 
     vec = commands.add_parser("vectors", help="show, list, export and import vectors")
     vec_cmds = vec.add_subparsers(dest="vectors_command", metavar="ACTION", required=True)
