@@ -91,34 +91,30 @@ def graph_matches_eager(loaded) -> bool:
     return same_tokens and close
 
 
-def by_architecture(archs: list[str], batch: int, new: int) -> None:
-    """One row per family: HF generate and ours (with capture; the default compiled step and
-    the uncompiled one) on the same model and prompts."""
+def by_architecture(archs: list[str], batch: int, new: int, compiled: bool) -> None:
+    """One row per family: HF generate and ours (with capture; and the opt-in compiled step
+    with ``--compiled``) on the same model and prompts."""
     rows = []
     for arch in archs:
         loaded = build_arch_model(arch)
         vocab = loaded.model.config.vocab_size
-        engine = DecodeEngine(loaded, capture=True, compiled=True)
-        uncompiled = DecodeEngine(loaded, capture=True, compiled=False)
+        engine = DecodeEngine(loaded, capture=True)
         warm = random_prompts(4, 100, 200, vocab, seed=9)
-        compile_seconds = engine_generate(engine, warm, 8)  # compile and capture included
-        engine_generate(uncompiled, warm, 8)
+        engine_generate(engine, warm, 8)
         hf_generate(loaded, warm, 4)
         prompts = random_prompts(batch, 100, 200, vocab, seed=batch)
-        engine_generate(engine, prompts, 4)  # the batch shape's (dynamic) compile
         hf = batch * new / hf_generate(loaded, prompts, new)
         ours_seconds = engine_generate(engine, prompts, new)
-        plain_seconds = engine_generate(uncompiled, prompts, new)
         row = {
             "arch": arch,
             "runner": engine.backend,
-            "compiled": engine.compiled,
+            "graphs": engine.cuda_graphs,
             "hf_generate tok/s": hf,
-            "uncompiled tok/s": batch * new / plain_seconds,
             "ours+capture tok/s": batch * new / ours_seconds,
             "ms/step": 1000 * ours_seconds / new,
-            "first call s": compile_seconds,
         }
+        if compiled:
+            row.update(compiled_run(loaded, prompts, new))
         row["speedup"] = row["ours+capture tok/s"] / hf
         rows.append(row)
         print(row, flush=True)
@@ -129,6 +125,19 @@ def by_architecture(archs: list[str], batch: int, new: int) -> None:
     save_json("bench_generate_arch.json", {"card": card(), "rows": rows})
 
 
+def compiled_run(loaded, prompts: list[list[int]], new: int) -> dict[str, float]:
+    """The opt-in compiled step on these prompts: its first call (compile and capture
+    included, this batch and cache shape) and then its speed."""
+    engine = DecodeEngine(loaded, capture=True, compiled=True)
+    first = engine_generate(engine, prompts, new)
+    seconds = engine_generate(engine, prompts, new)
+    return {
+        "compiled first call s": first,
+        "compiled+capture tok/s": len(prompts) * new / seconds,
+        "compiled ms/step": 1000 * seconds / new,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="16,64,256")
@@ -136,10 +145,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--arch", help="model types, comma-separated, or 'all'")
+    parser.add_argument("--compiled", action="store_true", help="also the compiled step")
     args = parser.parse_args()
     if args.arch:
         archs = ["llama", *ARCH_SHAPES] if args.arch == "all" else args.arch.split(",")
-        by_architecture(archs, int(args.batches.split(",")[0]), args.new)
+        by_architecture(archs, int(args.batches.split(",")[0]), args.new, args.compiled)
         return
     loaded = build_model(args.layers)
     vocab = loaded.model.config.vocab_size
@@ -152,15 +162,13 @@ def main() -> None:
         graphs = False
         print("CUDA graph capture failed: measuring the eager step")
     engines = {
-        "ours+capture": DecodeEngine(loaded, capture=True, cuda_graphs=graphs, compiled=True),
-        "ours": DecodeEngine(loaded, capture=False, cuda_graphs=graphs, compiled=True),
-        "uncompiled+capture": DecodeEngine(loaded, capture=True, compiled=False),
+        "ours+capture": DecodeEngine(loaded, capture=True, cuda_graphs=graphs),
+        "ours": DecodeEngine(loaded, capture=False, cuda_graphs=graphs),
     }
     # Warm-up: kernels, allocator, cuBLAS handles.
     warm = random_prompts(4, 100, 200, vocab, seed=9)
-    for name, engine in engines.items():
-        seconds = engine_generate(engine, warm, 8)  # compile and capture included
-        print(f"{name}: first call (compile, capture) {seconds:.1f} s", flush=True)
+    for engine in engines.values():
+        engine_generate(engine, warm, 8)
     if not args.skip_baseline:
         hf_generate(loaded, warm, 4)
     rows = []
@@ -168,8 +176,6 @@ def main() -> None:
         prompts = random_prompts(batch, 100, 200, vocab, seed=batch)
         new_tokens = batch * args.new
         row = {"batch": batch}
-        for engine in engines.values():  # this batch shape's compile and capture
-            engine_generate(engine, prompts, 4)
         if not args.skip_baseline:
             seconds = hf_generate(loaded, prompts, args.new)
             row["hf_generate tok/s"] = new_tokens / seconds
@@ -178,6 +184,8 @@ def main() -> None:
             row[f"{name} tok/s"] = new_tokens / seconds
             row[f"{name} ms/step"] = 1000 * seconds / args.new
             torch.cuda.empty_cache()
+        if args.compiled and graphs:
+            row.update(compiled_run(loaded, prompts, args.new))
         if "hf_generate tok/s" in row:
             row["speedup"] = row["ours+capture tok/s"] / row["hf_generate tok/s"]
         row["capture cost %"] = 100 * (1 - row["ours+capture tok/s"] / row["ours tok/s"])
@@ -188,9 +196,11 @@ def main() -> None:
         "batch",
         "hf_generate tok/s",
         "ours tok/s",
-        "uncompiled+capture tok/s",
         "ours+capture tok/s",
         "ours+capture ms/step",
+        "compiled+capture tok/s",
+        "compiled ms/step",
+        "compiled first call s",
         "speedup",
         "capture cost %",
         "peak GiB",
