@@ -77,6 +77,9 @@ class AuthorParams:
             )
         if self.thinking < 0:
             raise PersonaError(f"--thinking must be >= 0 tokens (got {self.thinking})")
+        from pipeline.judge import check_judge_spec
+
+        check_judge_spec(self.author, "--author")  # the same KIND:MODEL rule as judges
         return self
 
 
@@ -236,6 +239,11 @@ def _local_asker(model: str, params: AuthorParams):
 # ---- the job ----------------------------------------------------------------------------------
 def create_author_job(store: Store, params: AuthorParams, *, force: bool = False) -> int:
     params.validate()
+    kind, _, model = params.author.partition(":")
+    if kind == "local":
+        from pipeline.models import resolve_model
+
+        resolve_model(model)  # a bad folder fails here, before a job row exists
     if store.has_trait(params.name) and not force:
         raise PersonaError(
             f"trait '{params.name}' already exists; pass --force to write it anew or pick a name"

@@ -162,6 +162,10 @@ def find_or_create_job(store: Store, trait: str, params: GenerateParams) -> int:
                 f"--max-new-tokens {params.max_new_tokens} is past {params.model}'s context of "
                 f"{context} tokens (prompt included); give a smaller number"
             )
+    if params.tokenizer:
+        from pipeline.models import resolve_model
+
+        resolve_model(params.tokenizer)  # as a bad --tokenizer: before a job row
     for job in store.list_jobs(trait=trait, kind="generate"):
         if GenerateParams.from_dict(job.params).identity() == params.identity():
             if job.params != params.to_dict():

@@ -665,6 +665,19 @@ def test_author_without_api_key(
         assert not store.has_trait("sly")
 
 
+def test_bad_author_or_tokenizer_writes_no_job(capsys, fresh_db: Path) -> None:
+    """Refused before a job row exists (they used to leave a failed job behind)."""
+    for argv, expected in (
+        (["traits", "new", "sly", "--description", "misleads", "--author", "bogus:m"],
+         "--author kind 'bogus' is unknown; use openai, anthropic or local"),
+        (["traits", "new", "sly", "--description", "misleads", "--author", "local:/nope"],
+         "model path /nope does not exist"),
+        (["generate", TRAIT, "--side", "pos", "--backend", "openai", "--base-url",
+          "http://127.0.0.1:9/v1", "--tokenizer", "/nope"], "model path /nope does not exist"),
+    ):  # fmt: skip
+        expect_unchanged(capsys, fresh_db, argv, expected)
+
+
 def test_openai_backend_needs_a_base_url(capsys, fresh_db: Path) -> None:
     expect_unchanged(
         capsys,
@@ -971,7 +984,9 @@ def test_output_paths(capsys, vectors_db: Path, tmp_path: Path) -> None:
 def test_bad_prices_file_writes_no_job(capsys, vectors_db: Path, tmp_path: Path) -> None:
     prices = tmp_path / "prices.json"
     prices.write_text('{"gpt-4.1-mini": "cheap"}')
-    for path in (prices, tmp_path / "missing.json"):
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"gpt-4.1-mini": {"input": [1]}}')  # was a KeyError traceback
+    for path in (prices, nested, tmp_path / "missing.json"):
         argv = ["judge", TRAIT, "--judge", "openai:gpt-4.1-mini", "--prices", path]
         expect_unchanged(capsys, vectors_db, argv, f"--prices {path} must be a JSON object")
 
