@@ -76,3 +76,21 @@ def build_generated_db(db_path: Path, tiny_model_dir: Path) -> Path:
             ]
         store.add_judgments(rows)
     return db_path
+
+
+@pytest.fixture(scope="module")
+def extracted_db(generated: Path) -> Path:
+    """The shared generated database with vectors extracted (the dashboard tests)."""
+    from pipeline.extract import extract
+
+    with Store(generated) as store:
+        if not store.vectors(trait="paternalism"):
+            extract(store, "paternalism")
+    return generated
+
+
+@pytest.fixture()
+def review_db(extracted_db: Path, tmp_path: Path) -> Path:
+    from tui_helpers import copy_db
+
+    return copy_db(extracted_db, tmp_path / "review.db")

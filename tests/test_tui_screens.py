@@ -2,65 +2,20 @@
 
 from __future__ import annotations
 
-import io
-import shutil
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
-from rich.console import Console
-from rich.text import Text
-from textual.widgets import DataTable, Input, Select, Static
+from textual.widgets import DataTable, Input, Select
+from tui_helpers import copy_db, text_of, wait_for
 
 from db import PersonaError, Store
 from pipeline.extract import extract
 from tui.app import PersonaApp
 from tui.screens.form import FormModal
-from tui.screens.review import PairDetail
+from tui.screens.pair_detail import PairDetail
 from tui.screens.trait_editor import TraitEditor
-
-
-def copy_db(source: Path, target: Path) -> Path:
-    """A consistent copy of a WAL database (the backup API, not a file copy), with its data
-    folder (vector and activation files, named relative to it)."""
-    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
-        src.backup(dst)
-    data = source.parent / f"{source.stem}.data"
-    if data.exists():
-        shutil.copytree(data, target.parent / f"{target.stem}.data")
-    return target
-
-
-@pytest.fixture(scope="module")
-def extracted_db(generated: Path) -> Path:
-    with Store(generated) as store:
-        if not store.vectors(trait="paternalism"):
-            extract(store, "paternalism")
-    return generated
-
-
-@pytest.fixture()
-def review_db(extracted_db: Path, tmp_path: Path) -> Path:
-    return copy_db(extracted_db, tmp_path / "review.db")
-
-
-async def wait_for(pilot, condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await pilot.pause(0.1)
-
-
-def text_of(app, selector: str) -> str:
-    """What a Static shows, as plain text (tables rendered through a Rich console)."""
-    content = app.screen.query_one(selector, Static).content
-    if isinstance(content, str | Text):
-        return str(content)
-    console = Console(width=160, record=True, file=io.StringIO())
-    console.print(content)
-    return console.export_text()
 
 
 async def test_number_keys_switch_the_five_screens(review_db: Path) -> None:
@@ -122,7 +77,7 @@ async def test_review_counts_follow_the_threshold_and_overrides(review_db: Path)
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, PairDetail))
         await wait_for(pilot, lambda: "POS" in text_of(app, "#pair-pos"))
-        assert "trait: 80.0" in text_of(app, "#pair-pos") or "trait: 30.0" in text_of(
+        assert "trait 80.0" in text_of(app, "#pair-pos") or "trait 30.0" in text_of(
             app, "#pair-pos"
         )
         await pilot.press("u", "escape")

@@ -1,20 +1,37 @@
-"""What every dashboard screen shares: failed workers become a ``WorkerError`` message."""
+"""What every dashboard screen and modal shares: failed workers become a ``WorkerError``
+message, which bubbles to the app's one error handler (the error modal)."""
 
 from __future__ import annotations
 
-from textual.screen import Screen
+from typing import TypeVar
+
+from textual.screen import ModalScreen, Screen
 from textual.worker import Worker, WorkerState
 
 from tui.messages import WorkerError
 
+ResultType = TypeVar("ResultType")
 
-class PersonaScreen(Screen[None]):
-    @property
-    def db_path(self):
-        return self.app.db_path  # type: ignore[attr-defined]
+
+class ForwardsWorkerErrors:
+    """A screen whose failed workers end in the app's error modal."""
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         # Worker state messages do not bubble; forward failures as one message type.
         if event.state == WorkerState.ERROR and event.worker.error is not None:
             error = event.worker.error
-            self.post_message(WorkerError(f"{event.worker.name} failed", str(error) or repr(error)))
+            self.post_message(  # type: ignore[attr-defined]
+                WorkerError(f"{event.worker.name} failed", str(error) or repr(error))
+            )
+
+
+class PersonaScreen(ForwardsWorkerErrors, Screen[None]):
+    @property
+    def db_path(self):
+        return self.app.db_path  # type: ignore[attr-defined]
+
+
+class PersonaModal(ForwardsWorkerErrors, ModalScreen[ResultType]):
+    @property
+    def db_path(self):
+        return self.app.db_path  # type: ignore[attr-defined]
