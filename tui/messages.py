@@ -34,8 +34,9 @@ class WorkerError(Message):
 
 @dataclass
 class JobsLoaded(Message):
-    """All jobs, the selected one's id and the tail of its log."""
+    """All jobs, the selected one's id and the tail of its worker's log file."""
 
     jobs: list[Job]
     selected: int | None
     log: list[str]
+    log_file: str = ""

@@ -21,8 +21,15 @@ class ForwardsWorkerErrors:
         if event.state == WorkerState.ERROR and event.worker.error is not None:
             error = event.worker.error
             self.post_message(  # type: ignore[attr-defined]
-                WorkerError(f"{event.worker.name} failed", str(error) or repr(error))
+                WorkerError(f"{worker_title(event.worker.name)} failed", str(error) or repr(error))
             )
+
+
+def worker_title(name: str) -> str:
+    """A worker's name as a dialog title: a method name ("load_page") in words."""
+    if name.isidentifier() and name == name.lower():
+        return name.replace("_", " ").strip().capitalize()
+    return name
 
 
 class PersonaScreen(ForwardsWorkerErrors, Screen[None]):
