@@ -266,7 +266,10 @@ def frozen_db(snapshot_source: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("key", ["1", "2", "3", "4", "5"])
-def test_screen_snapshots(snap_compare, frozen_db: Path, key: str) -> None:
+def test_screen_snapshots(snap_compare, frozen_db: Path, key: str, monkeypatch) -> None:
+    from pipeline import gpu_status
+
+    monkeypatch.setattr(gpu_status, "load_nvml", lambda: None)  # the same look with a GPU
     with Store(frozen_db) as store:
         pos = store.responses(side="pos", split="extract")[0]
         neg = next(r for r in store.responses(side="neg") if r.key == pos.key)

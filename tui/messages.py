@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from textual.message import Message
 
 from db import Job, TraitDefinition, TraitSummary
+from pipeline.gpu_status import GpuReport
 
 
 @dataclass
@@ -40,3 +41,4 @@ class JobsLoaded(Message):
     selected: int | None
     log: list[str]
     log_file: str = ""
+    gpus: GpuReport | None = None

@@ -14,9 +14,11 @@ from textual.widgets import DataTable, Footer, Header
 
 from db import PersonaError, Store
 from pipeline import workers
+from pipeline.gpu_status import gpu_status
 from tui.messages import JobsLoaded
 from tui.screens.base import PersonaScreen
 from tui.screens.form import Field, FormModal
+from tui.widgets.gpu_pane import GpuPane
 from tui.widgets.job_pane import JobPane, job_scope
 
 POLL_SECONDS = 1.0
@@ -73,6 +75,7 @@ class JobsScreen(PersonaScreen):
         yield Header()
         yield DataTable(id="jobs-table", cursor_type="row")
         yield JobPane(id="job-pane")
+        yield GpuPane("", id="gpu-pane", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -105,7 +108,8 @@ class JobsScreen(PersonaScreen):
             log = workers.tail_log(store, selected) if selected is not None else []
             path = workers.log_path(store, selected) if selected is not None else None
             log_file = str(path) if path is not None and path.exists() else ""
-        self.post_message(JobsLoaded(jobs, selected, log, log_file))
+            gpus = gpu_status(store)
+        self.post_message(JobsLoaded(jobs, selected, log, log_file, gpus))
 
     def on_jobs_loaded(self, message: JobsLoaded) -> None:
         pane = self.query_one(JobPane)
@@ -114,6 +118,8 @@ class JobsScreen(PersonaScreen):
             pane.record(job)
         self.show_rows({str(job.id): job_cells(job) for job in reversed(message.jobs)})
         pane.show(self.jobs_by_id.get(message.selected), message.log, message.log_file)
+        if message.gpus is not None:
+            self.query_one(GpuPane).show(message.gpus)
 
     def show_rows(self, rows: dict[str, dict[str, str]], force: bool = False) -> None:
         """Rows newest first. Cells change in place; a new or gone job, or new column widths,
