@@ -43,6 +43,15 @@ def _isolated_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
     monkeypatch.setenv("PERSONA_CACHE", str(cache))
 
 
+@pytest.fixture(autouse=True)
+def _truecolor_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same terminal for every test, wherever it runs: a truecolor one with colour on
+    (tests of 16 colours and NO_COLOR set their own)."""
+    monkeypatch.setenv("COLORTERM", "truecolor")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("TEXTUAL_COLOR_SYSTEM", raising=False)
+
+
 @pytest.fixture(scope="session")
 def generated(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A database with pos/neg generations on both splits (tiny model), judged by hand.
