@@ -88,3 +88,18 @@ async def test_jobs_newest_first_resized_and_finished_jobs_refused_kindly(db_pat
         assert not isinstance(app.screen, ErrorModal)
         with Store(db_path) as store:
             assert store.get_job(2).status == "done"
+
+
+async def test_forms_open_with_focus_on_their_first_input(db_path: Path) -> None:
+    from tui.screens.form import FormModal
+
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        await pilot.pause(0.2)
+        await pilot.press("J")
+        await wait_for(pilot, lambda: isinstance(app.screen, FormModal))
+        assert app.focused is not None and app.focused.id == "field-judge"
+        await pilot.press("end", "x")  # typing lands in the field
+        assert app.screen.query_one("#field-judge").value.endswith("x")

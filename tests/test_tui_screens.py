@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable, Input, Select
-from tui_helpers import copy_db, text_of, wait_for
+from tui_helpers import text_of, wait_for
 
 from db import PersonaError, Store
-from pipeline.extract import extract
 from tui.app import PersonaApp
 from tui.screens.form import FormModal
 from tui.screens.pair_detail import PairDetail
@@ -239,53 +237,6 @@ async def test_a_dead_worker_shows_as_failed_with_its_heartbeat(tmp_path: Path) 
         await wait_for(pilot, lambda: _job(db_path, 1).status == "failed")
         await wait_for(pilot, lambda: "worker process died" in text_of(app, "#job-summary"))
         assert "2026-01-01T00:00:00" in _job(db_path, 1).message
-
-
-# ---- the look ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def snapshot_source(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A database of its own: what other tests add to the shared one must not show."""
-    from conftest import build_generated_db
-
-    db_path = build_generated_db(tmp_path_factory.mktemp("snapshots") / "source.db", tiny_model_dir)
-    with Store(db_path) as store:
-        extract(store, "paternalism")
-    return db_path
-
-
-@pytest.fixture()
-def frozen_db(snapshot_source: Path, tmp_path: Path) -> Path:
-    """A copy whose clocks, rates and paths are fixed, for snapshots."""
-    db_path = copy_db(snapshot_source, tmp_path / "snapshot.db")
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "UPDATE jobs SET heartbeat = '2026-11-26T12:00:00.000+00:00', message = '', "
-            """stats = '{"unit": "responses"}', pid = NULL"""
-        )
-    return db_path
-
-
-@pytest.mark.parametrize("key", ["1", "2", "3", "4", "5"])
-def test_screen_snapshots(snap_compare, frozen_db: Path, key: str, monkeypatch) -> None:
-    from pipeline import gpu_status
-
-    monkeypatch.setattr(gpu_status, "load_nvml", lambda: None)  # the same look with a GPU
-    with Store(frozen_db) as store:
-        pos = store.responses(side="pos", split="extract")[0]
-        neg = next(r for r in store.responses(side="neg") if r.key == pos.key)
-    app = PersonaApp(frozen_db, trait="paternalism")
-    app.monitor_pair = (pos.id, neg.id)
-
-    async def settle(pilot) -> None:
-        await pilot.pause(0.3)
-        await pilot.press(key)
-        for _ in range(60):
-            await pilot.pause(0.1)
-            if not [w for w in app.workers if w.is_running]:
-                break
-        await pilot.pause(0.3)
-
-    assert snap_compare(app, terminal_size=(110, 32), run_before=settle)
 
 
 async def test_a_trait_created_from_the_template_is_saved(review_db: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from textual.screen import ModalScreen, Screen
+from textual.widgets import Footer
 from textual.worker import Worker, WorkerState
 
 from tui.messages import WorkerError
@@ -36,6 +37,13 @@ class PersonaScreen(ForwardsWorkerErrors, Screen[None]):
     @property
     def db_path(self):
         return self.app.db_path  # type: ignore[attr-defined]
+
+    def on_mount(self) -> None:
+        # Compact footers without the palette's key (? lists it): at 80 columns every
+        # screen's keys fit (Textual calls this before the subclass's own on_mount).
+        for footer in self.query(Footer):
+            footer.compact = True
+            footer.show_command_palette = False
 
 
 class PersonaModal(ForwardsWorkerErrors, ModalScreen[ResultType]):

@@ -127,8 +127,9 @@ class PairDetail(PersonaModal[None]):
         Binding("u", "clear", "Clear"),
         Binding("j", "rejudge", "Judge again"),
         Binding("h", "toggle_heatmap", "Heatmap"),
-        Binding("left", "layer(-1)", "Layer -"),
-        Binding("right", "layer(1)", "Layer +"),
+        # Priority: the scrolling body must not take the arrows the layer is chosen with.
+        Binding("left", "layer(-1)", "Layer -", priority=True),
+        Binding("right", "layer(1)", "Layer +", priority=True),
         Binding("m", "monitor", "Monitor"),
     ]
     KEYS = "i include · x exclude · u clear · j judge again · h heatmap · ←/→ layer · m monitor"

@@ -68,11 +68,11 @@ class ReviewScreen(PersonaScreen):
         Binding("enter", "open", "Open pair"),
         Binding("i", "include", "Include"),
         Binding("x", "exclude", "Exclude"),
-        Binding("u", "clear", "Clear override"),
+        Binding("u", "clear", "Clear"),
         Binding("slash", "search", "Search"),
         Binding("f", "cycle_status", "Filter"),
-        Binding("r", "reload", "Reload"),
-        Binding("e", "export", "Export pairs"),
+        Binding("r", "reload", "Reload", show=False),  # it reloads by itself; ? lists it
+        Binding("e", "export", "Export"),
     ]
 
     def compose(self) -> ComposeResult:
