@@ -20,6 +20,15 @@ from tui.screens.error import ErrorModal
 from tui.screens.pair_detail import PairDetail, evidence_bars
 
 
+async def open_first_pair(app: PersonaApp, pilot) -> None:
+    """Review (3), the table focused, enter on the first pair, until its answers show."""
+    await pilot.press("3")
+    await wait_for(pilot, lambda: "effective of" in text_of(app, "#review-counts"))
+    app.screen.query_one("#pairs-table", DataTable).focus()
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: "POS" in text_of(app, "#pair-pos"))
+
+
 def _judgment(evidence: dict, score: float | None = 42.0) -> Judgment:
     return Judgment(1, 1, "trait", "j", score, evidence, None, 0, 0.0, "")
 
@@ -81,11 +90,7 @@ async def test_pair_view_at_80x24_and_overrides_keep_the_place(review_db: Path) 
 async def test_heatmap_is_one_key_away_and_follows_the_layer(review_db: Path) -> None:
     app = PersonaApp(review_db, trait="paternalism")
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.press("3")
-        await wait_for(pilot, lambda: "effective of" in text_of(app, "#review-counts"))
-        app.screen.query_one("#pairs-table", DataTable).focus()
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "POS" in text_of(app, "#pair-pos"))
+        await open_first_pair(app, pilot)
         assert not app.screen.query_one("#pair-sides").has_class("stacked")
         answer = text_of(app, "#pair-pos")
         await pilot.press("h")
@@ -118,11 +123,7 @@ async def test_judging_a_pair_again_names_the_judge_and_cost(
         before = store.db["judgments"].count
     app = PersonaApp(review_db, trait="paternalism")
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("3")
-        await wait_for(pilot, lambda: "effective of" in text_of(app, "#review-counts"))
-        app.screen.query_one("#pairs-table", DataTable).focus()
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "POS" in text_of(app, "#pair-pos"))
+        await open_first_pair(app, pilot)
         row = app.screen.row
         await pilot.press("j")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal))
@@ -143,11 +144,7 @@ async def test_pair_view_errors_reach_the_error_modal(review_db: Path) -> None:
     error modal (a modal's workers take the same path as every screen's)."""
     app = PersonaApp(review_db, trait="paternalism")
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("3")
-        await wait_for(pilot, lambda: "effective of" in text_of(app, "#review-counts"))
-        app.screen.query_one("#pairs-table", DataTable).focus()
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "POS" in text_of(app, "#pair-pos"))
+        await open_first_pair(app, pilot)
         await pilot.press("j")
         await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
         assert app.screen.title_text == "Judge again failed"
