@@ -188,6 +188,26 @@ def _cost(prices: dict[str, tuple[float, float]], model: str, tokens_in: int, to
     return (tokens_in * rate[0] + tokens_out * rate[1]) / 1e6
 
 
+# Shown before asking, never billed: a rough English average, and each judge's max_tokens.
+CHARS_PER_TOKEN = 4
+OUTPUT_TOKENS = {"openai": 1, "anthropic": 8}
+
+
+def estimate_cost(
+    spec: str, prompts: list[str], *, prices: dict[str, tuple[float, float]], samples: int = 1
+) -> float | None:
+    """Dollars that asking ``prompts`` of the judge ``spec`` would cost at most, from the
+    price table; 0 for a local judge, None for a model with no price."""
+    kind, _, model = spec.partition(":")
+    if kind not in OUTPUT_TOKENS:
+        return 0.0
+    if model not in prices:
+        return None
+    repeats = samples if kind == "anthropic" else 1
+    tokens_in = repeats * sum(len(p) // CHARS_PER_TOKEN + 1 for p in prompts)
+    return _cost(prices, model, tokens_in, repeats * len(prompts) * OUTPUT_TOKENS[kind])
+
+
 def api_key(variable: str, base_url: str | None) -> str:
     """An API key from the environment only; a local server (``base_url``) takes any."""
     key = os.environ.get(variable)

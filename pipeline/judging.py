@@ -1,7 +1,8 @@
 """The judging job: every response of a trait (or of one generation job) scored for each
 metric by one judge, with bounded concurrency, a request cache shared across jobs, progress
 (judgments/s, tokens, cost, errors) and resume: a rerun asks only what has no judgment yet or
-failed last time."""
+failed last time. A job may instead judge a few named responses again (one pair, from the
+review screen), asking the judge afresh and keeping the old judgment until a new one exists."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from db import PersonaError, Store
-from db.traits import fill_judge_template
+from db.store import Response
+from db.traits import TraitDefinition, fill_judge_template
 from pipeline.jobs import JobParams, JobProgress, ProgressCallback
 from pipeline.judge import (
     COHERENCE_PROMPT,
@@ -27,6 +29,8 @@ from pipeline.judge import (
     JudgeFatalError,
     JudgeResult,
     check_judge_spec,
+    estimate_cost,
+    load_prices,
     make_judge,
     redact_keys,
 )
@@ -67,6 +71,10 @@ class JudgeParams(JobParams):
     # None: chosen from max_concurrent, the cores and the work (``client_processes``).
     processes: int | None = None
     gpus: str | None = None  # a local judge's devices (pipeline.sharding.parse_gpus)
+    # Judge exactly these responses again, every metric, whatever they hold: the request
+    # cache is not read (a fresh answer is the point), and a failed request leaves the
+    # judgment it would have replaced. Empty: the usual job, what has no judgment yet.
+    responses: tuple[int, ...] = ()
 
     def validate(self) -> JudgeParams:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -93,7 +101,16 @@ class JudgeParams(JobParams):
             )
         check_judge_spec(self.judge)
         parse_gpus(self.gpus)
+        if any(not isinstance(r, int) or r < 1 for r in self.responses):
+            raise PersonaError("responses to judge again are response ids (whole numbers >= 1)")
         return self
+
+    @property
+    def spec(self) -> str:
+        """The judge as its judgments name it (an Anthropic judge's samples included)."""
+        if self.judge.startswith("anthropic:") and self.samples > 1:
+            return f"{self.judge}@k{self.samples}"
+        return self.judge
 
     def client_processes(self, requests: int) -> int:
         """``processes`` when given; else, for an API judge, one process per
@@ -118,12 +135,78 @@ def find_or_create_judge_job(store: Store, trait: str, params: JudgeParams) -> i
         source = store.get_job(params.job)
         if source.kind != "generate" or source.trait != trait:
             raise PersonaError(f"job {params.job} is not a generation job of trait '{trait}'")
+    for response in store.responses_by_id(list(params.responses)):
+        if response.trait != trait:
+            raise PersonaError(f"response {response.id} is not one of trait '{trait}'")
     for job in store.list_jobs(trait=trait, kind="judge"):
         if JudgeParams.from_dict(job.params).identity() == params.identity():
             if job.status in ("done", "failed", "cancelled"):
                 store.update_job(job.id, params=params.to_dict(), status="pending")
             return job.id
     return store.create_job("judge", trait, params.to_dict()).id
+
+
+def rejudge_params(
+    store: Store, trait: str, judge: str, responses: list[int] | tuple[int, ...]
+) -> JudgeParams:
+    """The judge step that asks ``judge`` (as the judgments name it) again about these
+    responses, for both metrics, served as the trait's last job with that judge was (its
+    base URL, prices, device); a judge that cannot be asked (imported scores) is refused."""
+    for job in reversed(store.list_jobs(trait=trait, kind="judge")):
+        params = JudgeParams.from_dict(job.params)
+        if params.spec == judge:
+            return replace(params, job=None, metrics=METRICS, responses=tuple(responses)).validate()
+    spec, _, k = judge.partition("@k")
+    try:
+        return JudgeParams(
+            judge=spec, samples=int(k) if k.isdigit() else 1, responses=tuple(responses)
+        ).validate()
+    except PersonaError:
+        raise PersonaError(
+            f"the scores are by '{judge}', which cannot be asked again; judge the trait with "
+            "a judge (screen 2, J) first"
+        ) from None
+
+
+@dataclass(frozen=True)
+class JudgingEstimate:
+    requests: int
+    cost: float | None  # dollars; None when the judge's model has no price
+
+
+def estimate_judging(store: Store, trait: str, params: JudgeParams) -> JudgingEstimate:
+    """What a judge job would ask, before it runs (the cost from the price table)."""
+    _, tasks = judge_tasks(store, store.get_trait(trait), params)
+    prompts = [prompt for _, _, prompt in tasks]
+    cost = estimate_cost(
+        params.judge, prompts, prices=load_prices(params.prices), samples=params.samples
+    )
+    return JudgingEstimate(len(prompts), cost)
+
+
+def judge_tasks(
+    store: Store, trait: TraitDefinition, params: JudgeParams, spec: str | None = None
+) -> tuple[list[Response], list[tuple[int, str, str]]]:
+    """(responses in the job's scope, the (response id, metric, prompt) still to ask of the
+    judge named ``spec``, by default the one ``params`` names)."""
+    templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
+    if params.responses:
+        scope = store.responses_by_id(list(params.responses))
+        to_ask = {metric: scope for metric in params.metrics}
+    else:
+        scope = store.responses(trait=trait.name, job=params.job)
+        to_ask = {
+            metric: store.responses_to_judge(
+                trait=trait.name, metric=metric, judge=spec or params.spec, job=params.job
+            )
+            for metric in params.metrics
+        }
+    tasks = [
+        (r.id, metric, fill_judge_template(templates[metric], r.question_text, r.answer))
+        for metric, responses in to_ask.items()
+        for r in responses
+    ]
+    return scope, tasks
 
 
 def cache_key(judge_spec: str, prompt: str) -> str:
@@ -154,15 +237,7 @@ def run_judge_job(
         gpus = parse_gpus(params.gpus)
         judge = sharded_judge(params.judge, gpus, params.device, params.max_concurrent)
         judge = judge or make_judge(**judge_kwargs)
-    templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
-    scope = store.responses(trait=trait.name, job=params.job)
-    tasks: list[tuple[int, str, str]] = []  # (response id, metric, prompt)
-    for metric in params.metrics:
-        for response in store.responses_to_judge(
-            trait=trait.name, metric=metric, judge=judge.spec, job=params.job
-        ):
-            prompt = fill_judge_template(templates[metric], response.question_text, response.answer)
-            tasks.append((response.id, metric, prompt))
+    scope, tasks = judge_tasks(store, trait, params, judge.spec)
     total = len(scope) * len(params.metrics)
     progress = JobProgress(
         store,
@@ -177,7 +252,17 @@ def run_judge_job(
     count = params.client_processes(len(tasks))
     progress.extra["processes"] = count
     processes = (judge_kwargs, count) if count > 1 else None
-    asyncio.run(_judge_all(store, judge, tasks, params.max_concurrent, progress, processes))
+    asyncio.run(
+        _judge_all(
+            store,
+            judge,
+            tasks,
+            params.max_concurrent,
+            progress,
+            processes,
+            again=bool(params.responses),
+        )
+    )
     errors = int(progress.counters.get("errors", 0))
     message = f"{errors} judgments failed; rerun to retry them" if errors else ""
     progress.extra["counts"] = {
@@ -215,11 +300,15 @@ async def _judge_all(
     max_concurrent: int,
     progress: JobProgress,
     processes: tuple[dict[str, Any], int] | None = None,
+    *,
+    again: bool = False,
 ) -> None:
     """Score ``tasks`` (response id, metric, prompt), cached ones first, writing results in
     batches; ``processes`` = (make_judge arguments, count) spreads the requests over that
-    many client processes."""
-    cached = store.cached_judge_results([cache_key(judge.spec, p) for _, _, p in tasks])
+    many client processes. ``again``: judging anew, so no cached answer is used and a
+    failed request writes nothing (the judgment it would replace stays)."""
+    keys = [] if again else [cache_key(judge.spec, p) for _, _, p in tasks]
+    cached = store.cached_judge_results(keys)
     buffer: list[tuple[int, str, str, JudgeResult, bool]] = []
     last_flush = time.monotonic()
 
@@ -239,6 +328,7 @@ async def _judge_all(
                 "cost": r.cost,
             }
             for rid, metric, _, r, _ in buffer
+            if not (again and r.error is not None)
         ]
         fresh = [
             {

@@ -43,6 +43,15 @@ def _isolated_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
     monkeypatch.setenv("PERSONA_CACHE", str(cache))
 
 
+@pytest.fixture(autouse=True)
+def _truecolor_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same terminal for every test, wherever it runs: a truecolor one with colour on
+    (tests of 16 colours and NO_COLOR set their own)."""
+    monkeypatch.setenv("COLORTERM", "truecolor")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("TEXTUAL_COLOR_SYSTEM", raising=False)
+
+
 @pytest.fixture(scope="session")
 def generated(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A database with pos/neg generations on both splits (tiny model), judged by hand.
@@ -76,3 +85,21 @@ def build_generated_db(db_path: Path, tiny_model_dir: Path) -> Path:
             ]
         store.add_judgments(rows)
     return db_path
+
+
+@pytest.fixture(scope="module")
+def extracted_db(generated: Path) -> Path:
+    """The shared generated database with vectors extracted (the dashboard tests)."""
+    from pipeline.extract import extract
+
+    with Store(generated) as store:
+        if not store.vectors(trait="paternalism"):
+            extract(store, "paternalism")
+    return generated
+
+
+@pytest.fixture()
+def review_db(extracted_db: Path, tmp_path: Path) -> Path:
+    from tui_helpers import copy_db
+
+    return copy_db(extracted_db, tmp_path / "review.db")

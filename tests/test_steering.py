@@ -146,11 +146,11 @@ def test_live_watch_equals_teacher_forced_projections(tiny, vector) -> None:
 
 
 def test_heatmap_is_spans_not_markup() -> None:
-    text = heatmap(["[bold]", " ", "\n", "ok"], [1.0, -1.0, 0.0, 0.5])
+    text = heatmap(["[bold]", " ", "\n", "ok"], [1.0, -1.0, 0.0, 0.5], palette="rgb")
     assert text.plain == "[bold]·↵\nok"
     assert len(text.spans) == 4 and all(s.style.bgcolor for s in text.spans)
     assert visible("\t") == "→"
-    assert "+1" in legend(1.0).plain
+    assert "+1" in legend(1.0, palette="rgb").plain
 
 
 def test_bad_steering_specs(vector) -> None:

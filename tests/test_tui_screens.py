@@ -2,65 +2,18 @@
 
 from __future__ import annotations
 
-import io
-import shutil
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
-from rich.console import Console
-from rich.text import Text
-from textual.widgets import DataTable, Input, Select, Static
+from textual.widgets import DataTable, Input, Select
+from tui_helpers import text_of, wait_for
 
 from db import PersonaError, Store
-from pipeline.extract import extract
 from tui.app import PersonaApp
 from tui.screens.form import FormModal
-from tui.screens.review import PairDetail
+from tui.screens.pair_detail import PairDetail
 from tui.screens.trait_editor import TraitEditor
-
-
-def copy_db(source: Path, target: Path) -> Path:
-    """A consistent copy of a WAL database (the backup API, not a file copy), with its data
-    folder (vector and activation files, named relative to it)."""
-    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
-        src.backup(dst)
-    data = source.parent / f"{source.stem}.data"
-    if data.exists():
-        shutil.copytree(data, target.parent / f"{target.stem}.data")
-    return target
-
-
-@pytest.fixture(scope="module")
-def extracted_db(generated: Path) -> Path:
-    with Store(generated) as store:
-        if not store.vectors(trait="paternalism"):
-            extract(store, "paternalism")
-    return generated
-
-
-@pytest.fixture()
-def review_db(extracted_db: Path, tmp_path: Path) -> Path:
-    return copy_db(extracted_db, tmp_path / "review.db")
-
-
-async def wait_for(pilot, condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await pilot.pause(0.1)
-
-
-def text_of(app, selector: str) -> str:
-    """What a Static shows, as plain text (tables rendered through a Rich console)."""
-    content = app.screen.query_one(selector, Static).content
-    if isinstance(content, str | Text):
-        return str(content)
-    console = Console(width=160, record=True, file=io.StringIO())
-    console.print(content)
-    return console.export_text()
 
 
 async def test_number_keys_switch_the_five_screens(review_db: Path) -> None:
@@ -122,7 +75,7 @@ async def test_review_counts_follow_the_threshold_and_overrides(review_db: Path)
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, PairDetail))
         await wait_for(pilot, lambda: "POS" in text_of(app, "#pair-pos"))
-        assert "trait: 80.0" in text_of(app, "#pair-pos") or "trait: 30.0" in text_of(
+        assert "trait 80.0" in text_of(app, "#pair-pos") or "trait 30.0" in text_of(
             app, "#pair-pos"
         )
         await pilot.press("u", "escape")
@@ -284,50 +237,6 @@ async def test_a_dead_worker_shows_as_failed_with_its_heartbeat(tmp_path: Path) 
         await wait_for(pilot, lambda: _job(db_path, 1).status == "failed")
         await wait_for(pilot, lambda: "worker process died" in text_of(app, "#job-summary"))
         assert "2026-01-01T00:00:00" in _job(db_path, 1).message
-
-
-# ---- the look ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def snapshot_source(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A database of its own: what other tests add to the shared one must not show."""
-    from conftest import build_generated_db
-
-    db_path = build_generated_db(tmp_path_factory.mktemp("snapshots") / "source.db", tiny_model_dir)
-    with Store(db_path) as store:
-        extract(store, "paternalism")
-    return db_path
-
-
-@pytest.fixture()
-def frozen_db(snapshot_source: Path, tmp_path: Path) -> Path:
-    """A copy whose clocks, rates and paths are fixed, for snapshots."""
-    db_path = copy_db(snapshot_source, tmp_path / "snapshot.db")
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "UPDATE jobs SET heartbeat = '2026-11-26T12:00:00.000+00:00', message = '', "
-            """stats = '{"unit": "responses"}', pid = NULL"""
-        )
-    return db_path
-
-
-@pytest.mark.parametrize("key", ["1", "2", "3", "4", "5"])
-def test_screen_snapshots(snap_compare, frozen_db: Path, key: str) -> None:
-    with Store(frozen_db) as store:
-        pos = store.responses(side="pos", split="extract")[0]
-        neg = next(r for r in store.responses(side="neg") if r.key == pos.key)
-    app = PersonaApp(frozen_db, trait="paternalism")
-    app.monitor_pair = (pos.id, neg.id)
-
-    async def settle(pilot) -> None:
-        await pilot.pause(0.3)
-        await pilot.press(key)
-        for _ in range(60):
-            await pilot.pause(0.1)
-            if not [w for w in app.workers if w.is_running]:
-                break
-        await pilot.pause(0.3)
-
-    assert snap_compare(app, terminal_size=(110, 32), run_before=settle)
 
 
 async def test_a_trait_created_from_the_template_is_saved(review_db: Path) -> None:

@@ -29,19 +29,33 @@ SCREENS = {
     "monitor": ("5", "Monitor", MonitorScreen),
 }
 
+SCREEN_KEYS = " · ".join(f"{key} {label}" for key, label, _ in SCREENS.values())
+
 
 class PersonaApp(App[None]):
     TITLE = "persona-studio"
     CSS_PATH = "app.tcss"
     MODES: ClassVar[dict[str, type]] = {name: cls for name, (_, _, cls) in SCREENS.items()}
     DEFAULT_MODE = "traits"
+    # The footer shows the screen keys as one "1-5 Screens" and "? Keys": at 80 columns the
+    # five names cut off the screen's own keys; ? lists every key, each screen by name.
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("question_mark", "toggle_help", "Keys"),
         *(
-            Binding(key, f"switch_mode('{name}')", label)
+            Binding(
+                key,
+                f"switch_mode('{name}')",
+                "Screens" if key == "1" else label,
+                key_display="1-5" if key == "1" else None,
+                show=key == "1",
+                tooltip=" · ".join(f"{k} {t}" for k, t, _ in SCREENS.values())
+                if key == "1"
+                else "",
+            )
             for name, (key, label, _) in SCREENS.items()
         ),
-        Binding("question_mark", "toggle_help", "Help"),
         Binding("q", "quit", "Quit"),
+        Binding("ctrl+p", "command_palette", "Command palette", show=False),
     ]
 
     # The trait every screen works on, picked on the Traits screen.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from textual.message import Message
 
 from db import Job, TraitDefinition, TraitSummary
+from pipeline.gpu_status import GpuReport
 
 
 @dataclass
@@ -34,8 +35,10 @@ class WorkerError(Message):
 
 @dataclass
 class JobsLoaded(Message):
-    """All jobs, the selected one's id and the tail of its log."""
+    """All jobs, the selected one's id and the tail of its worker's log file."""
 
     jobs: list[Job]
     selected: int | None
     log: list[str]
+    log_file: str = ""
+    gpus: GpuReport | None = None

@@ -56,6 +56,11 @@ class FormModal(ModalScreen[dict[str, str] | None]):
                 yield Static(self.note, id="form-note", markup=False)
             yield Label("ctrl+s submit · esc cancel", id="form-hint")
 
+    def on_mount(self) -> None:
+        # The first field, not the scroll area: what the user types lands in the form.
+        if self.fields:
+            self.query_one(f"#field-{self.fields[0].name}").focus()
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_submit()
 

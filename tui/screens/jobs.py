@@ -1,5 +1,6 @@
-"""Jobs: every job with its status, the selected job's progress pane, and keys to start
-generation, judging, extraction and sweeps as detached workers, cancel and resume them."""
+"""Jobs: every job, newest first, with what it covers (side, split, scope) and its status in
+columns sized to the terminal; the selected job's progress pane and worker log; keys to
+start generation, judging, extraction and sweeps as detached workers, cancel and resume."""
 
 from __future__ import annotations
 
@@ -8,24 +9,55 @@ from typing import Any
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.events import Resize
 from textual.widgets import DataTable, Footer, Header
 
 from db import PersonaError, Store
 from pipeline import workers
+from pipeline.gpu_status import gpu_status
 from tui.messages import JobsLoaded
 from tui.screens.base import PersonaScreen
 from tui.screens.form import Field, FormModal
-from tui.widgets.job_pane import JobPane
+from tui.widgets.gpu_pane import GpuPane
+from tui.widgets.job_pane import JobPane, job_scope
 
 POLL_SECONDS = 1.0
-COLUMNS = (
-    ("id", "id"),
-    ("kind", "kind"),
-    ("trait", "trait"),
-    ("status", "status"),
-    ("progress", "progress"),
-    ("message", "message"),
-)
+COLUMNS = ("id", "kind", "side", "split", "scope", "trait", "status", "progress", "message")
+# Columns that give up width when the terminal is narrow, and the least each keeps.
+SHRINKING = {"message": 7, "scope": 10, "trait": 6}
+LABELS = {"progress": "done"}
+CELL_PADDING = 2  # DataTable's cell_padding on both sides
+
+
+def column_widths(rows: list[dict[str, str]], width: int) -> dict[str, int]:
+    """Each column as wide as its widest cell or its label; when that is wider than
+    ``width``, the message, then the scope, then the trait column give up the difference
+    (down to their minimum); any width left over goes to the message."""
+    widths = {c: max([len(LABELS.get(c, c)), *(len(row[c]) for row in rows)]) for c in COLUMNS}
+    room = width - CELL_PADDING * len(COLUMNS) - 2  # the scrollbar
+    over = sum(widths.values()) - room
+    for column, least in SHRINKING.items():
+        if over <= 0:
+            break
+        cut = min(over, max(widths[column] - least, 0))
+        widths[column] -= cut
+        over -= cut
+    if over < 0:
+        widths["message"] += -over
+    return widths
+
+
+def job_cells(job: Any) -> dict[str, str]:
+    progress = f"{100 * job.done // job.total}%" if job.total else ""
+    return {
+        "id": str(job.id),
+        "kind": job.kind,
+        **job_scope(job),
+        "trait": job.trait or "",
+        "status": job.status,
+        "progress": progress,
+        "message": job.message.splitlines()[0] if job.message else "",
+    }
 
 
 class JobsScreen(PersonaScreen):
@@ -41,17 +73,21 @@ class JobsScreen(PersonaScreen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        table: DataTable[Any] = DataTable(id="jobs-table", cursor_type="row")
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
-        yield table
+        yield DataTable(id="jobs-table", cursor_type="row")
         yield JobPane(id="job-pane")
+        yield GpuPane("", id="gpu-pane", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
+        self.rows: dict[str, dict[str, str]] = {}  # by job id, newest first, as shown
+        self.widths: dict[str, int] = {}
+        self.jobs_by_id: dict[int, Any] = {}
         self.query_one(DataTable).focus()
         self.poll()
         self.set_interval(POLL_SECONDS, self.poll)
+
+    def on_resize(self, _event: Resize) -> None:
+        self.show_rows(self.rows, force=True)  # the widths follow the terminal
 
     def selected_job(self) -> int | None:
         table = self.query_one(DataTable)
@@ -63,42 +99,52 @@ class JobsScreen(PersonaScreen):
     def poll(self) -> None:
         self.load_jobs(self.selected_job())
 
-    @work(thread=True, exclusive=True, group="jobs-poll", exit_on_error=False)
+    @work(thread=True, exclusive=True, group="jobs-poll", exit_on_error=False, name="Read jobs")
     def load_jobs(self, selected: int | None) -> None:
         with Store(self.db_path) as store:
             jobs = workers.current_jobs(store)
             if selected is None and jobs:
                 selected = jobs[-1].id
             log = workers.tail_log(store, selected) if selected is not None else []
-        self.post_message(JobsLoaded(jobs, selected, log))
+            path = workers.log_path(store, selected) if selected is not None else None
+            log_file = str(path) if path is not None and path.exists() else ""
+            gpus = gpu_status(store)
+        self.post_message(JobsLoaded(jobs, selected, log, log_file, gpus))
 
     def on_jobs_loaded(self, message: JobsLoaded) -> None:
-        table = self.query_one(DataTable)
         pane = self.query_one(JobPane)
-        wanted = {str(job.id): job for job in reversed(message.jobs)}
-        with self.app.batch_update():
-            for row_key in list(table.rows):
-                if row_key.value not in wanted:
-                    table.remove_row(row_key)
-            for key, job in wanted.items():
-                pane.record(job)
-                progress = f"{100 * job.done // job.total}%" if job.total else ""
-                cells = {
-                    "id": job.id,
-                    "kind": job.kind,
-                    "trait": job.trait or "",
-                    "status": job.status,
-                    "progress": progress,
-                    "message": job.message[:60],
-                }
-                if key in table.rows:
+        self.jobs_by_id = {job.id: job for job in message.jobs}
+        for job in message.jobs:
+            pane.record(job)
+        self.show_rows({str(job.id): job_cells(job) for job in reversed(message.jobs)})
+        pane.show(self.jobs_by_id.get(message.selected), message.log, message.log_file)
+        if message.gpus is not None:
+            self.query_one(GpuPane).show(message.gpus)
+
+    def show_rows(self, rows: dict[str, dict[str, str]], force: bool = False) -> None:
+        """Rows newest first. Cells change in place; a new or gone job, or new column widths,
+        rebuild the table (the cursor stays on its job)."""
+        table = self.query_one(DataTable)
+        widths = column_widths(list(rows.values()), self.app.size.width)
+        same_rows = list(rows) == [key.value for key in table.rows]
+        if same_rows and widths == self.widths and not force:
+            with self.app.batch_update():
+                for key, cells in rows.items():
                     for column, value in cells.items():
-                        if table.get_cell(key, column) != value:
+                        if self.rows[key][column] != value:
                             table.update_cell(key, column, value)
-                else:
-                    table.add_row(*cells.values(), key=key)
-        shown = next((j for j in message.jobs if j.id == message.selected), None)
-        pane.show(shown, message.log)
+            self.rows = rows
+            return
+        selected = self.selected_job()
+        with self.app.batch_update():
+            table.clear(columns=True)
+            for column in COLUMNS:
+                table.add_column(LABELS.get(column, column), key=column, width=widths[column])
+            for key, cells in rows.items():
+                table.add_row(*(cells[c] for c in COLUMNS), key=key)
+            if selected is not None and str(selected) in rows:
+                table.move_cursor(row=table.get_row_index(str(selected)), animate=False)
+        self.rows, self.widths = rows, widths
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self.poll()
@@ -123,7 +169,7 @@ class JobsScreen(PersonaScreen):
 
         self.app.push_screen(FormModal(f"{title}: {trait}", fields), submitted)
 
-    @work(thread=True, group="jobs-start", exit_on_error=False)
+    @work(thread=True, group="jobs-start", exit_on_error=False, name="Start the job")
     def launch(self, start, trait: str, values: dict[str, str]) -> None:
         with Store(self.db_path) as store:
             for job_id in start(store, trait, values):
@@ -199,11 +245,20 @@ class JobsScreen(PersonaScreen):
 
     @work(thread=True, group="jobs-control", exit_on_error=False, name="Cancel or resume")
     def job_control(self, job_id: int, what: str) -> None:
-        with Store(self.db_path) as store:
-            if what == "cancel":
-                workers.cancel(store, job_id)
-            else:
-                workers.start_worker(store, job_id, rerun_done=False)
+        """A job that cannot be cancelled or resumed (it is done, or already running) is
+        said in a one-line notice: a key pressed on the wrong row is no error."""
+        try:
+            with Store(self.db_path) as store:
+                if what == "cancel":
+                    workers.cancel(store, job_id)
+                    done = f"job {job_id}: cancel requested; it stops after its current batch"
+                else:
+                    workers.start_worker(store, job_id, rerun_done=False)
+                    done = f"job {job_id} resumed"
+        except PersonaError as exc:
+            self.app.call_from_thread(self.notify, str(exc), severity="warning", timeout=5)
+        else:
+            self.app.call_from_thread(self.notify, done, timeout=4)
         self.app.call_from_thread(self.poll)
 
 

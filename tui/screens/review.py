@@ -1,7 +1,6 @@
 """Review: the selected trait's pos/neg pairs with scores and the filter's verdict, paged
 from SQL; threshold and coherence inputs recount the effective pairs live; filters by status
-and question text; a detail view with both answers and the judge's evidence, where a pair
-can be included or excluded by hand or judged again."""
+and question text; enter opens the pair view (``tui.screens.pair_detail``)."""
 
 from __future__ import annotations
 
@@ -12,15 +11,15 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal
 from textual.message import Message
-from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Select, Static
 
 from db import PersonaError, Store
 from db.store import PairQuery
 from pipeline.filter import DEFAULT_FILTER
 from tui.screens.base import PersonaScreen
+from tui.screens.pair_detail import PairDetail
 from tui.validators import FilterValue
 
 PAGE = 200
@@ -68,11 +67,11 @@ class ReviewScreen(PersonaScreen):
         Binding("enter", "open", "Open pair"),
         Binding("i", "include", "Include"),
         Binding("x", "exclude", "Exclude"),
-        Binding("u", "clear", "Clear override"),
+        Binding("u", "clear", "Clear"),
         Binding("slash", "search", "Search"),
         Binding("f", "cycle_status", "Filter"),
-        Binding("r", "reload", "Reload"),
-        Binding("e", "export", "Export pairs"),
+        Binding("r", "reload", "Reload", show=False),  # it reloads by itself; ? lists it
+        Binding("e", "export", "Export"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -323,111 +322,3 @@ class ReviewScreen(PersonaScreen):
         row = self.current()
         if row is not None and self.source is not None:
             self.app.push_screen(PairDetail(row, self.source), lambda _r: self.reload())
-
-
-class PairDetail(ModalScreen[None]):
-    """Both answers side by side with their scores and the judge's evidence."""
-
-    BINDINGS = [
-        Binding("escape", "dismiss", "Close"),
-        Binding("i", "include", "Include"),
-        Binding("x", "exclude", "Exclude"),
-        Binding("u", "clear", "Clear"),
-        Binding("j", "rejudge", "Judge again"),
-        Binding("m", "monitor", "Monitor"),
-    ]
-
-    def __init__(self, row: dict[str, Any], source: dict[str, Any]) -> None:
-        super().__init__()
-        self.row = row
-        self.source = source
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="pair-box"):
-            yield Static(
-                Text(
-                    f"question {self.row['question']} · instruction {self.row['instruction']}"
-                    f" · sample {self.row['sample']} · {self.row['reason']}",
-                    style="bold",
-                ),
-                id="pair-title",
-            )
-            yield Static(self.row["question_text"], markup=False, id="pair-question")
-            with Horizontal(id="pair-sides"):
-                for side in ("pos", "neg"):
-                    with VerticalScroll(classes="pair-side"):
-                        yield Static("", id=f"pair-{side}", markup=False)
-            yield Label("i include · x exclude · u clear · j judge again · m monitor · esc close")
-
-    def on_mount(self) -> None:
-        self.load()
-
-    @work(thread=True, exit_on_error=False)
-    def load(self) -> None:
-        with Store(self.app.db_path) as store:  # type: ignore[attr-defined]
-            views = {}
-            for side in ("pos", "neg"):
-                response = store.get_response(self.row[f"{side}_id"])
-                judgments = [
-                    j for j in store.judgments(response.id) if j.judge == self.source["judge"]
-                ]
-                views[side] = _side_view(side, response, judgments)
-        for side, view in views.items():
-            self.app.call_from_thread(self.query_one(f"#pair-{side}", Static).update, view)
-
-    def _override(self, include: bool | None) -> None:
-        self.write(include)
-
-    @work(thread=True, exit_on_error=False)
-    def write(self, include: bool | None) -> None:
-        key = (self.row["question"], self.row["instruction"], self.row["sample"])
-        with Store(self.app.db_path) as store:  # type: ignore[attr-defined]
-            store.set_override(self.source["trait"], key, include, note="set in the pair view")
-        label = {True: "included", False: "excluded", None: "override cleared"}[include]
-        self.app.call_from_thread(self.notify, f"pair {key}: {label}")
-
-    def action_include(self) -> None:
-        self._override(True)
-
-    def action_exclude(self) -> None:
-        self._override(False)
-
-    def action_clear(self) -> None:
-        self._override(None)
-
-    @work(thread=True, exit_on_error=False)
-    def action_rejudge(self) -> None:
-        from pipeline import workers
-        from pipeline.judging import JudgeParams, find_or_create_judge_job
-
-        with Store(self.app.db_path) as store:  # type: ignore[attr-defined]
-            with store.transaction():
-                for side in ("pos", "neg"):
-                    store.delete_judgments(self.row[f"{side}_id"], self.source["judge"])
-            job_id = find_or_create_judge_job(
-                store, self.source["trait"], JudgeParams(judge=self.source["judge"])
-            )
-            workers.start_worker(store, job_id)
-        self.app.call_from_thread(self.notify, f"judging again in job {job_id} (screen 2)")
-
-    def action_monitor(self) -> None:
-        self.app.monitor_pair = (self.row["pos_id"], self.row["neg_id"])  # type: ignore[attr-defined]
-        self.dismiss(None)
-        self.app.switch_mode("monitor")
-
-
-def _side_view(side: str, response: Any, judgments: list[Any]) -> Text:
-    text = Text(f"{side.upper()} · response {response.id}\n", style="bold")
-    for j in judgments:
-        score = "no score" if j.score is None else f"{j.score:.1f}"
-        text.append(f"{j.metric}: {score}", style="bold")
-        if j.error:
-            text.append(f" (failed: {j.error})", style="red")
-        evidence = (
-            j.evidence.get("top_logprobs") or j.evidence.get("top") or j.evidence.get("answers")
-        )
-        if evidence:
-            text.append(f"  evidence: {str(evidence)[:120]}", style="dim")
-        text.append("\n")
-    text.append("\n" + response.answer)
-    return text

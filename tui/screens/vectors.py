@@ -43,11 +43,19 @@ def bar(value: float, top: float, width: int = BAR, style: str = "cyan") -> Text
     return Text("█" * filled + "·" * (width - filled), style=style)
 
 
-def report_table(report: Any) -> Table:
+def bar_width(report: Any, width: int) -> int:
+    """Bars as long as ``width`` columns allow beside their numbers (at most BAR): each
+    column holds a bar, its value (6 characters) and 2 of padding; the layer column 6."""
+    columns = len(report.norms) + (report.separation is not None)
+    return max(4, min(BAR, (width - 8) // columns - 8))
+
+
+def report_table(report: Any, width: int = 200) -> Table:
     table = Table(expand=True, box=None, pad_edge=False)
     table.add_column("layer", justify="right")
     kinds = list(report.norms)
     tops = {k: max(report.norms[k]) or 1.0 for k in kinds}
+    size = bar_width(report, width)
     for kind in kinds:
         table.add_column(f"|{kind.replace('_diff', '')}|")
     if report.separation is not None:
@@ -57,12 +65,12 @@ def report_table(report: Any) -> Table:
         cells: list[Any] = [Text(f"{mark}{layer}", style="bold" if mark == "★" else "")]
         for kind in kinds:
             value = report.norms[kind][layer]
-            cell = bar(value, tops[kind])
+            cell = bar(value, tops[kind], size)
             cell.append(f" {value:.2f}")
             cells.append(cell)
         if report.separation is not None:
             auc = report.separation[layer].auroc
-            cell = bar(auc - 0.5, 0.5, style="green" if mark == "★" else "magenta")
+            cell = bar(auc - 0.5, 0.5, size, style="green" if mark == "★" else "magenta")
             cell.append(f" {auc:.3f}")
             cells.append(cell)
         table.add_row(*cells)
@@ -83,8 +91,9 @@ class VectorsScreen(PersonaScreen):
     TITLE = "Vectors"
     BINDINGS = [
         Binding("x", "extract", "Extract"),
-        Binding("left", "layer(-1)", "Layer -"),
-        Binding("right", "layer(1)", "Layer +"),
+        # Priority: the scrolling body must not take the arrows the layer is chosen with.
+        Binding("left", "layer(-1)", "Layer -", priority=True),
+        Binding("right", "layer(1)", "Layer +", priority=True),
         Binding("r", "reload", "Reload"),
     ]
 
@@ -157,13 +166,21 @@ class VectorsScreen(PersonaScreen):
         for note in report.notes:
             summary.append(f"\n{note}", style="yellow")
         self.query_one("#vectors-summary", Static).update(summary)
-        self.query_one("#vectors-table", Static).update(report_table(report))
+        self.show_table()
         if cosine is None:
             self.query_one("#vectors-cosine", Static).update(
                 Text("cosine matrix: only one trait has a vector for this model", style="dim")
             )
         else:
             self.query_one("#vectors-cosine", Static).update(cosine_table(*cosine, layer))
+
+    def show_table(self) -> None:
+        if self.report is not None:
+            table = report_table(self.report, self.app.size.width - 2)  # the body's padding
+            self.query_one("#vectors-table", Static).update(table)
+
+    def on_resize(self) -> None:
+        self.show_table()  # the bars follow the terminal's width
 
     def action_layer(self, step: int) -> None:
         if self.report is None or self.cosine_layer is None:

@@ -1,9 +1,12 @@
 """The progress pane of one job: bar, done/total, rate with a sparkline of its history, ETA,
-GPU memory, cost, errors and the last lines of its log."""
+GPU memory, cost, errors and the last lines of its worker's log file; and what a job is, in
+the words of the jobs table (side, split, scope)."""
 
 from __future__ import annotations
 
 from collections import deque
+from pathlib import PurePath
+from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -13,10 +16,38 @@ from textual.widgets import Label, ProgressBar, Sparkline, Static
 from db import Job
 
 
+def job_scope(job: Job) -> dict[str, str]:
+    """A job's side, split and scope (what it covers) from its parameters, for the table."""
+    params: dict[str, Any] = job.params or {}
+    side, split = str(params.get("side", "")), str(params.get("split", ""))
+    if job.kind == "judge":
+        responses = params.get("responses") or []
+        if responses:
+            what = "responses " + ", ".join(str(r) for r in responses)
+        elif params.get("job") is not None:
+            what = f"job {params['job']}"
+        else:
+            what = "every response"
+        scope = f"{what} · {params.get('judge', '')}"
+    elif job.kind == "generate":
+        model = PurePath(str(params.get("model", ""))).name  # a folder or hub id: its last part
+        scope = f"{params.get('n_per_question', '?')} per question · {model}"
+    elif job.kind == "extract":
+        scope = f"T {params.get('threshold', '?')} · C {params.get('coherence', '?')}"
+    elif job.kind == "sweep":
+        layers = params.get("layers") or []
+        span = f"layers {min(layers)}-{max(layers)}" if layers else "layers ?"
+        scope = f"{span} · coefs {','.join(f'{c:g}' for c in params.get('coefs') or [])}"
+    else:
+        scope = ""
+    return {"side": side, "split": split, "scope": scope}
+
+
 def job_summary(job: Job) -> Text:
     stats = job.stats or {}
     unit = stats.get("unit", "items")
-    parts = [f"job {job.id} · {job.kind} · {job.trait or ''} · {job.status}"]
+    where = [v for v in job_scope(job).values() if v]
+    parts = [" · ".join([f"job {job.id}", job.kind, job.trait or "", *where, job.status])]
     line = Text(" ".join(parts), style="bold")
     details = []
     if job.total:
@@ -57,6 +88,7 @@ class JobPane(Vertical):
         yield ProgressBar(total=100, show_eta=False, id="job-bar")
         yield Label("rate", classes="pane-label")
         yield Sparkline([], id="job-rate")
+        yield Static("", id="job-log-file", markup=False, classes="pane-label")
         yield Static("", id="job-log", markup=False)
 
     def record(self, job: Job) -> None:
@@ -68,10 +100,15 @@ class JobPane(Vertical):
         if job.status == "running":
             history.append(float(rate))
 
-    def show(self, job: Job | None, log_lines: list[str]) -> None:
+    def show(self, job: Job | None, log_lines: list[str], log_file: str = "") -> None:
         if job is None:
             self.query_one("#job-summary", Static).update("no job selected")
             return
+        if not log_file:
+            where = "no worker log: the job ran from a command line, where its output went"
+        else:
+            where = f"worker log {log_file}" + ("" if log_lines else " (empty so far)")
+        self.query_one("#job-log-file", Static).update(where)
         self.job_id = job.id
         self.query_one("#job-summary", Static).update(job_summary(job))
         bar = self.query_one("#job-bar", ProgressBar)

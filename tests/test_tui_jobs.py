@@ -1,0 +1,105 @@
+"""The Jobs screen: newest first, what each job covers, columns that follow the terminal's
+width, and r/c on a finished job as a one-line notice rather than an error dialog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.widgets import DataTable
+from tui_helpers import text_of, wait_for
+
+from db import Store
+from db.store import Job
+from tui.app import PersonaApp
+from tui.screens.error import ErrorModal
+from tui.screens.jobs import CELL_PADDING, COLUMNS, column_widths, job_cells
+from tui.widgets.job_pane import job_scope
+
+
+def _job(kind: str, params: dict, message: str = "") -> Job:
+    return Job(
+        7, kind, "paternalism", params, "done", None, None, 1, 1, message, {}, "", None, None
+    )
+
+
+def test_what_a_job_covers() -> None:
+    assert job_scope(_job("generate", {"side": "pos", "split": "eval", "n_per_question": 3}))[
+        "scope"
+    ].startswith("3 per question")
+    judge = {"judge": "openai:m"}
+    assert job_scope(_job("judge", judge))["scope"] == "every response · openai:m"
+    assert job_scope(_job("judge", {**judge, "job": 4}))["scope"] == "job 4 · openai:m"
+    pair = job_scope(_job("judge", {**judge, "responses": [12, 52]}))
+    assert pair == {"side": "", "split": "", "scope": "responses 12, 52 · openai:m"}
+    assert job_scope(_job("extract", {"threshold": 0, "coherence": 5}))["scope"] == "T 0 · C 5"
+    sweep = job_scope(_job("sweep", {"layers": [8, 12, 16], "coefs": [-2, 1.5]}))
+    assert sweep["scope"] == "layers 8-16 · coefs -2,1.5"
+
+
+def test_columns_fit_the_terminal_and_grow_with_it() -> None:
+    long = "a message long enough to need more room than an 80-column terminal can give it"
+    rows = [
+        job_cells(_job("generate", {"side": "neg", "split": "extract", "n_per_question": 10})),
+        job_cells(_job("judge", {"judge": "openai:gpt-4.1-mini"}, message=long)),
+    ]
+    for width in (80, 100):
+        widths = column_widths(rows, width)
+        assert sum(widths.values()) + CELL_PADDING * len(COLUMNS) <= width - 2
+        assert widths["status"] == len("status") and widths["kind"] == len("generate")
+    wide = column_widths(rows, 200)
+    assert wide["message"] >= len(long) and wide["scope"] == max(len(r["scope"]) for r in rows)
+
+
+async def test_jobs_newest_first_resized_and_finished_jobs_refused_kindly(db_path: Path) -> None:
+    with Store(db_path) as store:
+        for side in ("pos", "neg"):
+            job = store.create_job("generate", "paternalism", {"side": side, "split": "extract"})
+            store.update_job(job.id, status="done", message="a finished job " * 8)
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        table = app.screen.query_one("#jobs-table", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 2)
+        assert [k.value for k in table.rows] == ["2", "1"]
+        assert table.get_cell("2", "side") == "neg" and table.get_cell("1", "split") == "extract"
+        narrow = table.columns["message"].width
+        with Store(db_path) as store:
+            store.create_job("judge", "paternalism", {"judge": "openai:m", "responses": [1, 2]})
+        await wait_for(pilot, lambda: table.row_count == 3)
+        assert [k.value for k in table.rows] == ["3", "2", "1"]  # the new job on top
+        assert table.get_cell("3", "scope").startswith("responses 1, 2")
+        await pilot.resize_terminal(160, 40)
+        await wait_for(pilot, lambda: table.columns["message"].width > narrow)
+        table.focus()
+        assert table.get_row_index("2") == table.cursor_row  # the cursor stayed on its job
+        await wait_for(pilot, lambda: "job 2 " in text_of(app, "#job-summary"))
+        await pilot.press("r")
+        await wait_for(pilot, lambda: bool(app._notifications))
+        notes = [n.message for n in app._notifications]
+        assert "job 2 is done; there is nothing to resume" in notes
+        await pilot.press("c")
+        await wait_for(
+            pilot,
+            lambda: (
+                "job 2 is already done; nothing to cancel"
+                in [n.message for n in app._notifications]
+            ),
+        )
+        assert not isinstance(app.screen, ErrorModal)
+        with Store(db_path) as store:
+            assert store.get_job(2).status == "done"
+
+
+async def test_forms_open_with_focus_on_their_first_input(db_path: Path) -> None:
+    from tui.screens.form import FormModal
+
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        await pilot.pause(0.2)
+        await pilot.press("J")
+        await wait_for(pilot, lambda: isinstance(app.screen, FormModal))
+        assert app.focused is not None and app.focused.id == "field-judge"
+        await pilot.press("end", "x")  # typing lands in the field
+        assert app.screen.query_one("#field-judge").value.endswith("x")
