@@ -17,7 +17,7 @@ from db.traits import N_PAIRS
 from pipeline.generate import GenerateParams, RowKey, _context_length, _row, activations_dir
 from pipeline.jobs import JobProgress
 from pipeline.sampling import row_seed
-from pipeline.sharding import run_sharded, single_device, worker_devices
+from pipeline.sharding import GPUS_ALL, run_sharded, single_device, worker_devices
 from vectors import activations
 
 # Without --batch-size, slots come from free GPU memory, at most this many: past it a step's
@@ -42,6 +42,10 @@ def generate_local(
     progress.message = f"loading {params.model}"
     progress.flush(force=True)
     devices = worker_devices(params.gpus, params.device, lambda: fits_one_gpu(params.model))
+    if params.gpus in (None, GPUS_ALL) and len(pending) <= MAX_AUTO_SLOTS:
+        # Rows that fit one GPU's slots gain nothing from more GPUs (the answers' length,
+        # not the batch, sets the time), and each worker costs a model load.
+        devices = []
     loaded = None
     if devices:  # the workers load the model; this process needs its tokenizer only
         tokenizer, resolved = load_tokenizer(params.model)

@@ -14,6 +14,7 @@ from pipeline.author import AuthorParams, create_author_job
 from pipeline.extract import Extraction, extract
 from pipeline.filter import DEFAULT_FILTER, FilterParams
 from pipeline.generate import GenerateParams, find_or_create_job
+from pipeline.job_devices import run_generation_jobs
 from pipeline.jobs import ProgressCallback, run_job
 from pipeline.judging import DEFAULT_JUDGE, JudgeParams, find_or_create_judge_job
 from pipeline.sharding import parse_gpus
@@ -90,8 +91,18 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
                     gpus=params.gpus,
                 )
                 generation[(split, side)] = find_or_create_job(store, params.trait, gen)
-        for (split, side), job_id in generation.items():
-            step(f"generate {side}/{split}", job_id)
+        labels = {
+            job_id: f"generate {side}/{split}" for (split, side), job_id in generation.items()
+        }
+
+        def progress_for(job_id: int) -> ProgressCallback | None:
+            return on_step(labels[job_id], job_id) if on_step is not None else None
+
+        # Several GPUs: the four jobs side by side, one GPU each at a time.
+        run_generation_jobs(
+            db_path, list(generation.values()), gpus=params.gpus, device=params.device,
+            on_progress=progress_for,
+        )  # fmt: skip
         # The filter needs scores for the extract split only; the eval split is analysed by
         # projections, which need no judge.
         for side in ("pos", "neg"):

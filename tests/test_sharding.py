@@ -166,3 +166,34 @@ def test_a_local_judge_across_two_workers(tmp_path: Path, tiny_model_dir: Path) 
     assert scores["one"].keys() == scores["two"].keys()
     for key, score in scores["one"].items():
         assert scores["two"][key] == pytest.approx(score, abs=1e-4)
+
+
+def test_jobs_side_by_side_on_two_workers(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``run``/``generate --side both`` on several devices: each job whole on one worker
+    (pinned there, its identity unchanged), the rows of one process running them in turn,
+    progress read back from the job rows."""
+    from pipeline.job_devices import run_generation_jobs
+
+    rows = {}
+    for name, gpus in (("one", "cpu"), ("two", "cpu,cpu")):
+        with Store(tmp_path / f"{name}.db") as store:
+            jobs = []
+            for side in ("pos", "neg"):
+                params = GenerateParams(
+                    side=side, model=str(tiny_model_dir), n_per_question=1, max_new_tokens=6,
+                    batch_size=8,
+                )  # fmt: skip
+                jobs.append(find_or_create_job(store, "paternalism", params))
+            seen: dict[int, int] = {}
+
+            def progress_for(job_id: int, seen=seen):
+                return lambda update: seen.__setitem__(job_id, update.done)
+
+            run_generation_jobs(store.path, jobs, gpus=gpus, on_progress=progress_for)
+            assert [store.get_job(j).status for j in jobs] == ["done", "done"]
+            assert seen == {jobs[0]: 20, jobs[1]: 20}
+            if name == "two":  # pinned to its worker's device, found again by the same command
+                assert [store.get_job(j).params["gpus"] for j in jobs] == ["cpu", "cpu"]
+                assert find_or_create_job(store, "paternalism", params) == jobs[1]
+            rows[name] = {(r.side, r.key): r.answer_ids for r in store.responses()}
+    assert rows["one"] == rows["two"] and len(rows["one"]) == 40

@@ -97,6 +97,7 @@ def new_plan(
     from db import Store
     from pipeline.extract import extract
     from pipeline.generate import GenerateParams, find_or_create_job
+    from pipeline.job_devices import run_generation_jobs
     from pipeline.jobs import run_job
     from pipeline.judging import JudgeParams, find_or_create_judge_job
 
@@ -105,17 +106,20 @@ def new_plan(
     slots = set()
     start = time.perf_counter()
     with Store(db) as store:
+        jobs = []
         for split, count in (("extract", n), ("eval", n_eval)):
             for side in ("pos", "neg"):
                 params = GenerateParams(
                     side=side, split=split, model=str(model_dir), n_per_question=count,
                     max_new_tokens=new, gpus=gpus,
                 )  # fmt: skip
-                job_id = find_or_create_job(store, "paternalism", params)
-                run_job(db, job_id)
-                job = store.get_job(job_id)
-                slots.add(job.stats.get("slots"))
-                tokens += sum(len(r.answer_ids) for r in store.responses(job=job_id))
+                jobs.append(find_or_create_job(store, "paternalism", params))
+        # As `persona run` does: with several GPUs, the jobs side by side.
+        run_generation_jobs(db, jobs, gpus=gpus)
+        for job_id in jobs:
+            job = store.get_job(job_id)
+            slots.add(str(job.stats.get("slots")))
+            tokens += sum(len(r.answer_ids) for r in store.responses(job=job_id))
         times["generate"] = time.perf_counter() - start
         mark = time.perf_counter()
         judge = JudgeParams(judge="openai:stub", base_url=base_url, max_concurrent=50)

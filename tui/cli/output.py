@@ -85,6 +85,24 @@ def run_jobs_with_progress(db_path: Path, jobs: list[tuple[int, str]]) -> None:
             run_job(db_path, job_id, on_progress=bar_updater(bar, task))
 
 
+def run_generation_with_progress(
+    db_path: Path, jobs: list[tuple[int, str]], *, gpus: str | None, device: str | None
+) -> None:
+    """Generation jobs with a bar each, side by side on their own GPUs where there are
+    several (``pipeline.job_devices``)."""
+    from pipeline.job_devices import run_generation_jobs
+
+    with progress_bar() as bar:
+        tasks = {job_id: bar.add_task(label, total=None, rate="") for job_id, label in jobs}
+        run_generation_jobs(
+            db_path,
+            [job_id for job_id, _ in jobs],
+            gpus=gpus,
+            device=device,
+            on_progress=lambda job_id: bar_updater(bar, tasks[job_id]),
+        )
+
+
 def print_pair_counts(pairs) -> None:
     counts = pairs.counts()
     out.print(

@@ -19,7 +19,12 @@ from tui.cli.arguments import (
     seed_int,
 )
 from tui.cli.context import db_path, open_store
-from tui.cli.output import out, print_pair_counts, run_jobs_with_progress
+from tui.cli.output import (
+    out,
+    print_pair_counts,
+    run_generation_with_progress,
+    run_jobs_with_progress,
+)
 from tui.cli.parser import add_command
 
 
@@ -52,7 +57,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ).validate()
             job_id = find_or_create_job(store, args.trait, params)
             jobs.append((job_id, f"job {job_id} {args.trait} {side}/{args.split}"))
-    run_jobs_with_progress(db_path(args), jobs)
+    run_generation_with_progress(db_path(args), jobs, gpus=args.gpus, device=args.device)
     with open_store(args) as store:
         for job_id, label in jobs:
             job = store.get_job(job_id)

@@ -1,0 +1,105 @@
+"""Several jobs at once, one worker process a device (``--gpus``): the seed's plan is four
+generation jobs (pos and neg, extract and eval) whose rows each fit one GPU's slots, so
+splitting a job's rows over GPUs only halves its batch; running whole jobs side by side on
+their own GPUs is what shortens the plan.
+
+Each worker runs its share of the jobs in order, in one process (its model loaded once, kept
+for the next job), each job pinned to the worker's device through its ``gpus`` parameter
+(not part of a job's identity). Jobs write their own rows, as detached workers do; the
+parent follows their progress from the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from db import PersonaError, Store
+from pipeline.jobs import ProgressCallback, ProgressUpdate, run_job
+from pipeline.sharding import run_sharded
+
+# Seconds between the parent's reads of the job rows, for progress callbacks.
+POLL_SECONDS = 0.5
+
+
+def device_gpus(device: str) -> str:
+    """The one-device ``--gpus`` value that pins a job to ``device`` (cuda:1 -> 1)."""
+    return "cpu" if device == "cpu" else device.partition(":")[2] or "0"
+
+
+def run_jobs_on_devices(
+    db_path: str | Path,
+    job_ids: Sequence[int],
+    devices: Sequence[str],
+    on_progress: Callable[[int], ProgressCallback | None] = lambda _job: None,
+) -> None:
+    """Run the jobs, dealt round-robin over the devices (the job list's order is the plan's:
+    pos and neg of a split side by side). ``on_progress(job id)`` gives the job's progress
+    callback, fed from its row. A job's error is raised once every job has ended."""
+    with Store(db_path) as store:
+        for index, job_id in enumerate(job_ids):
+            job = store.get_job(job_id)
+            pinned = {**job.params, "gpus": device_gpus(devices[index % len(devices)])}
+            store.update_job(job_id, params=pinned)
+    callbacks = {job_id: on_progress(job_id) for job_id in job_ids}
+    errors: list[str] = []
+
+    def report() -> None:
+        with Store(db_path) as store:
+            for job_id, callback in callbacks.items():
+                if callback is not None:
+                    job = store.get_job(job_id)
+                    callback(ProgressUpdate(job_id, job.done, job.total, job.stats, job.message))
+
+    for _index, error in run_sharded(
+        devices, run_job_share, str(db_path), list(job_ids), on_idle=report
+    ):
+        if error:
+            errors.append(error)
+    report()
+    if errors:
+        raise PersonaError(errors[0])
+
+
+def run_job_share(device: str, db_path: str, share: Sequence, emit, note) -> None:
+    """A worker's part: its jobs in order; each job's error is reported, not raised, so the
+    jobs after it still run."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    for index, job_id in share:
+        try:
+            run_job(db_path, job_id)
+        except PersonaError as exc:
+            emit(index, f"job {job_id}: {exc}")
+        else:
+            emit(index, "")
+
+
+def run_generation_jobs(
+    db_path: str | Path,
+    job_ids: Sequence[int],
+    *,
+    gpus: str | None = None,
+    device: str | None = None,
+    on_progress: Callable[[int], ProgressCallback | None] = lambda _job: None,
+) -> None:
+    """Generation jobs of one model: side by side on their own GPUs when there are several
+    of both (``run_jobs_on_devices``), else one after another in this process."""
+    from pipeline.models import fits_one_gpu
+    from pipeline.sharding import parse_gpus, worker_devices
+
+    devices: list[str] = []
+    if len(job_ids) > 1:
+        with Store(db_path) as store:
+            models = {store.get_job(job_id).params.get("model") for job_id in job_ids}
+            local = all(store.get_job(j).params.get("backend") == "local" for j in job_ids)
+        if len(models) == 1 and local:
+            model = next(iter(models))
+            devices = worker_devices(parse_gpus(gpus), device, lambda: fits_one_gpu(model))
+    if len(devices) > 1:
+        run_jobs_on_devices(db_path, job_ids, devices, on_progress)
+        return
+    for job_id in job_ids:
+        run_job(db_path, job_id, on_progress=on_progress(job_id))
