@@ -38,6 +38,21 @@ def store_vector(
     return path
 
 
+def planted_vector(seed: int = 21, layers: int = 3, hidden: int = 64) -> torch.Tensor:
+    """A random [L+1, d] vector, the tiny model's shape by default (3 layers, hidden 64)."""
+    torch.manual_seed(seed)
+    return torch.randn(layers + 1, hidden)
+
+
+def make_planted_db(
+    db: Path, model: Path, vector: torch.Tensor, trait: str = "paternalism"
+) -> Path:
+    """A new database at ``db`` whose ``trait`` has ``vector`` as ``model``'s vector."""
+    with Store(db) as store:
+        store_vector(store, trait, str(model), vector)
+    return db
+
+
 def assert_baked_equals_steered(
     source: Path, baked: Path, vector: torch.Tensor, layer: int, coef: float, device: str = "cpu"
 ) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from planted import assert_baked_equals_steered, store_vector
+from planted import assert_baked_equals_steered, make_planted_db, planted_vector
 from test_errors import assert_error, cli, clone, snapshot
 
 from db import Store
@@ -24,17 +24,13 @@ LAYER = 2
 
 @pytest.fixture(scope="module")
 def vector() -> torch.Tensor:
-    torch.manual_seed(21)
-    return torch.randn(4, 64)  # the tiny model: 3 layers, hidden 64
+    return planted_vector()
 
 
 @pytest.fixture(scope="module")
 def planted_db(tiny_model_dir: Path, vector, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A database whose paternalism vector (of the tiny model) is planted, not extracted."""
-    db = tmp_path_factory.mktemp("beyond") / "persona.db"
-    with Store(db) as store:
-        store_vector(store, TRAIT, str(tiny_model_dir), vector)
-    return db
+    return make_planted_db(tmp_path_factory.mktemp("beyond") / "persona.db", tiny_model_dir, vector)
 
 
 def expect_error(capsys, db: Path, argv: list[object], expected: str) -> None:
@@ -169,9 +165,7 @@ def checkpoints(planted_db: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_shift_recovers_a_planted_fine_tune(
     capsys, planted_db: Path, tiny_model_dir: Path, checkpoints, vector, tmp_path: Path
 ) -> None:
-    db = tmp_path / "shift.db"
-    with Store(db) as store:
-        store_vector(store, TRAIT, str(tiny_model_dir), vector)
+    db = make_planted_db(tmp_path / "shift.db", tiny_model_dir, vector)
     models = [arg for path in checkpoints.values() for arg in ("--model", path)]
     argv = ["shift", TRAIT, *models, "--base", tiny_model_dir]
     argv += ["--judge", f"local:{tiny_model_dir}", "--max-new-tokens", "2"]
@@ -243,3 +237,28 @@ def test_steer_cap(capsys, planted_db: Path) -> None:
         capsys, planted_db, [*argv, "--cap", "nan"], "--cap must be a finite projection value"
     )
     expect_error(capsys, planted_db, [*argv, "--cap", "high"], "argument --cap: invalid float")
+
+
+# ---- options whose defaults live in the step's dataclass ---------------------------------
+@pytest.mark.parametrize(
+    ("argv", "params", "fields"),
+    [
+        (["shift"], "ShiftParams", ("n_per_question", "max_new_tokens", "judge", "seed")),
+        (["vectors", "bake"], "BakeParams", ("vector",)),
+        (["vectors", "export"], "GgufExportParams", ("coef", "vector")),
+    ],
+)
+def test_help_shows_the_dataclass_defaults(capsys, argv, params, fields) -> None:
+    import dataclasses
+
+    from pipeline.bake import BakeParams
+    from pipeline.gguf_export import GgufExportParams
+    from pipeline.shift import ShiftParams
+
+    step = {"ShiftParams": ShiftParams, "BakeParams": BakeParams}.get(params, GgufExportParams)
+    assert main([*argv, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = {f.name: f.default for f in dataclasses.fields(step)}
+    for field in fields:
+        shown = f"{defaults[field]:g}" if isinstance(defaults[field], float) else defaults[field]
+        assert f"--{field.replace('_', '-')}" in text and f"(default {shown})" in text

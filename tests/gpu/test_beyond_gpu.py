@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from planted import assert_baked_equals_steered, store_vector
+from planted import assert_baked_equals_steered, make_planted_db, planted_vector
 
 from db import Store
 from tui.cli import main
@@ -29,16 +29,15 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def vector() -> torch.Tensor:
-    torch.manual_seed(21)
-    return torch.randn(4, 64)  # the tiny model: 3 layers, hidden 64
+    return planted_vector()
 
 
 @pytest.fixture(scope="module")
 def planted_db(tiny_model_dir: Path, vector, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    db = tmp_path_factory.mktemp("beyond-gpu") / "persona.db"
-    with Store(db) as store:
-        store_vector(store, TRAIT, str(tiny_model_dir), vector)
-    return db
+    """A database whose paternalism vector (of the tiny model) is planted, not extracted."""
+    return make_planted_db(
+        tmp_path_factory.mktemp("beyond-gpu") / "persona.db", tiny_model_dir, vector
+    )
 
 
 def persona(db: Path, *argv: object) -> None:
@@ -63,9 +62,7 @@ def test_shift_of_baked_checkpoints_on_cuda(
         bake = ["vectors", "bake", TRAIT, "--layer", LAYER, f"--coef={coef}", "--out", out]
         persona(planted_db, *bake, "--no-verify")
         models += ["--model", out]
-    db = tmp_path / "shift.db"
-    with Store(db) as store:
-        store_vector(store, TRAIT, str(tiny_model_dir), vector)
+    db = make_planted_db(tmp_path / "shift.db", tiny_model_dir, vector)
     judge = f"local:{tiny_model_dir}"
     persona(db, "shift", TRAIT, *models, "--base", tiny_model_dir, "--judge", judge,
             "--max-new-tokens", 4, "--device", "cuda")  # fmt: skip

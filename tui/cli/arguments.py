@@ -29,13 +29,14 @@ def step_default(step: str, field: str) -> Any:
 
 
 def add_step_option(
-    sub: argparse.ArgumentParser, flag: str, step: str, **kwargs: Any
+    sub: argparse.ArgumentParser, flag: str, step: str, *, help: str, **kwargs: Any
 ) -> argparse.Action:
     """An option whose default and validation live in a step's dataclass (``"module:Class"``,
     the field named like the option): absent from the namespace unless given, so the
     dataclass's default applies (``given`` collects what was given); its help names that
-    default, read only when help is shown (``StepDefaultsFormatter``)."""
-    action = sub.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+    default, read only when help is shown (``StepDefaultsFormatter``; argparse shows nothing
+    for an option without help, hence ``help`` is required)."""
+    action = sub.add_argument(flag, default=argparse.SUPPRESS, help=help, **kwargs)
     action.step_default = (step, action.dest)  # type: ignore[attr-defined]
     return action
 

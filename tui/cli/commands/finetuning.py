@@ -153,7 +153,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="an OpenAI- or Anthropic-compatible server",
     )
     add_step_option(sh, "--vector", SHIFT, metavar="KIND", help=f"one of {', '.join(VECTOR_KINDS)}")
-    add_step_option(sh, "--max-new-tokens", SHIFT, type=whole_number, metavar="N")
-    add_step_option(sh, "--temperature", SHIFT, type=real_number, metavar="T")
+    add_step_option(
+        sh, "--max-new-tokens", SHIFT, type=whole_number, metavar="N", help="tokens an answer"
+    )
+    add_step_option(
+        sh, "--temperature", SHIFT, type=real_number, metavar="T", help="sampling temperature"
+    )
     add_step_option(sh, "--seed", SHIFT, type=seed_int, help="the same per-row seeds for all")
     add_step_option(sh, "--device", SHIFT, help="cpu, cuda or cuda:N (default: cuda when present)")
