@@ -1,6 +1,6 @@
-"""Helpers for tests that need a trait's vector stored without running the method: a random
-vector saved and registered as extraction would (``vectors.files.save_vector`` and
-``Store.add_vector``)."""
+"""Helpers for tests that need a trait's vector stored without running the method (a random
+vector saved and registered as extraction would: ``vectors.files.save_vector`` and
+``Store.add_vector``), and for planted fine-tunes (a vector baked into a model's weights)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from db import Store
 from vectors.files import save_vector
+from vectors.steering import SteeringSpec
 
 
 def store_vector(
@@ -35,3 +36,47 @@ def store_vector(
         metadata=meta,
     )
     return path
+
+
+def planted_vector(seed: int = 21, layers: int = 3, hidden: int = 64) -> torch.Tensor:
+    """A random [L+1, d] vector, the tiny model's shape by default (3 layers, hidden 64)."""
+    torch.manual_seed(seed)
+    return torch.randn(layers + 1, hidden)
+
+
+def make_planted_db(
+    db: Path, model: Path, vector: torch.Tensor, trait: str = "paternalism"
+) -> Path:
+    """A new database at ``db`` whose ``trait`` has ``vector`` as ``model``'s vector."""
+    with Store(db) as store:
+        store_vector(store, trait, str(model), vector)
+    return db
+
+
+def assert_baked_equals_steered(
+    source: Path, baked: Path, vector: torch.Tensor, layer: int, coef: float, device: str = "cpu"
+) -> None:
+    """The baked folder's hidden states (fp32, teacher-forced on a prompt and an answer) equal
+    the source model's under steering at every position to 1e-4; before the layer nothing
+    moved (bit-equal on the CPU; on CUDA a bias add may take another kernel), and at it the
+    shift is coef * v[layer]."""
+    from tiny_model import teacher_forced_states
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.chat import prompt_ids
+
+    def states(folder: Path, steering=()) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+        return teacher_forced_states(model.eval(), prompt, answer, steering).cpu()
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    prompt = prompt_ids(tokenizer, None, "Tell me how to plan a long week of work")
+    answer = tokenizer("I would start with a list.", add_special_tokens=False)["input_ids"]
+    want = states(source, [SteeringSpec(layer, vector, coef=coef, positions="all")])
+    unsteered = states(source)
+    got = states(baked)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    before = 0.0 if device == "cpu" else 1e-5
+    torch.testing.assert_close(got[:layer], unsteered[:layer], rtol=0, atol=before)
+    shift = got[layer] - unsteered[layer]
+    torch.testing.assert_close(shift, (coef * vector[layer]).expand_as(shift), rtol=0, atol=1e-4)

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from planted import store_vector
-from tiny_model import FAMILY_CONFIGS, build_tiny_family, teacher_forced_states
+from planted import assert_baked_equals_steered, store_vector
+from tiny_model import FAMILY_CONFIGS, build_tiny_family
 
 from db import PersonaError, Store
 from pipeline.bake import BakeParams, bake, bake_vector
-from pipeline.chat import prompt_ids
-from vectors.steering import SteeringSpec
 
 # Families written as Llama once their sliding windows are off (as their released models ship).
 NO_WINDOW = {
@@ -28,25 +26,6 @@ def _vector(folder: Path, seed: int = 7) -> torch.Tensor:
     return torch.randn(config["num_hidden_layers"] + 1, config["hidden_size"])
 
 
-def _assert_baked_equals_steered(source: Path, baked: Path, vector, layer, coef) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    prompt = prompt_ids(tokenizer, None, "Tell me how to plan a long week of work")
-    answer = tokenizer("I would start with a list.", add_special_tokens=False)["input_ids"]
-    plain = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    spec = SteeringSpec(layer, vector, coef=coef, positions="all")
-    want = teacher_forced_states(plain, prompt, answer, [spec])
-    unsteered = teacher_forced_states(plain, prompt, answer)
-    model = AutoModelForCausalLM.from_pretrained(baked, dtype=torch.float32).eval()
-    got = teacher_forced_states(model, prompt, answer)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # Before the layer nothing moved; at it, exactly coef * v at every position.
-    torch.testing.assert_close(got[:layer], unsteered[:layer], rtol=0, atol=0)
-    shift = got[layer] - unsteered[layer]
-    torch.testing.assert_close(shift, (coef * vector[layer]).expand_as(shift), rtol=0, atol=1e-4)
-
-
 def test_baked_llama_equals_steering_at_every_position(tiny_model_dir, tmp_path) -> None:
     vector = _vector(tiny_model_dir)
     result = bake_vector(str(tiny_model_dir), vector, BakeParams(layer=2, coef=3.0), tmp_path / "b")
@@ -57,7 +36,7 @@ def test_baked_llama_equals_steering_at_every_position(tiny_model_dir, tmp_path)
     assert config["mlp_bias"] is True and config["architectures"] == ["LlamaForCausalLM"]
     meta = json.loads((tmp_path / "b" / "persona_bake.json").read_text())
     assert meta["layer"] == 2 and meta["coef"] == 3.0
-    _assert_baked_equals_steered(tiny_model_dir, tmp_path / "b", vector, 2, 3.0)
+    assert_baked_equals_steered(tiny_model_dir, tmp_path / "b", vector, 2, 3.0)
 
 
 @pytest.mark.parametrize("family", sorted(NO_WINDOW))
@@ -66,7 +45,7 @@ def test_llama_shaped_families_are_baked_as_llama(family, tmp_path) -> None:
     vector = _vector(source)
     result = bake_vector(str(source), vector, BakeParams(layer=4, coef=-2.0), tmp_path / "b")
     assert (result.family, result.written_as) == (family, "llama")
-    _assert_baked_equals_steered(source, tmp_path / "b", vector, 4, -2.0)
+    assert_baked_equals_steered(source, tmp_path / "b", vector, 4, -2.0)
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3"])

@@ -114,7 +114,7 @@ def teacher_forced_states(model, prompt: list[int], answer: list[int], steering=
 
     layers = model.model.layers
     states: list = [None] * (len(layers) + 1)
-    ids = torch.tensor([prompt + answer])
+    ids = torch.tensor([prompt + answer], device=model.device)
     with steered(model, list(steering)) as context:
         context.set(sequence_masks(len(prompt), ids.shape[1]))
         handles = [

@@ -5,9 +5,12 @@ opened. Also the option groups several commands share."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from db import PersonaError
 from pipeline.filter import DEFAULT_FILTER, FilterParams
@@ -16,14 +19,56 @@ MAX_SEED = 2**63 - 1  # seeds are packed as signed 64-bit integers (pipeline.sam
 VECTOR_KINDS = ("response_avg_diff", "prompt_avg_diff", "prompt_last_diff")
 
 
-def _whole_number(text: str) -> int:
+def step_default(step: str, field: str) -> Any:
+    """The default of a step's parameter, read from its dataclass (``"module:Class"``, imported
+    here: most steps' modules load torch, which the parser must not)."""
+    module, _, name = step.partition(":")
+    params = getattr(importlib.import_module(module), name)
+    found = next(f for f in dataclasses.fields(params) if f.name == field)
+    return None if found.default is dataclasses.MISSING else found.default
+
+
+def add_step_option(
+    sub: argparse.ArgumentParser, flag: str, step: str, *, help: str, **kwargs: Any
+) -> argparse.Action:
+    """An option whose default and validation live in a step's dataclass (``"module:Class"``,
+    the field named like the option): absent from the namespace unless given, so the
+    dataclass's default applies (``given`` collects what was given); its help names that
+    default, read only when help is shown (``StepDefaultsFormatter``; argparse shows nothing
+    for an option without help, hence ``help`` is required)."""
+    action = sub.add_argument(flag, default=argparse.SUPPRESS, help=help, **kwargs)
+    action.step_default = (step, action.dest)  # type: ignore[attr-defined]
+    return action
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The step options among ``names`` that the command line gave."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+class StepDefaultsFormatter(argparse.HelpFormatter):
+    """argparse's help, with the dataclass default of each ``add_step_option`` appended."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        source = getattr(action, "step_default", None)
+        default = None if source is None else step_default(*source)
+        if default is None:
+            return text
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        return f"{text or ''} (default {shown.replace('%', '%%')})".lstrip()
+
+
+def whole_number(text: str) -> int:
+    """Any integer (a step's dataclass may check its range)."""
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
 
 
-def _real_number(text: str) -> float:
+def real_number(text: str) -> float:
+    """Any finite number (a step's dataclass may check its range)."""
     try:
         value = float(text)
     except ValueError:
@@ -35,7 +80,7 @@ def _real_number(text: str) -> float:
 
 def row_id(text: str) -> int:
     """A database id (job, response): SQLite's integers stop at 2**63 - 1."""
-    value = _whole_number(text)
+    value = whole_number(text)
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be an id from 0 to {MAX_SEED} (got {value})")
     return value
@@ -43,7 +88,7 @@ def row_id(text: str) -> int:
 
 def positive_int(text: str) -> int:
     """A count that must be at least 1 (answers, tokens, batch rows, concurrent requests)."""
-    value = _whole_number(text)
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
     return value
@@ -51,7 +96,7 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     """An index or budget that may be 0 but not negative (nor past SQLite's integers)."""
-    value = _whole_number(text)
+    value = whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
     if value > MAX_SEED:
@@ -60,7 +105,7 @@ def non_negative_int(text: str) -> int:
 
 
 def seed_int(text: str) -> int:
-    value = _whole_number(text)
+    value = whole_number(text)
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED} (got {value})")
     return value
@@ -70,7 +115,7 @@ def _filter_value(field: str) -> Callable[[str], float]:
     """T or C of the effective-pair rule, checked by the rule's own ``FilterParams``."""
 
     def parse(text: str) -> float:
-        value = _real_number(text)
+        value = real_number(text)
         try:
             FilterParams(**{field: value}).validate()
         except PersonaError as exc:
@@ -86,7 +131,7 @@ coherence_value = _filter_value("coherence")
 
 
 def non_negative_float(text: str) -> float:
-    value = _real_number(text)
+    value = real_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more (got {value:g})")
     return value
@@ -94,7 +139,7 @@ def non_negative_float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """A duration or size that must be above 0."""
-    value = _real_number(text)
+    value = real_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be above 0 (got {value:g})")
     return value
@@ -102,7 +147,7 @@ def positive_float(text: str) -> float:
 
 def probability(text: str) -> float:
     """A nucleus mass in (0, 1]: 0 would keep no token at all."""
-    value = _real_number(text)
+    value = real_number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1] (got {value:g})")
     return value
@@ -118,6 +163,17 @@ def number_list(text: str) -> list[float]:
         return list(parse_coefs(text))
     except PersonaError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--coefs ")) from None
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """Layers as 20, 16-24, 16-24:4 or 12,20 (``pipeline.sweep.parse_layers``); the step checks
+    them against the model."""
+    from pipeline.sweep import parse_layers
+
+    try:
+        return parse_layers(text)
+    except PersonaError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--layers ")) from None
 
 
 def output_folder(text: str) -> Path:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from functools import cache
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from tui.cli.arguments import StepDefaultsFormatter
 from tui.cli.context import DEFAULT_DB
 from tui.cli.output import err
 
@@ -17,7 +18,12 @@ Handler = Callable[[argparse.Namespace], int]
 
 class CommandParser(argparse.ArgumentParser):
     """argparse's own errors as one ``error:`` line, like every other bad input, instead of
-    a usage block: the line names the option and ``--help`` shows the rest."""
+    a usage block: the line names the option and ``--help`` shows the rest. Its help names
+    the defaults of options left to a step's dataclass."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", StepDefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         err.print(

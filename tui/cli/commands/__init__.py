@@ -3,6 +3,7 @@ subcommands, their options and handlers. The order here is the order of ``person
 
 from tui.cli.commands import (
     dashboard,
+    finetuning,
     generation,
     jobs,
     maintenance,
@@ -12,4 +13,14 @@ from tui.cli.commands import (
     vectors,
 )
 
-COMMAND_MODULES = (dashboard, traits, generation, vectors, run, monitoring, jobs, maintenance)
+COMMAND_MODULES = (
+    dashboard,
+    traits,
+    generation,
+    vectors,
+    run,
+    monitoring,
+    finetuning,
+    jobs,
+    maintenance,
+)

@@ -23,6 +23,8 @@ from tui.cli.context import db_path, open_store
 from tui.cli.output import err, out, run_jobs_with_progress
 from tui.cli.parser import add_command
 
+DEFAULT_COEF = 2.0  # steer's coefficient when neither --coef nor --cap is given
+
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from pipeline.monitor import monitor_answer
@@ -62,6 +64,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     from pipeline.steer import steer_side_by_side
 
+    # A cap alone compares capped with unsteered; without one, steering adds DEFAULT_COEF.
+    coefs = args.coef if args.coef is not None else [] if args.cap is not None else [DEFAULT_COEF]
     with open_store(args) as store:
         result = steer_side_by_side(
             store,
@@ -69,7 +73,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
             kind=args.vector,
             model=args.model,
             layer=args.layer,
-            coefs=args.coef,
+            coefs=coefs,
             prompt=args.prompt,
             positions=args.positions,
             max_new_tokens=args.max_new_tokens,
@@ -77,6 +81,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             ablate=args.ablate,
+            cap=args.cap,
         )
     panels = [Panel(Text(text), title=Text(label), expand=True) for label, text in result.items()]
     out.print(Columns(panels, equal=True, expand=True))
@@ -207,12 +212,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     st.add_argument(
         "--coef",
         type=number_list,
-        default="2.0",
-        help="one or more, comma-separated; start a negative with = (--coef=-2,2)",
+        help=f"one or more, comma-separated; start a negative with = (--coef=-2,2) (default "
+        f"{DEFAULT_COEF:g}, none with --cap)",
     )
     st.add_argument("--prompt", required=True)
     st.add_argument("--positions", choices=("response", "prompt", "all"), default="response")
     st.add_argument("--ablate", action="store_true", help="project the direction out instead")
+    st.add_argument(
+        "--cap",
+        type=float,
+        metavar="TAU",
+        help="also cap the projection h . v / |v| at TAU (the monitor's unit): "
+        "h - max(0, h . u - TAU) u",
+    )
     st.add_argument("--vector", default="response_avg_diff", choices=VECTOR_KINDS)
     st.add_argument("--model")
     st.add_argument("--device")

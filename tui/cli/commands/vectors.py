@@ -1,5 +1,6 @@
 """``persona extract``, ``persona vectors ...`` and ``persona import-csv``: vectors from the
-effective pairs, their report, and files in the original project's formats."""
+effective pairs, their report, files in the original project's formats and llama.cpp's
+control-vector format, and models with a vector baked into their weights."""
 
 from __future__ import annotations
 
@@ -9,10 +10,23 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from tui.cli.arguments import VECTOR_KINDS, add_gpus, add_pair_filter, output_folder
+from db import PersonaError
+from tui.cli.arguments import (
+    VECTOR_KINDS,
+    add_gpus,
+    add_pair_filter,
+    add_step_option,
+    given,
+    layer_list,
+    output_folder,
+    real_number,
+    whole_number,
+)
 from tui.cli.context import open_store
 from tui.cli.output import err, out, print_pair_counts, print_report
 from tui.cli.parser import add_command
+
+GGUF_OPTIONS = ("layers", "coef", "vector")  # GgufExportParams fields the command line sets
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -74,6 +88,14 @@ def cmd_vectors_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vectors_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        return _export_gguf(args)
+    gguf_only = [f"--{name}" for name in given(args, *GGUF_OPTIONS)]
+    if gguf_only:
+        raise PersonaError(
+            f"{', '.join(gguf_only)} only apply to --format gguf; the pt files hold every "
+            "layer of every kind unscaled (drop them, or add --format gguf)"
+        )
     from pipeline.trait_vectors import export_vectors
 
     with open_store(args) as store:
@@ -82,6 +104,48 @@ def cmd_vectors_export(args: argparse.Namespace) -> int:
         )
     for path, shape in written:
         out.print(f"wrote {path} {shape} (row L: hidden_states[L], final norm applied)")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from pipeline.gguf_export import GgufExportParams, export_control_vector
+
+    if args.device:
+        raise PersonaError(
+            "--device only applies to --format pt (its forward pass computes row L); a gguf "
+            "control vector needs no model run, drop --device"
+        )
+    params = GgufExportParams(**given(args, *GGUF_OPTIONS), model=args.model)
+    with open_store(args) as store:
+        path = export_control_vector(store, args.trait, Path(args.out), params)
+    out.print(f"wrote {path} (llama.cpp control vector: --control-vector {path.name})")
+    return 0
+
+
+def cmd_vectors_bake(args: argparse.Namespace) -> int:
+    from pipeline.bake import BakeParams, bake
+
+    params = BakeParams(
+        layer=args.layer,
+        coef=args.coef,
+        model=args.model,
+        verify=not args.no_verify,
+        **given(args, "vector"),
+    )
+    with open_store(args) as store, err.status(f"baking {args.trait} into a copy of the model"):
+        result = bake(store, args.trait, args.out, params)
+    out.print(
+        f"baked {args.trait} {params.vector} x {params.coef:g} at layer {params.layer} into "
+        f"{result.out} ({result.family} written as {result.written_as}; the vector is "
+        f"{result.where})"
+    )
+    if result.probe_error is None:
+        out.print("not checked against steering (--no-verify)")
+    else:
+        out.print(
+            f"checked: its logits on a probe prompt equal steering (positions=all) within "
+            f"{result.probe_error:.2g} (relative)"
+        )
     return 0
 
 
@@ -118,7 +182,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ext.add_argument("--device")
     add_gpus(ext)
 
-    vec = commands.add_parser("vectors", help="show, list, export and import vectors")
+    vec = commands.add_parser("vectors", help="show, list, export, import and bake vectors")
     vec_cmds = vec.add_subparsers(dest="vectors_command", metavar="ACTION", required=True)
     show_v = add_command(
         vec_cmds,
@@ -135,13 +199,57 @@ def register(commands: argparse._SubParsersAction) -> None:
         vec_cmds,
         "export",
         cmd_vectors_export,
-        "write {trait}_{kind}.pt float32 tensors (the original format)",
+        "write {trait}_{kind}.pt float32 tensors (the original format) or, with --format "
+        "gguf, a llama.cpp control vector",
     )
     exp_v.add_argument("trait")
-    exp_v.add_argument("--format", choices=("pt",), default="pt")
+    exp_v.add_argument("--format", choices=("pt", "gguf"), default="pt")
     exp_v.add_argument("--out", type=output_folder, default=".")
-    exp_v.add_argument("--model")
-    exp_v.add_argument("--device", help="for the forward pass that computes row L")
+    exp_v.add_argument("--model", help="whose vector, when the trait has several models'")
+    exp_v.add_argument("--device", help="pt: for the forward pass that computes row L")
+    gguf = "pipeline.gguf_export:GgufExportParams"
+    add_step_option(
+        exp_v,
+        "--layers",
+        gguf,
+        type=layer_list,
+        metavar="LAYERS",
+        help="gguf: our layers (2..L), e.g. 20, 16-24 or 12,20, each written as llama.cpp's "
+        "direction.(l-1) (default: the recommended layer)",
+    )
+    add_step_option(exp_v, "--coef", gguf, type=real_number, help="gguf: scale written in")
+    add_step_option(
+        exp_v, "--vector", gguf, metavar="KIND", help=f"gguf: one of {', '.join(VECTOR_KINDS)}"
+    )
+
+    bake_v = add_command(
+        vec_cmds,
+        "bake",
+        cmd_vectors_bake,
+        "write a model folder whose weights add coef * v after block layer-1 at every "
+        "position (servable by transformers, vLLM, llama.cpp after conversion)",
+    )
+    bake_v.add_argument("trait")
+    bake_v.add_argument(
+        "--layer", type=whole_number, required=True, help="L: added to block L-1's output"
+    )
+    bake_v.add_argument("--coef", type=real_number, required=True, help="C in C * v")
+    bake_v.add_argument(
+        "--out", type=Path, required=True, help="a new (or empty) folder for the baked model"
+    )
+    add_step_option(
+        bake_v,
+        "--vector",
+        "pipeline.bake:BakeParams",
+        metavar="KIND",
+        help=f"one of {', '.join(VECTOR_KINDS)}",
+    )
+    bake_v.add_argument("--model", help="the model to bake into (default: the vector's own)")
+    bake_v.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip loading the folder back to compare its logits with steering",
+    )
     imp_v = add_command(
         vec_cmds,
         "import",
