@@ -602,6 +602,15 @@ class Store:
         """
         return list(self.db.query(sql, [judge, judge, *jobs]))
 
+    def judged_by(self, jobs: list[int], judge: str) -> bool:
+        """Whether ``judge`` scored any response of these jobs."""
+        marks = ", ".join("?" for _ in jobs)
+        sql = f"""
+            SELECT 1 FROM judgments j JOIN responses r ON r.id = j.response
+            WHERE r.job IN ({marks}) AND j.judge = ? LIMIT 1
+        """
+        return bool(list(self.db.query(sql, [*jobs, judge])))
+
     def judges_of(self, jobs: list[int], sample: int = 500) -> list[str]:
         """Judges that scored these jobs' responses, the most used first, read from the
         jobs' first ``sample`` responses (a whole-table count is slow at 100,000 rows)."""

@@ -185,6 +185,13 @@ def find_pairs(
                 f"run `persona judge {trait}` first"
             )
         judge = judges[0]
+    elif not store.judged_by([pos_job, neg_job], judge):
+        # Not "every pair unscored": a misspelt judge is not a judging problem.
+        named = ", ".join(store.judges_of([pos_job, neg_job])) or "none yet"
+        raise PersonaError(
+            f"judge '{judge}' scored none of jobs {pos_job} and {neg_job}; judges that did: "
+            f"{named} (leave --judge out for the one with most scores)"
+        )
     rows = store.scored_responses([pos_job, neg_job], judge)
     sides: dict[str, dict[tuple[int, int, int], dict]] = {"pos": {}, "neg": {}}
     for row in rows:

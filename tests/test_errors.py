@@ -1224,3 +1224,29 @@ def test_template_does_not_overwrite_and_blank_assistant_names_are_refused(
             ["generate", TRAIT, "--side", "pos", "--assistant-name", blank],
             "has no letter; give the adjective",
         )
+
+
+def test_control_text_in_model_answers_is_shown_not_obeyed(
+    capsys, vectors_db: Path, tmp_path: Path
+) -> None:
+    """Answers and tokens a model (or screened data) holds print as visible escapes in
+    `screen`'s table and in the heatmap (Rich drops BEL but passes ESC through)."""
+    from tui.widgets.heatmap import heatmap
+
+    esc = "\x1b]0;pwned\x07\x1b[2J"
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "response": f"hello {esc} there"}) + "\n")
+    code, out, _err = cli(capsys, "--db", vectors_db, "screen", TRAIT, "--data", data,
+                          "--layer", "1")  # fmt: skip
+    assert code == 0 and "\x1b" not in out and "\\x1b[2J" in out
+    text = heatmap(["ok", esc], [0.5, -0.5], palette="marks")
+    assert "\x1b" not in text.plain and "\\x1b]0;pwned\\x07" in text.plain
+
+
+def test_an_unknown_judge_is_named_not_counted_as_unscored(capsys, vectors_db: Path) -> None:
+    expect_unchanged(
+        capsys,
+        vectors_db,
+        ["pairs", TRAIT, "--judge", "nobody"],
+        "judge 'nobody' scored none of jobs",
+    )

@@ -12,17 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tui.printable import printable  # noqa: F401  (commands import it from here)
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0, 9), *range(11, 32), 127, *range(128, 160))}
-
-
-def printable(text: object) -> str:
-    """Text from files, models or the command line as the terminal should show it: control
-    characters (an ESC starting a clear-screen or window-title sequence) as visible escapes;
-    newlines and tabs kept."""
-    return str(text).translate(_CONTROL)
 
 
 @contextmanager

@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 
+from tui.printable import printable
+
 NEUTRAL = (245, 245, 245)
 HIGH = (214, 39, 40)  # trait up
 LOW = (31, 119, 180)  # trait down
@@ -39,9 +41,11 @@ MARKS = {0: "⁰", 1: "¹", 2: "²", 3: "³"}
 
 
 def visible(token: str) -> str:
+    """Whitespace as marks; control characters as escapes (a model's ESC must not drive
+    the terminal)."""
     if token.strip() == "" and token:
-        return token.replace("\n", "↵\n").replace("\t", "→").replace(" ", "·")
-    return token.replace("\n", "↵\n").replace("\t", "→")
+        token = token.replace(" ", "·")
+    return printable(token.replace("\n", "↵\n").replace("\t", "→"))
 
 
 def colour(value: float, scale: float) -> Color:

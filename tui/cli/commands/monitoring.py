@@ -20,7 +20,7 @@ from tui.cli.arguments import (
     seed_int,
 )
 from tui.cli.context import db_path, open_store
-from tui.cli.output import err, out, run_jobs_with_progress
+from tui.cli.output import err, out, printable, run_jobs_with_progress
 from tui.cli.parser import add_command
 
 DEFAULT_COEF = 2.0  # steer's coefficient when neither --coef nor --cap is given
@@ -83,7 +83,10 @@ def cmd_steer(args: argparse.Namespace) -> int:
             ablate=args.ablate,
             cap=args.cap,
         )
-    panels = [Panel(Text(text), title=Text(label), expand=True) for label, text in result.items()]
+    panels = [
+        Panel(Text(printable(text)), title=Text(label), expand=True)
+        for label, text in result.items()
+    ]
     out.print(Columns(panels, equal=True, expand=True))
     return 0
 
@@ -171,7 +174,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
             "" if row.difference is None else f"{row.difference:+.3f}",
             row.response.replace("\n", " ")[:80],
         ]
-        table.add_row(*(Text(c) for c in cells))
+        table.add_row(*(Text(printable(c)) for c in cells))
     out.print(table)
     if args.out:
         out.print(f"wrote {write_ranking(rows, Path(args.out))}")
