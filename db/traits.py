@@ -182,6 +182,13 @@ class TraitDefinition:
             if not isinstance(part, Mapping):
                 raise PersonaError(f"{source}: the {label} file must hold a JSON object")
         pairs = _pairs(extract.get("instruction"), f"{source} (extract)")
+        for key in ("instruction", "eval_prompt"):
+            # One definition written into both files; a copy that differs would be dropped.
+            if key in eval_ and eval_[key] != extract.get(key):
+                raise PersonaError(
+                    f"{source}: the extract and eval files disagree on '{key}'; the original "
+                    "format holds one definition in both (make the two files agree)"
+                )
         return cls(
             name=name,
             description=description,

@@ -292,6 +292,18 @@ def test_original_format_layout(capsys, fresh_db: Path, tmp_path: Path) -> None:
         [*imported, tmp_path, "--name", "nosuch"],
         "trait_data_extract/nosuch.json does not exist; check the folder and --name",
     )
+    eval_file = tmp_path / "trait_data_eval" / f"{TRAIT}.json"
+    original = eval_file.read_text()
+    changed = json.loads(original)
+    changed["eval_prompt"] += " (edited in one file only)"
+    eval_file.write_text(json.dumps(changed))
+    expect_unchanged(
+        capsys,
+        fresh_db,
+        [*imported, tmp_path, "--name", TRAIT],
+        "the extract and eval files disagree on 'eval_prompt'",
+    )
+    eval_file.write_text(original)
     (tmp_path / "trait_data_eval" / f"{TRAIT}.json").unlink()
     expect_unchanged(
         capsys,
