@@ -82,13 +82,17 @@ def assert_baked_equals_steered(
     torch.testing.assert_close(shift, (coef * vector[layer]).expand_as(shift), rtol=0, atol=1e-4)
 
 
+DRIFT = 0.4  # the shift above the planted layer, per layer, of every other checkpoint
+
+
 def planted_shift_stats(
     vector: torch.Tensor, coefs: dict[str, float], traits: dict[str, float], layer: int
 ) -> dict:
     """A finished shift job's stats for checkpoints with ``vector`` baked at ``layer`` with
     ``coefs`` (model -> coef; the first model of ``traits`` is the base): the projected shift
-    is coef * |v[layer]| from that layer on (growing a little above it, the answer average
-    more), zero before; the correlation computed as the job does."""
+    is coef * |v[layer]| at that layer, zero before; above it the shift grows (the answer
+    average more) and drifts a little by model, so r differs by layer; the correlation is
+    computed as the job does."""
     from pipeline.shift import correlations
 
     norms = vector.norm(dim=1).tolist()
@@ -99,7 +103,10 @@ def planted_shift_stats(
         row["coherence"] = None if trait is None else 80.0 + index
         for readout, growth in (("prompt_last", 0.1), ("response_avg", 0.3)):
             row[readout] = [
-                0.0 if at < layer else coef * norms[layer] * (1 + growth * (at - layer))
+                0.0
+                if at < layer
+                else coef * norms[layer] * (1 + growth * (at - layer))
+                + DRIFT * (at - layer) * (index % 2)
                 for at in range(len(norms))
             ]
         table.append(row)
