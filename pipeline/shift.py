@@ -29,10 +29,10 @@ from db.traits import N_QUESTIONS_PER_SPLIT
 from pipeline.analyze import latest_vectors
 from pipeline.jobs import JobParams, JobProgress, ProgressCallback
 from pipeline.judging import DEFAULT_JUDGE
+from pipeline.shift_report import READOUTS
 from vectors.analysis import pearson
 from vectors.files import KINDS, VectorFileError, check_fits, load_vector
 
-READOUTS = ("prompt_last", "response_avg")
 EVAL_QUESTIONS = range(N_QUESTIONS_PER_SPLIT, 2 * N_QUESTIONS_PER_SPLIT)
 MAX_SAMPLES = 100
 

@@ -80,3 +80,49 @@ def assert_baked_equals_steered(
     torch.testing.assert_close(got[:layer], unsteered[:layer], rtol=0, atol=before)
     shift = got[layer] - unsteered[layer]
     torch.testing.assert_close(shift, (coef * vector[layer]).expand_as(shift), rtol=0, atol=1e-4)
+
+
+DRIFT = 0.4  # the shift above the planted layer, per layer, of every other checkpoint
+
+
+def planted_shift_stats(
+    vector: torch.Tensor, coefs: dict[str, float], traits: dict[str, float], layer: int
+) -> dict:
+    """A finished shift job's stats for checkpoints with ``vector`` baked at ``layer`` with
+    ``coefs`` (model -> coef; the first model of ``traits`` is the base): the projected shift
+    is coef * |v[layer]| at that layer, zero before; above it the shift grows (the answer
+    average more) and drifts a little by model, so r differs by layer; the correlation is
+    computed as the job does."""
+    from pipeline.shift import correlations
+
+    norms = vector.norm(dim=1).tolist()
+    table = []
+    for index, (model, trait) in enumerate(traits.items()):
+        coef = coefs.get(model, 0.0)
+        row: dict = {"model": model, "base": index == 0, "n": 20, "trait": trait}
+        row["coherence"] = None if trait is None else 80.0 + index
+        for readout, growth in (("prompt_last", 0.1), ("response_avg", 0.3)):
+            row[readout] = [
+                0.0
+                if at < layer
+                else coef * norms[layer] * (1 + growth * (at - layer))
+                + DRIFT * (at - layer) * (index % 2)
+                for at in range(len(norms))
+            ]
+        table.append(row)
+    return {"unit": "steps", "table": table, "correlation": correlations(table)}
+
+
+def store_shift_job(store: Store, trait: str, base: str, stats: dict | None) -> int:
+    """A shift job row for the checkpoints of ``stats``'s table, done with those stats (or,
+    with None, still running at 40%), written through the store as a worker would."""
+    from pipeline.shift import ShiftParams
+
+    models = tuple(row["model"] for row in (stats or {}).get("table", [])[1:]) or ("ckpt",)
+    params = ShiftParams(models=models, base=base, judge=f"local:{base}")
+    job = store.create_job("shift", trait, params.to_dict())
+    if stats is None:
+        store.update_job(job.id, status="running", done=40, total=100, stats={"unit": "steps"})
+    else:
+        store.update_job(job.id, status="done", done=100, total=100, stats=stats)
+    return job.id

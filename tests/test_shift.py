@@ -13,6 +13,7 @@ from db import PersonaError, Store
 from pipeline.bake import BakeParams, bake_vector
 from pipeline.jobs import run_job
 from pipeline.shift import ShiftParams, correlations, create_shift_job
+from pipeline.shift_report import latest_shift
 from vectors.analysis import pearson
 
 LAYER = 2
@@ -51,6 +52,7 @@ def test_a_planted_fine_tune_recovers_its_shift(planted, tmp_path) -> None:
         assert job.status == "done" and job.done == job.total
         table = job.stats["table"]
         responses = store.responses(job=job_id)
+        shown = latest_shift(store, "paternalism").report  # what the dashboard shows
     assert [row["model"] for row in table] == [str(base), *checkpoints.values()]
     assert len(responses) == 3 * 20 and {r.system_prompt for r in responses} == {""}
     norm = float(vector[LAYER].norm())
@@ -62,6 +64,8 @@ def test_a_planted_fine_tune_recovers_its_shift(planted, tmp_path) -> None:
             assert shifts[LAYER] == pytest.approx(coef * norm, rel=1e-4)
     assert table[0]["prompt_last"] == [0.0] * 4
     assert all(row["n"] == 20 and row["trait"] is not None for row in table)
+    assert shown is not None and shown.job_id == job_id and shown.table == table
+    assert shown.layer_rows()[LAYER][1] == f"{table[1]['prompt_last'][LAYER]:+.3f}"
     r = job.stats["correlation"]["prompt_last"][LAYER]
     expected = pearson(
         [row["prompt_last"][LAYER] for row in table], [row["trait"] for row in table]

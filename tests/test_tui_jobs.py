@@ -34,6 +34,8 @@ def test_what_a_job_covers() -> None:
     assert job_scope(_job("extract", {"threshold": 0, "coherence": 5}))["scope"] == "T 0 · C 5"
     sweep = job_scope(_job("sweep", {"layers": [8, 12, 16], "coefs": [-2, 1.5]}))
     assert sweep["scope"] == "layers 8-16 · coefs -2,1.5"
+    shift = job_scope(_job("shift", {"models": ["/ft/a-sft", "org/b"], "base": "/m/smollm2"}))
+    assert shift == {"side": "", "split": "eval", "scope": "a-sft, b vs smollm2"}
 
 
 def test_columns_fit_the_terminal_and_grow_with_it() -> None:

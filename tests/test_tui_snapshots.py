@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from tui_helpers import copy_db
+from tui_helpers import copy_db, settle
 
 from db import Store
 from pipeline.extract import extract
@@ -55,30 +55,16 @@ def _app(frozen_db: Path) -> PersonaApp:
     return app
 
 
-def _settle(app: PersonaApp, keys: list[str]):
-    async def settle(pilot) -> None:
-        await pilot.pause(0.3)
-        for key in keys:
-            await pilot.press(key)
-            for _ in range(100):  # until the key's workers are done
-                await pilot.pause(0.1)
-                if not [w for w in app.workers if w.is_running]:
-                    break
-        await pilot.pause(0.3)
-
-    return settle
-
-
 @pytest.mark.parametrize("key", SCREENS)
 def test_screen_snapshots(snap_compare, frozen_db: Path, key: str) -> None:
     app = _app(frozen_db)
-    assert snap_compare(app, terminal_size=(110, 32), run_before=_settle(app, [key]))
+    assert snap_compare(app, terminal_size=(110, 32), run_before=settle(app, [key]))
 
 
 @pytest.mark.parametrize("keys", [*([k] for k in SCREENS), PAIR], ids=[*SCREENS, "pair"])
 def test_80x24_snapshots(snap_compare, frozen_db: Path, keys: list[str]) -> None:
     app = _app(frozen_db)
-    assert snap_compare(app, terminal_size=(80, 24), run_before=_settle(app, keys))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settle(app, keys))
 
 
 @pytest.mark.parametrize(
@@ -97,4 +83,4 @@ def test_heatmap_snapshots_in_few_colours(
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     app = _app(frozen_db)
-    assert snap_compare(app, terminal_size=(80, 24), run_before=_settle(app, keys))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settle(app, keys))

@@ -1,5 +1,6 @@
 """What the dashboard tests share: copies of a generated database, waiting on a condition
-under Pilot, and reading what a widget shows (their fixtures are in conftest.py)."""
+under Pilot (and before a snapshot), and reading what a widget shows (their fixtures are in
+conftest.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ async def wait_for(pilot, condition, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await pilot.pause(0.1)
+
+
+def settle(app, keys: list[str]):
+    """A snapshot's ``run_before``: press ``keys`` one by one, each time waiting until the
+    workers it started are done, so the picture shows loaded data, not "loading…"."""
+
+    async def run_before(pilot) -> None:
+        await pilot.pause(0.3)
+        for key in keys:
+            await pilot.press(key)
+            for _ in range(100):  # until the key's workers are done
+                await pilot.pause(0.1)
+                if not [w for w in app.workers if w.is_running]:
+                    break
+        await pilot.pause(0.3)
+
+    return run_before
 
 
 def text_of(app, selector: str) -> str:

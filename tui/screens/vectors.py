@@ -1,6 +1,7 @@
 """Vectors: per-layer magnitude bars of each kind, the eval-split AUROC per layer with the
 recommended layer marked, and the cosine similarity between traits at a chosen layer; a key
-starts extraction with the review screen's thresholds."""
+starts extraction with the review screen's thresholds, another opens the trait's fine-tuning
+shift results."""
 
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ class VectorsScreen(PersonaScreen):
         Binding("left", "layer(-1)", "Layer -", priority=True),
         Binding("right", "layer(1)", "Layer +", priority=True),
         Binding("r", "reload", "Reload"),
+        Binding("s", "shift", "Shift"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -188,6 +190,16 @@ class VectorsScreen(PersonaScreen):
         top = len(self.report.norms["response_avg_diff"]) - 1
         self.cosine_layer = min(max(self.cosine_layer + step, 0), top)
         self.load(self.report.trait, self.cosine_layer)
+
+    def action_shift(self) -> None:
+        """The trait's fine-tuning shift results (``persona shift``), in a modal."""
+        from tui.screens.shift_view import ShiftView  # it names this module's short_model
+
+        trait = getattr(self.app, "trait", None)
+        if not trait:
+            self.notify("no trait selected: press 1, pick a trait, press enter", timeout=4)
+            return
+        self.app.push_screen(ShiftView(trait))
 
     def action_extract(self) -> None:
         trait = getattr(self.app, "trait", None)

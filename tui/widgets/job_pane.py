@@ -34,6 +34,11 @@ def job_scope(job: Job) -> dict[str, str]:
         scope = f"{params.get('n_per_question', '?')} per question · {model}"
     elif job.kind == "extract":
         scope = f"T {params.get('threshold', '?')} · C {params.get('coherence', '?')}"
+    elif job.kind == "shift":
+        # The checkpoints first: the base is the same across a trait's shift jobs.
+        checkpoints = ", ".join(PurePath(str(m)).name for m in params.get("models") or [])
+        scope = f"{checkpoints or '?'} vs {PurePath(str(params.get('base', '?'))).name}"
+        split = "eval"  # the checkpoints answer the eval questions
     elif job.kind == "sweep":
         layers = params.get("layers") or []
         span = f"layers {min(layers)}-{max(layers)}" if layers else "layers ?"
