@@ -299,7 +299,7 @@ async def _generate_openai(
     available (``--tokenizer``, or ``--model`` when it resolves locally)."""
     from openai import APIConnectionError, APIStatusError, AsyncOpenAI
 
-    from pipeline.judge import api_key
+    from pipeline.api_clients import api_key
 
     tokenizer = _local_tokenizer(params.tokenizer or params.model, required=bool(params.tokenizer))
     client = AsyncOpenAI(

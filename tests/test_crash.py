@@ -23,7 +23,7 @@ from db import Store
 from db.traits import fill_judge_template
 from pipeline.generate import GenerateParams, activations_dir, find_or_create_job
 from pipeline.jobs import pid_alive, run_job
-from pipeline.judge import COHERENCE_PROMPT
+from pipeline.judge_scores import COHERENCE_PROMPT
 from pipeline.judging import JudgeParams, find_or_create_judge_job
 from pipeline.workers import start_worker
 from tui.cli import main as cli_main
