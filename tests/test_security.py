@@ -18,8 +18,8 @@ from stub_openai import StubServer, anthropic_message, logprob_completion
 from db import Store
 from db.traits import bundled_traits
 from pipeline import api_clients
+from pipeline.job_processes import start_worker
 from pipeline.judging import JudgeParams, find_or_create_judge_job
-from pipeline.workers import start_worker
 from tui.app import PersonaApp
 from tui.cli import main as cli_main
 
