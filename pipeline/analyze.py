@@ -12,8 +12,8 @@ import torch
 from db import PersonaError, Store
 from db.store import Response, VectorRecord
 from pipeline.chat import token_ids
-from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans, captured_means
 from pipeline.filter import generation_jobs
+from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans, captured_means
 from pipeline.trait_vectors import fallback_layer
 from vectors.analysis import (
     LayerChoice,

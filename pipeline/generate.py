@@ -21,6 +21,7 @@ import torch
 from db import PersonaError, Store, TraitDefinition
 from db.traits import N_PAIRS, N_QUESTIONS_PER_SPLIT, SPLITS
 from pipeline.jobs import JobParams, JobProgress, ProgressCallback
+from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans, activations_dir
 from pipeline.sampling import row_seed
 from pipeline.sharding import parse_gpus
 from vectors import activations
@@ -218,17 +219,12 @@ def run_generation_job(
     progress.finish("done", message)
 
 
-def activations_dir(store: Store, job_id: int) -> Path:
-    return store.data_dir / "activations" / f"job-{job_id}"
-
-
 def _consolidate(store: Store, job_id: int, params: GenerateParams):
     """One activation file for the job; entries lost to a torn file are rebuilt by a forward
     pass over the stored prompt and answer ids (the same means, up to float rounding)."""
     responses = {r.key: r for r in store.responses(job=job_id)}
 
     def rebuild(keys: list[RowKey]) -> dict[RowKey, dict[str, torch.Tensor]]:
-        from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
         from pipeline.models import load_model
 
         loaded = load_model(params.model, device=params.device)

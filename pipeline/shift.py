@@ -227,7 +227,7 @@ def mean_shift(
 ) -> dict[str, torch.Tensor]:
     """readout -> [L+1, d]: the mean over ``rows`` (prompt ids, answer ids) of the
     checkpoint's per-row mean minus the base's, both run on the same tokens."""
-    from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
+    from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans
 
     if not rows:
         raise PersonaError("no answers to compare; the checkpoint's generation stored none")
