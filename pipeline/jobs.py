@@ -284,7 +284,7 @@ JobRunner = Callable[..., Any]
 _RUNNERS = {
     "author": "pipeline.author:run_author_job",
     "extract": "pipeline.extract:run_extract_job",
-    "generate": "pipeline.generate:run_generation_job",
+    "generate": "pipeline.generation_job:run_generation_job",
     "judge": "pipeline.judging:run_judge_job",
     "shift": "pipeline.shift:run_shift_job",
     "sweep": "pipeline.sweep:run_sweep_job",
