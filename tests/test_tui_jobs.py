@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from textual.widgets import DataTable
 from tui_helpers import text_of, wait_for
 
@@ -103,3 +104,32 @@ async def test_forms_open_with_focus_on_their_first_input(db_path: Path) -> None
         assert app.focused is not None and app.focused.id == "field-judge"
         await pilot.press("end", "x")  # typing lands in the field
         assert app.screen.query_one("#field-judge").value.endswith("x")
+
+
+async def test_the_sweep_and_extract_forms_open_with_the_steps_defaults(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forms read their defaults from the steps: a grid or a question count changed in
+    ``pipeline.sweep`` shows in the form, and T/C are the filter's."""
+    from pipeline import sweep
+    from pipeline.filter import DEFAULT_FILTER
+    from tui.screens.form import FormModal
+
+    monkeypatch.setattr(sweep, "DEFAULT_COEFS", (-3.0, 0.5))
+    monkeypatch.setattr(sweep.SweepParams, "n", 7)
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        await pilot.pause(0.2)
+        await pilot.press("w")
+        await wait_for(pilot, lambda: isinstance(app.screen, FormModal))
+        values = app.screen.values()
+        assert (values["coefs"], values["n"]) == ("-3,0.5", "7")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not isinstance(app.screen, FormModal))
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, FormModal))
+        values = app.screen.values()
+        expected = (f"{DEFAULT_FILTER.threshold:g}", f"{DEFAULT_FILTER.coherence:g}")
+        assert (values["threshold"], values["coherence"]) == expected

@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Footer, Header
 
 from db import PersonaError, Store
 from pipeline import job_processes
+from pipeline.filter import DEFAULT_FILTER
 from pipeline.gpu_status import gpu_status
 from tui.messages import JobsLoaded
 from tui.screens.base import PersonaScreen
@@ -208,7 +209,8 @@ class JobsScreen(PersonaScreen):
         )
 
     def action_extract(self) -> None:
-        threshold, coherence = getattr(self.app, "thresholds", (50.0, 50.0))
+        default = (DEFAULT_FILTER.threshold, DEFAULT_FILTER.coherence)
+        threshold, coherence = getattr(self.app, "thresholds", default)
         self._ask(
             "Extract",
             [
@@ -221,13 +223,14 @@ class JobsScreen(PersonaScreen):
 
     def action_sweep(self) -> None:
         from pipeline.judging import DEFAULT_JUDGE
+        from pipeline.sweep import DEFAULT_COEFS, SweepParams, format_coefs
 
         self._ask(
             "Sweep",
             [
                 Field("layers", "layers (8-24, 8-24:4 or 8,12)", "8-24:4"),
-                Field("coefs", "coefficients", "-2,-1,1,2"),
-                Field("n", "eval questions", "5"),
+                Field("coefs", "coefficients", format_coefs(DEFAULT_COEFS)),
+                Field("n", "eval questions", str(SweepParams.n)),
                 Field("judge", "judge", DEFAULT_JUDGE),
             ],
             start_sweep,
