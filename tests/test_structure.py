@@ -151,9 +151,8 @@ def test_the_circle_check_finds_a_circle_through_lazy_imports() -> None:
     assert [name for _, name in lazy] == ["pipeline.generate"]
 
 
-def heavy_modules_after(statement: str) -> list[str]:
-    """Which of torch and transformers a fresh interpreter has loaded after ``statement``."""
-    heavy = "('torch', 'transformers')"
+def heavy_modules_after(statement: str, heavy: tuple[str, ...] = ("torch", "transformers")):
+    """Which of ``heavy`` a fresh interpreter has loaded after ``statement``."""
     code = f"import sys; {statement}; print(*(m for m in {heavy} if m in sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
@@ -164,6 +163,12 @@ def heavy_modules_after(statement: str) -> list[str]:
 def test_the_dashboard_starts_without_torch() -> None:
     """torch costs about a second to import; the dashboard's screens load it in workers."""
     assert heavy_modules_after("import tui.app") == []
+
+
+def test_the_dashboard_starts_without_pandas() -> None:
+    """sqlite_utils loads pandas (about 0.3 s): the store imports it when it first opens a
+    database, in a worker, not when the dashboard's modules load."""
+    assert heavy_modules_after("import tui.app", ("sqlite_utils", "pandas")) == []
 
 
 def test_the_command_line_starts_without_torch() -> None:
