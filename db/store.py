@@ -12,8 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from db.errors import PersonaError, UnknownJobError, UnknownTraitError
 from db.schema import MIGRATIONS, SCHEMA_VERSION
 from db.traits import N_QUESTIONS_PER_SPLIT, InstructionPair, TraitDefinition, bundled_traits
@@ -136,6 +134,10 @@ class Store:
             raise PersonaError(
                 f"folder {self.path.parent} for --db does not exist; create it first"
             )
+        # Imported on first open, not with the module: sqlite_utils loads pandas (about 0.3 s),
+        # which the dashboard would otherwise pay before its first frame.
+        import sqlite_utils
+
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
             self.db = sqlite_utils.Database(conn)

@@ -12,9 +12,8 @@ import torch
 from db import PersonaError, Store
 from db.store import Response, VectorRecord
 from pipeline.chat import token_ids
-from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans, captured_means
 from pipeline.filter import generation_jobs
-from pipeline.trait_vectors import fallback_layer
+from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans, captured_means
 from vectors.analysis import (
     LayerChoice,
     LayerSeparation,
@@ -170,6 +169,12 @@ def steering_text(steering: dict[str, Any]) -> str:
         f"{steering['coef']:+g} raised the trait to {steering['trait']:.1f}{against} at mean "
         f"coherence {steering['coherence']:.1f}"
     )
+
+
+def fallback_layer(num_layers: int) -> int:
+    """The default-layer rule when no layer is recommended (no eval split, no vectors): two
+    thirds of the way up the model, where persona directions usually separate best."""
+    return (2 * num_layers) // 3
 
 
 def default_layer(store: Store, trait: str, num_layers: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 from db import PersonaError, Store, TraitDefinition
 from db.store import utc_now
 from db.traits import N_PAIRS, N_QUESTIONS, N_QUESTIONS_PER_SPLIT, NAME_PATTERN
-from pipeline.judge import api_key
+from pipeline.api_clients import api_key
 
 DEFAULT_AUTHOR = "anthropic:claude-sonnet-5-5"
 
@@ -77,7 +77,7 @@ class AuthorParams:
             )
         if self.thinking < 0:
             raise PersonaError(f"--thinking must be >= 0 tokens (got {self.thinking})")
-        from pipeline.judge import check_judge_spec
+        from pipeline.judge_backends import check_judge_spec
 
         check_judge_spec(self.author, "--author")  # the same KIND:MODEL rule as judges
         return self
@@ -168,7 +168,7 @@ def _asker(params: AuthorParams):
 
 
 def _api_error(exc: Exception, who: str) -> PersonaError:
-    from pipeline.judge import api_error_text
+    from pipeline.api_clients import api_error_text
 
     status = getattr(exc, "status_code", None)
     where = f"answered {status}" if status else f"could not be reached ({type(exc).__name__})"

@@ -58,7 +58,7 @@ def trait_contents(store: Store, name: str) -> TraitContents:
 
 def delete_trait(store: Store, name: str) -> TraitContents:
     """Delete the trait's rows (one transaction), then its files; returns what went."""
-    from pipeline.workers import current_jobs
+    from pipeline.job_processes import current_jobs
 
     contents = trait_contents(store, name)
     jobs = current_jobs(store, trait=name)

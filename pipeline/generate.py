@@ -16,14 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from db import PersonaError, Store, TraitDefinition
 from db.traits import N_PAIRS, N_QUESTIONS_PER_SPLIT, SPLITS
-from pipeline.jobs import JobParams, JobProgress, ProgressCallback
+from pipeline.jobs import JobParams, JobProgress
 from pipeline.sampling import row_seed
 from pipeline.sharding import parse_gpus
-from vectors import activations
 
 RowKey = tuple[int, int, int]  # (question, instruction, sample)
 # Refused before anything is allocated: a job's rows (its plan is held in memory) and the
@@ -174,86 +171,10 @@ def find_or_create_job(store: Store, trait: str, params: GenerateParams) -> int:
     return store.create_job("generate", trait, params.to_dict()).id
 
 
-def _trait_for(trait: TraitDefinition, params: GenerateParams) -> TraitDefinition:
+def trait_with_assistant_name(trait: TraitDefinition, params: GenerateParams) -> TraitDefinition:
     if params.assistant_name:
         return dataclasses.replace(trait, assistant_name=params.assistant_name)
     return trait
-
-
-def run_generation_job(
-    store: Store, job_id: int, *, on_progress: ProgressCallback | None = None
-) -> None:
-    job = store.get_job(job_id)
-    params = GenerateParams.from_dict(job.params).validate()
-    trait = _trait_for(store.get_trait(job.trait), params)
-    keys = plan_rows(params.split, params.n_per_question, params.all_instructions)
-    stored = store.response_keys(job_id)
-    pending = [k for k in keys if k not in stored]
-    progress = JobProgress(
-        store,
-        job_id,
-        total=len(keys),
-        done=len(keys) - len(pending),
-        unit="responses",
-        on_progress=on_progress,
-    )
-    progress.start()
-    if pending:
-        if params.backend == "local":
-            from pipeline.local_generation import generate_local
-
-            generate_local(store, job_id, params, trait, pending, progress)
-        else:
-            asyncio.run(_generate_openai(store, job_id, params, trait, pending, progress))
-    message = ""
-    if params.backend == "local" and params.capture:
-        progress.check_cancelled()  # still ours: consolidating drops the shards
-        path, torn, rebuilt = _consolidate(store, job_id, params)
-        progress.extra["activations"] = str(path)
-        if torn or rebuilt:
-            message = (
-                f"rebuilt the activations of {rebuilt} responses from their stored tokens "
-                f"({len(torn)} unreadable activation files set aside as .torn)"
-            )
-    progress.finish("done", message)
-
-
-def activations_dir(store: Store, job_id: int) -> Path:
-    return store.data_dir / "activations" / f"job-{job_id}"
-
-
-def _consolidate(store: Store, job_id: int, params: GenerateParams):
-    """One activation file for the job; entries lost to a torn file are rebuilt by a forward
-    pass over the stored prompt and answer ids (the same means, up to float rounding)."""
-    responses = {r.key: r for r in store.responses(job=job_id)}
-
-    def rebuild(keys: list[RowKey]) -> dict[RowKey, dict[str, torch.Tensor]]:
-        from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
-        from pipeline.models import load_model
-
-        loaded = load_model(params.model, device=params.device)
-        made_by = {responses[k].model for k in keys}
-        if made_by != {loaded.model_id}:
-            raise PersonaError(
-                f"cannot rebuild the activations of job {job_id}: its answers were generated "
-                f"by {sorted(made_by)}, but --model now loads {loaded.model_id}"
-            )
-        forward = ForwardMeans(loaded)
-        rows = [(responses[k].prompt_ids, responses[k].answer_ids) for k in keys]
-        out: dict[RowKey, dict[str, torch.Tensor]] = {}
-        for chunk, means in forward.iter_means(rows, TOKENS_PER_BATCH):
-            for position, index in enumerate(chunk):
-                entry = {kind: means[kind][position].cpu() for kind in activations.KINDS}
-                entry["response_tokens"] = torch.tensor(len(rows[index][1]))
-                out[keys[index]] = entry
-        return out
-
-    try:
-        return activations.consolidate(
-            activations_dir(store, job_id), {k: r.id for k, r in responses.items()}, rebuild
-        )
-    except activations.ActivationFileError as exc:
-        raise PersonaError(str(exc)) from None
 
 
 def _row(
@@ -286,7 +207,7 @@ def _row(
     )
 
 
-async def _generate_openai(
+async def generate_openai(
     store: Store,
     job_id: int,
     params: GenerateParams,
@@ -299,7 +220,7 @@ async def _generate_openai(
     available (``--tokenizer``, or ``--model`` when it resolves locally)."""
     from openai import APIConnectionError, APIStatusError, AsyncOpenAI
 
-    from pipeline.judge import api_key
+    from pipeline.api_clients import api_key
 
     tokenizer = _local_tokenizer(params.tokenizer or params.model, required=bool(params.tokenizer))
     client = AsyncOpenAI(

@@ -284,7 +284,7 @@ JobRunner = Callable[..., Any]
 _RUNNERS = {
     "author": "pipeline.author:run_author_job",
     "extract": "pipeline.extract:run_extract_job",
-    "generate": "pipeline.generate:run_generation_job",
+    "generate": "pipeline.generation_job:run_generation_job",
     "judge": "pipeline.judging:run_judge_job",
     "shift": "pipeline.shift:run_shift_job",
     "sweep": "pipeline.sweep:run_sweep_job",
@@ -316,7 +316,7 @@ def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | No
 
         def end(status: str, message: str) -> None:
             # Only while the row is still ours: a worker that lost it leaves it alone.
-            from pipeline.judge import redact_keys
+            from pipeline.api_clients import redact_keys
 
             ended = {"status": status, "ended": utc_now(), "message": redact_keys(message)[:500]}
             store.update_job(job_id, only_if=owner(), **ended)

@@ -22,18 +22,10 @@ from typing import Any
 from db import PersonaError, Store
 from db.store import Response
 from db.traits import TraitDefinition, fill_judge_template
+from pipeline.api_clients import JudgeFatalError, redact_keys
 from pipeline.jobs import JobParams, JobProgress, ProgressCallback
-from pipeline.judge import (
-    COHERENCE_PROMPT,
-    Judge,
-    JudgeFatalError,
-    JudgeResult,
-    check_judge_spec,
-    estimate_cost,
-    load_prices,
-    make_judge,
-    redact_keys,
-)
+from pipeline.judge_backends import check_judge_spec, estimate_cost, load_prices, make_judge
+from pipeline.judge_scores import COHERENCE_PROMPT, Judge, JudgeResult
 from pipeline.sharded_judge import ShardedJudge, sharded_judge
 from pipeline.sharding import parse_gpus
 

@@ -14,8 +14,9 @@ import torch
 
 from db import PersonaError, Store, TraitDefinition
 from db.traits import N_PAIRS
-from pipeline.generate import GenerateParams, RowKey, _context_length, _row, activations_dir
+from pipeline.generate import GenerateParams, RowKey, _context_length, _row
 from pipeline.jobs import JobProgress
+from pipeline.response_means import activations_dir
 from pipeline.sampling import row_seed
 from pipeline.sharding import GPUS_ALL, run_sharded, single_device, worker_devices
 from vectors import activations

@@ -13,7 +13,7 @@ from typing import Any
 
 from db import PersonaError, Store
 from db.store import Judgment, Response
-from pipeline.judge import number_token
+from pipeline.judge_scores import number_token
 from pipeline.judging import METRICS
 
 

@@ -56,7 +56,7 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
         callback = on_step(label, job_id) if on_step is not None else None
         run_job(db_path, job_id, on_progress=callback)
 
-    from pipeline.judge import check_judge_spec
+    from pipeline.judge_backends import check_judge_spec
 
     # Before hours of generation, not after.
     check_judge_spec(params.judge)

@@ -45,8 +45,8 @@ class ShardedForward:
 
 def open_forward(spec: str, *, device: str | None = None, gpus: str | None = None) -> Any:
     """``ForwardMeans`` on one device, or ``ShardedForward`` over ``gpus``' workers."""
-    from pipeline.extract import ForwardMeans
     from pipeline.models import fits_one_gpu, load_model
+    from pipeline.response_means import ForwardMeans
 
     devices = worker_devices(gpus, device, lambda: fits_one_gpu(spec))
     if devices:
@@ -56,8 +56,8 @@ def open_forward(spec: str, *, device: str | None = None, gpus: str | None = Non
 
 def forward_shard(device: str, payload: dict, share: Sequence, emit, note) -> None:
     """A worker's part (``pipeline.sharding``): the means of its rows."""
-    from pipeline.extract import ForwardMeans
     from pipeline.models import load_model
+    from pipeline.response_means import ForwardMeans
 
     if not share:
         return

@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.judge import Judge, JudgeResult
+from pipeline.judge_scores import Judge, JudgeResult
 from pipeline.sharding import run_sharded, worker_devices
 
 Task = tuple[int, str, str]  # (response id, metric, prompt)
@@ -58,7 +58,7 @@ def judge_shard(device: str, payload: dict, share: Sequence, emit, note: Any) ->
     process: the prompts waiting when the device frees up are scored together)."""
     import torch
 
-    from pipeline.judge import LocalJudge
+    from pipeline.local_judge import LocalJudge
 
     if not share:
         return

@@ -53,7 +53,7 @@ class ShiftParams(JobParams):
     device: str | None = None
 
     def validate(self) -> ShiftParams:
-        from pipeline.judge import check_judge_spec
+        from pipeline.judge_backends import check_judge_spec
 
         if not self.models:
             raise PersonaError("give at least one fine-tuned checkpoint with --model")
@@ -90,7 +90,8 @@ def create_shift_job(store: Store, trait: str, params: ShiftParams) -> int:
 def run_shift_job(
     store: Store, job_id: int, *, on_progress: ProgressCallback | None = None
 ) -> None:
-    from pipeline.judge import COHERENCE_PROMPT, make_judge
+    from pipeline.judge_backends import make_judge
+    from pipeline.judge_scores import COHERENCE_PROMPT
     from pipeline.judging import run_judgments
     from pipeline.models import load_model, resolve_model
 
@@ -226,7 +227,7 @@ def mean_shift(
 ) -> dict[str, torch.Tensor]:
     """readout -> [L+1, d]: the mean over ``rows`` (prompt ids, answer ids) of the
     checkpoint's per-row mean minus the base's, both run on the same tokens."""
-    from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
+    from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans
 
     if not rows:
         raise PersonaError("no answers to compare; the checkpoint's generation stored none")

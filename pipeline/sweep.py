@@ -50,7 +50,7 @@ class SweepParams(JobParams):
                 f"--layers {list(self.layers)}: a steered layer is a block output, 1 or more"
             )
         check_coefs(self.coefs)
-        from pipeline.judge import check_judge_spec
+        from pipeline.judge_backends import check_judge_spec
 
         check_judge_spec(self.judge)
         return self
@@ -137,7 +137,8 @@ def run_sweep_job(
     from pipeline.analyze import analyze
     from pipeline.chat import prompt_ids
     from pipeline.decoding import answer_text, decode, response_row
-    from pipeline.judge import COHERENCE_PROMPT, make_judge
+    from pipeline.judge_backends import make_judge
+    from pipeline.judge_scores import COHERENCE_PROMPT
     from pipeline.judging import run_judgments
     from pipeline.sampling import row_seed
     from pipeline.trait_vectors import check_steered_layers, load_fitted_vector

@@ -23,12 +23,6 @@ IMPORTED_ROW_L = "hidden_states[L], final norm applied (original format)"
 
 
 # ---- layers -----------------------------------------------------------------------------------
-def fallback_layer(num_layers: int) -> int:
-    """The default-layer rule when no layer is recommended (no eval split, no vectors): two
-    thirds of the way up the model, where persona directions usually separate best."""
-    return (2 * num_layers) // 3
-
-
 def check_layer(layer: int, num_layers: int, *, steered: bool) -> int:
     """A layer index of this model. Read (monitor, screen): 0..L, 0 being the embeddings.
     Steered: 1..L, since steering adds to a block's output and layer 0 has no block."""

@@ -1,5 +1,5 @@
 """The detached worker's entry point: ``python -m pipeline.worker_main DB JOB_ID`` runs one
-job to its end, headless. The dashboard starts it in a new session (``pipeline.workers``),
+job to its end, headless. The dashboard starts it in a new session (``pipeline.job_processes``),
 its stdout in the job's log file: a progress line every 10 seconds, and the ending. The
 command line's ``persona worker JOB_ID`` runs the same function."""
 

@@ -20,6 +20,7 @@ from stub_openai import StubServer, logprob_completion
 
 from db import Store
 from pipeline import jobs as jobs_module
+from pipeline.job_processes import cancel, start_worker
 from pipeline.jobs import (
     Heartbeat,
     JobLockedError,
@@ -30,7 +31,6 @@ from pipeline.jobs import (
     this_host,
 )
 from pipeline.judging import JudgeParams, find_or_create_judge_job
-from pipeline.workers import cancel, start_worker
 from tui.app import PersonaApp
 from tui.screens.error import ErrorModal
 

@@ -21,11 +21,12 @@ from stub_openai import StubServer, logprob_completion
 import vectors.activations as activations_module
 from db import Store
 from db.traits import fill_judge_template
-from pipeline.generate import GenerateParams, activations_dir, find_or_create_job
+from pipeline.generate import GenerateParams, find_or_create_job
+from pipeline.job_processes import start_worker
 from pipeline.jobs import pid_alive, run_job
-from pipeline.judge import COHERENCE_PROMPT
+from pipeline.judge_scores import COHERENCE_PROMPT
 from pipeline.judging import JudgeParams, find_or_create_judge_job
-from pipeline.workers import start_worker
+from pipeline.response_means import activations_dir
 from tui.cli import main as cli_main
 from vectors.activations import CONSOLIDATED, load_consolidated, read_shards
 

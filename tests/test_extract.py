@@ -10,9 +10,10 @@ from tiny_model import teacher_forced_means
 
 from db import PersonaError, Store
 from pipeline.analyze import analyze
-from pipeline.extract import ForwardMeans, extract
+from pipeline.extract import extract
 from pipeline.filter import classify, find_pairs
 from pipeline.models import load_model
+from pipeline.response_means import ForwardMeans
 from vectors.files import VectorFileError, export_pt, import_pt, load_vector
 
 

@@ -17,7 +17,7 @@ from fake_rows import seed_generation
 from stub_openai import StubServer, logprob_completion
 
 from db import Store
-from pipeline import judge as judge_module
+from pipeline import api_clients
 from pipeline.jobs import run_job
 from pipeline.judging import JudgeParams, find_or_create_judge_job
 
@@ -74,7 +74,7 @@ def _answer(i: int) -> str:
 def test_every_judgment_ends_scored_refused_or_failed_with_a_reason(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(judge_module, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(api_clients, "RETRY_BASE_S", 0.01)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     seed_generation(store, 60, answer=_answer)
     judge = FaultyJudge(seed=20)

@@ -28,10 +28,10 @@ from transformers import AutoTokenizer
 
 from db import PersonaError, Store, TraitDefinition, TraitValidationError
 from db.traits import EVAL_DIR, EXTRACT_DIR, bundled_traits, read_trait_file
+from pipeline.api_clients import RetryableReply
 from pipeline.import_csv import import_csv
-from pipeline.judge import (
+from pipeline.judge_scores import (
     MIN_LOGPROB_MASS,
-    RetryableReply,
     aggregate_logprobs,
     number_token,
     parse_score_text,

@@ -10,22 +10,17 @@ from fake_rows import seed_generation
 from stub_openai import StubServer, anthropic_message, chat_completion, logprob_completion
 
 from db import PersonaError, Store
-from pipeline import judge as judge_module
+from pipeline import api_clients
 from pipeline.jobs import run_job
-from pipeline.judge import (
-    AnthropicJudge,
-    LocalJudge,
-    OpenAIJudge,
-    aggregate_logprobs,
-    make_judge,
-    parse_score_text,
-)
+from pipeline.judge_backends import AnthropicJudge, OpenAIJudge, make_judge
+from pipeline.judge_scores import aggregate_logprobs, parse_score_text
 from pipeline.judging import JudgeParams, find_or_create_judge_job
+from pipeline.local_judge import LocalJudge
 
 
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(judge_module, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(api_clients, "RETRY_BASE_S", 0.01)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key")
 
@@ -79,7 +74,7 @@ def test_text_scores(text: str, expected: float | None) -> None:
 
 @pytest.mark.parametrize("text", ["", "maybe", "150", "3.5"])
 def test_text_without_a_score_is_retryable(text: str) -> None:
-    with pytest.raises(judge_module.RetryableReply):
+    with pytest.raises(api_clients.RetryableReply):
         parse_score_text(text)
 
 
@@ -327,7 +322,7 @@ def test_cli_judge_reports_counts(db_path: Path, capsys) -> None:
 
 def test_coherence_prompt_has_both_slots() -> None:
     from db.traits import judge_template_problems
-    from pipeline.judge import COHERENCE_PROMPT
+    from pipeline.judge_scores import COHERENCE_PROMPT
 
     assert judge_template_problems(COHERENCE_PROMPT) == []
     assert chat_completion("x")["choices"][0]["message"]["content"] == "x"

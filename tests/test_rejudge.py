@@ -8,9 +8,9 @@ from fake_rows import seed_generation
 from stub_openai import StubServer, logprob_completion
 
 from db import PersonaError, Store
-from pipeline import judge as judge_module
+from pipeline import api_clients
 from pipeline.jobs import run_job
-from pipeline.judge import DEFAULT_PRICES, estimate_cost
+from pipeline.judge_backends import DEFAULT_PRICES, estimate_cost
 from pipeline.judging import (
     JudgeParams,
     estimate_judging,
@@ -21,7 +21,7 @@ from pipeline.judging import (
 
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(judge_module, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(api_clients, "RETRY_BASE_S", 0.01)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
 
 

@@ -17,9 +17,9 @@ from stub_openai import StubServer, anthropic_message, logprob_completion
 
 from db import Store
 from db.traits import bundled_traits
-from pipeline import judge as judge_module
+from pipeline import api_clients
+from pipeline.job_processes import start_worker
 from pipeline.judging import JudgeParams, find_or_create_judge_job
-from pipeline.workers import start_worker
 from tui.app import PersonaApp
 from tui.cli import main as cli_main
 
@@ -45,7 +45,7 @@ async def test_a_fake_key_is_never_written_anywhere(
     anthropic_key = "sk-ant-api03-" + secrets.token_hex(24)
     monkeypatch.setenv("OPENAI_API_KEY", openai_key)
     monkeypatch.setenv("ANTHROPIC_API_KEY", anthropic_key)
-    monkeypatch.setattr(judge_module, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(api_clients, "RETRY_BASE_S", 0.01)
     (tmp_path / "run").mkdir()
     db_path = build_generated_db(tmp_path / "run" / "persona.db", tiny_model_dir)
     exports = tmp_path / "exports"

@@ -1,5 +1,6 @@
 """The layering, checked on the source: imports point tui -> pipeline -> vectors, db; the
-core never names the front end; the dashboard starts without torch."""
+core never names the front end; no pipeline modules import each other in a circle; the
+dashboard starts without torch."""
 
 from __future__ import annotations
 
@@ -93,9 +94,65 @@ def test_the_import_walk_sees_lazy_and_relative_imports() -> None:
     ]
 
 
-def heavy_modules_after(statement: str) -> list[str]:
-    """Which of torch and transformers a fresh interpreter has loaded after ``statement``."""
-    heavy = "('torch', 'transformers')"
+def import_graph(package: str) -> dict[str, set[str]]:
+    """module -> the modules of ``package`` it imports, at module level or inside a function
+    (a lazy import still ties the two modules together; it only hides the circle from
+    Python's import machinery). Imports under ``TYPE_CHECKING`` count too."""
+    names = {}
+    for path in sources(package):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        names[module.removesuffix(".__init__")] = path
+    return {
+        module: {name for _, name in imported_modules(path) if name in names and name != module}
+        for module, path in names.items()
+    }
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One circle (a path that comes back to its start) for every module on one."""
+    cycles: list[list[str]] = []
+    seen_on_cycle: set[str] = set()
+    for start in sorted(graph):
+        if start in seen_on_cycle:
+            continue
+        # Depth-first from ``start``, looking for a way back to it.
+        stack = [(start, [start])]
+        visited = set()
+        while stack:
+            module, path = stack.pop()
+            for target in sorted(graph[module]):
+                if target == start:
+                    cycles.append([*path, start])
+                    seen_on_cycle.update(path)
+                    stack.clear()
+                    break
+                if target not in visited:
+                    visited.add(target)
+                    stack.append((target, [*path, target]))
+    return cycles
+
+
+def test_pipeline_modules_import_no_circle() -> None:
+    """extract and generate imported each other (both lazily, so Python never complained):
+    no two pipeline modules may depend on each other, through any number of steps."""
+    cycles = import_cycles(import_graph("pipeline"))
+    assert not cycles, "import circles among pipeline modules:\n" + "\n".join(
+        " -> ".join(cycle) for cycle in cycles
+    )
+
+
+def test_the_circle_check_finds_a_circle_through_lazy_imports() -> None:
+    """The checker itself, on a made-up graph: a long circle and a two-module one are found,
+    a diamond (two paths to one module) is not a circle."""
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"g", "h"}}
+    graph |= {"g": {"i"}, "h": {"i"}, "i": set()}
+    assert import_cycles(graph) == [["a", "b", "c", "a"], ["d", "e", "d"]]
+    lazy = imports_in("def f():\n    from pipeline.generate import plan_rows\n", "pipeline")
+    assert [name for _, name in lazy] == ["pipeline.generate"]
+
+
+def heavy_modules_after(statement: str, heavy: tuple[str, ...] = ("torch", "transformers")):
+    """Which of ``heavy`` a fresh interpreter has loaded after ``statement``."""
     code = f"import sys; {statement}; print(*(m for m in {heavy} if m in sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
@@ -106,6 +163,12 @@ def heavy_modules_after(statement: str) -> list[str]:
 def test_the_dashboard_starts_without_torch() -> None:
     """torch costs about a second to import; the dashboard's screens load it in workers."""
     assert heavy_modules_after("import tui.app") == []
+
+
+def test_the_dashboard_starts_without_pandas() -> None:
+    """sqlite_utils loads pandas (about 0.3 s): the store imports it when it first opens a
+    database, in a worker, not when the dashboard's modules load."""
+    assert heavy_modules_after("import tui.app", ("sqlite_utils", "pandas")) == []
 
 
 def test_the_command_line_starts_without_torch() -> None:

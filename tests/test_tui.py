@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from textual.widgets import DataTable, Static
+from tui_helpers import wait_for
 
 from db import Store
 from tui.app import PersonaApp
@@ -74,11 +75,14 @@ async def test_worker_errors_surface_as_a_modal(tmp_path: Path) -> None:
     bad.write_bytes(b"not a database" * 20)
     app = PersonaApp(bad)
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.pause(0.3)
-        assert isinstance(app.screen, ErrorModal)
+        # Waited for, not slept on: the first open of a database also imports sqlite_utils.
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal), timeout=10)
         assert "not a usable persona-studio database" in app.screen.message
+        # Every load that was in flight has failed too (into this same modal, not a second
+        # one), so none can raise again after escape; the next poll is seconds away.
+        await app.workers.wait_for_complete()
         await pilot.press("escape")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: not isinstance(app.screen, ErrorModal), timeout=10)
         assert isinstance(app.screen, TraitsScreen)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from textual.widgets import DataTable
 from tui_helpers import text_of, wait_for
 
@@ -12,7 +13,7 @@ from db import Store
 from db.store import Job
 from tui.app import PersonaApp
 from tui.screens.error import ErrorModal
-from tui.screens.jobs import CELL_PADDING, COLUMNS, column_widths, job_cells
+from tui.screens.jobs import CELL_PADDING, COLUMNS, JobsScreen, column_widths, job_cells
 from tui.widgets.job_pane import job_scope
 
 
@@ -92,16 +93,45 @@ async def test_jobs_newest_first_resized_and_finished_jobs_refused_kindly(db_pat
             assert store.get_job(2).status == "done"
 
 
-async def test_forms_open_with_focus_on_their_first_input(db_path: Path) -> None:
+async def open_form(pilot, key: str) -> dict[str, str]:
+    """Press ``key`` on the Jobs screen and wait for its form; the values it opens with."""
     from tui.screens.form import FormModal
 
+    app = pilot.app
+    if not isinstance(app.screen, JobsScreen):
+        await pilot.press("2")
+        await wait_for(pilot, lambda: isinstance(app.screen, JobsScreen))
+    await pilot.press(key)
+    await wait_for(pilot, lambda: isinstance(app.screen, FormModal))
+    return app.screen.values()
+
+
+async def test_forms_open_with_focus_on_their_first_input(db_path: Path) -> None:
     Store(db_path).close()
     app = PersonaApp(db_path, trait="paternalism")
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("2")
-        await pilot.pause(0.2)
-        await pilot.press("J")
-        await wait_for(pilot, lambda: isinstance(app.screen, FormModal))
+        await open_form(pilot, "J")
         assert app.focused is not None and app.focused.id == "field-judge"
         await pilot.press("end", "x")  # typing lands in the field
         assert app.screen.query_one("#field-judge").value.endswith("x")
+
+
+async def test_the_sweep_and_extract_forms_open_with_the_steps_defaults(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forms read their defaults from the steps: a grid or a question count changed in
+    ``pipeline.sweep`` shows in the form, and T/C are the filter's."""
+    from pipeline import sweep
+    from pipeline.filter import DEFAULT_FILTER
+
+    monkeypatch.setattr(sweep, "DEFAULT_COEFS", (-3.0, 0.5))
+    monkeypatch.setattr(sweep.SweepParams, "n", 7)
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(80, 24)) as pilot:
+        values = await open_form(pilot, "w")
+        assert (values["coefs"], values["n"]) == ("-3,0.5", "7")
+        await pilot.press("escape")
+        values = await open_form(pilot, "x")
+        expected = (f"{DEFAULT_FILTER.threshold:g}", f"{DEFAULT_FILTER.coherence:g}")
+        assert (values["threshold"], values["coherence"]) == expected

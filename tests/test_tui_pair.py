@@ -105,11 +105,11 @@ async def test_heatmap_is_one_key_away_and_follows_the_layer(review_db: Path) ->
 async def test_judging_a_pair_again_names_the_judge_and_cost(
     review_db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import workers
+    from pipeline import job_processes
     from pipeline.judging import JudgeParams
 
     started: list[int] = []
-    monkeypatch.setattr(workers, "start_worker", lambda store, job_id: started.append(job_id))
+    monkeypatch.setattr(job_processes, "start_worker", lambda store, job_id: started.append(job_id))
     with Store(review_db) as store:
         # The pairs carry an API judge's scores, made by a job with a local server.
         params = JudgeParams(judge="openai:gpt-4.1-mini", base_url="http://127.0.0.1:9/v1")

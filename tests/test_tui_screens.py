@@ -362,7 +362,7 @@ def test_run_tui_opens_on_the_trait_with_the_runs_thresholds(
 
 
 def test_resume_refuses_a_finished_job(db_path: Path) -> None:
-    from pipeline.workers import start_worker
+    from pipeline.job_processes import start_worker
 
     with Store(db_path) as store:
         job = store.create_job("generate", "paternalism", {"side": "pos"})

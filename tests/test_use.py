@@ -12,7 +12,7 @@ from pipeline.extract import extract
 from pipeline.jobs import run_job
 from pipeline.models import load_model
 from pipeline.monitor import project_tokens
-from pipeline.screen import read_samples, screen, write_ranking
+from pipeline.screening import read_samples, screen, write_ranking
 from pipeline.sweep import SweepParams, best_settings, create_sweep_job, parse_layers
 from tui.cli import main
 from vectors.files import load_vector

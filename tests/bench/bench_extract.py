@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import build_model, card, print_table, random_prompts, save_json, timed  # noqa: E402
 
-from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans  # noqa: E402
+from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans  # noqa: E402
 
 
 def peak_rss_gib() -> float:

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--layers", type=int, default=32)
     args = parser.parse_args()
-    from pipeline.judge import LocalJudge
+    from pipeline.local_judge import LocalJudge
 
     model = args.model
     if model is None:

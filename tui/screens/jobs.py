@@ -13,7 +13,8 @@ from textual.events import Resize
 from textual.widgets import DataTable, Footer, Header
 
 from db import PersonaError, Store
-from pipeline import workers
+from pipeline import job_processes
+from pipeline.filter import DEFAULT_FILTER
 from pipeline.gpu_status import gpu_status
 from tui.messages import JobsLoaded
 from tui.screens.base import PersonaScreen
@@ -102,11 +103,11 @@ class JobsScreen(PersonaScreen):
     @work(thread=True, exclusive=True, group="jobs-poll", exit_on_error=False, name="Read jobs")
     def load_jobs(self, selected: int | None) -> None:
         with Store(self.db_path) as store:
-            jobs = workers.current_jobs(store)
+            jobs = job_processes.current_jobs(store)
             if selected is None and jobs:
                 selected = jobs[-1].id
-            log = workers.tail_log(store, selected) if selected is not None else []
-            path = workers.log_path(store, selected) if selected is not None else None
+            log = job_processes.tail_log(store, selected) if selected is not None else []
+            path = job_processes.log_path(store, selected) if selected is not None else None
             log_file = str(path) if path is not None and path.exists() else ""
             gpus = gpu_status(store)
         self.post_message(JobsLoaded(jobs, selected, log, log_file, gpus))
@@ -173,7 +174,7 @@ class JobsScreen(PersonaScreen):
     def launch(self, start, trait: str, values: dict[str, str]) -> None:
         with Store(self.db_path) as store:
             for job_id in start(store, trait, values):
-                workers.start_worker(store, job_id)
+                job_processes.start_worker(store, job_id)
         self.app.call_from_thread(self.poll)
 
     def action_generate(self) -> None:
@@ -208,7 +209,8 @@ class JobsScreen(PersonaScreen):
         )
 
     def action_extract(self) -> None:
-        threshold, coherence = getattr(self.app, "thresholds", (50.0, 50.0))
+        default = (DEFAULT_FILTER.threshold, DEFAULT_FILTER.coherence)
+        threshold, coherence = getattr(self.app, "thresholds", default)
         self._ask(
             "Extract",
             [
@@ -221,13 +223,14 @@ class JobsScreen(PersonaScreen):
 
     def action_sweep(self) -> None:
         from pipeline.judging import DEFAULT_JUDGE
+        from pipeline.sweep import DEFAULT_COEFS, SweepParams, format_coefs
 
         self._ask(
             "Sweep",
             [
                 Field("layers", "layers (8-24, 8-24:4 or 8,12)", "8-24:4"),
-                Field("coefs", "coefficients", "-2,-1,1,2"),
-                Field("n", "eval questions", "5"),
+                Field("coefs", "coefficients", format_coefs(DEFAULT_COEFS)),
+                Field("n", "eval questions", str(SweepParams.n)),
                 Field("judge", "judge", DEFAULT_JUDGE),
             ],
             start_sweep,
@@ -250,10 +253,10 @@ class JobsScreen(PersonaScreen):
         try:
             with Store(self.db_path) as store:
                 if what == "cancel":
-                    workers.cancel(store, job_id)
+                    job_processes.cancel(store, job_id)
                     done = f"job {job_id}: cancel requested; it stops after its current batch"
                 else:
-                    workers.start_worker(store, job_id, rerun_done=False)
+                    job_processes.start_worker(store, job_id, rerun_done=False)
                     done = f"job {job_id} resumed"
         except PersonaError as exc:
             self.app.call_from_thread(self.notify, str(exc), severity="warning", timeout=5)

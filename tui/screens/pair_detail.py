@@ -299,12 +299,12 @@ class PairDetail(PersonaModal[None]):
 
     @work(thread=True, group="pair-judge", exit_on_error=False, name="Judge again")
     def start_rejudge(self, params: Any) -> None:
-        from pipeline import workers
+        from pipeline import job_processes
         from pipeline.judging import find_or_create_judge_job
 
         with Store(self.db_path) as store:
             job_id = find_or_create_judge_job(store, self.source["trait"], params)
-            workers.start_worker(store, job_id)
+            job_processes.start_worker(store, job_id)
         self.app.call_from_thread(
             self.notify, f"judging this pair again in job {job_id} (screen 2)", timeout=6
         )

@@ -142,7 +142,7 @@ class TraitsScreen(PersonaScreen):
 
     @work(thread=True, group="traits-author", exit_on_error=False)
     def author(self, values: dict[str, str]) -> None:
-        from pipeline import workers
+        from pipeline import job_processes
         from pipeline.author import AuthorParams, create_author_job
 
         params = AuthorParams(
@@ -150,7 +150,7 @@ class TraitsScreen(PersonaScreen):
         )
         with Store(self.db_path) as store:
             job_id = create_author_job(store, params)
-            workers.start_worker(store, job_id)
+            job_processes.start_worker(store, job_id)
         self.app.call_from_thread(self.notify, f"authoring {params.name}: job {job_id}")
 
     def action_edit(self) -> None:

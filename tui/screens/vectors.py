@@ -208,7 +208,7 @@ class VectorsScreen(PersonaScreen):
 
     @work(thread=True, group="vectors-extract", exit_on_error=False)
     def start_extraction(self, trait: str) -> None:
-        from pipeline import workers
+        from pipeline import job_processes as workers
 
         threshold, coherence = self.app.thresholds  # type: ignore[attr-defined]
         with Store(self.db_path) as store:

@@ -82,7 +82,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
         gpus=args.gpus,
     ).validate()
     if args.prices:
-        from pipeline.judge import load_prices
+        from pipeline.judge_backends import load_prices
 
         load_prices(args.prices)  # a bad file fails here, before a job row exists
     with open_store(args) as store:

@@ -23,7 +23,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
-    from pipeline.workers import current_jobs
+    from pipeline.job_processes import current_jobs
 
     with open_store(args) as store:
         jobs = current_jobs(store, trait=args.trait)
@@ -41,7 +41,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
-    from pipeline.workers import cancel
+    from pipeline.job_processes import cancel
 
     with open_store(args) as store:
         cancel(store, args.job_id)

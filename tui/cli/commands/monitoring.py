@@ -149,7 +149,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    from pipeline.screen import screen, write_ranking
+    from pipeline.screening import screen, write_ranking
 
     with open_store(args) as store, err.status("screening"):
         layer, rows = screen(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from db import PersonaError, Store
 from pipeline.chat import prompt_ids
-from pipeline.extract import TOKENS_PER_BATCH, ForwardMeans
+from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans
 from pipeline.trait_vectors import load_fitted_vector
 from vectors.analysis import projections_by_layer
 

@@ -1,0 +1,237 @@
+"""The local judge (``--judge local:MODEL``): the exact probability of every complete answer
+"0".."100" and "REFUSAL", scored in one pass over the prompt's KV cache, so multi-token
+numbers are right for any tokenizer. Judgments in flight together are scored together: one
+forward for a batch of prompts, their shared prefix (the judge template's text) computed
+once. A small model such as smollm2 is a smoke-test judge only."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from pipeline.judge_scores import Judge, JudgeResult
+
+# Tokens (prompt tails and candidate nodes, summed over rows) in one batched forward of a
+# local judge: a GPU takes many judgments at once; on a CPU larger batches stop paying.
+LOCAL_BATCH_TOKENS_GPU = 65536
+LOCAL_BATCH_TOKENS_CPU = 4096
+
+
+class LocalJudge(Judge):
+    """Exact candidate probabilities from a local chat model (see the module docstring)."""
+
+    CANDIDATES = [str(n) for n in range(101)] + ["REFUSAL"]
+
+    def __init__(self, model: str, *, device: str | None = None) -> None:
+        from pipeline.models import load_model
+
+        self.spec = f"local:{model}"
+        self.loaded = load_model(model, device=device)
+        tok = self.loaded.tokenizer
+        end = tok.eos_token_id
+        self.candidate_ids = [
+            list(tok(c, add_special_tokens=False)["input_ids"]) + [end] for c in self.CANDIDATES
+        ]
+        self._trie = _CandidateTrie(self.candidate_ids)
+        on_gpu = self.loaded.device.type == "cuda"
+        # Tokens one batched forward may hold (prompt tails and candidate nodes).
+        self.batch_tokens = LOCAL_BATCH_TOKENS_GPU if on_gpu else LOCAL_BATCH_TOKENS_CPU
+        self._waiting: list[tuple[str, asyncio.Future]] = []
+        self._scorer: asyncio.Task | None = None
+        self._prefix: tuple[list[int], Any] | None = None
+
+    async def score_prompt(self, prompt: str) -> JudgeResult:
+        """Queued; the prompts waiting when the device frees up are scored in one batch."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((prompt, future))
+        if self._scorer is None or self._scorer.done():
+            self._scorer = asyncio.ensure_future(self._score_waiting())
+        return self.result_from_logprobs(await future)
+
+    async def _score_waiting(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(0)  # let every coroutine ready to ask join this batch
+            batch = self._next_batch()
+            try:
+                prompts = [prompt for prompt, _ in batch]
+                results = await asyncio.to_thread(self.candidate_logprobs_batch, prompts)
+            except Exception as exc:  # every judgment of the batch fails with it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), logprobs in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(logprobs)
+
+    def _next_batch(self) -> list[tuple[str, asyncio.Future]]:
+        """The oldest waiting prompts, up to the token budget (at least one)."""
+        batch, tokens = [], 0
+        while self._waiting:
+            cost = len(self._waiting[0][0]) // 3 + len(self._trie.order)  # ~3 chars a token
+            if batch and tokens + cost > self.batch_tokens:
+                break
+            batch.append(self._waiting.pop(0))
+            tokens += cost
+        return batch
+
+    def result_from_logprobs(self, logprobs: list[float]) -> JudgeResult:
+        peak = max(logprobs)
+        weights = [math.exp(lp - peak) for lp in logprobs]
+        total = sum(weights)
+        probs = [w / total for w in weights]
+        mass = math.exp(peak) * total
+        number_probs = probs[:101]
+        refusal = probs[101]
+        number_mass = sum(number_probs)
+        score = None
+        if refusal < max(number_probs) and number_mass > 0:
+            score = sum(p * n for n, p in enumerate(number_probs)) / number_mass
+        top = sorted(range(102), key=lambda i: -probs[i])[:10]
+        return JudgeResult(
+            score,
+            evidence={
+                "mass": mass,
+                "refusal": refusal,
+                "top": [[self.CANDIDATES[i], round(probs[i], 6)] for i in top],
+            },
+        )
+
+    def candidate_logprobs(self, prompt: str) -> list[float]:
+        """log P(candidate + end of turn | prompt) for every candidate."""
+        return self.candidate_logprobs_batch([prompt])[0]
+
+    def candidate_logprobs_batch(self, prompts: list[str]) -> list[list[float]]:
+        """``candidate_logprobs`` for several prompts in one forward pass.
+
+        The candidates form a trie ("1" is a prefix of "10" and "100"): every prefix is fed
+        once, after each prompt, under a tree attention mask (a node sees its prompt and its
+        own ancestors). The prompts' common prefix (the template's text before the question)
+        is computed once and kept for the next batch; each row then holds its prompt's tail,
+        left-padded, and the trie."""
+        import torch
+
+        from pipeline.chat import prompt_ids
+
+        model = self.loaded.model
+        device = self.loaded.device
+        all_ids = [prompt_ids(self.loaded.tokenizer, None, p) for p in prompts]
+        with torch.inference_mode():
+            shared, cache = self._shared_prefix(all_ids)
+            tails = [ids[shared:] for ids in all_ids]
+            trie = self._trie
+            b, width, n = len(tails), max(len(t) for t in tails), len(trie.order)
+            q = width + n
+            tokens = torch.full((b, q), int(self.loaded.tokenizer.pad_token_id), dtype=torch.long)
+            positions = torch.zeros((b, q), dtype=torch.long)
+            real = torch.zeros((b, width), dtype=torch.bool)
+            for row, tail in enumerate(tails):
+                start = width - len(tail)
+                tokens[row, start:width] = torch.tensor(tail)
+                positions[row, start:width] = torch.arange(shared, shared + len(tail))
+                real[row, start:] = True
+                positions[row, width:] = shared + len(tail) + trie.depths - 1
+            tokens[:, width:] = trie.tokens
+            # [b, 1, q, shared + q]: the common prefix for all; causal over real tail tokens;
+            # each trie node its tail and its ancestors; a pad query only itself.
+            allow = torch.zeros((b, 1, q, shared + q), dtype=torch.bool)
+            allow[..., :shared] = True
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            allow[:, 0, :width, shared : shared + width] = causal & real[:, None, :]
+            allow[:, 0, width:, shared : shared + width] = real[:, None, :]
+            allow[:, 0, width:, shared + width :] = trie.ancestors
+            index = torch.arange(q)
+            allow[:, 0, index, shared + index] = True
+            if cache is not None:
+                cache.batch_repeat_interleave(b)
+            kwargs = {self._cache_kw: cache} if cache is not None else {}
+            out = model(
+                tokens.to(device),
+                position_ids=positions.to(device),
+                attention_mask=allow.to(device),
+                **kwargs,
+            )
+            logp = torch.log_softmax(out.logits.float(), -1)
+            head = logp[:, width - 1]  # the last real tail token's next-token distribution
+            step = logp[:, width:]
+            on = head.device
+            used = trie.used.to(on)
+            picked = step[:, trie.parents.to(on), trie.nexts.to(on)]
+            totals = head[:, trie.first.to(on)] + (picked * used).sum(-1)
+        return totals.cpu().tolist()
+
+    def _shared_prefix(self, all_ids: list[list[int]]) -> tuple[int, Any]:
+        """(length, a copy of its KV cache) of the prompts' common prefix, leaving at least
+        one token of each prompt to run; the cache is kept for the next batch."""
+        import copy
+
+        import torch
+        from transformers import DynamicCache
+
+        from pipeline.models import cache_kwarg
+
+        self._cache_kw = cache_kwarg(self.loaded.model)
+        shared = min(len(ids) for ids in all_ids) - 1
+        first = all_ids[0]
+        for ids in all_ids[1:]:
+            shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+        if shared <= 0:
+            return 0, None
+        prefix = first[:shared]
+        if self._prefix is None or self._prefix[0] != prefix:
+            cache = DynamicCache()
+            ids = torch.tensor([prefix], device=self.loaded.device)
+            positions = torch.arange(shared, device=self.loaded.device)[None]
+            self.loaded.model(
+                ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache}
+            )
+            self._prefix = (prefix, cache)
+        return shared, copy.deepcopy(self._prefix[1])
+
+    def candidate_logprob_alone(self, prompt: str, index: int) -> float:
+        """The same quantity for one candidate by a plain full forward (for checking)."""
+        import torch
+
+        from pipeline.chat import prompt_ids
+
+        base = prompt_ids(self.loaded.tokenizer, None, prompt)
+        cand = self.candidate_ids[index]
+        ids = torch.tensor([base + cand], device=self.loaded.device)
+        with torch.inference_mode():
+            logits = self.loaded.model(ids).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        return float(sum(lp[len(base) - 1 + k, t] for k, t in enumerate(cand)))
+
+
+class _CandidateTrie:
+    """The candidates' token prefixes as trie nodes, in an order with ancestors first, and
+    the index arrays that sum each candidate's log-probability from a batched forward."""
+
+    def __init__(self, candidates: list[list[int]]) -> None:
+        import torch
+
+        nodes: dict[tuple[int, ...], int] = {}
+        for cand in candidates:
+            for i in range(1, len(cand)):
+                nodes.setdefault(tuple(cand[:i]), len(nodes))
+        self.order = sorted(nodes, key=len)  # ancestors before descendants
+        index = {prefix: i for i, prefix in enumerate(self.order)}
+        n = len(self.order)
+        self.tokens = torch.tensor([prefix[-1] for prefix in self.order], dtype=torch.long)
+        self.depths = torch.tensor([len(prefix) for prefix in self.order], dtype=torch.long)
+        self.ancestors = torch.zeros((n, n), dtype=torch.bool)
+        for prefix, i in index.items():
+            for k in range(1, len(prefix) + 1):
+                self.ancestors[i, index[prefix[:k]]] = True
+        longest = max(len(c) for c in candidates) - 1
+        self.first = torch.tensor([c[0] for c in candidates], dtype=torch.long)
+        # Candidate c's token i+1 is read at node c[:i+1]; unused slots are masked out.
+        self.parents = torch.zeros((len(candidates), longest), dtype=torch.long)
+        self.nexts = torch.zeros((len(candidates), longest), dtype=torch.long)
+        self.used = torch.zeros((len(candidates), longest))
+        for row, cand in enumerate(candidates):
+            for i in range(1, len(cand)):
+                self.parents[row, i - 1] = index[tuple(cand[:i])]
+                self.nexts[row, i - 1] = cand[i]
+                self.used[row, i - 1] = 1.0
