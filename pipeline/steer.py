@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from db import PersonaError, Store
 from pipeline.chat import prompt_ids
-from pipeline.decoding import answer_text, decode
+from pipeline.decoding import answer_text, decode_one
 from pipeline.trait_vectors import DEFAULT_KIND, check_layer, load_fitted_vector
 
 if TYPE_CHECKING:
@@ -91,14 +91,14 @@ def steer_side_by_side(
     prompt_part = prompt_ids(loaded.tokenizer, None, prompt)
 
     def answer(specs: Sequence[SteeringSpec]) -> str:
-        result = decode(
+        result = decode_one(
             loaded,
-            [prompt_part],
-            [seed],
+            prompt_part,
+            seed,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             steering=specs,
-        )[0]
+        )
         return answer_text(loaded, result.answer_ids)
 
     out = {"unsteered": answer([])}
@@ -158,15 +158,15 @@ def steered_and_unsteered(
         ("unsteered", []),
         (f"{setting.label()} at layer {layer}", setting.specs(layer, fitted.vector)),
     ):
-        result = decode(
+        result = decode_one(
             loaded,
-            [prompt_part],
-            [seed],
+            prompt_part,
+            seed,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             steering=specs,
             watch=watch,
-        )[0]
+        )
         values = result.projections[:, 0].tolist() if result.projections is not None else []
         tokens = [tok.decode([t]) for t in result.answer_ids]
         shown.append(WatchedAnswer(label, tokens, values, result.finish_reason))

@@ -52,7 +52,7 @@ async def _answer(app: PersonaApp, pilot, prompt: str, **inputs: str) -> None:
     box.value = prompt
     box.focus()
     await pilot.press("enter")
-    await wait_for(pilot, lambda: "live · done" in info(app), timeout=60)
+    await wait_for(pilot, lambda: "· done" in info(app), timeout=60)
 
 
 def test_steering_inputs_accept_exactly_what_the_setting_accepts() -> None:
@@ -170,7 +170,7 @@ async def test_monitor_caps_the_live_answer(review_db: Path) -> None:
         app.screen.query_one("#cap", Input).value = tau
         app.screen.query_one("#cap", Input).focus()
         await pilot.press("enter")  # enter in the cap answers the prompt again, capped
-        await wait_for(pilot, lambda: "live · done" in info(app), timeout=60)
+        await wait_for(pilot, lambda: f"live · capped at {float(tau):g} · done" in info(app), 60)
         assert max(app.screen.answers[0].values) <= float(tau) + 1e-5
         assert f"capped at {float(tau):g} at layer 3" in text_of(app, "#monitor-legend")
 
@@ -259,3 +259,29 @@ async def test_monitor_zscores_in_a_worker_with_progress(
         await wait_for(pilot, lambda: not panels.loading, timeout=60)
         assert "layer 2 of 3 · z-score" in info(app)  # the reader's layer is kept
         assert text_of(app, "#monitor-legend").startswith("z-score")
+
+
+async def test_monitor_worker_errors_go_to_the_error_dialog(
+    review_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.monitor
+    from db import PersonaError
+    from tui.screens.error import ErrorModal
+
+    def broken(*_args, **_kwargs):
+        raise PersonaError("the model is gone")
+
+    monkeypatch.setattr(pipeline.monitor, "stream_answer", broken)
+    app = PersonaApp(review_db, trait=TRAIT)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _ready(app, pilot)
+        monitor = app.screen
+        box = monitor.query_one("#prompt", Input)
+        box.value = "Plan my week"
+        box.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
+        assert app.screen.message == "the model is gone"
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is monitor)
+        assert "live · unsteered · failed" in info(app)

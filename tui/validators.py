@@ -53,3 +53,13 @@ class SteeringValue(Validator):
         except (ValueError, PersonaError):
             return self.failure()
         return self.success()
+
+
+def steering_problems(coef: str, cap: str) -> list[str]:
+    """What is wrong with the monitor's coef and cap texts, one line each (none: valid)."""
+    texts = {"coef": coef, "cap": cap}
+    return [
+        f"{field} '{text}' is not {SteeringValue.WHAT[field]}"
+        for field, text in texts.items()
+        if not SteeringValue(field).validate(text).is_valid
+    ]

@@ -30,7 +30,7 @@ from tui.messages import (
     TokensStreamed,
 )
 from tui.screens.base import PersonaScreen
-from tui.validators import SteeringValue, steering_setting
+from tui.validators import SteeringValue, steering_problems, steering_setting
 from tui.widgets.heatmap import legend
 from tui.widgets.monitor_panels import MonitorPanels, answer_panel, shared_scale
 
@@ -173,10 +173,13 @@ class MonitorScreen(PersonaScreen):
         self.post_message(ComparisonLoaded(answers))
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        super().on_worker_state_changed(event)
+        super().on_worker_state_changed(event)  # an error: the app's error dialog
         ended = event.state in (WorkerState.ERROR, WorkerState.CANCELLED)
         if ended and event.worker is self.busy_worker:
             self.set_busy(None)
+        elif event.state == WorkerState.ERROR and event.worker.name == "generate_live":
+            self.live = "failed"
+            self.render_view()
 
     def set_busy(self, worker: Worker | None, text: str = "") -> None:
         """The panels' loading indicator and a line saying what runs (None: nothing)."""
@@ -223,7 +226,7 @@ class MonitorScreen(PersonaScreen):
     # ---- inputs --------------------------------------------------------------------------------
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id in ("coef", "cap"):
-            self.say(" · ".join(self.invalid_steering()))
+            self.say(" · ".join(steering_problems(*self.steering_texts())))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         trait = getattr(self.app, "trait", None)
@@ -242,24 +245,16 @@ class MonitorScreen(PersonaScreen):
     def prompt(self) -> str:
         return self.query_one("#prompt", Input).value.strip()
 
-    def invalid_steering(self) -> list[str]:
-        """What is wrong with the coef and cap inputs, one item each (empty: nothing)."""
-        problems = []
-        for field in ("coef", "cap"):
-            value = self.query_one(f"#{field}", Input).value
-            if not SteeringValue(field).validate(value).is_valid:
-                problems.append(f"{field} '{value}' is not {SteeringValue.WHAT[field]}")
-        return problems
+    def steering_texts(self) -> tuple[str, str]:
+        return self.query_one("#coef", Input).value, self.query_one("#cap", Input).value
 
     def steering(self) -> SteeringSetting | None:
         """The coef and cap inputs as a setting for the chosen layer; None (and a notice
         saying why) when one is invalid or the layer cannot be steered."""
-        if problems := self.invalid_steering():
+        if problems := steering_problems(*self.steering_texts()):
             self.say(" · ".join(problems) + ": not applied")
             return None
-        setting = steering_setting(
-            self.query_one("#coef", Input).value, self.query_one("#cap", Input).value
-        )
+        setting = steering_setting(*self.steering_texts())
         if self.chosen_layer is None:
             self.say(LOADING)
             return None
@@ -365,7 +360,7 @@ class MonitorScreen(PersonaScreen):
                 shown = f" · shown: layer {self.answered_at} (enter or s answers again)"
                 text.append(shown, style="yellow")
             if self.mode == "answers" and self.live:
-                text.append(f" · live · {self.live}")
+                text.append(f" · live · {self.answered_with} · {self.live}")
         if self.notice:
             text.append(("\n" if text.plain else "") + self.notice, style="yellow")
         return text
