@@ -40,6 +40,28 @@ def decode(
     )
 
 
+def decode_one(
+    loaded: LoadedModel,
+    prompt: Sequence[int],
+    seed: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    steering: Sequence[SteeringSpec] = (),
+    watch: Sequence[Watch] = (),
+) -> DecodeResult:
+    """One prompt's answer (``decode`` of a batch of one)."""
+    return decode(
+        loaded,
+        [prompt],
+        [seed],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        steering=steering,
+        watch=watch,
+    )[0]
+
+
 def answer_text(loaded: LoadedModel, answer_ids: Sequence[int]) -> str:
     return loaded.tokenizer.decode(list(answer_ids), skip_special_tokens=True)
 

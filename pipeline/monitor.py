@@ -13,7 +13,7 @@ import torch
 
 from db import PersonaError, Store
 from db.store import Response
-from pipeline.chat import prompt_ids
+from pipeline.chat import prompt_ids, stop_token_ids
 from pipeline.trait_vectors import DEFAULT_KIND, check_layer, load_fitted_vector
 
 BASELINE_SPLIT = "eval"
@@ -234,18 +234,26 @@ def monitor_responses(
     kind: str = DEFAULT_KIND,
     layer: int | None = None,
     zscored: bool = False,
+    on_progress: Callable[[str], None] | None = None,
 ) -> tuple[int, list[tuple[Response, TokenProjections]]]:
     """Stored responses projected at every layer (values [T, 1, L+1]), for a view that
-    moves between layers; with the layer to show first (``layer``, else the default)."""
+    moves between layers; with the layer to show first (``layer``, else the default).
+    ``on_progress`` hears each stage in words (z-scores first need the neutral baseline,
+    whose answers are generated the first time: seconds, not milliseconds)."""
     from pipeline.chat import token_ids
 
+    say = on_progress or (lambda _text: None)
     fitted = load_fitted_vector(store, trait, kind)
     loaded = fitted.loaded
     vectors = {kind: fitted.vector}
     layers = list(range(loaded.num_layers + 1))
-    stats = baseline_stats(store, loaded, trait, vectors, layers) if zscored else None
+    stats = None
+    if zscored:
+        say("z-scores: the neutral baseline (answers with no system prompt, made once)…")
+        stats = baseline_stats(store, loaded, trait, vectors, layers)
     shown = []
-    for response_id in response_ids:
+    for done, response_id in enumerate(response_ids):
+        say(f"projecting response {done + 1} of {len(response_ids)} at every layer…")
         response = store.get_response(response_id)
         proj = project_tokens(loaded, *token_ids(response, loaded), vectors, layers)
         shown.append((response, proj if stats is None else zscore(proj, stats)))
@@ -267,25 +275,37 @@ def stream_answer(
     kind: str = DEFAULT_KIND,
     layer: int | None = None,
     coef: float = 0.0,
+    cap: float | None = None,
     max_new_tokens: int = 200,
 ) -> int:
-    """The model's greedy answer to ``prompt``, steered by ``coef`` x the vector at ``layer``
-    when ``coef`` is not 0, streamed to ``on_words`` with each token's projection at that
-    layer as it is written; returns the layer."""
+    """The model's greedy answer to ``prompt``, steered at ``layer`` by ``coef`` x the vector
+    (when not 0) and capped at ``cap`` (a projection value, when given), streamed to
+    ``on_words`` with each token's projection at that layer (after the steering there) as it
+    is written, up to the stop token (not included); returns the layer."""
     from pipeline.decoding import decode
     from pipeline.engine import Watch
-    from vectors.steering import SteeringSpec
+    from pipeline.steer import SteeringSetting
 
+    setting = SteeringSetting(coef=coef, cap=cap).validate()
     fitted = load_fitted_vector(store, trait, kind)
     loaded = fitted.loaded
-    layer = fitted.layer_or_default(store, layer, steered=bool(coef))
+    layer = fitted.layer_or_default(store, layer, steered=setting.active)
     tok = loaded.tokenizer
-    specs = [SteeringSpec(layer, fitted.vector, coef=coef)] if coef else []
+    stops = set(stop_token_ids(tok, loaded.model.config))
+    ended = False
 
     def stream(_start: int, tokens: torch.Tensor, proj: torch.Tensor | None) -> None:
-        words = [tok.decode([t]) for t in tokens[0].tolist()]
-        values = proj[0, :, 0].tolist() if proj is not None else [0.0] * len(words)
-        on_words(words, values)
+        # A finished row goes on as padding until the check: cut at its stop token.
+        nonlocal ended
+        if ended:
+            return
+        ids = tokens[0].tolist()
+        end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        ended = end < len(ids)
+        if end:
+            words = [tok.decode([t]) for t in ids[:end]]
+            values = proj[0, :end, 0].tolist() if proj is not None else [0.0] * len(words)
+            on_words(words, values)
 
     decode(
         loaded,
@@ -293,7 +313,7 @@ def stream_answer(
         [0],
         max_new_tokens=max_new_tokens,
         temperature=0.0,
-        steering=specs,
+        steering=setting.specs(layer, fitted.vector),
         watch=[Watch(kind, layer, fitted.vector[layer])],
         on_tokens=stream,
         check_every=4,

@@ -3,6 +3,7 @@ teacher-forced forward, with the positions rules of any steering spec."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,74 @@ def test_bad_cap_specs(vector) -> None:
         SteeringSpec(LAYER, vector, cap=float("inf"))
     with pytest.raises(ValueError, match="not both"):
         SteeringSpec(LAYER, vector, cap=1.0, ablate=True)
+
+
+# ---- the steering setting of the dashboard's live monitor --------------------------------------
+def test_steering_setting_checks_and_names_itself(vector) -> None:
+    from pipeline.steer import SteeringSetting
+
+    assert not SteeringSetting().active and SteeringSetting().label() == "unsteered"
+    both = SteeringSetting(coef=6.0, cap=3.5).validate()
+    assert both.label() == "steering coef +6, capped at 3.5"
+    # The add first, then the cap: the cap bounds what the answer ends up with.
+    assert [(s.coef, s.cap) for s in both.specs(LAYER, vector)] == [(6.0, None), (1.0, 3.5)]
+    assert SteeringSetting(cap=-1.0).specs(LAYER, vector)[0].cap == -1.0
+    for bad in ({"coef": math.nan}, {"coef": math.inf}, {"coef": 1e5}, {"cap": -math.inf}):
+        with pytest.raises(PersonaError, match="finite"):
+            SteeringSetting(**bad).validate()
+
+
+def test_live_stream_and_side_by_side_under_a_cap(extracted_db) -> None:
+    """The live stream stops at the stop token. Capped, each token reads min(its unsteered
+    projection, tau) at the layer: a token's state there depends only on the layers below,
+    so a teacher-forced unsteered forward of the capped answer gives what the cap clamped.
+    The side by side answers the same prompt with the same seed: its answers are the
+    streams'."""
+    from statistics import median
+
+    from db import Store
+    from pipeline.decoding import decode
+    from pipeline.monitor import project_tokens, stream_answer
+    from pipeline.steer import SteeringSetting, steered_and_unsteered
+    from pipeline.trait_vectors import load_fitted_vector
+
+    def streamed(store, **steering) -> tuple[list[str], list[float]]:
+        words: list[str] = []
+        values: list[float] = []
+        stream_answer(
+            store, "paternalism", "Plan my week", lambda w, v: (words.extend(w), values.extend(v)),
+            layer=LAYER, max_new_tokens=40, **steering,
+        )  # fmt: skip
+        return words, values
+
+    with Store(extracted_db) as store:
+        fitted = load_fitted_vector(store, "paternalism")
+        loaded, tok = fitted.loaded, fitted.loaded.tokenizer
+        prompt = prompt_ids(tok, None, "Plan my week")
+
+        def answer_ids(setting: SteeringSetting) -> list[int]:
+            specs = setting.specs(LAYER, fitted.vector)
+            [result] = decode(loaded, [prompt], [0], max_new_tokens=40, temperature=0.0,
+                              steering=specs)  # fmt: skip
+            return result.answer_ids
+
+        plain_words, plain = streamed(store)
+        assert plain_words == [tok.decode([t]) for t in answer_ids(SteeringSetting())]
+        tau = float(median(plain))
+        words, capped = streamed(store, cap=tau)
+        ids = answer_ids(SteeringSetting(cap=tau))
+        assert words == [tok.decode([t]) for t in ids]  # no stop token, no padding
+        forced = project_tokens(loaded, prompt, ids, {"v": fitted.vector}, [LAYER])
+        raw = forced.values[forced.prompt_len :, 0, 0].tolist()
+        assert min(raw) <= tau < max(raw)  # tokens on both sides of the cap
+        assert capped == pytest.approx([min(r, tau) for r in raw], abs=1e-4)
+        answers = steered_and_unsteered(
+            store, "paternalism", "Plan my week", SteeringSetting(cap=tau), layer=LAYER,
+            max_new_tokens=40,
+        )  # fmt: skip
+        assert [a.label for a in answers] == ["unsteered", f"capped at {tau:g} at layer {LAYER}"]
+        assert answers[0].tokens == plain_words and answers[1].tokens == words
+        assert answers[0].values == pytest.approx(plain, abs=1e-5)
+        assert answers[1].values == pytest.approx(capped, abs=1e-5)
+        with pytest.raises(PersonaError, match="nothing to compare"):
+            steered_and_unsteered(store, "paternalism", "Hi", SteeringSetting(), layer=LAYER)

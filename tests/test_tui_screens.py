@@ -118,41 +118,6 @@ async def test_vectors_screen_marks_the_recommended_layer(review_db: Path) -> No
         assert "cosine" in before
 
 
-async def test_monitor_shows_a_pair_and_changes_layer(review_db: Path) -> None:
-    with Store(review_db) as store:
-        pos = store.responses(side="pos", split="extract")[0]
-        neg = next(r for r in store.responses(side="neg") if r.key == pos.key)
-    app = PersonaApp(review_db, trait="paternalism")
-    app.monitor_pair = (pos.id, neg.id)
-    async with app.run_test(size=(120, 32)) as pilot:
-        await pilot.press("5")
-        # The recommended layer comes first (layer 3 separates best on this data).
-        await wait_for(pilot, lambda: "layer 3 of 3" in text_of(app, "#monitor-info"))
-        assert f"response {pos.id}" in text_of(app, "#panel-0")
-        assert f"response {neg.id}" in text_of(app, "#panel-1")
-        before = text_of(app, "#panel-0")
-        await pilot.press("left")
-        assert "layer 2 of 3" in text_of(app, "#monitor-info")
-        assert text_of(app, "#panel-0") != before
-        await pilot.press("left", "left", "left")
-        assert "layer 0 of 3" in text_of(app, "#monitor-info")
-        await pilot.press("right")
-        assert "layer 1 of 3" in text_of(app, "#monitor-info")
-
-
-async def test_monitor_streams_a_live_generation(review_db: Path) -> None:
-    app = PersonaApp(review_db, trait="paternalism")
-    async with app.run_test(size=(120, 32)) as pilot:
-        await pilot.press("5")
-        await pilot.pause(0.2)
-        prompt = app.screen.query_one("#prompt", Input)
-        prompt.value = "Plan my [week]"
-        prompt.focus()
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "done" in text_of(app, "#monitor-info"), timeout=60)
-        assert text_of(app, "#panel-0").strip()
-
-
 # ---- jobs as detached workers ---------------------------------------------------------------
 def _job(db_path: Path, job_id: int):
     with Store(db_path) as store:
@@ -369,23 +334,6 @@ def test_resume_refuses_a_finished_job(db_path: Path) -> None:
         store.update_job(job.id, status="done")
         with pytest.raises(PersonaError, match=f"job {job.id} is done; there is nothing to resume"):
             start_worker(store, job.id, rerun_done=False)
-
-
-async def test_monitor_refuses_a_coefficient_that_is_not_a_finite_number(review_db: Path) -> None:
-    app = PersonaApp(review_db, trait="paternalism")
-    async with app.run_test(size=(120, 32)) as pilot:
-        await pilot.press("5")
-        await pilot.pause(0.2)
-        for bad in ("nan", "abc", "inf"):
-            app.screen.query_one("#coef", Input).value = bad
-            prompt = app.screen.query_one("#prompt", Input)
-            prompt.value = "Plan my week"
-            prompt.focus()
-            await pilot.press("enter")
-            await wait_for(
-                pilot,
-                lambda bad=bad: f"coef '{bad}' is not a finite" in text_of(app, "#monitor-info"),
-            )
 
 
 async def test_review_exports_the_effective_pairs(review_db: Path) -> None:

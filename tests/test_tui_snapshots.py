@@ -17,6 +17,8 @@ from tui.app import PersonaApp
 SCREENS = ["1", "2", "3", "4", "5"]
 # The pair view: from Review (3), the table focused, the first pair opened.
 PAIR = ["3", "tab", "tab", "tab", "tab", "tab", "enter"]
+# Monitor (5): "Hi" answered live with coef 6, then unsteered and steered side by side (s).
+COMPARE = ["5", "g", "H", "i", "tab", "6", "shift+tab", "enter", "s"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,9 @@ def test_screen_snapshots(snap_compare, frozen_db: Path, key: str) -> None:
     assert snap_compare(app, terminal_size=(110, 32), run_before=settle(app, [key]))
 
 
-@pytest.mark.parametrize("keys", [*([k] for k in SCREENS), PAIR], ids=[*SCREENS, "pair"])
+@pytest.mark.parametrize(
+    "keys", [*([k] for k in SCREENS), PAIR, COMPARE], ids=[*SCREENS, "pair", "compare"]
+)
 def test_80x24_snapshots(snap_compare, frozen_db: Path, keys: list[str]) -> None:
     app = _app(frozen_db)
     assert snap_compare(app, terminal_size=(80, 24), run_before=settle(app, keys))

@@ -213,7 +213,10 @@ def test_dashboard_live_monitor_with_a_steering_coefficient(db: Path) -> None:
         app = PersonaApp(db, trait=TRAIT)
         async with app.run_test(size=(120, 32)) as pilot:
             await pilot.press("5")
-            await pilot.pause(0.2)
+            deadline = time.monotonic() + 120
+            while " of " not in str(app.screen.query_one("#monitor-info", Static).content):
+                assert time.monotonic() < deadline, "the layers never loaded"
+                await pilot.pause(0.2)  # the trait's layers load first (the default one)
             app.screen.query_one("#coef", Input).value = "6"
             prompt = app.screen.query_one("#prompt", Input)
             prompt.value = "Plan my week"
