@@ -46,7 +46,15 @@ def load_prices(path: str | None) -> dict[str, tuple[float, float]]:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             prices.update({k: (float(v[0]), float(v[1])) for k, v in data.items()})
-        except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        except (
+            OSError,
+            ValueError,
+            TypeError,
+            IndexError,
+            KeyError,
+            AttributeError,
+            RecursionError,
+        ) as exc:
             # KeyError: a nested object where a [input, output] list belongs.
             raise PersonaError(
                 f"--prices {path} must be a JSON object of model: [input, output] dollars per "

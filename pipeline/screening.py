@@ -49,6 +49,8 @@ def read_samples(path: Path) -> list[tuple[str, str]]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PersonaError(f"{path} line {number} is not JSON ({exc.msg})") from None
+        except RecursionError:  # nesting deeper than the parser's stack
+            raise PersonaError(f"{path} line {number} is nested too deeply to read") from None
         samples.append(_sample(item, path, number))
     if not samples:
         raise PersonaError(f"{path} holds no samples")
@@ -63,8 +65,9 @@ def _sample(item: object, path: Path, number: int) -> tuple[str, str]:
     ):
         return item["prompt"], item["response"]
     if isinstance(item, dict) and isinstance(item.get("messages"), list):
-        users = [m.get("content") for m in item["messages"] if m.get("role") == "user"]
-        answers = [m.get("content") for m in item["messages"] if m.get("role") == "assistant"]
+        turns = [m for m in item["messages"] if isinstance(m, dict)]
+        users = [m.get("content") for m in turns if m.get("role") == "user"]
+        answers = [m.get("content") for m in turns if m.get("role") == "assistant"]
         if users and answers and isinstance(users[-1], str) and isinstance(answers[-1], str):
             return users[-1], answers[-1]
     raise PersonaError(
@@ -95,6 +98,7 @@ def screen(
     tok = loaded.tokenizer
     prompts = [prompt_ids(tok, None, p) for p, _ in samples]
     answers = [tok(r, add_special_tokens=False)["input_ids"] for _, r in samples]
+    _check_context(loaded, data, prompts, answers, max_new_tokens if compare_base else 0)
     forward = ForwardMeans(loaded)
 
     def project(rows: list[tuple[list[int], list[int]]]) -> list[float]:
@@ -116,6 +120,25 @@ def screen(
     key = (lambda row: row.difference) if compare_base else (lambda row: row.projection)
     rows.sort(key=key, reverse=True)
     return layer, rows
+
+
+def _check_context(loaded, data: Path, prompts: list, answers: list, new_tokens: int) -> None:
+    """Samples past the model's context would be read with positions it never learned."""
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not context:
+        return
+    for number, (prompt, answer) in enumerate(zip(prompts, answers, strict=True), 1):
+        if len(prompt) + len(answer) > context:
+            raise PersonaError(
+                f"{data} sample {number} is {len(prompt) + len(answer)} tokens, past "
+                f"{loaded.model_id}'s context of {context}; shorten it or leave it out"
+            )
+        if len(prompt) + new_tokens > context:
+            raise PersonaError(
+                f"{data} sample {number}'s prompt ({len(prompt)} tokens) plus the {new_tokens} "
+                f"tokens --compare-base answers with is past {loaded.model_id}'s context of "
+                f"{context}; shorten it or leave it out"
+            )
 
 
 def write_ranking(rows: list[ScreenRow], path: Path) -> Path:

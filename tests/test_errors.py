@@ -19,7 +19,7 @@ import pytest
 import torch
 from tiny_model import build_tiny_model
 
-from db import Store
+from db import PersonaError, Store
 from db.schema import SCHEMA_VERSION
 from tui.cli import main
 
@@ -998,7 +998,9 @@ def test_bad_prices_file_writes_no_job(capsys, vectors_db: Path, tmp_path: Path)
     prices.write_text('{"gpt-4.1-mini": "cheap"}')
     nested = tmp_path / "nested.json"
     nested.write_text('{"gpt-4.1-mini": {"input": [1]}}')  # was a KeyError traceback
-    for path in (prices, nested, tmp_path / "missing.json"):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # was a RecursionError traceback
+    for path in (prices, nested, deep, tmp_path / "missing.json"):
         argv = ["judge", TRAIT, "--judge", "openai:gpt-4.1-mini", "--prices", path]
         expect_unchanged(capsys, vectors_db, argv, f"--prices {path} must be a JSON object")
 
@@ -1262,3 +1264,29 @@ def test_an_unknown_judge_is_named_not_counted_as_unscored(capsys, vectors_db: P
         ["pairs", TRAIT, "--judge", "nobody"],
         "judge 'nobody' scored none of jobs",
     )
+
+
+def test_screen_data_nested_too_deeply_or_odd_turns(
+    capsys, vectors_db: Path, tmp_path: Path
+) -> None:
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    argv = ["screen", TRAIT, "--data", deep]
+    expect_unchanged(capsys, vectors_db, argv, "line 1 is nested too deeply to read")
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"messages": ["hi", {"role": "assistant", "content": "x"}]}) + "\n")
+    argv = ["screen", TRAIT, "--data", odd]
+    expect_unchanged(capsys, vectors_db, argv, "line 1 needs 'prompt' and 'response' strings")
+
+
+def test_screen_samples_past_the_models_context(capsys, vectors_db: Path, tmp_path: Path) -> None:
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "hi", "response": "the answer " * 3000}) + "\n")
+    argv = ["screen", TRAIT, "--data", long]
+    expect_unchanged(capsys, vectors_db, argv, "sample 1 is")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    from pipeline.screening import screen
+
+    with Store(vectors_db) as store, pytest.raises(PersonaError, match="plus the 5000 tokens"):
+        screen(store, TRAIT, short, compare_base=True, max_new_tokens=5000)
