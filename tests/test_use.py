@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,28 @@ def test_bad_screening_data(tmp_path: Path) -> None:
         read_samples(path)
     with pytest.raises(PersonaError, match="does not exist"):
         read_samples(tmp_path / "missing.jsonl")
+
+
+def test_screen_table_fits_80_columns(extracted: Path, tmp_path: Path, capsys) -> None:
+    """Every number whole at 80 columns (the answer is cut instead), with and without the
+    base columns."""
+    data = tmp_path / "data.jsonl"
+    long = "a long answer that goes on and on " * 10
+    data.write_text("\n".join(json.dumps({"prompt": "Hi", "response": long}) for _ in range(3)))
+    from tui.cli import output
+
+    width = output.out.width
+    output.out.width = 80
+    try:
+        for extra in ([], ["--compare-base"]):
+            code = main(["--db", str(extracted), "screen", "paternalism", "--data", str(data),
+                         "--layer", "2", *extra])  # fmt: skip
+            text = capsys.readouterr().out
+            assert code == 0 and max(len(line) for line in text.splitlines()) <= 80
+            header = next(line for line in text.splitlines() if "rank" in line)
+            names = ("projection", "base", "difference") if extra else ("projection",)
+            assert all(name in header for name in names), header
+            numbers = re.findall(r"[+-]\d+\.\d{3}", text)
+            assert len(numbers) == 3 * len(names)  # none cut to an ellipsis
+    finally:
+        output.out.width = width

@@ -163,17 +163,19 @@ def cmd_screen(args: argparse.Namespace) -> int:
         )
     measure = "projection difference (data - base)" if args.compare_base else "projection"
     table = Table(title=f"{len(rows)} samples ranked by {measure} at layer {layer}")
-    for column in ("rank", "sample", "projection", "base", "difference", "response"):
-        table.add_column(column, overflow="ellipsis", no_wrap=column == "response")
+    numbers = ["rank", "sample", "projection"] + (
+        ["base", "difference"] if args.compare_base else []
+    )
+    # Numbers whole at any width (80 columns included): the answer, the one column that may
+    # wrap, gives way first (Rich narrows wrapping columns before the others).
+    for column in numbers:
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
+    table.add_column("response", overflow="fold")
     for rank, row in enumerate(rows[: args.top], 1):
-        cells = [
-            str(rank),
-            str(row.index),
-            f"{row.projection:+.3f}",
-            "" if row.base_projection is None else f"{row.base_projection:+.3f}",
-            "" if row.difference is None else f"{row.difference:+.3f}",
-            row.response.replace("\n", " ")[:80],
-        ]
+        cells = [str(rank), str(row.index), f"{row.projection:+.3f}"]
+        if args.compare_base:
+            cells += [f"{row.base_projection:+.3f}", f"{row.difference:+.3f}"]
+        cells.append(row.response.replace("\n", " ")[:120])
         table.add_row(*(Text(printable(c)) for c in cells))
     out.print(table)
     if args.out:
