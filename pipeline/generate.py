@@ -93,6 +93,10 @@ class GenerateParams(JobParams):
                 "'You are a/an ... assistant', e.g. paternalistic",
             ),
             (
+                self.tokenizer is None or bool(self.tokenizer.strip()),
+                "--tokenizer is empty; pass a local model folder, smollm2, or leave it out",
+            ),
+            (
                 self.backend != "openai" or bool(self.base_url),
                 "--backend openai needs --base-url (e.g. http://localhost:8000/v1)",
             ),

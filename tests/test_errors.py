@@ -1290,3 +1290,19 @@ def test_screen_samples_past_the_models_context(capsys, vectors_db: Path, tmp_pa
 
     with Store(vectors_db) as store, pytest.raises(PersonaError, match="plus the 5000 tokens"):
         screen(store, TRAIT, short, compare_base=True, max_new_tokens=5000)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["screen", TRAIT, "--data", ""], "argument --data: is empty; pass a file"),
+        (["vectors", "export", TRAIT, "--out", ""], "argument --out: is empty; pass a folder"),
+        (["screen", TRAIT, "--data", "d.jsonl", "--out", " "], "argument --out: is empty"),
+        (["generate", TRAIT, "--side", "pos", "--tokenizer", ""], "--tokenizer is empty"),
+    ],
+)
+def test_empty_values_are_refused_not_defaulted(
+    capsys, vectors_db: Path, argv: list[str], expected: str
+) -> None:
+    """An empty path is not the current folder, an empty tokenizer not the model's own."""
+    expect_unchanged(capsys, vectors_db, argv, expected)

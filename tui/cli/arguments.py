@@ -179,6 +179,8 @@ def layer_list(text: str) -> tuple[int, ...]:
 def output_folder(text: str) -> Path:
     """A folder to write into; created when missing, so only an existing file (or a folder
     that cannot be made) is wrong."""
+    if not text.strip():  # Path("") is the current folder: never a silent default
+        raise argparse.ArgumentTypeError("is empty; pass a folder (made if missing)")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file; pass a folder (made if missing)")
@@ -191,6 +193,8 @@ def output_folder(text: str) -> Path:
 
 
 def output_file(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; pass a file name")
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a folder; pass a file name")
@@ -199,6 +203,13 @@ def output_file(text: str) -> Path:
             f"folder {path.parent} does not exist; create it first or write elsewhere"
         )
     return path
+
+
+def input_file(text: str) -> Path:
+    """A file to read; an empty value is an error, not the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; pass a file")
+    return Path(text)
 
 
 def add_filter_values(sub: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from tui.cli.arguments import (
     VECTOR_KINDS,
+    input_file,
     non_negative_float,
     number_list,
     output_file,
@@ -268,7 +269,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "rank a fine-tuning dataset's samples by their projection on the trait",
     )
     scr.add_argument("trait")
-    scr.add_argument("--data", required=True, help="JSONL: prompt/response or chat messages")
+    scr.add_argument(
+        "--data", type=input_file, required=True, help="JSONL: prompt/response or chat messages"
+    )
     scr.add_argument("--layer", type=int, help="default: the recommended layer")
     scr.add_argument(
         "--compare-base",
