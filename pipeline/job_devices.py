@@ -44,19 +44,20 @@ def run_jobs_on_devices(
     callbacks = {job_id: on_progress(job_id) for job_id in job_ids}
     errors: list[str] = []
 
-    def report() -> None:
-        with Store(db_path) as store:
+    with Store(db_path) as store:  # read for progress while the workers write
+
+        def report() -> None:
             for job_id, callback in callbacks.items():
                 if callback is not None:
                     job = store.get_job(job_id)
                     callback(ProgressUpdate(job_id, job.done, job.total, job.stats, job.message))
 
-    for _index, error in run_sharded(
-        devices, run_job_share, str(db_path), list(job_ids), on_idle=report
-    ):
-        if error:
-            errors.append(error)
-    report()
+        for _index, error in run_sharded(
+            devices, run_job_share, str(db_path), list(job_ids), on_idle=report
+        ):
+            if error:
+                errors.append(error)
+        report()
     if errors:
         raise PersonaError(errors[0])
 
@@ -64,10 +65,6 @@ def run_jobs_on_devices(
 def run_job_share(device: str, db_path: str, share: Sequence, emit, note) -> None:
     """A worker's part: its jobs in order; each job's error is reported, not raised, so the
     jobs after it still run."""
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
     for index, job_id in share:
         try:
             run_job(db_path, job_id)
@@ -93,8 +90,9 @@ def run_generation_jobs(
     devices: list[str] = []
     if len(job_ids) > 1:
         with Store(db_path) as store:
-            models = {store.get_job(job_id).params.get("model") for job_id in job_ids}
-            local = all(store.get_job(j).params.get("backend") == "local" for j in job_ids)
+            params = [store.get_job(job_id).params for job_id in job_ids]
+        models = {p.get("model") for p in params}
+        local = all(p.get("backend") == "local" for p in params)
         if len(models) == 1 and local:
             model = next(iter(models))
             devices = worker_devices(parse_gpus(gpus), device, lambda: fits_one_gpu(model))

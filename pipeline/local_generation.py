@@ -187,8 +187,6 @@ def generate_shard(device: str, payload: dict, share: Sequence, emit, note) -> N
 
     if not share:
         return
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)  # the worker's own GPU is its current one
     loaded = load_model(payload["model"], device=device)
     sampling = payload["sampling"]
     requests = [DecodeRequest(prompt, seed) for _index, (prompt, seed) in share]

@@ -61,8 +61,6 @@ def forward_shard(device: str, payload: dict, share: Sequence, emit, note) -> No
 
     if not share:
         return
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
     forward = ForwardMeans(load_model(payload["model"], device=device))
     rows = [row for _index, row in share]
     for chunk, means in forward.iter_means(rows, payload["tokens_per_batch"]):

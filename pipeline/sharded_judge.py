@@ -56,14 +56,10 @@ def sharded_judge(
 def judge_shard(device: str, payload: dict, share: Sequence, emit, note: Any) -> None:
     """A worker's part: its prompts through its own ``LocalJudge`` (batched as in one
     process: the prompts waiting when the device frees up are scored together)."""
-    import torch
-
     from pipeline.local_judge import LocalJudge
 
     if not share:
         return
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
     judge = LocalJudge(payload["model"], device=device)
 
     async def main() -> None:

@@ -133,8 +133,9 @@ def run_sharded(
                 message = results.get(timeout=POLL_SECONDS)
             except queue_module.Empty:
                 on_idle()
-                _check_alive(workers, devices, finished, results)
-                continue
+                message = _last_word_of_a_dead_worker(workers, devices, finished, results)
+                if message is None:
+                    continue
             kind, rank = message[0], message[1]
             if kind == "item":
                 yield message[2], message[3]
@@ -153,18 +154,18 @@ def run_sharded(
             worker.join(timeout=10)
 
 
-def _check_alive(workers: list[Any], devices: Sequence[str], finished: set[int], results) -> None:
+def _last_word_of_a_dead_worker(
+    workers: list[Any], devices: Sequence[str], finished: set[int], results
+) -> Any:
+    """None while every unfinished worker lives; for one that died, the next message still
+    in the pipe (its "done" or error may be there), else its death as ``PersonaError``."""
     for rank, worker in enumerate(workers):
         if rank in finished or worker.is_alive():
             continue
-        # Its "done" (or error) may still be in the pipe.
         try:
-            message = results.get(timeout=DRAIN_SECONDS)
+            return results.get(timeout=DRAIN_SECONDS)
         except queue_module.Empty:
-            message = None
-        if message is not None:
-            results.put(message)  # handled by the main loop, in order enough for us
-            return
+            pass
         raise PersonaError(
             f"the worker on {devices[rank]} stopped (exit code {worker.exitcode}) before its "
             "rows were done; rerun the same command to resume (stored rows are kept)"
@@ -181,6 +182,10 @@ def _worker(
         results.put(("note", rank, text))
 
     try:
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(device)  # the worker's own GPU is its current one
         work(device, payload, share, emit, note)
     except PersonaError as exc:
         results.put(("error", rank, f"{device}: {exc}"))
