@@ -33,6 +33,10 @@ CAPTURE_KINDS = ("response_avg", "prompt_avg", "prompt_last")
 FINISH_CHECK_EVERY = 16
 # Cache lengths are rounded up to this, so similar batches reuse one CUDA graph.
 CACHE_ROUND = 64
+# A decode step attends over the cache columns in use, rounded up to this (one CUDA graph a
+# rounded length), not over the whole cache: for the seed plan's 1,000-token answers a step
+# reads half the keys and values on average.
+ATTENTION_ROUND = 128
 # Compiled variants kept per step (batch shapes, sampling, steering on or off): past this,
 # torch.compile would silently fall back to the uncompiled step.
 COMPILE_VARIANTS = 64
@@ -120,7 +124,6 @@ class DecodeEngine:
         )
         self.num_states = self.runner.num_layers + 1
         self.hidden_size = int(self.model.config.hidden_size)
-        self._graph: Any = None
         self.steering: list[SteeringSpec] = []
         self.watch: list[Watch] = []
 
@@ -213,12 +216,17 @@ class DecodeEngine:
             state = _State.create(slots, length, new, act_shape, self.device, len(self.watch))
             self.runner.allocate(slots, length)
         busy: list[int | None] = [None] * slots  # the request each slot holds
-        self._fill(state, busy, list(range(slots)), requests, queue, sampling)
-        step_fn = self._make_step(state, sampling)
+        # Per slot: its first decode column less the steps run before it was filled, so a
+        # busy row writes column start + steps at the next step (or less, once finished).
+        starts = [0] * slots
         streamed = steps = 0
+        self._fill(state, busy, list(range(slots)), requests, queue, sampling, starts, steps)
+        step_fn = self._make_step(state, sampling)
         while True:
+            reach = max(starts[slot] for slot, held in enumerate(busy) if held is not None)
+            used = min(length, -(-(reach + steps + 1) // ATTENTION_ROUND) * ATTENTION_ROUND)
             with torch.inference_mode():
-                step_fn()
+                step_fn(used)
             steps += 1
             if steps % check_every:
                 continue
@@ -231,7 +239,7 @@ class DecodeEngine:
             yield from self._collect(state, busy, new, sampling)
             free = [slot for slot, held in enumerate(busy) if held is None]
             if refills and queue and free:
-                self._fill(state, busy, free, requests, queue, sampling)
+                self._fill(state, busy, free, requests, queue, sampling, starts, steps)
             if all(held is None for held in busy):
                 break
             # Without a queue, drop finished rows once enough have finished: the rest decode
@@ -242,9 +250,11 @@ class DecodeEngine:
                 and on_tokens is None
                 and alive <= len(busy) * (0.5 if self.cuda_graphs else 0.75)
             ):
-                busy = self._compact(state, busy)
+                keep = [slot for slot, held in enumerate(busy) if held is not None]
+                self._compact(state, keep)
+                busy = [busy[slot] for slot in keep]
+                starts = [starts[slot] for slot in keep]
                 step_fn = self._make_step(state, sampling)
-        self._graph = None
         if on_tokens is not None:
             with torch.inference_mode():
                 self._stream(state, streamed, new, on_tokens)
@@ -252,13 +262,11 @@ class DecodeEngine:
             self.runner.release()
 
     @torch.inference_mode()
-    def _compact(self, state: _State, busy: list[int | None]) -> list[int | None]:
-        """Keep only the busy slots (their rows, caches and state); returns the new map."""
-        keep = [slot for slot, held in enumerate(busy) if held is not None]
+    def _compact(self, state: _State, keep: list[int]) -> None:
+        """Keep only these slots (their rows, caches and state)."""
         index = torch.tensor(keep, device=self.device)
         state.select(index)
         self.runner.select(index)
-        return [busy[slot] for slot in keep]
 
     @torch.inference_mode()
     def _fill(
@@ -269,9 +277,12 @@ class DecodeEngine:
         requests: Sequence[DecodeRequest],
         queue: deque[int],
         sampling: SamplingConfig,
+        starts: list[int],
+        steps: int,
     ) -> None:
         """Prefill the next queued requests into the free slots: prompt captures and each
-        row's first token; the slots' step, column and caches start afresh."""
+        row's first token; the slots' step, column and caches start afresh (``starts``
+        records where their columns start, ``steps`` being the steps run so far)."""
         take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
         where = free[: len(take)]
         device = self.device
@@ -315,6 +326,7 @@ class DecodeEngine:
         state.finished[slot] = finished
         for row, index in zip(where, take, strict=True):
             busy[row] = index
+            starts[row] = width - steps
 
     @torch.inference_mode()
     def _collect(
@@ -351,6 +363,10 @@ class DecodeEngine:
                 projections=projections[row, :end] if projections is not None else None,
             )
             out.append((request, result))
+        # A freed slot idles at column 0 with only that column valid: the step's attention
+        # reads only the columns busy rows use, and an idle row must still see one key.
+        state.column[index] = 0
+        state.key_valid[index] = False
         return out
 
     def _stream(self, state: _State, streamed: int, upto: int, on_tokens: TokenCallback) -> int:
@@ -363,17 +379,17 @@ class DecodeEngine:
         on_tokens(streamed, tokens, proj)
         return upto
 
-    def _make_step(self, state: _State, sampling: SamplingConfig) -> Callable[[], None]:
-        self._graph = None
+    def _make_step(self, state: _State, sampling: SamplingConfig) -> Callable[[int], None]:
         step_fn = self._step_fn(state, sampling)
         if self.cuda_graphs:
             step_fn = self._graphed(step_fn, min(2, sampling.max_new_tokens))
         return step_fn
 
-    def _step_fn(self, state: _State, sampling: SamplingConfig) -> Callable[[], None]:
+    def _step_fn(self, state: _State, sampling: SamplingConfig) -> Callable[[int], None]:
         """One decode step, all on the device, state updated in place (graph-capturable):
         each row feeds its token step-1, captures its hidden states if it is an answer
-        token, and samples its token ``step``; rows keep their own step and cache column."""
+        token, and samples its token ``step``; rows keep their own step and cache column.
+        ``step(used)`` attends over cache columns 0..used-1 (every busy row's are there)."""
         runner = self.runner
         capture = self.capture
         stop_ids = self.stop_ids
@@ -403,19 +419,18 @@ class DecodeEngine:
                 state.projections[rows, column, slot] = h[:, 0].float() @ unit
             return h
 
-        def forward() -> torch.Tensor:
-            return runner.decode(
-                state.current, state.positions, state.column, state.key_valid, hook
-            )
+        def forward(used: int) -> torch.Tensor:
+            key_valid = state.key_valid[:, :used]
+            return runner.decode(state.current, state.positions, state.column, key_valid, hook)
 
         if self.compiled:
             forward = self._compiled(forward)
 
-        def step() -> None:
+        def step(used: int) -> None:
             alive = ~state.finished
             state.alive_f.copy_(alive.float())
             state.key_valid.index_put_((rows, state.column), every)
-            logits = forward()
+            logits = forward(used)
             state.response_count.add_(state.alive_f)
             token = sample_next(
                 logits, state.seeds, state.step, sampling.temperature, sampling.top_p
@@ -437,7 +452,7 @@ class DecodeEngine:
 
         return step
 
-    def _compiled(self, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def _compiled(self, forward: Callable[[int], torch.Tensor]) -> Callable[[int], torch.Tensor]:
         """The step's forward (layers, steering, capture, watch) through torch.compile;
         sampling stays outside (inductor cannot generate the vocabulary-wide cumsum). Every
         step's closure shares one code object, so later sessions reuse the compiled code
@@ -451,21 +466,25 @@ class DecodeEngine:
         compiled = torch.compile(forward, dynamic=None, fullgraph=False)
         runner = self.runner
 
-        def switched() -> torch.Tensor:
+        def switched(used: int) -> torch.Tensor:
             with runner.attention():
-                return compiled()
+                return compiled(used)
 
         return switched
 
-    def _graphed(self, step_fn: Callable[[], None], warmup: int) -> Callable[[], None]:
-        """The step as a CUDA graph: the first ``warmup`` calls run eagerly on a side stream
-        (real steps, which also warm the allocator), the next captures, and every call after
-        that replays. Capture records without running, so the capturing call replays too."""
+    def _graphed(self, step_fn: Callable[[int], None], warmup: int) -> Callable[[int], None]:
+        """The step as CUDA graphs, one per attended length: the first ``warmup`` calls run
+        eagerly on a side stream (real steps, which also warm the allocator), then each new
+        length is captured once and replayed after. Capture records without running, so the
+        capturing call replays too. The graphs share one memory pool: only their scratch
+        lives there (every result goes to the state), and they never run at once."""
         calls = 0
         device = self.device
         stream = torch.cuda.Stream(device=device)
+        graphs: dict[int, Any] = {}  # kept alive with this step function, freed with it
+        pool = torch.cuda.graph_pool_handle()
 
-        def graphed() -> None:
+        def graphed(used: int) -> None:
             nonlocal calls
             calls += 1
             # Capture records the current device's stream: the model's device must be current
@@ -474,15 +493,15 @@ class DecodeEngine:
                 if calls <= warmup:
                     stream.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(stream):
-                        step_fn()
+                        step_fn(used)
                     torch.cuda.current_stream().wait_stream(stream)
                     return
-                if self._graph is None:
+                if used not in graphs:
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        step_fn()
-                    self._graph = graph  # keeps the graph and its memory pool alive this batch
-                self._graph.replay()
+                    with torch.cuda.graph(graph, pool=pool):
+                        step_fn(used)
+                    graphs[used] = graph
+                graphs[used].replay()
 
         return graphed
 

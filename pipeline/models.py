@@ -255,8 +255,14 @@ def _load_model(spec: str, *, device: str | None, dtype: str | None) -> LoadedMo
                 f"unknown --dtype {dtype}; use float32, bfloat16 or float16"
             ) from None
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    if device.startswith("cuda") and _needs_sharding(resolved.path, torch_dtype):
-        kwargs["device_map"] = "auto"
+    if device.startswith("cuda"):
+        if _needs_sharding(resolved.path, torch_dtype):
+            kwargs["device_map"] = "auto"
+        else:
+            # Straight from the files to the GPU, with no full copy in host memory first
+            # (every shard worker loads its own copy at once).
+            index = torch.device(device).index
+            kwargs["device_map"] = {"": torch.cuda.current_device() if index is None else index}
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)

@@ -444,3 +444,44 @@ def test_the_worker_writes_its_progress_to_its_log(
     assert f"job {job_id}: worker" in lines[0] and "started" in lines[0]
     assert any(f"job {job_id}: " in line and "/20 " in line for line in lines[1:-1])
     assert f"job {job_id}: done" in lines[-1]
+
+
+def test_a_step_attends_over_the_used_columns_only(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the attended length rounded to 8 columns, refilled slots and rows finishing at
+    different steps, each step reads fewer columns than the cache holds (and more as rows
+    grow), and every row still equals the same request alone with the whole cache read,
+    tokens and captures, and a teacher-forced forward."""
+    import pipeline.engine as engine_module
+
+    engine = DecodeEngine(tiny, capture=True)
+    questions = [*QUESTIONS, "Why?", "Plan my week", "Define love", "Sell me a pen"]
+    requests = [
+        DecodeRequest(prompt_ids(tiny.tokenizer, None, q), seed=i) for i, q in enumerate(questions)
+    ]
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0)
+    free = engine.run(requests, sampling)
+    counts = Counter(t for r in free for t in r.answer_ids[:30])
+    engine.stop_ids = torch.tensor([counts.most_common(1)[0][0]])
+    alone = [engine.run([request], sampling)[0] for request in requests]  # the whole cache
+
+    monkeypatch.setattr(engine_module, "ATTENTION_ROUND", 8)
+    used_lengths: list[int] = []
+    cache_lengths: list[int] = []
+    real = DecodeEngine._make_step
+
+    def recording(self, state, sampling):
+        step = real(self, state, sampling)
+        cache_lengths.append(state.key_valid.shape[1])
+        return lambda used: used_lengths.append(used) or step(used)
+
+    monkeypatch.setattr(DecodeEngine, "_make_step", recording)
+    batched = engine.run(requests, sampling, slots=3, check_every=4)
+    assert min(used_lengths) < max(used_lengths) < max(cache_lengths)
+    for request, result, single in zip(requests, batched, alone, strict=True):
+        assert result.answer_ids == single.answer_ids
+        for kind, value in single.activations.items():
+            torch.testing.assert_close(result.activations[kind], value, rtol=1e-4, atol=1e-5)
+        if result.answer_ids:
+            ref = teacher_forced_means(tiny.model, list(request.prompt_ids), result.answer_ids)
+            for kind, value in ref.items():
+                torch.testing.assert_close(result.activations[kind], value, rtol=1e-3, atol=1e-4)
