@@ -7,6 +7,9 @@ params and row shape from ``pipeline.generate``, so the dispatch cannot live the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 
@@ -18,8 +21,16 @@ from pipeline.generate import (
     plan_rows,
     trait_with_assistant_name,
 )
-from pipeline.jobs import JobProgress, ProgressCallback
-from pipeline.local_generation import generate_local
+from pipeline.jobs import (
+    Heartbeat,
+    JobCancelled,
+    JobProgress,
+    JobTakenOver,
+    ProgressCallback,
+    claim_job,
+    end_job,
+)
+from pipeline.local_generation import JobShare, generate_local, generate_local_jobs
 from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans, activations_dir
 from vectors import activations
 
@@ -27,6 +38,21 @@ from vectors import activations
 def run_generation_job(
     store: Store, job_id: int, *, on_progress: ProgressCallback | None = None
 ) -> None:
+    share = _start(store, job_id, on_progress)
+    if share.pending:
+        if share.params.backend == "local":
+            generate_local(store, job_id, share.params, share.trait, share.pending, share.progress)
+        else:
+            asyncio.run(
+                generate_openai(
+                    store, job_id, share.params, share.trait, share.pending, share.progress
+                )
+            )
+    _finish(store, share)
+
+
+def _start(store: Store, job_id: int, on_progress: ProgressCallback | None) -> JobShare:
+    """The job's rows still missing, and its progress started."""
     job = store.get_job(job_id)
     params = GenerateParams.from_dict(job.params).validate()
     trait = trait_with_assistant_name(store.get_trait(job.trait), params)
@@ -42,15 +68,16 @@ def run_generation_job(
         on_progress=on_progress,
     )
     progress.start()
-    if pending:
-        if params.backend == "local":
-            generate_local(store, job_id, params, trait, pending, progress)
-        else:
-            asyncio.run(generate_openai(store, job_id, params, trait, pending, progress))
+    return JobShare(job_id, params, trait, pending, progress)
+
+
+def _finish(store: Store, share: JobShare) -> None:
+    """The captured activations consolidated into one file; the job done."""
+    params, progress = share.params, share.progress
     message = ""
     if params.backend == "local" and params.capture:
         progress.check_cancelled()  # still ours: consolidating drops the shards
-        path, torn, rebuilt = _consolidate(store, job_id, params)
+        path, torn, rebuilt = _consolidate(store, share.job_id, params)
         progress.extra["activations"] = str(path)
         if torn or rebuilt:
             message = (
@@ -58,6 +85,78 @@ def run_generation_job(
                 f"({len(torn)} unreadable activation files set aside as .torn)"
             )
     progress.finish("done", message)
+
+
+# What must match for jobs to share one engine (the engine's sampling and batch, the model
+# and where it runs); side, split, counts, seed and assistant name may differ.
+_SHARED_PARAMS = (
+    "model",
+    "backend",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "ignore_eos",
+    "capture",
+    "batch_size",
+    "device",
+    "gpus",
+)
+
+
+def can_share_engine(params: Sequence[dict]) -> bool:
+    """Whether generation jobs with these params can run as one queue
+    (``run_generation_jobs_together``): local, and alike in ``_SHARED_PARAMS``."""
+    checked = [GenerateParams.from_dict(p) for p in params]
+    first = checked[0]
+    return all(p.backend == "local" for p in checked) and all(
+        getattr(p, name) == getattr(first, name) for p in checked for name in _SHARED_PARAMS
+    )
+
+
+def run_generation_jobs_together(
+    db_path: str | Path,
+    job_ids: Sequence[int],
+    on_progress: Callable[[int], ProgressCallback | None] = lambda _job: None,
+) -> None:
+    """Local generation jobs that ``can_share_engine``, in this process, through one engine:
+    one queue of all their missing rows, each job's rows written to it as they finish. Each
+    job is claimed, heart-beaten and ended as ``run_job`` does; an error ends every job not
+    yet done (a rerun resumes each), and a job cancelled mid-run stops its batch-mates."""
+    with Store(db_path) as store, ExitStack() as beats:
+        claimed: list[int] = []
+        ended: set[int] = set()
+        try:
+            for job_id in job_ids:
+                try:
+                    claim_job(store, job_id)
+                except JobCancelled:
+                    continue
+                beats.enter_context(Heartbeat(db_path, job_id))
+                claimed.append(job_id)
+            shares = [_start(store, job_id, on_progress(job_id)) for job_id in claimed]
+            waiting = [share for share in shares if share.pending]
+            if waiting:
+                generate_local_jobs(store, waiting)
+            for share in shares:
+                _finish(store, share)
+                ended.add(share.job_id)
+        except JobTakenOver:
+            return  # that job is another worker's now; the others' locks lapse
+        except JobCancelled as exc:
+            for job_id in claimed:
+                if job_id == exc.job_id:
+                    end_job(store, job_id, "cancelled", "cancelled")
+                elif job_id not in ended:
+                    stopped = f"stopped: job {exc.job_id}, which shared its queue, was cancelled"
+                    end_job(store, job_id, "failed", f"{stopped}; rerun to resume")
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, PersonaError) else repr(exc)
+            if isinstance(exc, KeyboardInterrupt):
+                message = "interrupted"
+            for job_id in claimed:
+                if job_id not in ended:
+                    end_job(store, job_id, "failed", message)
+            raise
 
 
 def _consolidate(store: Store, job_id: int, params: GenerateParams):

@@ -63,8 +63,20 @@ def run_jobs_on_devices(
 
 
 def run_job_share(device: str, db_path: str, share: Sequence, emit, note) -> None:
-    """A worker's part: its jobs in order; each job's error is reported, not raised, so the
-    jobs after it still run."""
+    """A worker's part: its jobs as one queue where they can share an engine, else in
+    order; each job's error is reported, not raised, so the jobs after it still run."""
+    if len(share) > 1 and _share_engine(db_path, [job_id for _index, job_id in share]):
+        from pipeline.generation_job import run_generation_jobs_together
+
+        try:
+            run_generation_jobs_together(db_path, [job_id for _index, job_id in share])
+        except PersonaError as exc:
+            for index, job_id in share:
+                emit(index, f"job {job_id}: {exc}")
+        else:
+            for index, _job_id in share:
+                emit(index, "")
+        return
     for index, job_id in share:
         try:
             run_job(db_path, job_id)
@@ -83,7 +95,8 @@ def run_generation_jobs(
     on_progress: Callable[[int], ProgressCallback | None] = lambda _job: None,
 ) -> None:
     """Generation jobs of one model: side by side on their own GPUs when there are several
-    of both (``run_jobs_on_devices``), else one after another in this process."""
+    of both (``run_jobs_on_devices``); on one device, as one queue through one engine where
+    they can share it (``run_generation_jobs_together``), else one after another."""
     from pipeline.models import fits_one_gpu
     from pipeline.sharding import parse_gpus, worker_devices
 
@@ -99,5 +112,20 @@ def run_generation_jobs(
     if len(devices) > 1:
         run_jobs_on_devices(db_path, job_ids, devices, on_progress)
         return
+    if len(job_ids) > 1 and _share_engine(db_path, job_ids):
+        from pipeline.generation_job import run_generation_jobs_together
+
+        run_generation_jobs_together(db_path, job_ids, on_progress)
+        return
     for job_id in job_ids:
         run_job(db_path, job_id, on_progress=on_progress(job_id))
+
+
+def _share_engine(db_path: str | Path, job_ids: Sequence[int]) -> bool:
+    from pipeline.generation_job import can_share_engine
+
+    with Store(db_path) as store:
+        jobs = [store.get_job(job_id) for job_id in job_ids]
+    return all(job.kind == "generate" for job in jobs) and can_share_engine(
+        [job.params for job in jobs]
+    )

@@ -54,6 +54,10 @@ ProgressCallback = Callable[[ProgressUpdate], None]
 class JobCancelled(Exception):
     """The job's row was set to cancelled; the step stops after its current batch."""
 
+    def __init__(self, job_id: int | None = None) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id  # the cancelled job, where several run as one
+
 
 class JobProgress:
     """Counts work for one job and writes it to the job row, throttled."""
@@ -133,7 +137,7 @@ class JobProgress:
     def check_cancelled(self) -> None:
         job = self.store.get_job(self.job_id)
         if job.status == "cancelled":
-            raise JobCancelled()
+            raise JobCancelled(self.job_id)
         if job.pid is not None and {"pid": job.pid, "host": job.host} != owner():
             raise JobTakenOver(f"job {self.job_id} was taken over by pid {job.pid}")
 
@@ -301,6 +305,15 @@ def _runner(kind: str) -> JobRunner | None:
     return getattr(importlib.import_module(module), name)
 
 
+def end_job(store: Store, job_id: int, status: str, message: str) -> None:
+    """Write a job's end, only while the row is still ours (a worker that lost it leaves it
+    alone)."""
+    from pipeline.api_clients import redact_keys
+
+    ended = {"status": status, "ended": utc_now(), "message": redact_keys(message)[:500]}
+    store.update_job(job_id, only_if=owner(), **ended)
+
+
 def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | None = None) -> None:
     """Run (or resume) one job to its end; ``persona worker`` and the CLI both come here. A
     finished job runs again cheaply: each step does only what is missing or failed."""
@@ -313,24 +326,17 @@ def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | No
             claim_job(store, job_id)
         except JobCancelled:
             return
-
-        def end(status: str, message: str) -> None:
-            # Only while the row is still ours: a worker that lost it leaves it alone.
-            from pipeline.api_clients import redact_keys
-
-            ended = {"status": status, "ended": utc_now(), "message": redact_keys(message)[:500]}
-            store.update_job(job_id, only_if=owner(), **ended)
-
         try:
             with Heartbeat(db_path, job_id):
                 runner(store, job_id, on_progress=on_progress)
         except JobTakenOver:
             return  # the row is the new worker's now: leave it as it is
         except JobCancelled:
-            end("cancelled", "cancelled")
+            end_job(store, job_id, "cancelled", "cancelled")
         except PersonaError as exc:
-            end("failed", str(exc))
+            end_job(store, job_id, "failed", str(exc))
             raise
         except BaseException as exc:
-            end("failed", "interrupted" if isinstance(exc, KeyboardInterrupt) else repr(exc))
+            message = "interrupted" if isinstance(exc, KeyboardInterrupt) else repr(exc)
+            end_job(store, job_id, "failed", message)
             raise

@@ -8,6 +8,7 @@ the rows in flight, and a rerun of the same command resumes.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,17 @@ MAX_AUTO_SLOTS = 256
 SHARDED_WRITE_GROUP = 16
 
 
+@dataclass
+class JobShare:
+    """One generation job's rows still missing, for a run that may share its engine."""
+
+    job_id: int
+    params: GenerateParams
+    trait: TraitDefinition
+    pending: list[RowKey]
+    progress: JobProgress
+
+
 def generate_local(
     store: Store,
     job_id: int,
@@ -36,99 +48,154 @@ def generate_local(
     pending: list[RowKey],
     progress: JobProgress,
 ) -> None:
-    from pipeline.chat import prompt_ids
-    from pipeline.engine import DecodeRequest, SamplingConfig
-    from pipeline.models import fits_one_gpu, load_model, load_tokenizer
+    from pipeline.models import fits_one_gpu
 
-    progress.message = f"loading {params.model}"
-    progress.flush(force=True)
     devices = worker_devices(params.gpus, params.device, lambda: fits_one_gpu(params.model))
     if params.gpus in (None, GPUS_ALL) and len(pending) <= MAX_AUTO_SLOTS:
         # Rows that fit one GPU's slots gain nothing from more GPUs (the answers' length,
         # not the batch, sets the time), and each worker costs a model load.
         devices = []
-    loaded = None
-    if devices:  # the workers load the model; this process needs its tokenizer only
-        tokenizer, resolved = load_tokenizer(params.model)
-        model_id, context = resolved.model_id, _context_length(resolved.path)
-    else:
-        loaded = load_model(params.model, device=params.device or single_device(params.gpus))
-        tokenizer, model_id = loaded.tokenizer, loaded.model_id
-        context = getattr(loaded.model.config, "max_position_embeddings", None)
-    sampling = SamplingConfig(
+    share = JobShare(job_id, params, trait, pending, progress)
+    if not devices:
+        generate_local_jobs(store, [share])
+        return
+    from pipeline.engine import DecodeRequest
+    from pipeline.models import load_tokenizer
+
+    _loading(share)
+    tokenizer, resolved = load_tokenizer(params.model)  # the workers load the model
+    writer = _JobWriter(store, share, tokenizer, resolved.model_id, _context_length(resolved.path))
+    requests = [DecodeRequest(prompt, seed) for _key, prompt, seed in writer.rows]
+    results = _sharded_results(params, _sampling(params), requests, devices, progress, writer)
+    for index, result in results:
+        writer.finished.append((writer.rows[index][0], result))
+    writer.write()
+
+
+def generate_local_jobs(store: Store, shares: Sequence[JobShare]) -> None:
+    """Several jobs' missing rows through one engine on one device, in one queue (the jobs
+    share model, device and sampling): a slot freed by one job's row takes the next row of
+    any of them, so the plan's jobs together take little longer than their longest answer.
+    Each job's rows are written to it as they finish."""
+    from pipeline.engine import DecodeRequest
+    from pipeline.models import load_model
+
+    params = shares[0].params
+    for share in shares:
+        _loading(share)
+    loaded = load_model(params.model, device=params.device or single_device(params.gpus))
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    writers = [_JobWriter(store, s, loaded.tokenizer, loaded.model_id, context) for s in shares]
+    # Similar lengths side by side pad least; seeds make the order irrelevant to the tokens.
+    rows = sorted(
+        (len(prompt), number, key, prompt, seed)
+        for number, writer in enumerate(writers)
+        for key, prompt, seed in writer.rows
+    )
+    requests = [DecodeRequest(prompt, seed) for _, _, _, prompt, seed in rows]
+    for index, result in _engine_results(params, requests, loaded, shares, writers):
+        _length, number, key, _prompt, _seed = rows[index]
+        writers[number].finished.append((key, result))
+    for writer in writers:
+        writer.write()
+
+
+def _loading(share: JobShare) -> None:
+    share.progress.message = f"loading {share.params.model}"
+    share.progress.flush(force=True)
+
+
+def _sampling(params: GenerateParams) -> Any:
+    from pipeline.engine import SamplingConfig
+
+    return SamplingConfig(
         max_new_tokens=params.max_new_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
         ignore_eos=params.ignore_eos,
     )
-    systems = {i: trait.system_prompt(params.side, i) for i in range(N_PAIRS)}
-    prompts = {
-        key: prompt_ids(tokenizer, systems[key[1]], trait.questions[key[0]]) for key in pending
-    }
-    # Similar lengths side by side pad least; seeds make the order irrelevant to the tokens.
-    ordered = sorted(pending, key=lambda k: (len(prompts[k]), k))
-    longest = max(len(prompts[k]) for k in ordered)
-    if context and longest + params.max_new_tokens > context:
-        raise PersonaError(
-            f"--max-new-tokens {params.max_new_tokens} plus the longest prompt ({longest} "
-            f"tokens) is past {model_id}'s context of {context} tokens; give at most "
-            f"--max-new-tokens {max(1, context - longest)}"
-        )
-    requests = [DecodeRequest(prompts[k], row_seed(params.seed, *k)) for k in ordered]
-    folder = activations_dir(store, job_id)
-    finished: list[tuple[RowKey, Any]] = []
 
-    def store_finished() -> None:
+
+class _JobWriter:
+    """One job's prompts and the writing of its finished rows: activations first, then the
+    rows, in groups, so a killed job loses at most the rows in flight."""
+
+    def __init__(
+        self,
+        store: Store,
+        share: JobShare,
+        tokenizer: Any,
+        model_id: str,
+        context: int | None,
+    ) -> None:
+        from pipeline.chat import prompt_ids
+
+        params, trait = share.params, share.trait
+        self.store, self.share, self.tokenizer, self.model_id = store, share, tokenizer, model_id
+        self.systems = {i: trait.system_prompt(params.side, i) for i in range(N_PAIRS)}
+        prompts = {
+            key: prompt_ids(tokenizer, self.systems[key[1]], trait.questions[key[0]])
+            for key in share.pending
+        }
+        self.prompts = prompts
+        ordered = sorted(share.pending, key=lambda k: (len(prompts[k]), k))
+        longest = max(len(prompts[k]) for k in ordered)
+        if context and longest + params.max_new_tokens > context:
+            raise PersonaError(
+                f"--max-new-tokens {params.max_new_tokens} plus the longest prompt ({longest} "
+                f"tokens) is past {model_id}'s context of {context} tokens; give at most "
+                f"--max-new-tokens {max(1, context - longest)}"
+            )
+        # (key, prompt ids, seed), shortest prompts first.
+        self.rows = [(k, prompts[k], row_seed(params.seed, *k)) for k in ordered]
+        self.folder = activations_dir(store, share.job_id)
+        self.finished: list[tuple[RowKey, Any]] = []
+
+    def write(self) -> None:
         """Rows that finished since the last write: their activations, then the rows."""
-        if not finished:
+        if not self.finished:
             return
-        keys = [key for key, _ in finished]
-        results = [result for _, result in finished]
+        share, params = self.share, self.share.params
+        keys = [key for key, _ in self.finished]
+        results = [result for _, result in self.finished]
         if params.capture:
             stacked = {
                 kind: torch.stack([r.activations[kind] for r in results])
                 for kind in activations.KINDS
             }
+            lengths = [len(r.answer_ids) for r in results]
             try:
-                activations.write_shard(folder, keys, stacked, [len(r.answer_ids) for r in results])
+                activations.write_shard(self.folder, keys, stacked, lengths)
             except activations.ActivationFileError as exc:  # those rows are not stored
                 raise PersonaError(str(exc)) from None
         rows = [
             _row(
-                job_id,
-                trait,
+                share.job_id,
+                share.trait,
                 params,
                 key,
-                systems[key[1]],
-                prompts[key],
+                self.systems[key[1]],
+                self.prompts[key],
                 result.answer_ids,
-                tokenizer.decode(result.answer_ids, skip_special_tokens=True),
+                self.tokenizer.decode(result.answer_ids, skip_special_tokens=True),
                 result.finish_reason,
-                model_id,
+                self.model_id,
             )
-            for key, result in finished
+            for key, result in self.finished
         ]
-        store.add_responses(rows)
-        progress.add(len(rows), new_tokens=sum(len(r.answer_ids) for r in results))
-        finished.clear()
+        self.store.add_responses(rows)
+        share.progress.add(len(rows), new_tokens=sum(len(r.answer_ids) for r in results))
+        self.finished.clear()
 
-    def write_and_check(group: int) -> None:
+    def write_and_check(self, group: int) -> None:
         # A cancel is seen within one host check (or one poll of the workers).
-        if len(finished) >= group:
-            store_finished()
-        progress.flush()
-        progress.check_cancelled()
-
-    if devices:
-        source = _sharded_results(params, sampling, requests, devices, progress, write_and_check)
-    else:
-        source = _engine_results(params, sampling, requests, loaded, progress, write_and_check)
-    for index, result in source:
-        finished.append((ordered[index], result))
-    store_finished()
+        if len(self.finished) >= group:
+            self.write()
+        self.share.progress.flush()
+        self.share.progress.check_cancelled()
 
 
-def _engine_results(params, sampling, requests, loaded, progress, write_and_check) -> Iterator:
+def _engine_results(params, requests, loaded, shares, writers) -> Iterator:
     from pipeline.engine import DecodeEngine
 
     engine = DecodeEngine(loaded, capture=params.capture)
@@ -139,19 +206,29 @@ def _engine_results(params, sampling, requests, loaded, progress, write_and_chec
         slots = auto_slots(loaded, longest + params.max_new_tokens, params.capture)
         how = "chosen from free GPU memory" if loaded.device.type == "cuda" else "CPU default"
     slots = min(slots, len(requests))
-    progress.extra["slots"] = slots
-    progress.message = f"generating with {loaded.model_id} ({slots} slots, {how})"
+    others = {s.job_id: [o.job_id for o in shares if o is not s] for s in shares}
+    for share in shares:
+        share.progress.extra["slots"] = slots
+        shared = f"; one queue with job {', '.join(map(str, others[share.job_id]))}"
+        share.progress.message = (
+            f"generating with {loaded.model_id} ({slots} slots, {how}"
+            f"{shared if others[share.job_id] else ''})"
+        )
+        share.progress.flush(force=True)
     # Rows are written in groups of a quarter of the slots.
     group = max(1, slots // 4)
+
+    def on_check(_steps: int) -> None:
+        for writer in writers:
+            writer.write_and_check(group)
+
     try:
-        yield from engine.stream(
-            requests, sampling, lambda _steps: write_and_check(group), slots=slots
-        )
+        yield from engine.stream(requests, _sampling(params), on_check, slots=slots)
     except torch.cuda.OutOfMemoryError:
         raise PersonaError(_out_of_memory(slots)) from None
 
 
-def _sharded_results(params, sampling, requests, devices, progress, write_and_check) -> Iterator:
+def _sharded_results(params, sampling, requests, devices, progress, writer) -> Iterator:
     chosen: dict[str, str] = {}
 
     def on_note(device: str, text: str) -> None:
@@ -174,7 +251,7 @@ def _sharded_results(params, sampling, requests, devices, progress, write_and_ch
         generate_shard,
         payload,
         items,
-        on_idle=lambda: write_and_check(SHARDED_WRITE_GROUP),
+        on_idle=lambda: writer.write_and_check(SHARDED_WRITE_GROUP),
         on_note=on_note,
     ):
         yield index, _from_wire(result)
