@@ -7,6 +7,7 @@ once. A small model such as smollm2 is a smoke-test judge only."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 from typing import Any
 
@@ -40,6 +41,8 @@ class LocalJudge(Judge):
         self._waiting: list[tuple[str, asyncio.Future]] = []
         self._scorer: asyncio.Task | None = None
         self._prefix: tuple[list[int], Any] | None = None
+        forward = inspect.signature(self.loaded.model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in forward
 
     async def score_prompt(self, prompt: str) -> JudgeResult:
         """Queued; the prompts waiting when the device frees up are scored in one batch."""
@@ -146,15 +149,19 @@ class LocalJudge(Judge):
             if cache is not None:
                 cache.batch_repeat_interleave(b)
             kwargs = {self._cache_kw: cache} if cache is not None else {}
+            if self._keeps_logits:
+                # Logits for the last tail token and the trie only: the tail's other
+                # positions were most of the vocabulary projection and its log-softmax.
+                kwargs["logits_to_keep"] = n + 1
             out = model(
                 tokens.to(device),
                 position_ids=positions.to(device),
                 attention_mask=allow.to(device),
                 **kwargs,
             )
-            logp = torch.log_softmax(out.logits.float(), -1)
-            head = logp[:, width - 1]  # the last real tail token's next-token distribution
-            step = logp[:, width:]
+            logp = torch.log_softmax(out.logits[:, -(n + 1) :].float(), -1)
+            head = logp[:, 0]  # the last real tail token's next-token distribution
+            step = logp[:, 1:]
             on = head.device
             used = trie.used.to(on)
             picked = step[:, trie.parents.to(on), trie.nexts.to(on)]
@@ -183,8 +190,9 @@ class LocalJudge(Judge):
             cache = DynamicCache()
             ids = torch.tensor([prefix], device=self.loaded.device)
             positions = torch.arange(shared, device=self.loaded.device)[None]
+            keep = {"logits_to_keep": 1} if self._keeps_logits else {}  # only its cache counts
             self.loaded.model(
-                ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache}
+                ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache}, **keep
             )
             self._prefix = (prefix, cache)
         return shared, copy.deepcopy(self._prefix[1])

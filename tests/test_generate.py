@@ -42,6 +42,14 @@ def _requests(tiny, seeds=(0, 1, 2, 3)) -> list[DecodeRequest]:
     ]
 
 
+def _eight_requests(tiny) -> list[DecodeRequest]:
+    """Eight prompts of different lengths, no system prompt, seeds 0..7."""
+    questions = [*QUESTIONS, "Why?", "Plan my week", "Define love", "Sell me a pen"]
+    return [
+        DecodeRequest(prompt_ids(tiny.tokenizer, None, q), seed=i) for i, q in enumerate(questions)
+    ]
+
+
 # ---- sampling -------------------------------------------------------------------------------
 def test_row_seed_is_stable_and_distinct() -> None:
     assert row_seed(0, 1, 2, 3) == row_seed(0, 1, 2, 3)
@@ -354,10 +362,7 @@ def test_dropping_finished_rows_changes_no_result(tiny, monkeypatch: pytest.Monk
     """Rows that finish early are dropped from the batch (compaction); the survivors' tokens
     and captures must equal the same rows generated alone."""
     engine = DecodeEngine(tiny, capture=True)
-    questions = [*QUESTIONS, "Why?", "Plan my week", "Define love", "Sell me a pen"]
-    requests = [
-        DecodeRequest(prompt_ids(tiny.tokenizer, None, q), seed=i) for i, q in enumerate(questions)
-    ]
+    requests = _eight_requests(tiny)
     sampling = SamplingConfig(max_new_tokens=48, temperature=0.0)
     free = engine.run(requests, sampling)
     # A stop token that ends some rows early and leaves others running past the first check.
@@ -396,10 +401,7 @@ def test_continuous_batching_refills_slots_and_changes_no_result(
     once (static runner; the HF runner takes fixed chunks), and every row equals the same
     request generated alone, tokens and captures."""
     engine = DecodeEngine(tiny, backend=backend, capture=True)
-    questions = [*QUESTIONS, "Why?", "Plan my week", "Define love", "Sell me a pen"]
-    requests = [
-        DecodeRequest(prompt_ids(tiny.tokenizer, None, q), seed=i) for i, q in enumerate(questions)
-    ]
+    requests = _eight_requests(tiny)
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0)
     free = engine.run(requests, sampling)
     # A stop token that ends rows at different steps, so slots free up at different times.
@@ -454,10 +456,7 @@ def test_a_step_attends_over_the_used_columns_only(tiny, monkeypatch: pytest.Mon
     import pipeline.engine as engine_module
 
     engine = DecodeEngine(tiny, capture=True)
-    questions = [*QUESTIONS, "Why?", "Plan my week", "Define love", "Sell me a pen"]
-    requests = [
-        DecodeRequest(prompt_ids(tiny.tokenizer, None, q), seed=i) for i, q in enumerate(questions)
-    ]
+    requests = _eight_requests(tiny)
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0)
     free = engine.run(requests, sampling)
     counts = Counter(t for r in free for t in r.answer_ids[:30])

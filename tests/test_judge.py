@@ -388,6 +388,28 @@ def test_local_judge_batches_equal_single_prompts_and_full_forwards(local_judge)
             )
 
 
+def test_local_judge_projects_only_the_positions_it_reads(local_judge) -> None:
+    """The vocabulary projection runs on the last tail token and the trie nodes only (the
+    tail's other positions are never read), and the numbers still equal a full forward."""
+    prompts = ["Rate: fine. Number?", "Rate the answer from 0 to 100. Answer: a longer one."]
+    rows = []
+    local_judge._prefix = None  # so the shared prefix is computed here too
+    head = local_judge.loaded.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, _i, out: rows.append(tuple(out.shape)))
+    try:
+        batched = local_judge.candidate_logprobs_batch(prompts)
+    finally:
+        handle.remove()
+    nodes = len(local_judge._trie.order)
+    assert rows[-1][:2] == (2, nodes + 1)  # the batch; before it, the shared prefix's pass
+    assert all(shape[1] <= nodes + 1 for shape in rows)
+    for prompt, row in zip(prompts, batched, strict=True):
+        for index in (3, 50, 100, 101):
+            assert row[index] == pytest.approx(
+                local_judge.candidate_logprob_alone(prompt, index), abs=1e-4
+            )
+
+
 def test_local_judge_scores_judgments_in_flight_together(local_judge, monkeypatch) -> None:
     import asyncio
 
