@@ -1,12 +1,13 @@
 """Several jobs at once, one worker process a device (``--gpus``): the seed's plan is four
 generation jobs (pos and neg, extract and eval) whose rows each fit one GPU's slots, so
-splitting a job's rows over GPUs only halves its batch; running whole jobs side by side on
-their own GPUs is what shortens the plan.
+splitting a job's rows over GPUs only halves its batch; whole jobs go to the GPUs instead.
+On one device the jobs run as one queue through one engine
+(``generation_job.run_generation_jobs_together``).
 
-Each worker runs its share of the jobs in order, in one process (its model loaded once, kept
-for the next job), each job pinned to the worker's device through its ``gpus`` parameter
-(not part of a job's identity). Jobs write their own rows, as detached workers do; the
-parent follows their progress from the database.
+Each worker runs its share of the jobs in one process (its model loaded once), as one queue
+where they can share an engine, else in order, each job pinned to the worker's device
+through its ``gpus`` parameter (not part of a job's identity). Jobs write their own rows, as
+detached workers do; the parent follows their progress from the database.
 """
 
 from __future__ import annotations

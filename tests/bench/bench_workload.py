@@ -8,7 +8,8 @@ a local stub OpenAI server with 200 ms latency, and extract the vectors.
 
 Printed in the same run: the old generation path (length-sorted static batches of 64, the
 engine's previous default) and the real pipeline jobs of today (continuous batching, slots
-from free GPU memory, default judge processes), per step and in total. The old path is
+from free GPU memory, the four jobs as one queue, default judge processes), per step and in
+total. The old path is
 timed on the engine alone (no database writes): a conservative baseline.
 Targets (issue 13): <= 60 s on one H200 for the whole plan, <= 35 s on two.
 ``--gpus 0 --gpus 0,1`` measures the new path on one GPU and on two in the same run.
@@ -114,7 +115,8 @@ def new_plan(
                     max_new_tokens=new, gpus=gpus,
                 )  # fmt: skip
                 jobs.append(find_or_create_job(store, "paternalism", params))
-        # As `persona run` does: with several GPUs, the jobs side by side.
+        # As `persona run` does: on one GPU one queue for the four jobs; with several, the
+        # jobs dealt to the GPUs, each GPU's share one queue.
         run_generation_jobs(db, jobs, gpus=gpus)
         for job_id in jobs:
             job = store.get_job(job_id)
