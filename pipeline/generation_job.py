@@ -29,6 +29,7 @@ from pipeline.jobs import (
     ProgressCallback,
     claim_job,
     end_job,
+    failure_message,
 )
 from pipeline.local_generation import JobShare, generate_local, generate_local_jobs
 from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans, activations_dir
@@ -150,12 +151,9 @@ def run_generation_jobs_together(
                     stopped = f"stopped: job {exc.job_id}, which shared its queue, was cancelled"
                     end_job(store, job_id, "failed", f"{stopped}; rerun to resume")
         except BaseException as exc:
-            message = str(exc) if isinstance(exc, PersonaError) else repr(exc)
-            if isinstance(exc, KeyboardInterrupt):
-                message = "interrupted"
             for job_id in claimed:
                 if job_id not in ended:
-                    end_job(store, job_id, "failed", message)
+                    end_job(store, job_id, "failed", failure_message(exc))
             raise
 
 

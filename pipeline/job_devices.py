@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from db import PersonaError, Store
+from db import Job, PersonaError, Store
 from pipeline.jobs import ProgressCallback, ProgressUpdate, run_job
 from pipeline.sharding import run_sharded
 
@@ -66,11 +66,12 @@ def run_jobs_on_devices(
 def run_job_share(device: str, db_path: str, share: Sequence, emit, note) -> None:
     """A worker's part: its jobs as one queue where they can share an engine, else in
     order; each job's error is reported, not raised, so the jobs after it still run."""
-    if len(share) > 1 and _share_engine(db_path, [job_id for _index, job_id in share]):
+    job_ids = [job_id for _index, job_id in share]
+    if len(job_ids) > 1 and _share_engine(_jobs(db_path, job_ids)):
         from pipeline.generation_job import run_generation_jobs_together
 
         try:
-            run_generation_jobs_together(db_path, [job_id for _index, job_id in share])
+            run_generation_jobs_together(db_path, job_ids)
         except PersonaError as exc:
             for index, job_id in share:
                 emit(index, f"job {job_id}: {exc}")
@@ -102,9 +103,9 @@ def run_generation_jobs(
     from pipeline.sharding import parse_gpus, worker_devices
 
     devices: list[str] = []
-    if len(job_ids) > 1:
-        with Store(db_path) as store:
-            params = [store.get_job(job_id).params for job_id in job_ids]
+    jobs = _jobs(db_path, job_ids) if len(job_ids) > 1 else []
+    if jobs:
+        params = [job.params for job in jobs]
         models = {p.get("model") for p in params}
         local = all(p.get("backend") == "local" for p in params)
         if len(models) == 1 and local:
@@ -113,7 +114,7 @@ def run_generation_jobs(
     if len(devices) > 1:
         run_jobs_on_devices(db_path, job_ids, devices, on_progress)
         return
-    if len(job_ids) > 1 and _share_engine(db_path, job_ids):
+    if jobs and _share_engine(jobs):
         from pipeline.generation_job import run_generation_jobs_together
 
         run_generation_jobs_together(db_path, job_ids, on_progress)
@@ -122,11 +123,14 @@ def run_generation_jobs(
         run_job(db_path, job_id, on_progress=on_progress(job_id))
 
 
-def _share_engine(db_path: str | Path, job_ids: Sequence[int]) -> bool:
+def _jobs(db_path: str | Path, job_ids: Sequence[int]) -> list[Job]:
+    with Store(db_path) as store:
+        return [store.get_job(job_id) for job_id in job_ids]
+
+
+def _share_engine(jobs: Sequence[Job]) -> bool:
     from pipeline.generation_job import can_share_engine
 
-    with Store(db_path) as store:
-        jobs = [store.get_job(job_id) for job_id in job_ids]
     return all(job.kind == "generate" for job in jobs) and can_share_engine(
         [job.params for job in jobs]
     )

@@ -314,6 +314,14 @@ def end_job(store: Store, job_id: int, status: str, message: str) -> None:
     store.update_job(job_id, only_if=owner(), **ended)
 
 
+def failure_message(exc: BaseException) -> str:
+    """What a failed job's row says: our own errors as written, Ctrl-C as "interrupted",
+    anything else as its repr."""
+    if isinstance(exc, PersonaError):
+        return str(exc)
+    return "interrupted" if isinstance(exc, KeyboardInterrupt) else repr(exc)
+
+
 def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | None = None) -> None:
     """Run (or resume) one job to its end; ``persona worker`` and the CLI both come here. A
     finished job runs again cheaply: each step does only what is missing or failed."""
@@ -333,10 +341,6 @@ def run_job(db_path: str | Path, job_id: int, on_progress: ProgressCallback | No
             return  # the row is the new worker's now: leave it as it is
         except JobCancelled:
             end_job(store, job_id, "cancelled", "cancelled")
-        except PersonaError as exc:
-            end_job(store, job_id, "failed", str(exc))
-            raise
         except BaseException as exc:
-            message = "interrupted" if isinstance(exc, KeyboardInterrupt) else repr(exc)
-            end_job(store, job_id, "failed", message)
+            end_job(store, job_id, "failed", failure_message(exc))
             raise
