@@ -484,3 +484,37 @@ def test_a_step_attends_over_the_used_columns_only(tiny, monkeypatch: pytest.Mon
             ref = teacher_forced_means(tiny.model, list(request.prompt_ids), result.answer_ids)
             for kind, value in ref.items():
                 torch.testing.assert_close(result.activations[kind], value, rtol=1e-3, atol=1e-4)
+
+
+def test_cpu_slots_come_from_available_memory(
+    store: Store, tiny, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --batch-size on a CPU: as many slots as half the available memory holds, at
+    most 64; 8 where the available memory is unknown; the job row says how they were chosen."""
+    from pipeline import local_generation
+    from pipeline.local_generation import MAX_AUTO_SLOTS_CPU, auto_slots
+
+    config = tiny.model.config
+    kv_heads = config.num_key_value_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_row = 2 * config.num_hidden_layers * kv_heads * head_dim * (100 + 64) * 4
+    per_row += 16 * config.vocab_size + 12 * (config.num_hidden_layers + 1) * config.hidden_size
+    monkeypatch.setattr(local_generation, "_available_memory", lambda: 2 * 5 * per_row + 1)
+    assert auto_slots(tiny, 100, capture=True) == 5
+    monkeypatch.setattr(local_generation, "_available_memory", lambda: 1 << 40)
+    assert auto_slots(tiny, 100, capture=True) == MAX_AUTO_SLOTS_CPU == 64
+    monkeypatch.setattr(local_generation, "_available_memory", lambda: None)
+    assert auto_slots(tiny, 100, capture=True) == 8
+    monkeypatch.setattr(local_generation, "_available_memory", lambda: 1 << 40)
+    job_id = find_or_create_job(store, "paternalism", _tiny_params(tiny_model_dir, batch_size=None))
+    messages = []
+    real_flush = local_generation.JobProgress.flush
+
+    def recording(self, *args, **kwargs):
+        messages.append(self.message)
+        return real_flush(self, *args, **kwargs)
+
+    monkeypatch.setattr(local_generation.JobProgress, "flush", recording)
+    run_job(store.path, job_id)
+    assert store.get_job(job_id).status == "done"
+    assert any("(20 slots, chosen from free memory)" in m for m in messages)  # 20 rows
