@@ -37,10 +37,11 @@ gpu-test:
 	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 
 # The whole method on the embedded model, on a CPU, then the dashboard on the result. The
-# 135M judge has no real signal, so the demo keeps every scored pair (threshold 0).
+# 135M judge has no real signal, so the demo keeps every scored pair (threshold 0); it judges
+# in bf16 (2.4x faster on a CPU with bf16 instructions; the answers stay fp32).
 demo: setup
-	$(BIN)/persona --db demo.db run paternalism --model smollm2 --judge local:smollm2 \
-		--n-per-question 6 --n-eval 2 --max-new-tokens 60 --batch-size 32 \
+	$(BIN)/persona --db demo.db run paternalism --model smollm2 --judge local:smollm2@bfloat16 \
+		--n-per-question 6 --n-eval 2 --max-new-tokens 60 \
 		--threshold 0 --coherence 0 --tui
 
 clean:

@@ -241,6 +241,10 @@ def check_judge_spec(spec: str, option: str = "--judge") -> None:
         )
     if kind not in JUDGE_KINDS:
         raise PersonaError(f"{option} kind '{kind}' is unknown; use openai, anthropic or local")
+    if kind == "local":
+        from pipeline.models import split_precision
+
+        split_precision(model)  # local:MODEL@DTYPE names a known precision
 
 
 def make_judge(

@@ -120,9 +120,9 @@ def find_or_create_judge_job(store: Store, trait: str, params: JudgeParams) -> i
     params.validate()
     store.get_trait(trait)
     if params.judge.startswith("local:"):  # a bad model folder fails before a job row exists
-        from pipeline.models import resolve_model
+        from pipeline.models import resolve_model, split_precision
 
-        resolve_model(params.judge.partition(":")[2])
+        resolve_model(split_precision(params.judge.partition(":")[2])[0])
     if params.job is not None:
         source = store.get_job(params.job)
         if source.kind != "generate" or source.trait != trait:

@@ -203,6 +203,24 @@ def pick_device(device: str | None = None) -> str:
 # half-initialised module; loading is serialised (the dashboard loads from worker threads).
 _LOAD_LOCK = threading.RLock()
 
+# Precisions a model may be loaded in (``load_model``'s dtype, a local judge's ``@DTYPE``).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def split_precision(spec: str) -> tuple[str, str | None]:
+    """``MODEL@DTYPE`` (e.g. ``smollm2@bfloat16``) as (MODEL, DTYPE); without a suffix,
+    (spec, None): the device's default precision. An existing path is always a model."""
+    model, sep, dtype = spec.rpartition("@")
+    if not sep or dtype in DTYPES:
+        return (model, dtype) if sep else (spec, None)
+    if "/" in dtype or Path(spec).expanduser().exists():
+        return spec, None  # an '@' inside a path
+    raise PersonaError(
+        f"'{spec}' asks for precision '{dtype}', which is unknown; "
+        f"use {model}@bfloat16, {model}@float32 or {model}@float16"
+    )
+
+
 # The last model loaded, kept so the steps of one process (``persona run``, the dashboard's
 # monitor) do not load it again. One entry: models are large.
 _LAST: dict[tuple, LoadedModel] = {}
@@ -243,17 +261,10 @@ def _load_model(spec: str, *, device: str | None, dtype: str | None) -> LoadedMo
     device = pick_device(device)
     if dtype is None:
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    elif dtype in DTYPES:
+        torch_dtype = getattr(torch, dtype)
     else:
-        try:
-            torch_dtype = {
-                "float32": torch.float32,
-                "bfloat16": torch.bfloat16,
-                "float16": torch.float16,
-            }[dtype]
-        except KeyError:
-            raise PersonaError(
-                f"unknown --dtype {dtype}; use float32, bfloat16 or float16"
-            ) from None
+        raise PersonaError(f"unknown precision {dtype}; use {', '.join(DTYPES)}")
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device.startswith("cuda"):
         if _needs_sharding(resolved.path, torch_dtype):

@@ -44,11 +44,11 @@ def sharded_judge(
     spec: str, gpus: str | None, device: str | None, max_concurrent: int
 ) -> ShardedJudge | None:
     """A ``ShardedJudge`` when a local judge runs on several devices, else None."""
-    from pipeline.models import fits_one_gpu
+    from pipeline.models import fits_one_gpu, split_precision
 
     if not spec.startswith("local:"):
         return None
-    model = spec.partition(":")[2]
+    model, _dtype = split_precision(spec.partition(":")[2])
     devices = worker_devices(gpus, device, lambda: fits_one_gpu(model))
     return ShardedJudge(spec, devices, max_concurrent) if devices else None
 

@@ -1187,6 +1187,21 @@ def test_adversarial_inputs_found_by_the_pass(
     expect_unchanged(capsys, vectors_db, argv, expected)
 
 
+def test_an_unknown_judge_precision_writes_no_job(capsys, vectors_db: Path) -> None:
+    """``local:MODEL@DTYPE`` with a precision that is not one: refused before any job row,
+    by judge and by run (which would generate first)."""
+    for argv in (
+        ["judge", TRAIT, "--judge", "local:smollm2@bf16"],
+        ["run", TRAIT, "--judge", "local:smollm2@bf16"],
+    ):
+        expect_unchanged(
+            capsys,
+            vectors_db,
+            argv,
+            "'smollm2@bf16' asks for precision 'bf16', which is unknown; use smollm2@bfloat16",
+        )
+
+
 def test_a_vector_file_that_overflows_float32_is_refused(
     capsys, vectors_db: Path, tmp_path: Path, tiny_model_dir: Path
 ) -> None:

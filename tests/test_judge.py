@@ -414,11 +414,11 @@ def test_local_judge_scores_judgments_in_flight_together(local_judge, monkeypatc
     import asyncio
 
     sizes = []
-    real = LocalJudge.candidate_logprobs_batch
+    real = LocalJudge._logprobs_of_ids
     monkeypatch.setattr(
         LocalJudge,
-        "candidate_logprobs_batch",
-        lambda self, prompts: sizes.append(len(prompts)) or real(self, prompts),
+        "_logprobs_of_ids",
+        lambda self, all_ids: sizes.append(len(all_ids)) or real(self, all_ids),
     )
     prompts = [f"Rate the answer. Question: q{i}. Answer: a{i}." for i in range(6)]
 
@@ -430,6 +430,92 @@ def test_local_judge_scores_judgments_in_flight_together(local_judge, monkeypatc
     for prompt, result in zip(prompts, results, strict=True):
         expected = local_judge.result_from_logprobs(local_judge.candidate_logprobs(prompt))
         assert result.score == pytest.approx(expected.score, abs=1e-3)
+
+
+def test_local_judge_batches_prompts_of_like_length_and_template(
+    local_judge: LocalJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is the oldest waiting prompt and those nearest it in length, of its template
+    first, until it is full or past the budget (tails padded to the longest): fewer pads,
+    and the prefix kept for the template is not lost to a mixed batch. Every prompt is
+    taken in turn, the oldest first."""
+    nodes = len(local_judge._trie.order)
+    template, other = list(range(1000, 1040)), list(range(2000, 2040))
+
+    def prompt(head: list[int], tail: int, k: int) -> list[int]:
+        return head + [3000 + 100 * k + j for j in range(tail)]  # tails share no token
+
+    lengths = [(template, 10), (template, 50), (other, 10), (template, 12), (template, 48)]
+    lengths.append((template, 11))
+    waiting = [(prompt(head, tail, k), k) for k, (head, tail) in enumerate(lengths)]
+    monkeypatch.setattr(local_judge, "_prefix", (template, None))
+    monkeypatch.setattr(local_judge, "_waiting", waiting[:])
+    monkeypatch.setattr(local_judge, "full_tokens", 3 * (12 + nodes))
+    monkeypatch.setattr(local_judge, "batch_tokens", 3 * (60 + nodes))
+    batches = []
+    while local_judge._waiting:
+        batches.append([k for _ids, k in local_judge._next_batch()])
+    # The three short tails fill the first batch; the long ones go together, not padded
+    # beside the short; the other template's prompt would push the batch past the budget.
+    assert batches == [[0, 3, 5], [1, 4], [2]]
+    monkeypatch.setattr(local_judge, "_waiting", waiting[:])
+    monkeypatch.setattr(local_judge, "full_tokens", 10**6)
+    monkeypatch.setattr(local_judge, "batch_tokens", 10**6)
+    assert [k for _ids, k in local_judge._next_batch()] == [0, 1, 2, 3, 4, 5]  # all fit
+
+
+def test_local_judge_grouped_batches_equal_one_at_a_time(
+    local_judge: LocalJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Judgments in flight, split into several batches by length: each score equals the
+    prompt judged alone."""
+    import asyncio
+
+    sizes = []
+    real = LocalJudge._logprobs_of_ids
+    monkeypatch.setattr(
+        LocalJudge,
+        "_logprobs_of_ids",
+        lambda self, all_ids: sizes.append(len(all_ids)) or real(self, all_ids),
+    )
+    answers = ["no.", "yes, plainly and at length, " * 6, "ok.", "fine, " * 12, "sure."]
+    prompts = [f"Rate the answer. Question: q{i}. Answer: {a}" for i, a in enumerate(answers)]
+    nodes = len(local_judge._trie.order)
+    monkeypatch.setattr(local_judge, "full_tokens", 2 * (20 + nodes))
+
+    async def all_at_once():
+        return await asyncio.gather(*(local_judge.score_prompt(p) for p in prompts))
+
+    results = asyncio.run(all_at_once())
+    assert len(sizes) > 1 and sum(sizes) == len(prompts)
+    for prompt, result in zip(prompts, results, strict=True):
+        expected = local_judge.result_from_logprobs(local_judge.candidate_logprobs(prompt))
+        assert result.score == pytest.approx(expected.score, abs=1e-3)
+
+
+def test_local_judge_precision_suffix(tiny_model_dir: Path, local_judge: LocalJudge) -> None:
+    """``local:MODEL@bfloat16`` loads the judge in bf16 and records the suffix in its spec;
+    its candidate probabilities stay close to float32's (bf16 rounding only), and a job with
+    it is another judge's job, not a resume of the float32 one."""
+    from pipeline.models import split_precision
+
+    assert split_precision("smollm2@bfloat16") == ("smollm2", "bfloat16")
+    assert split_precision("smollm2") == ("smollm2", None)
+    assert split_precision("/models/a@b/c") == ("/models/a@b/c", None)  # '@' inside a path
+    with pytest.raises(PersonaError, match="'smollm2@bf16' asks for precision 'bf16'"):
+        split_precision("smollm2@bf16")
+    judge = LocalJudge(f"{tiny_model_dir}@bfloat16")
+    assert judge.spec == f"local:{tiny_model_dir}@bfloat16"
+    assert judge.loaded.model.dtype == torch.bfloat16
+    assert local_judge.loaded.model.dtype == torch.float32
+    prompt = "Rate the answer from 0 to 100. Question: hi. Answer: no."
+    half = torch.tensor(judge.candidate_logprobs(prompt))
+    full = torch.tensor(local_judge.candidate_logprobs(prompt))
+    assert (half - full).abs().max() < 0.1 and not torch.equal(half, full)
+    bf16, fp32 = (
+        JudgeParams(judge=f"local:{tiny_model_dir}{suffix}") for suffix in ("@bfloat16", "")
+    )
+    assert bf16.identity() != fp32.identity()
 
 
 def test_client_processes_default_from_the_load_and_the_cores(monkeypatch) -> None:

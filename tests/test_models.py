@@ -98,7 +98,7 @@ def test_unloadable_model_folder_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_bad_dtype_and_device(tiny_model_dir: Path) -> None:
-    with pytest.raises(PersonaError, match="unknown --dtype"):
+    with pytest.raises(PersonaError, match="unknown precision int3; use float32, bfloat16"):
         load_model(str(tiny_model_dir), dtype="int3")
     if not torch.cuda.is_available():
         with pytest.raises(PersonaError, match="torch sees no CUDA GPU"):
