@@ -211,14 +211,19 @@ def _row(
     )
 
 
-async def generate_openai(
-    store: Store,
-    job_id: int,
-    params: GenerateParams,
-    trait: TraitDefinition,
-    pending: list[RowKey],
-    progress: JobProgress,
-) -> None:
+@dataclass
+class JobShare:
+    """One generation job's rows still missing, with what a backend needs to make them (a
+    run may put several jobs' shares through one engine)."""
+
+    job_id: int
+    params: GenerateParams
+    trait: TraitDefinition
+    pending: list[RowKey]
+    progress: JobProgress
+
+
+async def generate_openai(store: Store, share: JobShare) -> None:
     """Answers from an OpenAI-compatible server (vLLM, llama.cpp, ...). No activations: the
     extraction step runs its own forward pass. Token ids are stored when a local tokenizer is
     available (``--tokenizer``, or ``--model`` when it resolves locally)."""
@@ -226,6 +231,8 @@ async def generate_openai(
 
     from pipeline.api_clients import api_key
 
+    job_id, params, trait = share.job_id, share.params, share.trait
+    pending, progress = share.pending, share.progress
     tokenizer = _local_tokenizer(params.tokenizer or params.model, required=bool(params.tokenizer))
     client = AsyncOpenAI(
         base_url=params.base_url,

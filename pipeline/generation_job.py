@@ -16,6 +16,7 @@ import torch
 from db import PersonaError, Store
 from pipeline.generate import (
     GenerateParams,
+    JobShare,
     RowKey,
     generate_openai,
     plan_rows,
@@ -31,7 +32,7 @@ from pipeline.jobs import (
     end_job,
     failure_message,
 )
-from pipeline.local_generation import JobShare, generate_local, generate_local_jobs
+from pipeline.local_generation import generate_local, generate_local_jobs
 from pipeline.response_means import TOKENS_PER_BATCH, ForwardMeans, activations_dir
 from vectors import activations
 
@@ -42,13 +43,9 @@ def run_generation_job(
     share = _start(store, job_id, on_progress)
     if share.pending:
         if share.params.backend == "local":
-            generate_local(store, job_id, share.params, share.trait, share.pending, share.progress)
+            generate_local(store, share)
         else:
-            asyncio.run(
-                generate_openai(
-                    store, job_id, share.params, share.trait, share.pending, share.progress
-                )
-            )
+            asyncio.run(generate_openai(store, share))
     _finish(store, share)
 
 

@@ -8,15 +8,13 @@ the rows in flight, and a rerun of the same command resumes.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from db import PersonaError, Store, TraitDefinition
+from db import PersonaError, Store
 from db.traits import N_PAIRS
-from pipeline.generate import GenerateParams, RowKey, _context_length, _row
-from pipeline.jobs import JobProgress
+from pipeline.generate import GenerateParams, JobShare, RowKey, _context_length, _row
 from pipeline.response_means import activations_dir
 from pipeline.sampling import row_seed
 from pipeline.sharding import GPUS_ALL, run_sharded, single_device, worker_devices
@@ -32,33 +30,17 @@ MAX_AUTO_SLOTS_CPU = 64
 SHARDED_WRITE_GROUP = 16
 
 
-@dataclass
-class JobShare:
-    """One generation job's rows still missing, for a run that may share its engine."""
-
-    job_id: int
-    params: GenerateParams
-    trait: TraitDefinition
-    pending: list[RowKey]
-    progress: JobProgress
-
-
-def generate_local(
-    store: Store,
-    job_id: int,
-    params: GenerateParams,
-    trait: TraitDefinition,
-    pending: list[RowKey],
-    progress: JobProgress,
-) -> None:
+def generate_local(store: Store, share: JobShare) -> None:
+    """One job's missing rows by the local model: on one device, or sharded over a worker
+    a GPU (``--gpus``) when the rows are more than one GPU's slots."""
     from pipeline.models import fits_one_gpu
 
+    params, progress = share.params, share.progress
     devices = worker_devices(params.gpus, params.device, lambda: fits_one_gpu(params.model))
-    if params.gpus in (None, GPUS_ALL) and len(pending) <= MAX_AUTO_SLOTS:
+    if params.gpus in (None, GPUS_ALL) and len(share.pending) <= MAX_AUTO_SLOTS:
         # Rows that fit one GPU's slots gain nothing from more GPUs (the answers' length,
         # not the batch, sets the time), and each worker costs a model load.
         devices = []
-    share = JobShare(job_id, params, trait, pending, progress)
     if not devices:
         generate_local_jobs(store, [share])
         return

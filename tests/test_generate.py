@@ -508,13 +508,15 @@ def test_cpu_slots_come_from_available_memory(
     monkeypatch.setattr(local_generation, "_available_memory", lambda: 1 << 40)
     job_id = find_or_create_job(store, "paternalism", _tiny_params(tiny_model_dir, batch_size=None))
     messages = []
-    real_flush = local_generation.JobProgress.flush
+    from pipeline.jobs import JobProgress
+
+    real_flush = JobProgress.flush
 
     def recording(self, *args, **kwargs):
         messages.append(self.message)
         return real_flush(self, *args, **kwargs)
 
-    monkeypatch.setattr(local_generation.JobProgress, "flush", recording)
+    monkeypatch.setattr(JobProgress, "flush", recording)
     run_job(store.path, job_id)
     assert store.get_job(job_id).status == "done"
     assert any("(20 slots, chosen from free memory)" in m for m in messages)  # 20 rows
