@@ -17,9 +17,6 @@ from pipeline.judge_scores import Judge, JudgeResult
 # local judge: a GPU takes many judgments at once; on a CPU larger batches stop paying.
 LOCAL_BATCH_TOKENS_GPU = 65536
 LOCAL_BATCH_TOKENS_CPU = 4096
-# A GPU batch closes at this many tokens: past it the GPU is already busy, so prompts of
-# other lengths are better in a batch of their own than padded to this one's longest.
-LOCAL_BATCH_FULL_GPU = 16384
 
 
 class LocalJudge(Judge):
@@ -45,7 +42,6 @@ class LocalJudge(Judge):
         on_gpu = self.loaded.device.type == "cuda"
         # Tokens one batched forward may hold (prompt tails and candidate nodes).
         self.batch_tokens = LOCAL_BATCH_TOKENS_GPU if on_gpu else LOCAL_BATCH_TOKENS_CPU
-        self.full_tokens = LOCAL_BATCH_FULL_GPU if on_gpu else LOCAL_BATCH_TOKENS_CPU
         self._waiting: list[tuple[list[int], asyncio.Future]] = []
         self._scorer: asyncio.Task | None = None
         self._prefix: tuple[list[int], Any] | None = None
@@ -80,12 +76,13 @@ class LocalJudge(Judge):
                     future.set_result(logprobs)
 
     def _next_batch(self) -> list[tuple[list[int], asyncio.Future]]:
-        """The oldest waiting prompt and those nearest it in length (of its template first:
-        those that begin with the kept prefix when the oldest does), while the batch's
-        tokens (tails padded to the longest, plus the trie) fit the budget and until they
-        reach ``full_tokens``: prompts of other lengths wait for a batch of their own
-        instead of being padded to this one's longest. The oldest always goes, so every
-        prompt is scored in turn."""
+        """The oldest waiting prompt and those nearest it in length, of its template first
+        (those that begin with the kept prefix, when the oldest does), while the batch's
+        tokens (tails padded to the longest, plus the trie) fit the budget: when not all
+        fit, the ones left are those that would pad this batch most or lose its shared
+        prefix. The oldest always goes, so every prompt is scored in turn. (Closing a GPU
+        batch early, at 16k tokens, to pad less measured 0.92x: one batch of all waiting
+        is faster.)"""
         waiting = [ids for ids, _ in self._waiting]
         oldest = waiting[0]
         kept = self._prefix[0] if self._prefix is not None else []
@@ -97,16 +94,16 @@ class LocalJudge(Judge):
         )
         nodes = len(self._trie.order)
         chosen: list[int] = []
-        shared, tokens = len(oldest) - 1, 0
+        shared = len(oldest) - 1
         for index in nearest:
             ids = waiting[index]
             with_it = min(shared, common[index], len(ids) - 1)
             tails = [len(waiting[i]) - with_it for i in (*chosen, index)]
             padded = len(tails) * (max(tails) + nodes)
-            if chosen and (padded > self.batch_tokens or tokens >= self.full_tokens):
+            if chosen and padded > self.batch_tokens:
                 break
             chosen.append(index)
-            shared, tokens = with_it, padded
+            shared = with_it
         chosen.sort()
         batch = [self._waiting[i] for i in chosen]
         for i in reversed(chosen):

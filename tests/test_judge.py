@@ -435,11 +435,12 @@ def test_local_judge_scores_judgments_in_flight_together(local_judge, monkeypatc
 def test_local_judge_batches_prompts_of_like_length_and_template(
     local_judge: LocalJudge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch is the oldest waiting prompt and those nearest it in length, of its template
-    first, until it is full or past the budget (tails padded to the longest): fewer pads,
-    and the prefix kept for the template is not lost to a mixed batch. Every prompt is
-    taken in turn, the oldest first."""
+    """When not every waiting prompt fits the budget (tails padded to the longest), a batch
+    is the oldest and those nearest it in length, of its template first: fewer pads, and
+    the prefix kept for the template is not lost to a mixed batch. Every prompt is taken in
+    turn, the oldest first."""
     nodes = len(local_judge._trie.order)
+    assert nodes > 64  # so that the two long tails fit the budget below, with the trie
     template, other = list(range(1000, 1040)), list(range(2000, 2040))
 
     def prompt(head: list[int], tail: int, k: int) -> list[int]:
@@ -450,8 +451,7 @@ def test_local_judge_batches_prompts_of_like_length_and_template(
     waiting = [(prompt(head, tail, k), k) for k, (head, tail) in enumerate(lengths)]
     monkeypatch.setattr(local_judge, "_prefix", (template, None))
     monkeypatch.setattr(local_judge, "_waiting", waiting[:])
-    monkeypatch.setattr(local_judge, "full_tokens", 3 * (12 + nodes))
-    monkeypatch.setattr(local_judge, "batch_tokens", 3 * (60 + nodes))
+    monkeypatch.setattr(local_judge, "batch_tokens", 3 * (12 + nodes))
     batches = []
     while local_judge._waiting:
         batches.append([k for _ids, k in local_judge._next_batch()])
@@ -459,7 +459,6 @@ def test_local_judge_batches_prompts_of_like_length_and_template(
     # beside the short; the other template's prompt would push the batch past the budget.
     assert batches == [[0, 3, 5], [1, 4], [2]]
     monkeypatch.setattr(local_judge, "_waiting", waiting[:])
-    monkeypatch.setattr(local_judge, "full_tokens", 10**6)
     monkeypatch.setattr(local_judge, "batch_tokens", 10**6)
     assert [k for _ids, k in local_judge._next_batch()] == [0, 1, 2, 3, 4, 5]  # all fit
 
@@ -481,7 +480,7 @@ def test_local_judge_grouped_batches_equal_one_at_a_time(
     answers = ["no.", "yes, plainly and at length, " * 6, "ok.", "fine, " * 12, "sure."]
     prompts = [f"Rate the answer. Question: q{i}. Answer: {a}" for i, a in enumerate(answers)]
     nodes = len(local_judge._trie.order)
-    monkeypatch.setattr(local_judge, "full_tokens", 2 * (20 + nodes))
+    monkeypatch.setattr(local_judge, "batch_tokens", 2 * (40 + nodes))
 
     async def all_at_once():
         return await asyncio.gather(*(local_judge.score_prompt(p) for p in prompts))

@@ -1,7 +1,6 @@
 """Local judge throughput: judgments in flight scored one at a time (a batch of one, the
-first path) and batched (``LocalJudge.score_prompt`` with 50 in flight): every waiting
-prompt in one batch (the previous batching) and in batches of similar length (the current
-one), same model and prompts, same run. Exactness is a unit test (tests/test_judge.py).
+previous path) and batched (``LocalJudge.score_prompt`` with 50 in flight), same model and
+prompts, same run. Exactness is a unit test (tests/test_judge.py).
 
     python tests/bench/bench_local_judge.py [--model smollm2] [--n 48] [--layers 32]
 
@@ -97,22 +96,14 @@ def main() -> None:
         sync()
         return args.n / (time.perf_counter() - start)
 
-    # The previous batching: every waiting prompt that fits the budget in one batch, padded
-    # to the longest, whatever the lengths. Each way runs twice (the first sees new shapes);
-    # the second counts.
-    full = judge.full_tokens
-    judge.full_tokens = judge.batch_tokens
-    one_batch = [batched() for _ in range(2)][-1]
-    judge.full_tokens = full
-    grouped = [batched() for _ in range(2)][-1]
+    batched()  # the first batched run sees new shapes
+    in_batches = batched()
     rows = [
         {
             "judge": model if args.model else f"8B shape ({args.layers} layers)",
             "one at a time /s": alone,
-            "batched, all waiting /s": one_batch,
-            "batched, by length /s": grouped,
-            "speedup": grouped / alone,
-            "by length / all waiting": grouped / one_batch,
+            "batched /s": in_batches,
+            "speedup": in_batches / alone,
         }
     ]
     print_table("bench_local_judge: judgments per second", rows, list(rows[0]))
