@@ -3,12 +3,14 @@
 in-flight / latency, measured in the same run.
 
     python tests/bench/bench_judge.py [--n 2000] [--latency 0.05] [--concurrency 64]
-        [--processes 1,4]
+        [--processes 1,4,auto]
 
 Target: >= 80% of the ideal rate. The stub runs in its own process so it does not share the
 client's interpreter lock. One client process costs ~2 ms of CPU a request in the SDK, so it
 tops out near 500 requests/s; ``--processes`` spreads the requests over client processes
-(the job's ``processes`` parameter), which needs the cores for them.
+(the job's ``processes`` parameter), which needs the cores for them. ``auto`` leaves it
+unset, as a job with default flags does (chosen from ``--max-concurrent``, the cores and
+the job's size).
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ def main() -> None:
     )
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--concurrency", default="64", help="comma list, e.g. 8,16,32,64")
-    parser.add_argument("--processes", default="1", help="comma list of client processes")
+    parser.add_argument(
+        "--processes", default="1", help="comma list of client processes, or auto (unset)"
+    )
     parser.add_argument(
         "--stub-processes", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4))
     )
@@ -103,7 +107,9 @@ def main() -> None:
     # One small job first, not measured: imports and first connections are paid once per
     # worker process, not per judgment.
     grid = [(8, 1)] + [
-        (int(c), int(p)) for c in args.concurrency.split(",") for p in args.processes.split(",")
+        (int(c), None if p == "auto" else int(p))
+        for c in args.concurrency.split(",")
+        for p in args.processes.split(",")
     ]
     for run, (concurrency, processes) in enumerate(grid):
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +136,7 @@ def main() -> None:
         rows.append(
             {
                 "in flight": concurrency,
-                "processes": processes,
+                "processes": processes or f"auto: {params.client_processes(done)}",
                 "judgments": done,
                 "seconds": seconds,
                 "judgments/s": done / seconds,
