@@ -12,6 +12,7 @@ The GPU acceptance suite (tests/gpu/) runs the same families on CUDA, graphed an
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -189,3 +190,25 @@ def test_a_compiled_step_needs_the_static_runner(family) -> None:
     assert DecodeEngine(family).compiled is False  # opt-in
     with pytest.raises(ValueError, match="static backend"):
         DecodeEngine(family, backend="hf", compiled=True)
+
+
+def test_every_norm_runs_fused_and_equals_its_own_forward(family) -> None:
+    """The static runner swaps every RMSNorm of each family for one ``F.rms_norm`` kernel
+    of the same formula: all of them are recognised (a renamed class would fall back to the
+    slow path silently), each equals its class's forward in fp32 and in bf16 (where the
+    formula decides what is rounded when), and the swap ends with the runner's work."""
+    from pipeline.runners import StaticRunner, fused_norm_forward
+
+    runner = StaticRunner(family.model)
+    norms = [m for m in family.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and [m for m, _f in runner._norms] == norms
+    gen = torch.Generator().manual_seed(0)
+    for module in norms:
+        x = torch.randn(3, 5, module.weight.shape[-1], generator=gen) * 4
+        fused = fused_norm_forward(module)
+        torch.testing.assert_close(fused(x), module(x), rtol=1e-6, atol=1e-6)
+        half = copy.deepcopy(module).to(torch.bfloat16)
+        assert torch.equal(fused_norm_forward(half)(x.bfloat16()), half(x.bfloat16()))
+    with runner.attention():
+        assert all(m.forward is f for m, f in runner._norms)
+    assert all("forward" not in vars(m) for m in norms)
