@@ -215,7 +215,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--judge",
         default=DEFAULT_JUDGE,
         help=f"KIND:MODEL with KIND openai, anthropic or local (default {DEFAULT_JUDGE}); "
-        "local:smollm2 is a smoke-test judge only: a 135M model has no real signal",
+        "local:smollm2 is a smoke-test judge only: a 135M model has no real signal; "
+        "local:MODEL@bfloat16 (or @float32) sets a local judge's precision",
     )
     jud.add_argument("--metrics", default="trait,coherence")
     jud.add_argument("--max-concurrent", type=positive_int, default=50)
