@@ -410,7 +410,9 @@ def test_local_judge_projects_only_the_positions_it_reads(local_judge) -> None:
             )
 
 
-def test_local_judge_scores_judgments_in_flight_together(local_judge, monkeypatch) -> None:
+def _scored_in_flight(local_judge: LocalJudge, monkeypatch, prompts: list[str]) -> list[int]:
+    """Score ``prompts`` all in flight at once; each score must equal the prompt judged
+    alone. Returns the size of each batch the judge ran."""
     import asyncio
 
     sizes = []
@@ -420,16 +422,21 @@ def test_local_judge_scores_judgments_in_flight_together(local_judge, monkeypatc
         "_logprobs_of_ids",
         lambda self, all_ids: sizes.append(len(all_ids)) or real(self, all_ids),
     )
-    prompts = [f"Rate the answer. Question: q{i}. Answer: a{i}." for i in range(6)]
 
     async def all_at_once():
         return await asyncio.gather(*(local_judge.score_prompt(p) for p in prompts))
 
     results = asyncio.run(all_at_once())
-    assert sizes == [6] and len(results) == 6
+    batches = list(sizes)  # before the checks below, which run batches of one
     for prompt, result in zip(prompts, results, strict=True):
         expected = local_judge.result_from_logprobs(local_judge.candidate_logprobs(prompt))
         assert result.score == pytest.approx(expected.score, abs=1e-3)
+    return batches
+
+
+def test_local_judge_scores_judgments_in_flight_together(local_judge, monkeypatch) -> None:
+    prompts = [f"Rate the answer. Question: q{i}. Answer: a{i}." for i in range(6)]
+    assert _scored_in_flight(local_judge, monkeypatch, prompts) == [6]
 
 
 def test_local_judge_batches_prompts_of_like_length_and_template(
@@ -466,30 +473,14 @@ def test_local_judge_batches_prompts_of_like_length_and_template(
 def test_local_judge_grouped_batches_equal_one_at_a_time(
     local_judge: LocalJudge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Judgments in flight, split into several batches by length: each score equals the
-    prompt judged alone."""
-    import asyncio
-
-    sizes = []
-    real = LocalJudge._logprobs_of_ids
-    monkeypatch.setattr(
-        LocalJudge,
-        "_logprobs_of_ids",
-        lambda self, all_ids: sizes.append(len(all_ids)) or real(self, all_ids),
-    )
+    """Judgments in flight, more than the budget holds at once, so split into batches by
+    length: each score equals the prompt judged alone."""
     answers = ["no.", "yes, plainly and at length, " * 6, "ok.", "fine, " * 12, "sure."]
     prompts = [f"Rate the answer. Question: q{i}. Answer: {a}" for i, a in enumerate(answers)]
     nodes = len(local_judge._trie.order)
     monkeypatch.setattr(local_judge, "batch_tokens", 2 * (40 + nodes))
-
-    async def all_at_once():
-        return await asyncio.gather(*(local_judge.score_prompt(p) for p in prompts))
-
-    results = asyncio.run(all_at_once())
+    sizes = _scored_in_flight(local_judge, monkeypatch, prompts)
     assert len(sizes) > 1 and sum(sizes) == len(prompts)
-    for prompt, result in zip(prompts, results, strict=True):
-        expected = local_judge.result_from_logprobs(local_judge.candidate_logprobs(prompt))
-        assert result.score == pytest.approx(expected.score, abs=1e-3)
 
 
 def test_local_judge_precision_suffix(tiny_model_dir: Path, local_judge: LocalJudge) -> None:
