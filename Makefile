@@ -10,8 +10,10 @@ STAMP := $(VENV)/.persona-setup
 
 setup: $(STAMP)
 
+# An existing environment is kept: `python3 -m venv` run again over one made by another
+# Python (a pyenv shim, the system's) points it at the wrong standard library.
 $(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e '.[test]'
