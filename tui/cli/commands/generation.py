@@ -190,7 +190,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=positive_int,
         default=None,
-        help="rows per batch (default 64 on CUDA, 8 on CPU)",
+        help="rows decoded at once (default: as many as free memory holds, at most 256 "
+        "on a GPU and 64 on a CPU)",
     )
     gen.add_argument("--assistant-name", help='adjective in "You are a/an ... assistant."')
     gen.add_argument(

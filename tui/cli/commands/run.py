@@ -79,7 +79,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--all-instructions", action="store_true")
     run.add_argument("--max-new-tokens", type=positive_int, default=1000)
     run.add_argument("--seed", type=seed_int, default=0)
-    run.add_argument("--batch-size", type=positive_int)
+    run.add_argument(
+        "--batch-size", type=positive_int, help="rows decoded at once (default: from free memory)"
+    )
     # Checked here: the run would otherwise generate and judge for hours before extract
     # found a threshold outside 0-100.
     add_filter_values(run)
