@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -126,35 +127,48 @@ def fused_norm_forward(module: Any) -> Callable[[torch.Tensor], torch.Tensor] | 
     the same formula (a decode step ran about eight small kernels a norm, 65 to 290 norms a
     step); None for a class whose formula is not known here."""
     name = type(module).__name__
-    weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if weight is None or eps is None:
+    if getattr(module, "weight", None) is None or eps is None:
         return None
     eps = float(eps)
 
     def normed(x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
 
+    # The weight is read at each call: a parameter replaced later (a load) is the one used.
     if name in _NORM_ROUND_THEN_SCALE:
-        return lambda x: weight * normed(x).to(x.dtype)
+        return lambda x: module.weight * normed(x).to(x.dtype)
     if name in _NORM_SCALE_THEN_ROUND:
-        return lambda x: (weight * normed(x)).to(x.dtype)
+        return lambda x: (module.weight * normed(x)).to(x.dtype)
     if name in _NORM_ONE_PLUS_WEIGHT:
-        return lambda x: (normed(x) * (1.0 + weight.float())).to(x.dtype)
+        return lambda x: (normed(x) * (1.0 + module.weight.float())).to(x.dtype)
     return None
 
 
 @contextmanager
 def _norms_fused(norms: list[tuple[Any, Callable]]) -> Iterator[None]:
     """Each norm module runs its fused forward meanwhile (an instance attribute, which
-    ``nn.Module.__call__`` finds before the class's)."""
+    ``nn.Module.__call__`` finds before the class's). A module that already has an instance
+    forward keeps it: accelerate's device hook on a sharded model, or another runner's swap
+    on the same model (then that runner's, equal, forward runs). Only our own are removed."""
+    installed = []
     for module, forward in norms:
-        module.forward = forward
+        if "forward" not in vars(module):
+            module.forward = forward
+            installed.append((module, forward))
     try:
         yield
     finally:
-        for module, _forward in norms:
-            del module.forward
+        for module, forward in installed:
+            if vars(module).get("forward") is forward:
+                del module.forward
+
+
+# Per model config: (runners inside ``_attention_switched``, the implementation to restore).
+# Two runners may overlap on one model (the dashboard's monitor starts a new decode while the
+# one it replaces finishes its step): the switch ends when the last of them leaves.
+_SWITCHED: dict[int, tuple[int, Any]] = {}
+_SWITCH_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -163,12 +177,21 @@ def _attention_switched(config: Any) -> Iterator[None]:
     field = "_attn_implementation_internal"
     if not hasattr(config, field):
         field = "_attn_implementation"
-    saved = getattr(config, field)
-    setattr(config, field, ATTENTION_NAME)
+    with _SWITCH_LOCK:
+        inside, saved = _SWITCHED.get(id(config), (0, None))
+        if not inside:
+            saved = getattr(config, field)
+            setattr(config, field, ATTENTION_NAME)
+        _SWITCHED[id(config)] = (inside + 1, saved)
     try:
         yield
     finally:
-        setattr(config, field, saved)
+        with _SWITCH_LOCK:
+            inside, saved = _SWITCHED.pop(id(config))
+            if inside > 1:
+                _SWITCHED[id(config)] = (inside - 1, saved)
+            else:
+                setattr(config, field, saved)
 
 
 class _StaticCache:
@@ -337,6 +360,9 @@ class StaticRunner:
     ) -> torch.Tensor:
         """Run the padded prompts [g, S] into cache rows ``slots`` [g], columns 0..S-1;
         return the last position's logits."""
+        if not self._attention_on:  # entered once for the layers and the final norm
+            with self.attention():
+                return self.prefill(ids, valid, positions, hook, slots)
         s = ids.shape[1]
         index = torch.arange(s, device=ids.device)
         causal = index[None, :] <= index[:, None]  # [q, k]
@@ -364,6 +390,9 @@ class StaticRunner:
     ) -> torch.Tensor:
         """One token per row [B], each at its own cache column (``column`` [B]), attending
         over the cache's first ``key_valid.shape[1]`` columns (every row's are there)."""
+        if not self._attention_on:  # entered once for the layers and the final norm
+            with self.attention():
+                return self.decode(tokens, positions, column, key_valid, hook)
         masks = {}
         for window in set(self.windows):
             allowed = key_valid

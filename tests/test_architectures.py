@@ -212,3 +212,52 @@ def test_every_norm_runs_fused_and_equals_its_own_forward(family) -> None:
     with runner.attention():
         assert all(m.forward is f for m, f in runner._norms)
     assert all("forward" not in vars(m) for m in norms)
+
+
+def test_runners_overlap_on_one_model_and_leave_other_forwards_alone(family) -> None:
+    """Two runners on one model (the monitor's old and new decode share the cached model)
+    may overlap, nested or not: the switch to our attention lasts until the last one leaves,
+    no error, and afterwards the model is as it was. A forward already on a norm (accelerate's
+    device hook on a sharded model) is kept, inside and after; an error inside restores."""
+    from pipeline.runners import ATTENTION_NAME, StaticRunner
+
+    model = family.model
+    config = model.config
+    before = config._attn_implementation
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    outer, inner = StaticRunner(model), StaticRunner(model)
+    with outer.attention():
+        with inner.attention():
+            assert all(m.forward is f for m, f in outer._norms)  # the outer's stay
+        assert config._attn_implementation == ATTENTION_NAME
+        assert all(m.forward is f for m, f in outer._norms)
+    assert config._attn_implementation == before
+    assert all("forward" not in vars(m) for m in norms)
+    first, second = outer.attention(), inner.attention()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first to enter leaves first
+    assert config._attn_implementation == ATTENTION_NAME  # the second still runs
+    second.__exit__(None, None, None)
+    assert config._attn_implementation == before
+    assert all("forward" not in vars(m) for m in norms)
+
+    hooked, calls = norms[-1], []
+    own = hooked.forward
+
+    def device_hook(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape)
+        return own(x)
+
+    hooked.forward = device_hook
+    try:
+        with StaticRunner(model).attention():
+            assert hooked.forward is device_hook
+            hooked(torch.ones(2, hooked.weight.shape[-1]))
+        assert hooked.forward is device_hook and calls
+    finally:
+        del hooked.forward
+    with pytest.raises(RuntimeError, match="inside"), outer.attention():
+        raise RuntimeError("inside")
+    assert config._attn_implementation == before
+    assert all("forward" not in vars(m) for m in norms)
