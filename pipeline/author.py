@@ -221,9 +221,10 @@ def _openai_asker(model: str, params: AuthorParams):
 
 def _local_asker(model: str, params: AuthorParams):
     from pipeline.decoding import answer_text, decode
-    from pipeline.models import load_model
+    from pipeline.models import load_model, split_precision
 
-    loaded = load_model(model)
+    name, dtype = split_precision(model)  # local:MODEL@DTYPE, as for a local judge
+    loaded = load_model(name, dtype=dtype)
     tok = loaded.tokenizer
 
     def ask(messages: list[dict[str, str]]) -> str:
@@ -241,9 +242,9 @@ def create_author_job(store: Store, params: AuthorParams, *, force: bool = False
     params.validate()
     kind, _, model = params.author.partition(":")
     if kind == "local":
-        from pipeline.models import resolve_model
+        from pipeline.models import resolve_model, split_precision
 
-        resolve_model(model)  # a bad folder fails here, before a job row exists
+        resolve_model(split_precision(model)[0])  # a bad folder fails before a job row exists
     if store.has_trait(params.name) and not force:
         raise PersonaError(
             f"trait '{params.name}' already exists; pass --force to write it anew or pick a name"

@@ -26,13 +26,19 @@ MAX_AUTO_SLOTS = 256
 # On a CPU a step is compute-bound: 64 slots generated the demo's rows 1.18x faster than 32,
 # and 128 no faster than 64 (SmolLM2-135M, 2 cores, 2026-11-30).
 MAX_AUTO_SLOTS_CPU = 64
+_MEMINFO = "/proc/meminfo"
+# (limit, usage) files of a container's memory: cgroup v2, then v1.
+_CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
 # Rows written at once when workers generate (in one process: a quarter of the slots).
 SHARDED_WRITE_GROUP = 16
 
 
 def generate_local(store: Store, share: JobShare) -> None:
-    """One job's missing rows by the local model: on one device, or sharded over a worker
-    a GPU (``--gpus``) when the rows are more than one GPU's slots."""
+    """One job's missing rows by the local model: on one device, or sharded over one worker
+    per GPU (``--gpus``) when the rows are more than one GPU's slots."""
     from pipeline.models import fits_one_gpu
 
     params, progress = share.params, share.progress
@@ -189,11 +195,10 @@ def _engine_results(params, requests, loaded, shares, writers) -> Iterator:
         slots, how = params.batch_size, "--batch-size"
     else:
         slots = auto_slots(loaded, longest + params.max_new_tokens, params.capture)
-        how = (
-            "chosen from free GPU memory"
-            if loaded.device.type == "cuda"
-            else "chosen from free memory"
-        )
+        if loaded.device.type == "cuda":
+            how = "chosen from free GPU memory"
+        else:
+            how = "chosen from free memory" if _available_memory() else "CPU default"
     slots = min(slots, len(requests))
     others = {s.job_id: [o.job_id for o in shares if o is not s] for s in shares}
     for share in shares:
@@ -328,12 +333,23 @@ def auto_slots(loaded: Any, length: int, capture: bool) -> int:
 
 
 def _available_memory() -> int | None:
-    """Bytes of host memory available to new work (Linux's MemAvailable), None if unknown."""
+    """Bytes of host memory available to new work: Linux's MemAvailable, or less where a
+    container's memory limit (cgroup v2, else v1) leaves less; None if unknown."""
+    available = None
     try:
-        with open("/proc/meminfo") as meminfo:
+        with open(_MEMINFO) as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
-        pass
-    return None
+        return None
+    for limit, usage in _CGROUP_MEMORY:
+        try:
+            with open(limit) as cap_file, open(usage) as used_file:
+                cap, used = cap_file.read().strip(), used_file.read().strip()
+        except OSError:
+            continue
+        if cap.isdigit() and used.isdigit() and available is not None:
+            available = min(available, max(0, int(cap) - int(used)))
+        break
+    return available

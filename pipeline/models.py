@@ -211,10 +211,12 @@ def split_precision(spec: str) -> tuple[str, str | None]:
     """``MODEL@DTYPE`` (e.g. ``smollm2@bfloat16``) as (MODEL, DTYPE); without a suffix,
     (spec, None): the device's default precision. An existing path is always a model."""
     model, sep, dtype = spec.rpartition("@")
-    if not sep or dtype in DTYPES:
-        return (model, dtype) if sep else (spec, None)
-    if "/" in dtype or Path(spec).expanduser().exists():
-        return spec, None  # an '@' inside a path
+    if not sep or "/" in dtype or "\\" in dtype or Path(spec).expanduser().exists():
+        return spec, None  # no suffix, or an '@' inside a path
+    if not model.strip():
+        raise PersonaError(f"'{spec}' names no model before the @; e.g. smollm2@{dtype}")
+    if dtype in DTYPES:
+        return model, dtype
     raise PersonaError(
         f"'{spec}' asks for precision '{dtype}', which is unknown; "
         f"use {model}@bfloat16, {model}@float32 or {model}@float16"
@@ -309,14 +311,15 @@ def load_tokenizer(spec: str) -> tuple[Any, ResolvedModel]:
     return prepare_tokenizer(tokenizer), resolved
 
 
-def fits_one_gpu(spec: str) -> bool:
-    """Whether the model's bf16 weights fit the first GPU (else ``load_model`` spreads them
-    over the GPUs with ``device_map``); true without GPUs."""
+def fits_one_gpu(spec: str, dtype: str | None = None) -> bool:
+    """Whether the model's weights, in ``dtype`` (default bf16), fit the first GPU (else
+    ``load_model`` spreads them over the GPUs with ``device_map``); true without GPUs."""
     import torch
 
     if not torch.cuda.is_available():
         return True
-    return not _needs_sharding(resolve_model(spec).path, torch.bfloat16, any_count=True)
+    torch_dtype = getattr(torch, dtype or "bfloat16")
+    return not _needs_sharding(resolve_model(spec).path, torch_dtype, any_count=True)
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

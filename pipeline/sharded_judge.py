@@ -48,8 +48,8 @@ def sharded_judge(
 
     if not spec.startswith("local:"):
         return None
-    model, _dtype = split_precision(spec.partition(":")[2])
-    devices = worker_devices(gpus, device, lambda: fits_one_gpu(model))
+    model, dtype = split_precision(spec.partition(":")[2])
+    devices = worker_devices(gpus, device, lambda: fits_one_gpu(model, dtype))
     return ShardedJudge(spec, devices, max_concurrent) if devices else None
 
 

@@ -127,3 +127,22 @@ def test_missing_key_is_named(store: Store, monkeypatch: pytest.MonkeyPatch) -> 
     job_id = create_author_job(store, AuthorParams(name="sly", description="d"))
     with pytest.raises(PersonaError, match="^ANTHROPIC_API_KEY is not set"):
         run_job(store.path, job_id)
+
+
+def test_a_local_author_takes_a_precision(
+    store: Store, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--author local:MODEL@DTYPE``, as for a local judge: the job is created (the folder
+    is checked without the suffix) and the model is loaded in that precision."""
+    from pipeline import models
+    from pipeline.author import _asker
+
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(
+        models, "load_model", lambda spec, **kw: loads.append((spec, kw)) or real(spec, **kw)
+    )
+    params = AuthorParams(name="sly", description="d", author=f"local:{tiny_model_dir}@bfloat16")
+    assert create_author_job(store, params)
+    assert callable(_asker(params))
+    assert loads == [(str(tiny_model_dir), {"dtype": "bfloat16"})]

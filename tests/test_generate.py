@@ -520,3 +520,30 @@ def test_cpu_slots_come_from_available_memory(
     run_job(store.path, job_id)
     assert store.get_job(job_id).status == "done"
     assert any("(20 slots, chosen from free memory)" in m for m in messages)  # 20 rows
+    monkeypatch.setattr(local_generation, "_available_memory", lambda: None)
+    job_id = find_or_create_job(
+        store, "paternalism", _tiny_params(tiny_model_dir, side="neg", batch_size=None)
+    )
+    run_job(store.path, job_id)
+    assert any("(8 slots, CPU default)" in m for m in messages)
+
+
+def test_available_memory_counts_a_containers_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MemAvailable, or what a container's cgroup limit leaves when that is less; an
+    unlimited cgroup ("max") changes nothing; no /proc/meminfo: unknown."""
+    from pipeline import local_generation
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 4000 kB\nMemAvailable: 1000 kB\n")
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text("524288\n")
+    usage.write_text("24288\n")
+    monkeypatch.setattr(local_generation, "_MEMINFO", str(meminfo))
+    monkeypatch.setattr(local_generation, "_CGROUP_MEMORY", ((str(limit), str(usage)),))
+    assert local_generation._available_memory() == 500_000
+    limit.write_text("max\n")
+    assert local_generation._available_memory() == 1_024_000
+    monkeypatch.setattr(local_generation, "_MEMINFO", str(tmp_path / "none"))
+    assert local_generation._available_memory() is None

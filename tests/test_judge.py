@@ -492,6 +492,12 @@ def test_local_judge_precision_suffix(tiny_model_dir: Path, local_judge: LocalJu
     assert split_precision("smollm2@bfloat16") == ("smollm2", "bfloat16")
     assert split_precision("smollm2") == ("smollm2", None)
     assert split_precision("/models/a@b/c") == ("/models/a@b/c", None)  # '@' inside a path
+    assert split_precision("C:\\models\\a@b\\c") == ("C:\\models\\a@b\\c", None)
+    folder = tiny_model_dir.parent / "judge@float16"
+    folder.mkdir(exist_ok=True)
+    assert split_precision(str(folder)) == (str(folder), None)  # an existing path is a model
+    with pytest.raises(PersonaError, match="names no model before the @"):
+        split_precision("@bfloat16")
     with pytest.raises(PersonaError, match="'smollm2@bf16' asks for precision 'bf16'"):
         split_precision("smollm2@bf16")
     judge = LocalJudge(f"{tiny_model_dir}@bfloat16")
