@@ -1200,6 +1200,12 @@ def test_an_unknown_judge_precision_writes_no_job(capsys, vectors_db: Path) -> N
             argv,
             "'smollm2@bf16' asks for precision 'bf16', which is unknown; use smollm2@bfloat16",
         )
+    expect_unchanged(
+        capsys,
+        vectors_db,
+        ["judge", TRAIT, "--judge", "local:@bfloat16"],
+        "'@bfloat16' names no model before the @; e.g. smollm2@bfloat16",
+    )
 
 
 def test_a_vector_file_that_overflows_float32_is_refused(
