@@ -80,9 +80,9 @@ class LocalJudge(Judge):
         tokens (tails padded to the longest, plus the trie) fit the budget. When the oldest
         begins with the prefix kept from the last batch (the template's text, or more),
         prompts that begin with it too come first. When not all fit, the ones left are those
-        that would pad this batch most or shorten its shared prefix. The oldest always goes, so every prompt is scored in turn. (Closing a GPU
-        batch early, at 16k tokens, to pad less measured 0.92x: one batch of all waiting
-        is faster.)"""
+        that would pad this batch most or shorten its shared prefix. The oldest always
+        goes, so every prompt is scored in turn. (Closing a GPU batch early, at 16k tokens,
+        to pad less measured 0.92x: one batch of all waiting is faster.)"""
         waiting = [ids for ids, _ in self._waiting]
         oldest = waiting[0]
         kept = self._prefix[0] if self._prefix is not None else []
