@@ -325,9 +325,7 @@ class StaticRunner:
         masks: dict[int | None, torch.Tensor],
         hook: HiddenHook,
     ) -> torch.Tensor:
-        if not self._attention_on:
-            with self.attention():
-                return self._layers(h, positions, masks, hook)
+        """The decoder blocks; called inside ``attention()`` (by ``prefill``, ``decode``)."""
         rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
         for index, layer in enumerate(self.layers):
             out = layer(
@@ -342,9 +340,7 @@ class StaticRunner:
         return h
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        if not self._attention_on:  # the final norm's fused forward
-            with self.attention():
-                return self._logits(last)
+        """Final norm and head; called inside ``attention()`` (by ``prefill``, ``decode``)."""
         logits = self.model.lm_head(self.core.norm(last))
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
