@@ -214,6 +214,59 @@ def test_every_norm_runs_fused_and_equals_its_own_forward(family) -> None:
     assert all("forward" not in vars(m) for m in norms)
 
 
+def test_every_projection_group_runs_as_one_matmul_over_the_same_weights(family) -> None:
+    """q/k/v and gate/up of every layer (Phi-3 has them fused already) become views into one
+    tensor per group: no parameter memory added, the model's own forward unchanged. Inside
+    the runner's work the group's first projection runs the fused product and the others
+    hand back its slices; outside, every projection is the module's own again."""
+    from pipeline.fused_projections import FUSED_GROUPS
+    from pipeline.runners import StaticRunner
+
+    model = family.model
+    groups = [
+        [getattr(parent, name) for name in names]
+        for parent in model.modules()
+        for names in FUSED_GROUPS
+        if all(hasattr(parent, name) for name in names)
+    ]
+    if family.model.config.model_type == "phi3":
+        assert not groups
+    else:
+        assert len(groups) == 2 * model.config.num_hidden_layers
+
+    def storage_bytes() -> int:
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage() for p in model.parameters()}
+        return sum(s.nbytes() for s in storages.values())
+
+    ids = torch.tensor([[3, 5, 7, 11, 13]])
+    with torch.inference_mode():
+        before, memory = model(input_ids=ids).logits, storage_bytes()
+    runner = StaticRunner(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    assert storage_bytes() <= memory
+    assert [m for m, _f in runner._projections] == [m for group in groups for m in group]
+    pointers = [p.data_ptr() for p in model.parameters()]
+    second = StaticRunner(model)  # finds them fused: nothing moves
+    assert [m for m, _f in second._projections] == [m for m, _f in runner._projections]
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    gen = torch.Generator().manual_seed(1)
+    with runner.attention(), torch.inference_mode():
+        for group in groups:
+            x = torch.randn(2, 3, group[0].in_features, generator=gen)
+            outputs = [m(x) for m in group]
+            storages = {o.untyped_storage().data_ptr() for o in outputs}
+            assert len(storages) == 1  # slices of one product
+            for module, out in zip(group, outputs, strict=True):
+                own = torch.nn.functional.linear(x, module.weight, module.bias)
+                torch.testing.assert_close(out, own, rtol=1e-5, atol=1e-5)
+            other = torch.randn(2, 3, group[0].in_features, generator=gen)
+            group[0](x)
+            own = torch.nn.functional.linear(other, group[1].weight, group[1].bias)
+            assert torch.equal(group[1](other), own)  # another input: its own product
+    assert all("forward" not in vars(m) for group in groups for m in group)
+
+
 def test_runners_overlap_on_one_model_and_leave_other_forwards_alone(family) -> None:
     """Two runners on one model (the monitor's old and new decode share the cached model)
     may overlap, nested or not: the switch to our attention lasts until the last one leaves,
