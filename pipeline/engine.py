@@ -37,6 +37,11 @@ CACHE_ROUND = 64
 # rounded length), not over the whole cache: for the seed plan's 1,000-token answers a step
 # reads half the keys and values on average.
 ATTENTION_ROUND = 128
+# Prompt tokens (padding counted) in one prefill forward: the prompts taken into free slots
+# are prefilled in groups of similar length within this, so little of a prefill is padding
+# (256 prompts of 100-200 tokens padded to one width are a quarter padding) and its
+# activations stay bounded however many slots are filled at once.
+PREFILL_TOKENS = 16384
 # Compiled variants kept per step (batch shapes, sampling, steering on or off): past this,
 # torch.compile would silently fall back to the uncompiled step.
 COMPILE_VARIANTS = 64
@@ -280,11 +285,40 @@ class DecodeEngine:
         starts: list[int],
         steps: int,
     ) -> None:
-        """Prefill the next queued requests into the free slots: prompt captures and each
-        row's first token; the slots' step, column and caches start afresh (``starts``
-        records where their columns start, ``steps`` being the steps run so far)."""
+        """Prefill the next queued requests into the free slots (``prefill_groups`` of
+        similar length): prompt captures and each row's first token; the slots' step, column
+        and caches start afresh (``starts`` records where their columns start, ``steps``
+        being the steps run so far)."""
         take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-        where = free[: len(take)]
+        lengths = [len(requests[index].prompt_ids) for index in take]
+        # The HF runner's cache takes every row at once, in slot order.
+        static = isinstance(self.runner, StaticRunner)
+        groups = prefill_groups(lengths, PREFILL_TOKENS) if static else [list(range(len(take)))]
+        for group in groups:
+            self._prefill(
+                state,
+                busy,
+                [free[i] for i in group],
+                [take[i] for i in group],
+                requests,
+                sampling,
+                starts,
+                steps,
+            )
+
+    def _prefill(
+        self,
+        state: _State,
+        busy: list[int | None],
+        where: list[int],
+        take: list[int],
+        requests: Sequence[DecodeRequest],
+        sampling: SamplingConfig,
+        starts: list[int],
+        steps: int,
+    ) -> None:
+        """One prefill forward: requests ``take`` into slots ``where``, left-padded to the
+        longest of them."""
         device = self.device
         width = max(len(requests[i].prompt_ids) for i in take)
         ids = torch.full((len(take), width), self.pad_id, dtype=torch.long)
@@ -504,6 +538,19 @@ class DecodeEngine:
                 graphs[used].replay()
 
         return graphed
+
+
+def prefill_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices into ``lengths`` in groups to prefill together: sorted by length, each group
+    as many as fit ``budget`` tokens padded to its longest (at least one prompt a group)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and (len(groups[-1]) + 1) * lengths[index] <= budget:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
 
 
 def _sharded(model: Any) -> bool:

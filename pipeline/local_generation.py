@@ -7,6 +7,7 @@ the rows in flight, and a rerun of the same command resumes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -74,7 +75,12 @@ def generate_local_jobs(store: Store, shares: Sequence[JobShare]) -> None:
     params = shares[0].params
     for share in shares:
         _loading(share)
+    started = time.perf_counter()
     loaded = load_model(params.model, device=params.device or single_device(params.gpus))
+    # In the job's stats: where a run's time went (load, then decode with its writes).
+    for share in shares:
+        share.progress.extra["load_s"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     writers = [_JobWriter(store, s, loaded.tokenizer, loaded.model_id, context) for s in shares]
     # Similar lengths side by side pad least; seeds make the order irrelevant to the tokens.
@@ -89,6 +95,8 @@ def generate_local_jobs(store: Store, shares: Sequence[JobShare]) -> None:
         writers[number].finished.append((key, result))
     for writer in writers:
         writer.write()
+    for share in shares:
+        share.progress.extra["generate_s"] = round(time.perf_counter() - started, 1)
 
 
 def _loading(share: JobShare) -> None:

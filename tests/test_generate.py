@@ -173,6 +173,8 @@ def test_generation_job_stores_rows_by_the_method(store: Store, tiny_model_dir: 
         assert row.answer == tok.decode(row.answer_ids, skip_special_tokens=True)
         assert row.finish_reason in ("eos", "length") and row.split == "extract"
     acts = load_consolidated(Path(job.stats["activations"]))
+    # Where the run's time went: the model's load, then the decode with its writes.
+    assert job.stats["load_s"] >= 0 and job.stats["generate_s"] >= 0
     assert acts["response_ids"].tolist() == sorted(r.id for r in rows)
     assert acts["response_avg"].shape == (20, 4, 64)
     assert acts["response_avg"].dtype == torch.float32
@@ -547,3 +549,49 @@ def test_available_memory_counts_a_containers_limit(
     assert local_generation._available_memory() == 1_024_000
     monkeypatch.setattr(local_generation, "_MEMINFO", str(tmp_path / "none"))
     assert local_generation._available_memory() is None
+
+
+def test_prefill_groups_sort_by_length_within_the_token_budget() -> None:
+    from pipeline.engine import prefill_groups
+
+    lengths = [30, 10, 12, 50, 11, 29]
+    groups = prefill_groups(lengths, 40)
+    assert [[lengths[i] for i in group] for group in groups] == [[10, 11, 12], [29], [30], [50]]
+    assert sorted(i for group in groups for i in group) == list(range(6))
+    assert prefill_groups(lengths, 10**6) == [[1, 4, 2, 5, 0, 3]]  # one group, sorted
+    assert prefill_groups([], 40) == []
+
+
+def test_prompts_prefilled_in_length_groups_change_no_result(
+    tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight prompts of different lengths filled in groups (a token budget that fits two or
+    three prompts a forward, each group padded to its own longest): every row equals the
+    same request alone, tokens and captures, and the prefills were grouped as planned."""
+    import pipeline.engine as engine_module
+
+    engine = DecodeEngine(tiny, capture=True)
+    requests = _eight_requests(tiny)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    alone = [engine.run([request], sampling)[0] for request in requests]
+    budget = 3 * max(len(r.prompt_ids) for r in requests)
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", budget)
+    widths: list[tuple[int, int]] = []
+    real = engine.runner.prefill
+
+    def recording(ids, *args):
+        if not engine.runner._attention_on:  # not its own re-entry inside attention()
+            widths.append(tuple(ids.shape))
+        return real(ids, *args)
+
+    monkeypatch.setattr(engine.runner, "prefill", recording)
+    grouped = engine.run(requests, sampling)
+    lengths = [len(r.prompt_ids) for r in requests]
+    planned = engine_module.prefill_groups(lengths, budget)
+    assert len(planned) > 1
+    assert widths == [(len(g), max(lengths[i] for i in g)) for g in planned]
+    assert all(rows * width <= budget for rows, width in widths if rows > 1)
+    for result, single in zip(grouped, alone, strict=True):
+        assert result.answer_ids == single.answer_ids
+        for kind, value in single.activations.items():
+            torch.testing.assert_close(result.activations[kind], value, rtol=1e-4, atol=1e-5)

@@ -105,6 +105,7 @@ def new_plan(
     times: dict[str, float] = {}
     tokens = 0
     slots = set()
+    phases: dict[str, float] = {}  # the slowest job's model load and decode (job stats)
     start = time.perf_counter()
     with Store(db) as store:
         jobs = []
@@ -121,6 +122,8 @@ def new_plan(
         for job_id in jobs:
             job = store.get_job(job_id)
             slots.add(str(job.stats.get("slots")))
+            for phase in ("load_s", "generate_s"):
+                phases[phase] = max(phases.get(phase, 0.0), float(job.stats.get(phase, 0.0)))
             tokens += sum(len(r.answer_ids) for r in store.responses(job=job_id))
         times["generate"] = time.perf_counter() - start
         mark = time.perf_counter()
@@ -131,7 +134,7 @@ def new_plan(
         extract(store, "paternalism", threshold=0, coherence=0, judge="openai:stub")
         times["extract"] = time.perf_counter() - mark
     times["total"] = time.perf_counter() - start
-    return {"times": times, "tokens": tokens, "slots": sorted(map(str, slots))}
+    return {"times": times, "tokens": tokens, "slots": sorted(map(str, slots)), **phases}
 
 
 def main() -> None:
@@ -163,6 +166,8 @@ def main() -> None:
             {
                 "path": f"new: continuous batching, auto slots, --gpus {gpus or 'all'}",
                 "generate s": new["times"]["generate"],
+                "of which load s": new.get("load_s"),
+                "decode s": new.get("generate_s"),
                 "answer tokens": new["tokens"],
                 "tok/s": new["tokens"] / new["times"]["generate"],
                 "judge s": new["times"]["judge"],
@@ -185,7 +190,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         for row in rows[:-1]:
             row["generation speedup"] = seconds / row["generate s"]
-    columns = ["path", "generate s", "answer tokens", "tok/s", "judge s", "extract s"]
+    columns = ["path", "generate s", "of which load s", "decode s", "answer tokens", "tok/s"]
+    columns += ["judge s", "extract s"]
     columns += ["total s", "generation speedup", "slots"]
     print_table("bench_workload: the seed's plan, 8B shape", rows, columns)
     save_json("bench_workload.json", {"card": card(), "rows": rows})
