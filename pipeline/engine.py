@@ -416,7 +416,9 @@ class DecodeEngine:
     def _make_step(self, state: _State, sampling: SamplingConfig) -> Callable[[int], None]:
         step_fn = self._step_fn(state, sampling)
         if self.cuda_graphs:
-            step_fn = self._graphed(step_fn, min(2, sampling.max_new_tokens))
+            step_fn = self._graphed(
+                step_fn, min(2, sampling.max_new_tokens), eager_first=self.compiled
+            )
         return step_fn
 
     def _step_fn(self, state: _State, sampling: SamplingConfig) -> Callable[[int], None]:
@@ -506,13 +508,19 @@ class DecodeEngine:
 
         return switched
 
-    def _graphed(self, step_fn: Callable[[int], None], warmup: int) -> Callable[[int], None]:
+    def _graphed(
+        self, step_fn: Callable[[int], None], warmup: int, eager_first: bool = False
+    ) -> Callable[[int], None]:
         """The step as CUDA graphs, one per attended length: the first ``warmup`` calls run
         eagerly on a side stream (real steps, which also warm the allocator), then each new
         length is captured once and replayed after. Capture records without running, so the
         capturing call replays too. The graphs share one memory pool: only their scratch
-        lives there (every result goes to the state), and they never run at once."""
+        lives there (every result goes to the state), and they never run at once.
+        ``eager_first`` (the compiled step): a new length's first call also runs eagerly, so
+        torch.compile recompiles for its shape outside a capture (its autotuning synchronises,
+        which would invalidate the capture)."""
         calls = 0
+        seen: set[int] = set()  # lengths run eagerly once (eager_first)
         device = self.device
         stream = torch.cuda.Stream(device=device)
         graphs: dict[int, Any] = {}  # kept alive with this step function, freed with it
@@ -524,7 +532,9 @@ class DecodeEngine:
             # Capture records the current device's stream: the model's device must be current
             # (a worker whose model sits on cuda:1 still starts with cuda:0 current).
             with torch.cuda.device(device):
-                if calls <= warmup:
+                fresh = eager_first and used not in seen
+                seen.add(used)
+                if calls <= warmup or fresh:
                     stream.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(stream):
                         step_fn(used)

@@ -4,6 +4,7 @@ the graphed step's wall time a step beside the eager kernels' sum (the gap is la
 idle time the graph does not remove).
 
     python tests/bench/profile_step.py [--batches 16,64,256] [--new 64] [--prompt 100,200]
+        [--arch llama]   (a family's 7-12B shape, as ``bench_generate.py --arch``)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build_model, card, random_prompts, timed  # noqa: E402
+from common import build_arch_model, card, random_prompts, timed  # noqa: E402
 
 from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig  # noqa: E402
 
@@ -55,11 +56,12 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=80, help="a multiple of 16, > 16")
     parser.add_argument("--prompt", default="100,200")
     parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--arch", default="llama")
     args = parser.parse_args()
     low, high = (int(x) for x in args.prompt.split(","))
-    loaded = build_model()
+    loaded = build_arch_model(args.arch)
     vocab = loaded.model.config.vocab_size
-    print(f"card: {card()}; 8B shape, bf16; prompts {low}-{high}; {args.new} new tokens")
+    print(f"card: {card()}; {args.arch} shape, bf16; prompts {low}-{high}; {args.new} new tokens")
     eager = DecodeEngine(loaded, capture=True, cuda_graphs=False)
     graphed = DecodeEngine(loaded, capture=True, cuda_graphs=True)
     sampling = SamplingConfig(max_new_tokens=args.new, temperature=1.0, ignore_eos=True)

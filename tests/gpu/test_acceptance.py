@@ -300,6 +300,47 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
         torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])
 
 
+def test_the_compiled_step_across_attended_lengths(tmp_path: Path, monkeypatch) -> None:
+    """The opt-in compiled step under CUDA graphs while the attended length grows (a new
+    length recompiles: outside any capture, else the capture is invalidated) equals the
+    plain graphed step, with steering, capture and a watch on (fp32, tiny Llama)."""
+    import pipeline.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "ATTENTION_ROUND", 32)
+    loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")), dtype="float32")
+    requests = [
+        DecodeRequest(prompt_ids(loaded.tokenizer, None, q), seed=i)
+        for i, q in enumerate(["Hi there", "What should I cook tonight? I have rice."])
+    ]
+    torch.manual_seed(3)
+    vector = torch.randn(loaded.num_layers + 1, loaded.hidden_size)
+    specs = [SteeringSpec(2, vector, coef=2.0, positions="all")]
+    watch = [Watch("v", 2, vector[2])]
+    sampling = SamplingConfig(max_new_tokens=100, temperature=1.0, ignore_eos=True)
+    lengths: set[int] = set()
+    real = DecodeEngine._make_step
+
+    def recording(self, state, sampling):
+        step = real(self, state, sampling)
+        return lambda used: lengths.add(used) or step(used)
+
+    monkeypatch.setattr(DecodeEngine, "_make_step", recording)
+    plain, compiled = (
+        DecodeEngine(loaded, capture=True, compiled=choice).run(
+            requests, sampling, steering=specs, watch=watch
+        )
+        for choice in (False, True)
+    )
+    assert len(lengths) >= 3  # the step attended over several lengths
+    for p, c in zip(plain, compiled, strict=True):
+        assert p.answer_ids == c.answer_ids
+        tol = {"rtol": 1e-4, "atol": 1e-4}
+        torch.testing.assert_close(
+            c.activations["response_avg"], p.activations["response_avg"], **tol
+        )
+        torch.testing.assert_close(c.projections, p.projections, **tol)
+
+
 def test_continuous_batching_under_cuda_graphs(big_model_dir: Path) -> None:
     """Slots refilled between graph replays (the refill's prefill writes into the captured
     cache and state in place): the graphed run equals the eager run, row by row, and every
