@@ -92,10 +92,29 @@ def test_generate_both_sides_with_capture(db: Path, big_model_dir: Path) -> None
         assert all(job.status == "done" for job in jobs)
 
 
+def _plug_free_cached_memory() -> list[torch.Tensor]:
+    """Blocks that fill the memory PyTorch holds but does not use, so that a cap on what it
+    holds is a cap on what a job can take: the fused projections' old weights leave holes in
+    the loader's one big segment, which ``empty_cache`` cannot return."""
+    plugs = []
+    size = 512 * 2**20
+    while size >= 2**20:
+        reserved = torch.cuda.memory_reserved()
+        block = torch.empty(size, dtype=torch.uint8, device="cuda")
+        if torch.cuda.memory_reserved() > reserved:  # a new segment, not a hole
+            del block
+            torch.cuda.empty_cache()
+            size //= 2
+        else:
+            plugs.append(block)
+    return plugs
+
+
 def test_cuda_oom_names_batch_size_and_the_job_resumes(db: Path, big_model_dir: Path) -> None:
     loaded = load_model(str(big_model_dir))  # the one the CLI reuses
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
+    plugs = _plug_free_cached_memory()
     headroom = torch.cuda.memory_reserved() + 64 * 2**20
     torch.cuda.set_per_process_memory_fraction(headroom / total)
     try:
@@ -104,6 +123,7 @@ def test_cuda_oom_names_batch_size_and_the_job_resumes(db: Path, big_model_dir: 
                  "--batch-size", "20", "--gpus", "0")  # fmt: skip
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+        del plugs
         torch.cuda.empty_cache()
     assert rc == 2
     rc = cli(db, "generate", "deception", "--side", "pos", "--model", str(big_model_dir),
