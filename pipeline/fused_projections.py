@@ -4,16 +4,20 @@ a read of every weight, and the narrow k and v products (and gate and up apart) 
 kernel's fixed cost and a split-K reduction; fused, a layer runs four weight matmuls, not
 seven.
 
-The weights are not copied: each projection's weight (and bias) becomes a view into one
-fused tensor, rows stacked (``fuse_weights``), so memory stays as it was and the model's own
-forward (the HF runner, ``generate``) reads the same values. While the static runner works,
-the first projection's forward runs the fused product, hands back its own slice and keeps
-the others' for the projections called next on the same input tensor (``projection_forwards``).
-A projection called on another tensor, or whose weight was replaced since, computes its own.
+The weights are not duplicated: each projection's weight (and bias) becomes a view into one
+fused tensor, rows stacked (``fuse_weights``), so the model's own forward (the HF runner,
+``generate``) reads the same values. On a GPU the stacked tensor is a new allocation and the
+old weights' blocks stay with PyTorch's allocator (transformers loads into one big segment,
+which ``empty_cache`` cannot return), so a group is fused only where the device has room
+for it beside the usual reserve. While the static runner works, the first projection's
+forward runs the fused product, hands back its own slice and keeps the others' for the
+projections called next on the same input tensor (``FusedGroup.forwards``). A projection
+called on another tensor, or whose weight or bias changed since, computes its own.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,26 +27,104 @@ from torch import nn
 
 # Projections of one input, in the order transformers' layers call them.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# The share of a GPU's memory left free after a fusion (as ``auto_slots`` keeps for the
+# prefill and the graphs): a group that would eat into it is not fused.
+GPU_RESERVE = 0.1
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+_FUSE_LOCK = threading.Lock()  # two runners built at once on one model fuse it once
 
 
-def projection_forwards(model: Any) -> list[tuple[nn.Module, Forward]]:
-    """(module, fused forward) for every projection of every group that ``fuse_weights``
-    could fuse, to install as the modules' forwards while the runner works."""
-    forwards: list[tuple[nn.Module, Forward]] = []
-    for parent in list(model.modules()):
-        for names in FUSED_GROUPS:
-            modules = [getattr(parent, name, None) for name in names]
-            if all(isinstance(m, nn.Module) for m in modules) and fuse_weights(modules):
-                forwards.extend(zip(modules, _group_forwards(modules), strict=True))
-    return forwards
+class FusedGroup:
+    """One group's modules, the stacked tensors their parameters view, and its forwards."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.weights = [m.weight for m in modules]
+        self.biases = [m.bias for m in modules]
+        self.sizes = [w.shape[0] for w in self.weights]
+        self.weight = _fused_views(self.weights)
+        self.bias = None if self.biases[0] is None else _fused_views(self.biases)
+        # The last fused call: (its input, every projection's output). One tuple, read and
+        # written whole, so two threads' calls never mix outputs (a mismatch computes its own).
+        self.kept: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
+
+    def intact(self) -> bool:
+        """The modules still hold the parameters made views of the stacked tensors, and
+        those still view them (a load may assign new parameters, or new ``.data``)."""
+        if not self._current() or self.weight is None:
+            return False
+        if self.biases[0] is not None and self.bias is None:
+            return False
+        for parts, fused in ((self.weights, self.weight), (self.biases, self.bias)):
+            if fused is not None:
+                views = _fused_views(parts)
+                if views is None or views.data_ptr() != fused.data_ptr():
+                    return False
+        return True
+
+    def release(self) -> None:
+        """Let the kept outputs go (the runner's work ended)."""
+        self.kept = None
+
+    def forwards(self) -> list[tuple[nn.Module, Forward]]:
+        """(module, forward): the first runs the fused product, the others take their slice
+        of it (the last one lets it go)."""
+        return [(self.modules[0], self._first)] + [
+            (self.modules[i], self._later(i)) for i in range(1, len(self.modules))
+        ]
+
+    def _current(self) -> bool:
+        return all(
+            m.weight is w and m.bias is b
+            for m, w, b in zip(self.modules, self.weights, self.biases, strict=True)
+        )
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.modules[0]
+        if not self._current():  # a parameter replaced mid-run: the module's own product
+            self.kept = None
+            return F.linear(x, module.weight, module.bias)
+        outputs = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        self.kept = (x, outputs)
+        return outputs[0]
+
+    def _later(self, index: int) -> Forward:
+        module = self.modules[index]
+        last = index == len(self.modules) - 1
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            entry = self.kept
+            if entry is not None and entry[0] is x:
+                if last:
+                    self.kept = None  # nothing of the step is held past the group
+                return entry[1][index]
+            return F.linear(x, module.weight, module.bias)
+
+        return forward
+
+
+def fused_groups(model: Any) -> list[FusedGroup]:
+    """Every q/k/v and gate/up group of the model that ``fuse_weights`` could fuse."""
+    groups: list[FusedGroup] = []
+    with _FUSE_LOCK:
+        for parent in list(model.modules()):
+            for names in FUSED_GROUPS:
+                modules = [getattr(parent, name, None) for name in names]
+                if not all(isinstance(m, nn.Module) for m in modules):
+                    continue
+                if fuse_weights(modules):
+                    groups.append(FusedGroup(modules))
+    return groups
 
 
 def fuse_weights(modules: list[nn.Module]) -> bool:
     """Make the modules' weights (and biases) views into one tensor, rows stacked, if they
-    are plain ``nn.Linear`` layers over one input on one device and dtype; False if not.
-    Already fused (a second runner on the model): True, nothing moves."""
+    are distinct plain ``nn.Linear`` layers over one input on one device and dtype, biased
+    alike, and (on a GPU) the device has room for the stacked copy; False if not. Already
+    fused (a second runner on the model): True, nothing moves."""
+    if len({id(m) for m in modules}) != len(modules):
+        return False
     if not all(type(m) is nn.Linear and not hasattr(m, "_hf_hook") for m in modules):
         return False
     weights = [m.weight for m in modules]
@@ -55,16 +137,29 @@ def fuse_weights(modules: list[nn.Module]) -> bool:
         or len(set(has_bias)) != 1
     ):
         return False
-    if _fused_views(weights) is not None:
+    names = ("weight", "bias") if has_bias[0] else ("weight",)
+    parts = {name: [getattr(m, name) for m in modules] for name in names}
+    if all(_fused_views(p) is not None for p in parts.values()):
         return True
-    with torch.no_grad():
-        for name in ("weight", "bias") if has_bias[0] else ("weight",):
-            parts = [getattr(m, name) for m in modules]
-            fused = torch.cat([p.detach() for p in parts])
-            pieces = fused.split([p.shape[0] for p in parts])
-            for module, part, piece in zip(modules, parts, pieces, strict=True):
+    if not _room_for(sum(p.nbytes for group in parts.values() for p in group), first.device):
+        return False
+    # Plain tensors even when a runner is built under inference mode (a probe): parameters
+    # that are inference tensors would refuse later in-place updates and autograd.
+    with torch.inference_mode(False), torch.no_grad():
+        for name, group in parts.items():
+            fused = torch.cat([p.detach() for p in group])
+            pieces = fused.split([p.shape[0] for p in group])
+            for module, part, piece in zip(modules, group, pieces, strict=True):
                 setattr(module, name, nn.Parameter(piece, requires_grad=part.requires_grad))
     return True
+
+
+def _room_for(nbytes: int, device: torch.device) -> bool:
+    """Whether a GPU keeps its reserve after ``nbytes`` more (a CPU always has room)."""
+    if device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    return free - nbytes >= GPU_RESERVE * total
 
 
 def _fused_views(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -80,44 +175,3 @@ def _fused_views(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         offset += t.numel()
     rows = sum(t.shape[0] for t in tensors)
     return base.as_strided((rows, *base.shape[1:]), base.stride(), base.storage_offset())
-
-
-def _group_forwards(modules: list[nn.Module]) -> list[Forward]:
-    """The group's forwards: the first runs the fused product, the others take their slice
-    of it (the last one lets it go)."""
-    weights = [m.weight for m in modules]
-    sizes = [w.shape[0] for w in weights]
-    fused_weight = _fused_views(weights)
-    fused_bias = None
-    if modules[0].bias is not None:
-        fused_bias = _fused_views([m.bias for m in modules])
-    # The last fused call: (its input, every projection's output). One tuple, read and
-    # written whole, so two threads' calls never mix outputs (a mismatch computes its own).
-    kept: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None] = [None]
-
-    def intact() -> bool:
-        return all(m.weight is w for m, w in zip(modules, weights, strict=True))
-
-    def first(x: torch.Tensor) -> torch.Tensor:
-        if not intact():  # a weight replaced since (a load): the module's own product
-            kept[0] = None
-            return F.linear(x, modules[0].weight, modules[0].bias)
-        outputs = F.linear(x, fused_weight, fused_bias).split(sizes, dim=-1)
-        kept[0] = (x, outputs)
-        return outputs[0]
-
-    def later(index: int) -> Forward:
-        module = modules[index]
-        last = index == len(modules) - 1
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            entry = kept[0]
-            if entry is not None and entry[0] is x:
-                if last:
-                    kept[0] = None  # nothing of the step is held past the group
-                return entry[1][index]
-            return F.linear(x, module.weight, module.bias)
-
-        return forward
-
-    return [first] + [later(i) for i in range(1, len(modules))]

@@ -267,6 +267,8 @@ def generate_shard(device: str, payload: dict, share: Sequence, emit, note) -> N
     if not share:
         return
     loaded = load_model(payload["model"], device=device)
+    # Built before the slots are counted: its fused projections take memory first.
+    engine = DecodeEngine(loaded, capture=payload["capture"])
     sampling = payload["sampling"]
     requests = [DecodeRequest(prompt, seed) for _index, (prompt, seed) in share]
     longest = max(len(r.prompt_ids) for r in requests)
@@ -275,7 +277,6 @@ def generate_shard(device: str, payload: dict, share: Sequence, emit, note) -> N
     )
     slots = min(slots, len(requests))
     note(f"{slots} slots")
-    engine = DecodeEngine(loaded, capture=payload["capture"])
     try:
         for position, result in engine.stream(requests, sampling, slots=slots):
             emit(share[position][0], _to_wire(result))

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.fused_projections import projection_forwards
+from pipeline.fused_projections import fused_groups
 from pipeline.models import cache_kwarg
 
 # Called with (hidden-state index, state) after the embedding and after every block; returns
@@ -234,7 +234,9 @@ class _StaticCache:
 class StaticRunner:
     """Forward passes around a decoder-only HF model's own layers, with a static KV cache."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, fuse: bool = True) -> None:
+        """``fuse``: stack the layers' q/k/v and gate/up weights (``fused_groups``) for one
+        matmul a group; a probe that may not run the model here leaves them alone."""
         _register_attention()
         self.model = model
         config = model.config
@@ -267,7 +269,7 @@ class StaticRunner:
             for module in model.modules()
             if (forward := fused_norm_forward(module)) is not None
         ]
-        self._projections = projection_forwards(model)
+        self._groups = fused_groups(model) if fuse else []
 
     @contextmanager
     def attention(self) -> Iterator[None]:
@@ -278,13 +280,17 @@ class StaticRunner:
         if self._attention_on:
             yield
             return
+        groups = [group for group in self._groups if group.intact()]
+        projections = [pair for group in groups for pair in group.forwards()]
         switched = _attention_switched(self.config)
-        with switched, _forwards_installed(self._norms + self._projections):
+        with switched, _forwards_installed(self._norms + projections):
             self._attention_on = True
             try:
                 yield
             finally:
                 self._attention_on = False
+                for group in groups:
+                    group.release()
 
     @staticmethod
     def fits(model: Any) -> bool:
@@ -566,7 +572,7 @@ def _static_matches_hf(model: Any) -> bool:
     ids = torch.randint(0, vocab, (1, 12), generator=gen).to(device)
     valid = torch.ones_like(ids, dtype=torch.bool)
     positions = torch.arange(12, device=device)[None]
-    runner = StaticRunner(model)
+    runner = StaticRunner(model, fuse=False)  # the HF runner may be chosen: weights as loaded
     try:
         runner.allocate(1, 12)
         slots = torch.zeros(1, dtype=torch.long, device=device)

@@ -214,22 +214,26 @@ def test_every_norm_runs_fused_and_equals_its_own_forward(family) -> None:
     assert all("forward" not in vars(m) for m in norms)
 
 
-def test_every_projection_group_runs_as_one_matmul_over_the_same_weights(family) -> None:
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
+def test_every_projection_group_runs_as_one_matmul_over_the_same_weights(
+    name: str, tmp_path
+) -> None:
     """q/k/v and gate/up of every layer (Phi-3 has them fused already) become views into one
-    tensor per group: no parameter memory added, the model's own forward unchanged. Inside
-    the runner's work the group's first projection runs the fused product and the others
-    hand back its slices; outside, every projection is the module's own again."""
+    tensor per group: no parameter memory added, the model's own forward unchanged (a fresh
+    model, so nothing fused it before). Inside the runner's work the group's first projection
+    runs the fused product and the others hand back its slices; outside, every projection is
+    the module's own again. A probe (``fuse=False``) leaves the weights as loaded."""
     from pipeline.fused_projections import FUSED_GROUPS
-    from pipeline.runners import StaticRunner
+    from pipeline.runners import StaticRunner, _static_matches_hf
 
-    model = family.model
+    model = load_model(str(build_tiny_family(tmp_path / name, name))).model
     groups = [
         [getattr(parent, name) for name in names]
         for parent in model.modules()
         for names in FUSED_GROUPS
         if all(hasattr(parent, name) for name in names)
     ]
-    if family.model.config.model_type == "phi3":
+    if model.config.model_type == "phi3":
         assert not groups
     else:
         assert len(groups) == 2 * model.config.num_hidden_layers
@@ -241,14 +245,17 @@ def test_every_projection_group_runs_as_one_matmul_over_the_same_weights(family)
     ids = torch.tensor([[3, 5, 7, 11, 13]])
     with torch.inference_mode():
         before, memory = model(input_ids=ids).logits, storage_bytes()
+    pointers = [p.data_ptr() for p in model.parameters()]
+    assert _static_matches_hf(model)
+    assert [p.data_ptr() for p in model.parameters()] == pointers  # the probe fused nothing
     runner = StaticRunner(model)
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
     assert storage_bytes() <= memory
-    assert [m for m, _f in runner._projections] == [m for group in groups for m in group]
+    assert [g.modules for g in runner._groups] == groups
     pointers = [p.data_ptr() for p in model.parameters()]
     second = StaticRunner(model)  # finds them fused: nothing moves
-    assert [m for m, _f in second._projections] == [m for m, _f in runner._projections]
+    assert [g.modules for g in second._groups] == groups
     assert [p.data_ptr() for p in model.parameters()] == pointers
     gen = torch.Generator().manual_seed(1)
     with runner.attention(), torch.inference_mode():
@@ -265,6 +272,7 @@ def test_every_projection_group_runs_as_one_matmul_over_the_same_weights(family)
             own = torch.nn.functional.linear(other, group[1].weight, group[1].bias)
             assert torch.equal(group[1](other), own)  # another input: its own product
     assert all("forward" not in vars(m) for group in groups for m in group)
+    assert all(g.kept is None for g in runner._groups)  # nothing held past the work
 
 
 def test_runners_overlap_on_one_model_and_leave_other_forwards_alone(family) -> None:

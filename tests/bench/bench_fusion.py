@@ -40,10 +40,10 @@ def timed_run(engine: DecodeEngine, prompts: list[list[int]], new: int) -> float
     return time.perf_counter() - start
 
 
-def use_variant(engine: DecodeEngine, variant: str, norms: list, projections: list) -> None:
+def use_variant(engine: DecodeEngine, variant: str, norms: list, groups: list) -> None:
     level = VARIANTS.index(variant)
     engine.runner._norms = norms if level >= 1 else []
-    engine.runner._projections = projections if level >= 2 else []
+    engine.runner._groups = groups if level >= 2 else []
     engine_module.PREFILL_TOKENS = DEFAULT_PREFILL_TOKENS if level >= 3 else 1 << 40
 
 
@@ -61,15 +61,16 @@ def main() -> None:
     for arch, batch, new in cases:
         loaded = build_arch_model(arch)
         engine = DecodeEngine(loaded, capture=True)
-        norms, projections = engine.runner._norms, engine.runner._projections
+        norms, groups = engine.runner._norms, engine.runner._groups
         prompts = random_prompts(batch, 100, 200, loaded.model.config.vocab_size, seed=batch)
         timed_run(engine, prompts, 16)  # warm-up
         seconds: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         for variant in VARIANTS * args.reps:
-            use_variant(engine, variant, norms, projections)
+            use_variant(engine, variant, norms, groups)
             seconds[variant].append(timed_run(engine, prompts, new))
         best = {variant: min(times) for variant, times in seconds.items()}
-        row = {"arch": arch, "batch": batch, "new": new, "projections fused": len(projections)}
+        fused = sum(len(group.modules) for group in groups)
+        row = {"arch": arch, "batch": batch, "new": new, "projections fused": fused}
         row |= {f"{variant} ms/step": 1000 * best[variant] / new for variant in VARIANTS}
         row["all / plain"] = best["plain"] / best[VARIANTS[-1]]
         row["all / norms"] = best["norms"] / best[VARIANTS[-1]]
