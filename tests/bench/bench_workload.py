@@ -93,7 +93,14 @@ def old_generation(model_dir: Path, n: int, n_eval: int, new: int) -> tuple[floa
 
 
 def new_plan(
-    db: Path, model_dir: Path, n: int, n_eval: int, new: int, base_url: str, gpus: str | None
+    db: Path,
+    model_dir: Path,
+    n: int,
+    n_eval: int,
+    new: int,
+    base_url: str,
+    gpus: str | None,
+    batch_size: int | None = None,
 ) -> dict:
     from db import Store
     from pipeline.extract import extract
@@ -113,7 +120,7 @@ def new_plan(
             for side in ("pos", "neg"):
                 params = GenerateParams(
                     side=side, split=split, model=str(model_dir), n_per_question=count,
-                    max_new_tokens=new, gpus=gpus,
+                    max_new_tokens=new, gpus=gpus, batch_size=batch_size,
                 )  # fmt: skip
                 jobs.append(find_or_create_job(store, "paternalism", params))
         # As `persona run` does: on one GPU one queue for the four jobs; with several, the
@@ -145,6 +152,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--skip-old", action="store_true")
     parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="slots a GPU for the new path (default: chosen from free memory, at most 256)",
+    )
+    parser.add_argument(
         "--gpus",
         action="append",
         help="a --gpus value for the new path, once per variant (default: all visible GPUs)",
@@ -161,10 +173,13 @@ def main() -> None:
     rows = []
     for gpus in args.gpus or [None]:
         db = folder / f"new-{len(rows)}.db"
-        new = new_plan(db, model_dir, args.n, args.n_eval, args.new, base_url, gpus)
+        new = new_plan(
+            db, model_dir, args.n, args.n_eval, args.new, base_url, gpus, args.batch_size
+        )
         rows.append(
             {
-                "path": f"new: continuous batching, auto slots, --gpus {gpus or 'all'}",
+                "path": f"new: continuous batching, --gpus {gpus or 'all'}, "
+                + (f"--batch-size {args.batch_size}" if args.batch_size else "auto slots"),
                 "generate s": new["times"]["generate"],
                 "of which load s": new.get("load_s"),
                 "decode s": new.get("generate_s"),
