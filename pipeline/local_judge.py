@@ -215,7 +215,7 @@ class LocalJudge(Judge):
         shared = min(len(ids) for ids in all_ids) - 1
         first = all_ids[0]
         for ids in all_ids[1:]:
-            shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+            shared = min(shared, _common_length(ids, first))
         if shared <= 0:
             return 0, None
         prefix = first[:shared]
