@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models import GPU_RESERVE
+
 # Projections of one input, in the order transformers' layers call them.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-# The share of a GPU's memory left free after a fusion (as ``auto_slots`` keeps for the
-# prefill and the graphs): a group that would eat into it is not fused.
-GPU_RESERVE = 0.1
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 _FUSE_LOCK = threading.Lock()  # two runners built at once on one model fuse it once

@@ -16,6 +16,7 @@ import torch
 from db import PersonaError, Store
 from db.traits import N_PAIRS
 from pipeline.generate import GenerateParams, JobShare, RowKey, _context_length, _row
+from pipeline.models import GPU_RESERVE
 from pipeline.response_means import activations_dir
 from pipeline.sampling import row_seed
 from pipeline.sharding import GPUS_ALL, run_sharded, single_device, worker_devices
@@ -330,7 +331,7 @@ def auto_slots(loaded: Any, length: int, capture: bool) -> int:
         per_row += 3 * (layers + 1) * int(config.hidden_size) * 4
     if loaded.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(loaded.device)
-        budget = free - 0.1 * total  # prefill activations, the graph's pool, fragmentation
+        budget = free - GPU_RESERVE * total
         most = MAX_AUTO_SLOTS
     else:
         available = _available_memory()

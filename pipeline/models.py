@@ -203,6 +203,11 @@ def pick_device(device: str | None = None) -> str:
 # half-initialised module; loading is serialised (the dashboard loads from worker threads).
 _LOAD_LOCK = threading.RLock()
 
+# The share of a GPU's memory kept free for prefill activations, CUDA graphs' pools and
+# fragmentation: the slots sized from free memory leave it, and a fusion of the model's
+# projections that would eat into it does not run.
+GPU_RESERVE = 0.1
+
 # Precisions a model may be loaded in (``load_model``'s dtype, a local judge's ``@DTYPE``).
 DTYPES = ("float32", "bfloat16", "float16")
 
