@@ -15,6 +15,7 @@ capture and watch at a steered layer read the steered state.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ ATTENTION_ROUND = 128
 # (256 prompts of 100-200 tokens padded to one width are a quarter padding) and its
 # activations stay bounded however many slots are filled at once.
 PREFILL_TOKENS = 16384
+# One CUDA graph capture at a time in the process: engines on several GPUs run in threads
+# (``pipeline.engine_threads``), and a capture's setup (synchronise, empty the cache) must not
+# meet another thread's capture.
+_CAPTURE_LOCK = threading.Lock()
 # Compiled variants kept per step (batch shapes, sampling, steering on or off): past this,
 # torch.compile would silently fall back to the uncompiled step.
 COMPILE_VARIANTS = 64
@@ -82,6 +87,29 @@ class Watch:
 
 # on_tokens(first step, tokens [B, k], projections [B, k, W]) at each host check.
 TokenCallback = Callable[[int, torch.Tensor, torch.Tensor | None], None]
+
+
+class RequestQueue:
+    """Indices of the requests still waiting for a slot, in the order they are taken. One
+    engine makes its own; engines on several devices, each in its own thread, share one
+    (``pipeline.engine_threads``): every request is taken by exactly one of them."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self._waiting = deque(indices)
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> list[int]:
+        """Up to ``count`` of the next waiting requests, now taken."""
+        with self._lock:
+            return [self._waiting.popleft() for _ in range(min(count, len(self._waiting)))]
+
+    def waiting(self) -> list[int]:
+        """The requests waiting now (another thread may take some at once)."""
+        with self._lock:
+            return list(self._waiting)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
 
 
 # ---- the engine -----------------------------------------------------------------------------
@@ -170,12 +198,15 @@ class DecodeEngine:
         watch: Sequence[Watch] = (),
         on_tokens: TokenCallback | None = None,
         check_every: int = FINISH_CHECK_EVERY,
+        queue: RequestQueue | None = None,
     ) -> Iterator[tuple[int, DecodeResult]]:
         """Yield (request index, result) as rows finish, at the loop's host checks (every
         ``check_every`` steps), ``slots`` rows at a time (default: all). ``on_step(steps)``
         is called at each check (e.g. to write a heartbeat); ``on_tokens`` gets the tokens
         (and watched projections) produced since the last check, and needs every request
-        in one batch. ``steering`` adds vectors to block outputs (``vectors.steering``)."""
+        in one batch. ``steering`` adds vectors to block outputs (``vectors.steering``).
+        ``queue``: the requests to take, shared with engines on other devices (default: all
+        of them, in order, for this engine alone)."""
         if not requests:
             return
         for spec in steering:
@@ -184,13 +215,14 @@ class DecodeEngine:
                     f"layer {spec.layer} is past the model's {self.runner.num_layers} blocks"
                 )
         slots = min(slots or len(requests), len(requests))
-        if on_tokens is not None and slots < len(requests):
+        if on_tokens is not None and (queue is not None or slots < len(requests)):
             raise ValueError("on_tokens needs every request in one batch (slots >= requests)")
         # On the device once, before any graph capture (a host-to-device copy cannot be
         # captured); a sharded model's later layers copy to their own device as they run.
         self.steering = [spec.on(self.device) for spec in steering]
         self.watch = list(watch)
-        queue = deque(range(len(requests)))
+        if queue is None:
+            queue = RequestQueue(range(len(requests)))
         while queue:
             yield from self._session(
                 requests, queue, sampling, slots, on_step, on_tokens, check_every
@@ -199,7 +231,7 @@ class DecodeEngine:
     def _session(
         self,
         requests: Sequence[DecodeRequest],
-        queue: deque[int],
+        queue: RequestQueue,
         sampling: SamplingConfig,
         slots: int,
         on_step: Callable[[int], None] | None,
@@ -209,12 +241,16 @@ class DecodeEngine:
         """One cache allocation: the first ``slots`` requests of the queue, refilled from it
         as rows finish where the runner can (the static one), until no slot is busy."""
         refills = isinstance(self.runner, StaticRunner)
-        longest = max(len(requests[i].prompt_ids) for i in queue)
+        waiting = queue.waiting()
+        if not waiting:  # another device's engine took the last of them
+            return
+        # Every prompt this session can take is waiting now.
+        longest = max(len(requests[i].prompt_ids) for i in waiting)
         new = sampling.max_new_tokens
         # +1: a finished row idles at one column past its last until it is harvested.
         length = -(-(longest + new + 1) // CACHE_ROUND) * CACHE_ROUND
         act_shape = (self.num_states, self.hidden_size) if self.capture else (1, 1)
-        slots = min(slots, len(queue))
+        slots = min(slots, len(waiting))
         # Inference mode around each piece of work, never across a yield (the caller's code
         # between results must not run in it).
         with torch.inference_mode():
@@ -226,6 +262,9 @@ class DecodeEngine:
         starts = [0] * slots
         streamed = steps = 0
         self._fill(state, busy, list(range(slots)), requests, queue, sampling, starts, steps)
+        if all(held is None for held in busy):  # taken by another device meanwhile
+            self.runner.release()
+            return
         step_fn = self._make_step(state, sampling)
         while True:
             reach = max(starts[slot] for slot, held in enumerate(busy) if held is not None)
@@ -280,7 +319,7 @@ class DecodeEngine:
         busy: list[int | None],
         free: list[int],
         requests: Sequence[DecodeRequest],
-        queue: deque[int],
+        queue: RequestQueue,
         sampling: SamplingConfig,
         starts: list[int],
         steps: int,
@@ -289,7 +328,10 @@ class DecodeEngine:
         similar length): prompt captures and each row's first token; the slots' step, column
         and caches start afresh (``starts`` records where their columns start, ``steps``
         being the steps run so far)."""
-        take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+        take = queue.take(len(free))
+        if not take:
+            return
+        free = free[: len(take)]
         lengths = [len(requests[index].prompt_ids) for index in take]
         # The HF runner's cache takes every row at once, in slot order.
         static = isinstance(self.runner, StaticRunner)
@@ -542,7 +584,16 @@ class DecodeEngine:
                     return
                 if used not in graphs:
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    # The step's own side stream, on its device: torch.cuda.graph's default
+                    # is one stream for the whole process, made on whichever GPU captured
+                    # first. thread_local: an engine on another GPU, in another thread, may
+                    # sync or allocate while this one captures.
+                    with (
+                        _CAPTURE_LOCK,
+                        torch.cuda.graph(
+                            graph, pool=pool, stream=stream, capture_error_mode="thread_local"
+                        ),
+                    ):
                         step_fn(used)
                     graphs[used] = graph
                 graphs[used].replay()

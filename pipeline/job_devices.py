@@ -1,13 +1,13 @@
-"""Several jobs at once, one worker process a device (``--gpus``): the seed's plan is four
-generation jobs (pos and neg, extract and eval) whose rows each fit one GPU's slots, so
-splitting a job's rows over GPUs only halves its batch; whole jobs go to the GPUs instead.
-On one device the jobs run as one queue through one engine
-(``generation_job.run_generation_jobs_together``).
+"""Several generation jobs of one model at once (``--gpus``). Jobs that can share an engine
+(the seed's plan: pos and neg, extract and eval) run as one queue in this process, through
+one engine on one device or one a device in threads
+(``generation_job.run_generation_jobs_together``, ``pipeline.engine_threads``).
 
-Each worker runs its share of the jobs in one process (its model loaded once), as one queue
-where they can share an engine, else in order, each job pinned to the worker's device
-through its ``gpus`` parameter (not part of a job's identity). Jobs write their own rows, as
-detached workers do; the parent follows their progress from the database.
+Jobs that cannot (different sampling) go whole to one worker process a device: each worker
+runs its share in one process (its model loaded once), as one queue where they can share an
+engine, else in order, each job pinned to the worker's device through its ``gpus``
+parameter (not part of a job's identity). Jobs write their own rows, as detached workers
+do; the parent follows their progress from the database.
 """
 
 from __future__ import annotations
@@ -96,9 +96,10 @@ def run_generation_jobs(
     device: str | None = None,
     on_progress: Callable[[int], ProgressCallback | None] = lambda _job: None,
 ) -> None:
-    """Generation jobs of one model: side by side on their own GPUs when there are several
-    of both (``run_jobs_on_devices``); on one device, as one queue through one engine where
-    they can share it (``run_generation_jobs_together``), else one after another."""
+    """Generation jobs of one model: as one queue where they can share an engine
+    (``run_generation_jobs_together``), through one engine, or through one a device in
+    threads when there are several devices; else on several devices side by side, whole
+    jobs to worker processes (``run_jobs_on_devices``), or on one, one after another."""
     from pipeline.models import fits_one_gpu
     from pipeline.sharding import parse_gpus, worker_devices
 
@@ -111,13 +112,13 @@ def run_generation_jobs(
         if len(models) == 1 and local:
             model = next(iter(models))
             devices = worker_devices(parse_gpus(gpus), device, lambda: fits_one_gpu(model))
-    if len(devices) > 1:
-        run_jobs_on_devices(db_path, job_ids, devices, on_progress)
-        return
     if jobs and _share_engine(jobs):
         from pipeline.generation_job import run_generation_jobs_together
 
-        run_generation_jobs_together(db_path, job_ids, on_progress)
+        run_generation_jobs_together(db_path, job_ids, on_progress, devices)
+        return
+    if len(devices) > 1:
+        run_jobs_on_devices(db_path, job_ids, devices, on_progress)
         return
     for job_id in job_ids:
         run_job(db_path, job_id, on_progress=on_progress(job_id))

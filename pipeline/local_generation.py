@@ -1,5 +1,6 @@
-"""Generation with a local model: the decode engine in this process, or one worker process per
-device (``--gpus``, ``pipeline.sharding``) with this process writing every row.
+"""Generation with a local model: the decode engine in this process, on one device, or an
+engine a device (``--gpus``), each in its own thread and all taking rows from one queue
+(``pipeline.engine_threads``), with this process writing every row.
 
 Rows are written in groups as they finish, activations first, so a killed job loses at most
 the rows in flight, and a rerun of the same command resumes.
@@ -15,11 +16,11 @@ import torch
 
 from db import PersonaError, Store
 from db.traits import N_PAIRS
-from pipeline.generate import GenerateParams, JobShare, RowKey, _context_length, _row
+from pipeline.generate import GenerateParams, JobShare, RowKey, _row
 from pipeline.models import GPU_RESERVE
 from pipeline.response_means import activations_dir
 from pipeline.sampling import row_seed
-from pipeline.sharding import GPUS_ALL, run_sharded, single_device, worker_devices
+from pipeline.sharding import GPUS_ALL, single_device, worker_devices
 from vectors import activations
 
 # Without --batch-size, slots come from free GPU memory, at most this many: past it a step's
@@ -34,54 +35,51 @@ _CGROUP_MEMORY = (
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
     ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
 )
-# Rows written at once when workers generate (in one process: a quarter of the slots).
-SHARDED_WRITE_GROUP = 16
 
 
 def generate_local(store: Store, share: JobShare) -> None:
-    """One job's missing rows by the local model: on one device, or sharded over one worker
-    per GPU (``--gpus``) when the rows are more than one GPU's slots."""
+    """One job's missing rows by the local model: on one device, or on one engine per GPU
+    (``--gpus``) when the rows are more than one GPU's slots."""
     from pipeline.models import fits_one_gpu
 
-    params, progress = share.params, share.progress
+    params = share.params
     devices = worker_devices(params.gpus, params.device, lambda: fits_one_gpu(params.model))
     if params.gpus in (None, GPUS_ALL) and len(share.pending) <= MAX_AUTO_SLOTS:
-        # Rows that fit one GPU's slots gain nothing from more GPUs (the answers' length,
-        # not the batch, sets the time), and each worker costs a model load.
+        # Rows that fit one GPU's slots: a second GPU halves the batch but costs a model
+        # load and its memory; by default the job stays on one.
         devices = []
-    if not devices:
-        generate_local_jobs(store, [share])
-        return
-    from pipeline.engine import DecodeRequest
-    from pipeline.models import load_tokenizer
-
-    _loading(share)
-    tokenizer, resolved = load_tokenizer(params.model)  # the workers load the model
-    writer = _JobWriter(store, share, tokenizer, resolved.model_id, _context_length(resolved.path))
-    requests = [DecodeRequest(prompt, seed) for _key, prompt, seed in writer.rows]
-    results = _sharded_results(params, _sampling(params), requests, devices, progress, writer)
-    for index, result in results:
-        writer.finished.append((writer.rows[index][0], result))
-    writer.write()
+    generate_local_jobs(store, [share], devices)
 
 
-def generate_local_jobs(store: Store, shares: Sequence[JobShare]) -> None:
-    """Several jobs' missing rows through one engine on one device, in one queue (the jobs
-    share model, device and sampling): a slot freed by one job's row takes the next row of
-    any of them, so the plan's jobs together take little longer than their longest answer.
-    Each job's rows are written to it as they finish."""
-    from pipeline.engine import DecodeRequest
+def generate_local_jobs(
+    store: Store, shares: Sequence[JobShare], devices: Sequence[str] = ()
+) -> None:
+    """Several jobs' missing rows in one queue (the jobs share model, device and sampling): a
+    slot freed by one job's row takes the next row of any of them, so the plan's jobs
+    together take little longer than their longest answer. On one device (``devices``
+    empty: the job's own) through one engine; on several, through an engine each, in
+    threads, all taking from that one queue. Each job's rows are written to it as they
+    finish."""
+    from pipeline.engine import DecodeEngine, DecodeRequest
     from pipeline.models import load_model
 
     params = shares[0].params
     for share in shares:
         _loading(share)
     started = time.perf_counter()
-    loaded = load_model(params.model, device=params.device or single_device(params.gpus))
+    places = list(devices) or [params.device or single_device(params.gpus)]
+    engines = []
+    for number, device in enumerate(places):
+        # A device named twice gets a model of its own: two engines step at once.
+        reuse = device not in places[:number]
+        loaded = load_model(params.model, device=device, reuse=reuse)
+        # Built before the slots are counted: its fused projections take memory first.
+        engines.append(DecodeEngine(loaded, capture=params.capture))
     # In the job's stats: where a run's time went (load, then decode with its writes).
     for share in shares:
         share.progress.extra["load_s"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
+    loaded = engines[0].loaded
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     writers = [_JobWriter(store, s, loaded.tokenizer, loaded.model_id, context) for s in shares]
     # Similar lengths side by side pad least; seeds make the order irrelevant to the tokens.
@@ -91,7 +89,7 @@ def generate_local_jobs(store: Store, shares: Sequence[JobShare]) -> None:
         for key, prompt, seed in writer.rows
     )
     requests = [DecodeRequest(prompt, seed) for _, _, _, prompt, seed in rows]
-    for index, result in _engine_results(params, requests, loaded, shares, writers):
+    for index, result in _engine_results(params, requests, engines, shares, writers):
         _length, number, key, _prompt, _seed = rows[index]
         writers[number].finished.append((key, result))
     for writer in writers:
@@ -195,116 +193,59 @@ class _JobWriter:
         self.share.progress.check_cancelled()
 
 
-def _engine_results(params, requests, loaded, shares, writers) -> Iterator:
-    from pipeline.engine import DecodeEngine
+def _engine_results(params, requests, engines, shares, writers) -> Iterator:
+    from pipeline.engine_threads import EngineError, stream_on_engines
 
-    engine = DecodeEngine(loaded, capture=params.capture)
     longest = max(len(r.prompt_ids) for r in requests)
-    if params.batch_size:
-        slots, how = params.batch_size, "--batch-size"
-    else:
-        slots = auto_slots(loaded, longest + params.max_new_tokens, params.capture)
-        if loaded.device.type == "cuda":
-            how = "chosen from free GPU memory"
+    slots, chosen = [], []
+    for engine in engines:
+        loaded = engine.loaded
+        if params.batch_size:
+            count, how = params.batch_size, "--batch-size"
         else:
-            how = "chosen from free memory" if _available_memory() else "CPU default"
-    slots = min(slots, len(requests))
+            count = auto_slots(loaded, longest + params.max_new_tokens, params.capture)
+            if loaded.device.type == "cuda":
+                how = "chosen from free GPU memory"
+            else:
+                how = "chosen from free memory" if _available_memory() else "CPU default"
+        slots.append(min(count, len(requests)))
+        chosen.append(how)
     others = {s.job_id: [o.job_id for o in shares if o is not s] for s in shares}
+    model_id = engines[0].loaded.model_id
+    if len(engines) == 1:
+        stats: Any = slots[0]
+        where = f"{slots[0]} slots, {chosen[0]}"
+    else:
+        stats = {str(e.device): f"{n} slots" for e, n in zip(engines, slots, strict=True)}
+        listed = ", ".join(f"{device}: {text}" for device, text in stats.items())
+        where = f"on {len(engines)} devices: {listed}, {chosen[0]}"
     for share in shares:
-        share.progress.extra["slots"] = slots
+        share.progress.extra["slots"] = stats
         shared = f"; one queue with job {', '.join(map(str, others[share.job_id]))}"
         share.progress.message = (
-            f"generating with {loaded.model_id} ({slots} slots, {how}"
-            f"{shared if others[share.job_id] else ''})"
+            f"generating with {model_id} ({where}{shared if others[share.job_id] else ''})"
         )
         share.progress.flush(force=True)
     # Rows are written in groups of a quarter of the slots.
-    group = max(1, slots // 4)
+    group = max(1, sum(slots) // 4)
 
-    def on_check(_steps: int) -> None:
+    def on_check(_steps: int = 0) -> None:
         for writer in writers:
             writer.write_and_check(group)
 
     try:
-        yield from engine.stream(requests, _sampling(params), on_check, slots=slots)
+        if len(engines) == 1:
+            yield from engines[0].stream(requests, _sampling(params), on_check, slots=slots[0])
+        else:
+            yield from stream_on_engines(
+                engines, slots, requests, _sampling(params), on_idle=on_check
+            )
     except torch.cuda.OutOfMemoryError:
-        raise PersonaError(_out_of_memory(slots)) from None
-
-
-def _sharded_results(params, sampling, requests, devices, progress, writer) -> Iterator:
-    chosen: dict[str, str] = {}
-
-    def on_note(device: str, text: str) -> None:
-        chosen[device] = text
-        progress.extra["slots"] = dict(chosen)
-        listed = ", ".join(f"{d}: {t}" for d, t in chosen.items())
-        progress.message = f"generating with {params.model} on {len(devices)} workers ({listed})"
-
-    payload = {
-        "model": params.model,
-        "capture": params.capture,
-        "sampling": sampling,
-        "batch_size": params.batch_size,
-    }
-    items = [(list(r.prompt_ids), r.seed) for r in requests]
-    progress.message = f"starting {len(devices)} workers ({', '.join(devices)})"
-    progress.flush(force=True)
-    for index, result in run_sharded(
-        devices,
-        generate_shard,
-        payload,
-        items,
-        on_idle=lambda: writer.write_and_check(SHARDED_WRITE_GROUP),
-        on_note=on_note,
-    ):
-        yield index, _from_wire(result)
-
-
-def generate_shard(device: str, payload: dict, share: Sequence, emit, note) -> None:
-    """A worker's part (``pipeline.sharding``): its rows on its own copy of the model."""
-    from pipeline.engine import DecodeEngine, DecodeRequest
-    from pipeline.models import load_model
-
-    if not share:
-        return
-    loaded = load_model(payload["model"], device=device)
-    # Built before the slots are counted: its fused projections take memory first.
-    engine = DecodeEngine(loaded, capture=payload["capture"])
-    sampling = payload["sampling"]
-    requests = [DecodeRequest(prompt, seed) for _index, (prompt, seed) in share]
-    longest = max(len(r.prompt_ids) for r in requests)
-    slots = payload["batch_size"] or auto_slots(
-        loaded, longest + sampling.max_new_tokens, payload["capture"]
-    )
-    slots = min(slots, len(requests))
-    note(f"{slots} slots")
-    try:
-        for position, result in engine.stream(requests, sampling, slots=slots):
-            emit(share[position][0], _to_wire(result))
-    except torch.cuda.OutOfMemoryError:
-        raise PersonaError(_out_of_memory(slots)) from None
-
-
-def _to_wire(result: Any) -> dict[str, Any]:
-    """A result as plain arrays: tensors through a pipe would hold a shared-memory handle
-    each until the parent wrote them."""
-    acts = result.activations
-    return {
-        "answer_ids": result.answer_ids,
-        "finish_reason": result.finish_reason,
-        "activations": None if acts is None else {k: v.numpy() for k, v in acts.items()},
-    }
-
-
-def _from_wire(wire: dict[str, Any]) -> Any:
-    from pipeline.engine import DecodeResult
-
-    acts = wire["activations"]
-    return DecodeResult(
-        answer_ids=wire["answer_ids"],
-        finish_reason=wire["finish_reason"],
-        activations=None if acts is None else {k: torch.from_numpy(v) for k, v in acts.items()},
-    )
+        raise PersonaError(_out_of_memory(slots[0])) from None
+    except EngineError as exc:
+        if isinstance(exc.error, torch.cuda.OutOfMemoryError):
+            raise PersonaError(_out_of_memory(slots[exc.index])) from None
+        raise exc.error from None
 
 
 def _out_of_memory(slots: int) -> str:

@@ -233,13 +233,18 @@ def split_precision(spec: str) -> tuple[str, str | None]:
 _LAST: dict[tuple, LoadedModel] = {}
 
 
-def load_model(spec: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(
+    spec: str, *, device: str | None = None, dtype: str | None = None, reuse: bool = True
+) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference: bf16 on CUDA, fp32 on CPU,
     ``device_map="auto"`` when the weights do not fit the first GPU. The last model loaded
     is reused when asked for again with the same arguments (``cuda`` and the current
-    ``cuda:N`` are one device)."""
+    ``cuda:N`` are one device); ``reuse=False`` loads a copy of its own, kept out of that
+    (a second engine on the same device, stepping at the same time)."""
     key = (spec, _device_key(device), dtype)
     with _LOAD_LOCK:
+        if not reuse:
+            return _load_model(spec, device=device, dtype=dtype)
         if key in _LAST:
             return _LAST[key]
         loaded = _load_model(spec, device=device, dtype=dtype)

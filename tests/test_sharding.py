@@ -1,5 +1,7 @@
-"""Rows across worker processes (``--gpus``), shown with CPU workers: the same rows as one
-process, every result once, a dead or failing worker a one-line resumable error."""
+"""Rows across worker processes (``--gpus``: forward extraction, the local judge, jobs that
+cannot share an engine), shown with CPU workers: the same rows as one process, every result
+once, a dead or failing worker a one-line resumable error. Generation that shares an engine
+runs in threads instead: ``test_engine_threads.py``."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from db import PersonaError, Store
 from pipeline.generate import GenerateParams, find_or_create_job
 from pipeline.jobs import run_job
 from pipeline.sharding import parse_gpus, run_sharded, single_device, worker_devices
-from vectors.activations import load_consolidated
 
 
 # Module-level: spawned workers import them by name.
@@ -96,35 +97,6 @@ def test_which_devices_get_workers() -> None:
             worker_devices("0,1", None, fits)
 
 
-def test_two_workers_write_the_rows_one_process_writes(tmp_path: Path, tiny_model_dir: Path):
-    """The same job with two CPU workers and in one process: the same rows and activations,
-    written by the parent; the job says what each worker chose."""
-    results = {}
-    for name, extra in (("one", {"device": "cpu"}), ("two", {"gpus": "cpu,cpu"})):
-        store = Store(tmp_path / f"{name}.db")
-        params = GenerateParams(
-            side="pos", model=str(tiny_model_dir), n_per_question=1, max_new_tokens=8,
-            batch_size=3, **extra,
-        )  # fmt: skip
-        job_id = find_or_create_job(store, "paternalism", params)
-        run_job(store.path, job_id)
-        job = store.get_job(job_id)
-        assert (job.status, job.done) == ("done", 20)
-        rows = {r.key: r for r in store.responses(job=job_id)}
-        acts = load_consolidated(Path(job.stats["activations"]))
-        by_id = {rid: i for i, rid in enumerate(acts["response_ids"].tolist())}
-        results[name] = (rows, acts, by_id, job)
-    (one, acts1, ids1, _), (two, acts2, ids2, job2) = results["one"], results["two"]
-    assert job2.stats["slots"] == {"cpu": "3 slots"}
-    assert sorted(one) == sorted(two)
-    for key in one:
-        assert one[key].answer_ids == two[key].answer_ids and one[key].answer == two[key].answer
-        for kind in ("response_avg", "prompt_avg", "prompt_last"):
-            torch.testing.assert_close(
-                acts1[kind][ids1[one[key].id]], acts2[kind][ids2[two[key].id]]
-            )
-
-
 def test_forward_extraction_across_two_workers(tmp_path: Path, tiny_model_dir: Path) -> None:
     """``extract --source forward --gpus cpu,cpu``: the vectors of the one-process forward."""
     from conftest import build_generated_db
@@ -168,19 +140,21 @@ def test_a_local_judge_across_two_workers(tmp_path: Path, tiny_model_dir: Path) 
         assert scores["two"][key] == pytest.approx(score, abs=1e-4)
 
 
-def test_jobs_side_by_side_on_two_workers(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """``run``/``generate --side both`` on several devices: each job whole on one worker
-    (pinned there, its identity unchanged), the rows of one process running them in turn,
-    progress read back from the job rows."""
+def test_jobs_that_cannot_share_an_engine_go_whole_to_two_workers(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """``run``/``generate --side both`` on several devices with jobs that differ in sampling:
+    each job whole on one worker process (pinned there, its identity unchanged), the rows of
+    one process running them in turn, progress read back from the job rows."""
     from pipeline.job_devices import run_generation_jobs
 
     rows = {}
     for name, gpus in (("one", "cpu"), ("two", "cpu,cpu")):
         with Store(tmp_path / f"{name}.db") as store:
             jobs = []
-            for side in ("pos", "neg"):
+            for side, new in (("pos", 6), ("neg", 5)):
                 params = GenerateParams(
-                    side=side, model=str(tiny_model_dir), n_per_question=1, max_new_tokens=6,
+                    side=side, model=str(tiny_model_dir), n_per_question=1, max_new_tokens=new,
                     batch_size=8,
                 )  # fmt: skip
                 jobs.append(find_or_create_job(store, "paternalism", params))

@@ -390,9 +390,10 @@ def test_continuous_batching_under_cuda_graphs(big_model_dir: Path) -> None:
         torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])
 
 
-def test_generation_across_two_workers_on_one_gpu(big_model_dir: Path, tmp_path: Path) -> None:
-    """``--gpus 0,0``: two worker processes on GPU 0, the parent writing: every planned row
-    once, with its prompt, answer and captured means, and the job saying what each chose.
+def test_generation_across_two_engines_on_one_gpu(big_model_dir: Path, tmp_path: Path) -> None:
+    """``--gpus 0,0``: two engines on GPU 0 (a model each), stepping in two threads of this
+    process from one queue, this thread writing: every planned row once, with its prompt,
+    answer and captured means, and the job saying what the engines chose.
     (Tokens are not compared with a one-process run: in bf16 a row's neighbours in the batch
     change its rounding, and a random model's near-ties then change tokens.)"""
     from pipeline.generate import GenerateParams, find_or_create_job, plan_rows
@@ -415,6 +416,80 @@ def test_generation_across_two_workers_on_one_gpu(big_model_dir: Path, tmp_path:
         acts = load_consolidated(Path(job.stats["activations"]))
         assert sorted(acts["response_ids"].tolist()) == sorted(r.id for r in rows)
         assert torch.isfinite(acts["response_avg"]).all()
+
+
+def _threads_against_one_engine(folder: Path, devices: list[str]) -> None:
+    """An engine a device (a model each), graphed, in threads over one queue, against one
+    engine on the first device: every row once, each with the tokens and captured means one
+    engine gives it (fp32), and every engine taking some of the rows."""
+    from pipeline.engine_threads import stream_on_engines
+
+    models = [load_model(str(folder), device=devices[0], dtype="float32")]
+    for device in devices[1:]:
+        models.append(load_model(str(folder), device=device, dtype="float32", reuse=False))
+    questions = [f"Question {i}: how should I plan day {i} of my week?" for i in range(24)]
+    requests = [
+        DecodeRequest(prompt_ids(models[0].tokenizer, None, q), seed=i)
+        for i, q in enumerate(questions)
+    ]
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0)
+    alone = dict(DecodeEngine(models[0]).stream(requests, sampling, slots=4, check_every=4))
+    engines = [DecodeEngine(m) for m in models]
+    taken = [0] * len(engines)
+
+    def counting(number: int, stream):
+        def counted(*args, **kwargs):
+            for index, result in stream(*args, **kwargs):
+                taken[number] += 1
+                yield index, result
+
+        return counted
+
+    for number, engine in enumerate(engines):
+        engine.stream = counting(number, engine.stream)
+    together = dict(stream_on_engines(engines, [4] * len(engines), requests, sampling))
+    assert sorted(together) == list(range(len(requests)))
+    assert sum(taken) == len(requests) and all(taken), taken
+    for index, result in together.items():
+        assert result.answer_ids == alone[index].answer_ids
+        torch.testing.assert_close(
+            result.activations["response_avg"], alone[index].activations["response_avg"],
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
+
+
+def test_two_engines_in_threads_on_one_gpu_equal_one_engine(tmp_path: Path) -> None:
+    """Two graphed engines on GPU 0 capturing and replaying at once from two threads."""
+    _threads_against_one_engine(build_tiny_family(tmp_path / "llama", "llama"), ["cuda:0"] * 2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_one_queue_over_the_second_gpu_in_threads(tmp_path: Path) -> None:
+    """``--gpus 0,1`` for generation: an engine on each GPU, in threads, one queue."""
+    _threads_against_one_engine(
+        build_tiny_family(tmp_path / "llama", "llama"), ["cuda:0", "cuda:1"]
+    )
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_a_job_over_the_second_gpu_in_threads(big_model_dir: Path, tmp_path: Path) -> None:
+    """``generate --gpus 0,1`` on the 8B shape: every planned row once, written by this
+    process, with the slots each GPU's engine chose from its free memory."""
+    from pipeline.generate import GenerateParams, find_or_create_job, plan_rows
+    from pipeline.jobs import run_job
+
+    with Store(tmp_path / "two-gpus.db") as store:
+        params = GenerateParams(
+            side="pos", model=str(big_model_dir), n_per_question=2, max_new_tokens=32,
+            gpus="0,1",
+        )  # fmt: skip
+        job_id = find_or_create_job(store, TRAIT, params)
+        run_job(store.path, job_id)
+        job = store.get_job(job_id)
+        assert (job.status, job.done) == ("done", 40)
+        assert sorted(job.stats["slots"]) == ["cuda:0", "cuda:1"]
+        rows = store.responses(job=job_id)
+        assert sorted(r.key for r in rows) == sorted(plan_rows("extract", 2, False))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")

@@ -1,0 +1,242 @@
+"""One queue across several engines in one process (``--gpus`` for generation), shown with
+engines on the CPU: every request taken once, the rows one engine gives, an engine's error
+or the caller's stopping every engine, and the job-level paths (rows, stats, OOM message)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from db import PersonaError, Store
+from pipeline.chat import prompt_ids
+from pipeline.engine import DecodeEngine, DecodeRequest, RequestQueue, SamplingConfig
+from pipeline.engine_threads import EngineError, stream_on_engines
+from pipeline.generate import GenerateParams, find_or_create_job
+from pipeline.job_devices import run_generation_jobs
+from pipeline.jobs import run_job
+from pipeline.models import load_model
+from vectors.activations import load_consolidated
+
+QUESTIONS = ["Hi there", "What is 2+2?", "Tell me a story about a cat.", "Why?", "Name a fruit."]
+
+
+def _requests(tokenizer) -> list[DecodeRequest]:
+    return [
+        DecodeRequest(prompt_ids(tokenizer, None, q), seed=seed)
+        for seed, q in enumerate(QUESTIONS * 3)
+    ]
+
+
+def test_each_request_is_taken_once_by_threads_taking_at_once() -> None:
+    waiting = RequestQueue(range(5000))
+    taken: list[list[int]] = [[] for _ in range(8)]
+
+    def take(mine: list[int]) -> None:
+        while batch := waiting.take(7):
+            mine.extend(batch)
+
+    threads = [threading.Thread(target=take, args=(mine,)) for mine in taken]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    everything = [i for mine in taken for i in mine]
+    assert sorted(everything) == list(range(5000)) and len(waiting) == 0
+    assert waiting.take(3) == [] and waiting.waiting() == []
+
+
+def test_two_engines_on_one_queue_give_the_rows_of_one_engine(tiny_model_dir: Path) -> None:
+    """Each row once, with the tokens and captured means one engine gives it, whichever
+    engine took it (each engine on its own copy of the model, as a device named twice)."""
+    first = load_model(str(tiny_model_dir), device="cpu")
+    second = load_model(str(tiny_model_dir), device="cpu", reuse=False)
+    assert second.model is not first.model
+    requests = _requests(first.tokenizer)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    alone = DecodeEngine(first).run(requests, sampling, slots=4)
+    engines = [DecodeEngine(first), DecodeEngine(second)]
+    taken = [0, 0]
+    for number, engine in enumerate(engines):
+        engine.stream = _counting(engine.stream, taken, number)
+    results = list(stream_on_engines(engines, [3, 2], requests, sampling))
+    assert sorted(index for index, _ in results) == list(range(len(requests)))
+    assert all(taken) and sum(taken) == len(requests), taken
+    for index, result in results:
+        assert result.answer_ids == alone[index].answer_ids
+        for kind, value in result.activations.items():
+            torch.testing.assert_close(value, alone[index].activations[kind])
+
+
+def _counting(stream, taken: list[int], number: int):
+    """``stream`` counting in ``taken[number]`` the rows it yields."""
+
+    def counted(*args, **kwargs):
+        for index, result in stream(*args, **kwargs):
+            taken[number] += 1
+            yield index, result
+
+    return counted
+
+
+class _TakenMeanwhile(RequestQueue):
+    """A queue whose rows another device's engine takes between a look and a take."""
+
+    def take(self, count: int) -> list[int]:
+        super().take(len(self))
+        return []
+
+
+def test_an_engine_finding_its_rows_taken_meanwhile_ends_with_none(tiny_model_dir: Path):
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    requests = _requests(loaded.tokenizer)
+    sampling = SamplingConfig(max_new_tokens=4)
+    queue = _TakenMeanwhile(range(len(requests)))
+    engine = DecodeEngine(loaded)
+    assert list(engine.stream(requests, sampling, slots=4, queue=queue)) == []
+    assert len(queue) == 0
+
+
+class _FakeEngine:
+    """What ``stream_on_engines`` asks of an engine: its device and ``stream``."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.steps, self.stopped = fail, 0, False
+
+    def stream(self, requests, sampling, on_step, *, slots, queue):
+        try:
+            while True:
+                if self.fail and self.steps == 3:
+                    raise RuntimeError("the device fell over")
+                self.steps += 1
+                on_step(self.steps)
+                for index in queue.take(1):
+                    yield index, f"row {index}"
+                time.sleep(0.001)
+        finally:
+            self.stopped = True
+
+
+def test_an_engines_error_stops_the_others_and_reaches_the_caller() -> None:
+    engines = [_FakeEngine(), _FakeEngine(fail=True)]
+    with pytest.raises(EngineError, match="the device fell over") as raised:
+        list(stream_on_engines(engines, [1, 1], [None] * 10**5, SamplingConfig(4)))
+    assert raised.value.index == 1 and isinstance(raised.value.error, RuntimeError)
+    assert all(engine.stopped for engine in engines)
+
+
+def test_the_callers_error_stops_every_engine() -> None:
+    engines = [_FakeEngine(), _FakeEngine()]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancelled() -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        for _ in stream_on_engines(
+            engines, [1, 1], [None] * 10**5, SamplingConfig(4), on_idle=cancelled
+        ):
+            pass
+    assert all(engine.stopped for engine in engines)
+
+
+def test_one_job_on_two_engines_writes_the_rows_of_one_device(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """``generate --gpus cpu,cpu``: the rows and activations of the job on one device, all
+    written by this process; the job says what each engine chose."""
+    results = {}
+    for name, extra in (("one", {"device": "cpu"}), ("two", {"gpus": "cpu,cpu"})):
+        with Store(tmp_path / f"{name}.db") as store:
+            params = GenerateParams(
+                side="pos", model=str(tiny_model_dir), n_per_question=1, max_new_tokens=8,
+                batch_size=3, **extra,
+            )  # fmt: skip
+            job_id = find_or_create_job(store, "paternalism", params)
+            run_job(store.path, job_id)
+            job = store.get_job(job_id)
+            assert (job.status, job.done) == ("done", 20)
+            acts = load_consolidated(Path(job.stats["activations"]))
+            index = {rid: i for i, rid in enumerate(acts["response_ids"].tolist())}
+            results[name] = {
+                r.key: (r.answer_ids, r.answer, acts["response_avg"][index[r.id]])
+                for r in store.responses(job=job_id)
+            }
+            results[name + " job"] = job
+    assert results["two job"].stats["slots"] == {"cpu": "3 slots"}
+    assert results["one"].keys() == results["two"].keys()
+    for key, (answer_ids, answer, mean) in results["one"].items():
+        assert results["two"][key][:2] == (answer_ids, answer)
+        torch.testing.assert_close(results["two"][key][2], mean)
+
+
+def test_the_plans_jobs_on_two_engines_share_one_queue(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """``run``/``generate --side both`` on several devices: the jobs' rows in one queue over
+    an engine a device, each job's rows those of one device, the jobs not pinned anywhere."""
+    rows = {}
+    for name, gpus in (("one", "cpu"), ("two", "cpu,cpu")):
+        with Store(tmp_path / f"{name}.db") as store:
+            jobs = []
+            for side in ("pos", "neg"):
+                params = GenerateParams(
+                    side=side, model=str(tiny_model_dir), n_per_question=1, max_new_tokens=6,
+                    batch_size=8,
+                )  # fmt: skip
+                jobs.append(find_or_create_job(store, "paternalism", params))
+            messages: dict[int, list[str]] = {}
+            done: dict[int, int] = {}
+
+            def progress_for(job_id: int, messages=messages, done=done):
+                def record(update) -> None:
+                    messages.setdefault(job_id, []).append(update.message)
+                    done[job_id] = update.done
+
+                return record
+
+            run_generation_jobs(store.path, jobs, gpus=gpus, on_progress=progress_for)
+            assert [store.get_job(j).status for j in jobs] == ["done", "done"]
+            assert done == {jobs[0]: 20, jobs[1]: 20}
+            assert [store.get_job(j).params.get("gpus") for j in jobs] == [None, None]
+            if name == "two":
+                assert any("on 2 devices" in m for m in messages[jobs[0]])
+                assert store.get_job(jobs[0]).stats["slots"] == {"cpu": "8 slots"}
+            rows[name] = {(r.side, r.key): r.answer_ids for r in store.responses()}
+    assert rows["one"] == rows["two"] and len(rows["one"]) == 40
+
+
+def test_out_of_memory_on_one_engine_names_its_batch_size_and_the_job_resumes(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = DecodeEngine.stream
+    calls = []
+
+    def second_runs_out(self, requests, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeEngine, "stream", second_runs_out)
+    with Store(tmp_path / "oom.db") as store:
+        params = GenerateParams(
+            side="pos", model=str(tiny_model_dir), n_per_question=1, max_new_tokens=6,
+            batch_size=3, gpus="cpu,cpu",
+        )  # fmt: skip
+        job_id = find_or_create_job(store, "paternalism", params)
+        with pytest.raises(PersonaError, match=r"at --batch-size 3; rerun the same command"):
+            run_job(store.path, job_id)
+        assert store.get_job(job_id).status == "failed"
+        monkeypatch.setattr(DecodeEngine, "stream", real)
+        run_job(store.path, job_id)
+        job = store.get_job(job_id)
+        keys = [r.key for r in store.responses(job=job_id)]
+        assert (job.status, job.done, len(keys), len(set(keys))) == ("done", 20, 20, 20)
