@@ -248,10 +248,11 @@ def gpus_value(text: str) -> str:
 
 
 def add_gpus(sub: argparse.ArgumentParser) -> None:
-    """--gpus: one worker process a device (``pipeline.sharding``)."""
+    """--gpus: a model copy a device (generation: ``pipeline.engine_threads``; the rest:
+    ``pipeline.sharding``)."""
     sub.add_argument(
         "--gpus",
         type=gpus_value,
-        help="devices to spread rows over, one worker each: all (default: every visible GPU, "
-        "when the model fits on one), GPU indices like 0,1, or cpu,cpu",
+        help="devices to spread rows over, a model copy each: all (default: every visible "
+        "GPU, when the model fits on one), GPU indices like 0,1, or cpu,cpu",
     )
