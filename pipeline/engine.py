@@ -250,7 +250,12 @@ class DecodeEngine:
         # +1: a finished row idles at one column past its last until it is harvested.
         length = -(-(longest + new + 1) // CACHE_ROUND) * CACHE_ROUND
         act_shape = (self.num_states, self.hidden_size) if self.capture else (1, 1)
-        slots = min(slots, len(waiting))
+        # Taken before the state and cache are sized: another device's engine may have taken
+        # some of what was waiting (the HF runner's cache holds exactly the rows it starts).
+        first = queue.take(min(slots, len(waiting)))
+        if not first:
+            return
+        slots = len(first)
         # Inference mode around each piece of work, never across a yield (the caller's code
         # between results must not run in it).
         with torch.inference_mode():
@@ -261,10 +266,7 @@ class DecodeEngine:
         # busy row writes column start + steps at the next step (or less, once finished).
         starts = [0] * slots
         streamed = steps = 0
-        self._fill(state, busy, list(range(slots)), requests, queue, sampling, starts, steps)
-        if all(held is None for held in busy):  # taken by another device meanwhile
-            self.runner.release()
-            return
+        self._fill(state, busy, list(range(slots)), requests, first, sampling, starts, steps)
         step_fn = self._make_step(state, sampling)
         while True:
             reach = max(starts[slot] for slot, held in enumerate(busy) if held is not None)
@@ -282,13 +284,14 @@ class DecodeEngine:
             # Rows that finished since the last check: handed out, their slots freed.
             yield from self._collect(state, busy, new, sampling)
             free = [slot for slot, held in enumerate(busy) if held is None]
-            if refills and queue and free:
-                self._fill(state, busy, free, requests, queue, sampling, starts, steps)
+            taken = queue.take(len(free)) if refills and free else []
+            if taken:
+                self._fill(state, busy, free, requests, taken, sampling, starts, steps)
             if all(held is None for held in busy):
                 break
             # Without a queue, drop finished rows once enough have finished: the rest decode
             # faster. A graphed step must be captured again for the new shape: it waits longer.
-            alive = len(busy) - len(free)
+            alive = sum(held is not None for held in busy)  # after the refill
             if (
                 not queue
                 and on_tokens is None
@@ -319,18 +322,15 @@ class DecodeEngine:
         busy: list[int | None],
         free: list[int],
         requests: Sequence[DecodeRequest],
-        queue: RequestQueue,
+        take: list[int],
         sampling: SamplingConfig,
         starts: list[int],
         steps: int,
     ) -> None:
-        """Prefill the next queued requests into the free slots (``prefill_groups`` of
-        similar length): prompt captures and each row's first token; the slots' step, column
-        and caches start afresh (``starts`` records where their columns start, ``steps``
-        being the steps run so far)."""
-        take = queue.take(len(free))
-        if not take:
-            return
+        """Prefill the requests just taken from the queue (no more than the free slots)
+        into the free slots (``prefill_groups`` of similar length): prompt captures and each
+        row's first token; the slots' step, column and caches start afresh (``starts``
+        records where their columns start, ``steps`` being the steps run so far)."""
         free = free[: len(take)]
         lengths = [len(requests[index].prompt_ids) for index in take]
         # The HF runner's cache takes every row at once, in slot order.

@@ -116,10 +116,12 @@ def run_generation_jobs_together(
     job_ids: Sequence[int],
     on_progress: Callable[[int], ProgressCallback | None] = lambda _job: None,
     devices: Sequence[str] = (),
+    *,
+    named: bool = False,
 ) -> None:
     """Local generation jobs that ``can_share_engine``, in this process, through one engine
     (or one a device of ``devices``, in threads): one queue of all their missing rows, each
-    job's rows written to it as they finish. Each
+    job's rows written to it as they finish (``named``: the devices came from ``--gpus``). Each
     job is claimed, heart-beaten and ended as ``run_job`` does; an error ends every job not
     yet done (a rerun resumes each), and a job cancelled mid-run stops its batch-mates."""
     with Store(db_path) as store, ExitStack() as beats:
@@ -136,7 +138,7 @@ def run_generation_jobs_together(
             shares = [_start(store, job_id, on_progress(job_id)) for job_id in claimed]
             waiting = [share for share in shares if share.pending]
             if waiting:
-                generate_local_jobs(store, waiting, devices)
+                generate_local_jobs(store, waiting, devices, named=named)
             for share in shares:
                 _finish(store, share)
                 ended.add(share.job_id)

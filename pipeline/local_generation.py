@@ -44,26 +44,28 @@ def generate_local(store: Store, share: JobShare) -> None:
 
     params = share.params
     devices = worker_devices(params.gpus, params.device, lambda: fits_one_gpu(params.model))
-    if params.gpus in (None, GPUS_ALL) and len(share.pending) <= MAX_AUTO_SLOTS:
-        # Rows that fit one GPU's slots: a second GPU halves the batch but costs a model
-        # load and its memory; by default the job stays on one.
-        devices = []
-    generate_local_jobs(store, [share], devices)
+    generate_local_jobs(store, [share], devices, named=params.gpus not in (None, GPUS_ALL))
 
 
 def generate_local_jobs(
-    store: Store, shares: Sequence[JobShare], devices: Sequence[str] = ()
+    store: Store, shares: Sequence[JobShare], devices: Sequence[str] = (), *, named: bool = False
 ) -> None:
     """Several jobs' missing rows in one queue (the jobs share model, device and sampling): a
     slot freed by one job's row takes the next row of any of them, so the plan's jobs
     together take little longer than their longest answer. On one device (``devices``
     empty: the job's own) through one engine; on several, through an engine each, in
-    threads, all taking from that one queue. Each job's rows are written to it as they
+    threads, all taking from that one queue; unless ``named`` (by ``--gpus``), rows that
+    fit one device's slots stay on the first. Each job's rows are written to it as they
     finish."""
     from pipeline.engine import DecodeEngine, DecodeRequest
     from pipeline.models import load_model
 
     params = shares[0].params
+    pending = sum(len(share.pending) for share in shares)
+    if not named and pending <= MAX_AUTO_SLOTS:
+        # Rows that fit one GPU's slots: a second GPU halves the batch but costs a model
+        # load and its memory; unless --gpus names several, they stay on one.
+        devices = ()
     for share in shares:
         _loading(share)
     started = time.perf_counter()
@@ -203,7 +205,10 @@ def _engine_results(params, requests, engines, shares, writers) -> Iterator:
         if params.batch_size:
             count, how = params.batch_size, "--batch-size"
         else:
-            count = auto_slots(loaded, longest + params.max_new_tokens, params.capture)
+            # Engines on one device share its free memory (none has its cache yet).
+            sharing = sum(other.device == engine.device for other in engines)
+            length = longest + params.max_new_tokens
+            count = auto_slots(loaded, length, params.capture, sharing=sharing)
             if loaded.device.type == "cuda":
                 how = "chosen from free GPU memory"
             else:
@@ -226,8 +231,8 @@ def _engine_results(params, requests, engines, shares, writers) -> Iterator:
             f"generating with {model_id} ({where}{shared if others[share.job_id] else ''})"
         )
         share.progress.flush(force=True)
-    # Rows are written in groups of a quarter of the slots.
-    group = max(1, sum(slots) // 4)
+    # Rows are written in groups of a quarter of one engine's slots.
+    group = max(1, max(slots) // 4)
 
     def on_check(_steps: int = 0) -> None:
         for writer in writers:
@@ -255,11 +260,12 @@ def _out_of_memory(slots: int) -> str:
     )
 
 
-def auto_slots(loaded: Any, length: int, capture: bool) -> int:
+def auto_slots(loaded: Any, length: int, capture: bool, sharing: int = 1) -> int:
     """Rows decoded at once when ``--batch-size`` is not given: as many as the free memory
     holds (KV cache of ``length`` tokens and capture buffers a row); on a GPU after a reserve
     for prefill activations, at most ``MAX_AUTO_SLOTS``; on a CPU in half the available
-    memory, at most ``MAX_AUTO_SLOTS_CPU`` (8 where the available memory is unknown)."""
+    memory, at most ``MAX_AUTO_SLOTS_CPU`` (8 where the available memory is unknown).
+    ``sharing``: engines about to take their caches from the same memory, each its part."""
     config = loaded.model.config
     layers = int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
@@ -280,7 +286,7 @@ def auto_slots(loaded: Any, length: int, capture: bool) -> int:
             return 8
         budget = available / 2  # the rest: prefill activations, the judge, other processes
         most = MAX_AUTO_SLOTS_CPU
-    return max(1, min(most, int(budget // per_row)))
+    return max(1, min(most, int(budget / sharing // per_row)))
 
 
 def _available_memory() -> int | None:

@@ -279,7 +279,9 @@ def _load_model(spec: str, *, device: str | None, dtype: str | None) -> LoadedMo
         raise PersonaError(f"unknown precision {dtype}; use {', '.join(DTYPES)}")
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device.startswith("cuda"):
-        if _needs_sharding(resolved.path, torch_dtype):
+        # Measured on the GPU it goes to: engines on several GPUs load one after another in
+        # one process, so the first GPU already holds a copy when the second loads.
+        if _needs_sharding(resolved.path, torch_dtype, gpu=torch.device(device).index):
             kwargs["device_map"] = "auto"
         else:
             # Straight from the files to the GPU, with no full copy in host memory first
@@ -340,7 +342,11 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _needs_sharding(path: Path, torch_dtype: Any, *, any_count: bool = False) -> bool:
+def _needs_sharding(
+    path: Path, torch_dtype: Any, *, any_count: bool = False, gpu: int | None = None
+) -> bool:
+    """Whether the weights, in ``torch_dtype``, overflow 85% of ``gpu``'s free memory
+    (default: GPU 0's)."""
     import torch
 
     if torch.cuda.device_count() < 2 and not any_count:
@@ -352,5 +358,5 @@ def _needs_sharding(path: Path, torch_dtype: Any, *, any_count: bool = False) ->
     stored_dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     stored_width = 4 if "32" in stored_dtype else 2
     needed = stored * torch.tensor([], dtype=torch_dtype).element_size() / stored_width
-    free, _total = torch.cuda.mem_get_info(0)
+    free, _total = torch.cuda.mem_get_info(gpu or 0)
     return needed > 0.85 * free

@@ -98,7 +98,7 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
         def progress_for(job_id: int) -> ProgressCallback | None:
             return on_step(labels[job_id], job_id) if on_step is not None else None
 
-        # Several GPUs: the four jobs side by side, one GPU each at a time.
+        # The four jobs as one queue, over an engine on each GPU where there are several.
         run_generation_jobs(
             db_path, list(generation.values()), gpus=params.gpus, device=params.device,
             on_progress=progress_for,

@@ -100,6 +100,35 @@ def test_an_engine_finding_its_rows_taken_meanwhile_ends_with_none(tiny_model_di
     assert len(queue) == 0
 
 
+class _PartlyTaken(RequestQueue):
+    """A queue of which another device's engine takes all but two rows between this
+    engine's look at what waits and its first take."""
+
+    other: list[int]
+
+    def take(self, count: int) -> list[int]:
+        if not hasattr(self, "other"):
+            self.other = super().take(len(self) - 2)
+        return super().take(count)
+
+
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_an_engine_sizes_its_batch_to_the_rows_it_took(tiny_model_dir: Path, backend: str):
+    """Both runners start with only the rows left to them (the HF runner's cache holds
+    exactly the rows it starts), each row as one engine alone gives it."""
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    requests = _requests(loaded.tokenizer)
+    sampling = SamplingConfig(max_new_tokens=6)
+    alone = DecodeEngine(loaded, backend=backend).run(requests, sampling, slots=8)
+    queue = _PartlyTaken(range(len(requests)))
+    engine = DecodeEngine(loaded, backend=backend)
+    results = dict(engine.stream(requests, sampling, slots=8, queue=queue))
+    assert sorted(results) == sorted(set(range(len(requests))) - set(queue.other))
+    assert len(results) == 2 and len(queue) == 0
+    for index, result in results.items():
+        assert result.answer_ids == alone[index].answer_ids
+
+
 class _FakeEngine:
     """What ``stream_on_engines`` asks of an engine: its device and ``stream``."""
 
@@ -240,3 +269,45 @@ def test_out_of_memory_on_one_engine_names_its_batch_size_and_the_job_resumes(
         job = store.get_job(job_id)
         keys = [r.key for r in store.responses(job=job_id)]
         assert (job.status, job.done, len(keys), len(set(keys))) == ("done", 20, 20, 20)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "slots", "sharing"),
+    [(None, 4, [1]), ("cpu,cpu", {"cpu": "4 slots"}, [2, 2])],
+    ids=["default: one device", "named: both"],
+)
+def test_a_plan_that_fits_one_devices_slots_stays_on_one_unless_named(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    gpus: str | None,
+    slots: object,
+    sharing: list[int],
+) -> None:
+    """With every device visible (the default), a plan whose rows fit one device's slots
+    runs on one (a second costs a load for a smaller batch); devices named by ``--gpus``
+    are all used, and engines on one device each size their slots from their part of its
+    free memory."""
+    from pipeline import local_generation, sharding
+
+    monkeypatch.setattr(sharding, "worker_devices", lambda *_args: ["cpu", "cpu"])
+    asked: list[int] = []
+
+    def four_slots(_loaded, _length, _capture, sharing: int = 1) -> int:
+        asked.append(sharing)
+        return 4
+
+    monkeypatch.setattr(local_generation, "auto_slots", four_slots)
+    with Store(tmp_path / "plan.db") as store:
+        jobs = [
+            find_or_create_job(
+                store, "paternalism",
+                GenerateParams(side=side, model=str(tiny_model_dir), n_per_question=1,
+                               max_new_tokens=6, gpus=gpus),
+            )
+            for side in ("pos", "neg")
+        ]  # fmt: skip
+        run_generation_jobs(store.path, jobs, gpus=gpus)
+        assert [store.get_job(j).stats["slots"] for j in jobs] == [slots, slots]
+        assert [store.get_job(j).done for j in jobs] == [20, 20]
+    assert asked == sharing

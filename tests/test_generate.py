@@ -505,6 +505,9 @@ def test_cpu_slots_come_from_available_memory(
     assert auto_slots(tiny, 100, capture=True) == 5
     monkeypatch.setattr(local_generation, "_available_memory", lambda: 1 << 40)
     assert auto_slots(tiny, 100, capture=True) == MAX_AUTO_SLOTS_CPU == 64
+    monkeypatch.setattr(local_generation, "_available_memory", lambda: 2 * 10 * per_row + 1)
+    assert auto_slots(tiny, 100, capture=True) == 10
+    assert auto_slots(tiny, 100, capture=True, sharing=2) == 5  # two engines, one memory
     monkeypatch.setattr(local_generation, "_available_memory", lambda: None)
     assert auto_slots(tiny, 100, capture=True) == 8
     monkeypatch.setattr(local_generation, "_available_memory", lambda: 1 << 40)

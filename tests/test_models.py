@@ -103,3 +103,21 @@ def test_bad_dtype_and_device(tiny_model_dir: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(PersonaError, match="torch sees no CUDA GPU"):
             load_model(str(tiny_model_dir), device="cuda")
+
+
+def test_whether_a_model_needs_sharding_is_measured_on_its_own_gpu(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engines on several GPUs load one after another: GPU 0 already holds a copy when the
+    copy for GPU 1 loads, so GPU 1's free memory decides, not GPU 0's."""
+    stored = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    free = {0: stored // 4, 1: stored * 10}  # fp32 on disk, bf16 wanted: half of `stored`
+    asked: list[int] = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda gpu: asked.append(gpu) or (free[gpu], 10**12)
+    )
+    assert not models._needs_sharding(tiny_model_dir, torch.bfloat16, gpu=1)
+    assert models._needs_sharding(tiny_model_dir, torch.bfloat16, gpu=0)
+    assert models._needs_sharding(tiny_model_dir, torch.bfloat16)  # GPU 0 by default
+    assert asked == [1, 0, 0]
