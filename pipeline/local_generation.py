@@ -221,9 +221,14 @@ def _engine_results(params, requests, engines, shares, writers) -> Iterator:
         stats: Any = slots[0]
         where = f"{slots[0]} slots, {chosen[0]}"
     else:
-        stats = {str(e.device): f"{n} slots" for e, n in zip(engines, slots, strict=True)}
-        listed = ", ".join(f"{device}: {text}" for device, text in stats.items())
-        where = f"on {len(engines)} devices: {listed}, {chosen[0]}"
+        stats = {}
+        for engine, count in zip(engines, slots, strict=True):
+            name = str(engine.device)
+            # A device named twice runs two engines: cuda:0, then cuda:0#2.
+            repeat = sum(key.split("#")[0] == name for key in stats)
+            stats[f"{name}#{repeat + 1}" if repeat else name] = f"{count} slots"
+        listed = ", ".join(f"{engine}: {text}" for engine, text in stats.items())
+        where = f"{len(engines)} engines: {listed}, {chosen[0]}"
     for share in shares:
         share.progress.extra["slots"] = stats
         shared = f"; one queue with job {', '.join(map(str, others[share.job_id]))}"

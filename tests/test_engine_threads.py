@@ -199,7 +199,7 @@ def test_one_job_on_two_engines_writes_the_rows_of_one_device(
                 for r in store.responses(job=job_id)
             }
             results[name + " job"] = job
-    assert results["two job"].stats["slots"] == {"cpu": "3 slots"}
+    assert results["two job"].stats["slots"] == {"cpu": "3 slots", "cpu#2": "3 slots"}
     assert results["one"].keys() == results["two"].keys()
     for key, (answer_ids, answer, mean) in results["one"].items():
         assert results["two"][key][:2] == (answer_ids, answer)
@@ -236,8 +236,10 @@ def test_the_plans_jobs_on_two_engines_share_one_queue(
             assert done == {jobs[0]: 20, jobs[1]: 20}
             assert [store.get_job(j).params.get("gpus") for j in jobs] == [None, None]
             if name == "two":
-                assert any("on 2 devices" in m for m in messages[jobs[0]])
-                assert store.get_job(jobs[0]).stats["slots"] == {"cpu": "8 slots"}
+                engines = "2 engines: cpu: 8 slots, cpu#2: 8 slots"
+                assert any(engines in m for m in messages[jobs[0]])
+                slots = store.get_job(jobs[0]).stats["slots"]
+                assert slots == {"cpu": "8 slots", "cpu#2": "8 slots"}
             rows[name] = {(r.side, r.key): r.answer_ids for r in store.responses()}
     assert rows["one"] == rows["two"] and len(rows["one"]) == 40
 
@@ -273,7 +275,7 @@ def test_out_of_memory_on_one_engine_names_its_batch_size_and_the_job_resumes(
 
 @pytest.mark.parametrize(
     ("gpus", "slots", "sharing"),
-    [(None, 4, [1]), ("cpu,cpu", {"cpu": "4 slots"}, [2, 2])],
+    [(None, 4, [1]), ("cpu,cpu", {"cpu": "4 slots", "cpu#2": "4 slots"}, [2, 2])],
     ids=["default: one device", "named: both"],
 )
 def test_a_plan_that_fits_one_devices_slots_stays_on_one_unless_named(

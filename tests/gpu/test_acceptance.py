@@ -409,7 +409,7 @@ def test_generation_across_two_engines_on_one_gpu(big_model_dir: Path, tmp_path:
         run_job(store.path, job_id)
         job = store.get_job(job_id)
         assert (job.status, job.done) == ("done", 20)
-        assert job.stats["slots"] == {"cuda:0": "8 slots"}
+        assert job.stats["slots"] == {"cuda:0": "8 slots", "cuda:0#2": "8 slots"}
         rows = store.responses(job=job_id)
         assert sorted(r.key for r in rows) == sorted(plan_rows("extract", 1, False))
         assert all(r.answer_ids and r.prompt_ids for r in rows)
