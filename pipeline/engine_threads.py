@@ -1,7 +1,8 @@
-"""One queue of requests across several devices from one process: an engine a device, each
-stepping in its own thread and taking the next waiting request whenever one of its slots
-frees (``engine.RequestQueue``), while the calling thread receives the results and does
-everything else (writes, heartbeat, cancel).
+"""One queue of work across several devices from one process, a thread a device, while the
+calling thread receives the results and does everything else (writes, heartbeat, cancel):
+``stream_on_engines`` (generation: an engine a device, each taking the next waiting request
+whenever one of its slots frees, ``engine.RequestQueue``) and ``map_on_devices`` (larger
+items, such as a sweep's settings, each done whole by whichever device is free).
 
 Threads, not worker processes: a fresh process on a GPU host spends about 11 s importing
 torch and transformers before it loads a model (``tests/bench/profile_workers.py``, NVIDIA
@@ -40,6 +41,11 @@ class EngineError(Exception):
         self.index, self.error = index, error
 
 
+# body(emit, check): a device's work in its thread; ``emit(index, result)`` hands a result
+# to the caller, ``check()`` raises once the caller stops (call it between pieces of work).
+ThreadBody = Callable[[Callable[[int, Any], None], Callable[[], None]], None]
+
+
 def stream_on_engines(
     engines: Sequence[DecodeEngine],
     slots: Sequence[int],
@@ -54,31 +60,78 @@ def stream_on_engines(
     raised as ``EngineError``; an exception in the caller (``on_idle``'s, or the caller
     closing the iterator) stops every engine at its next host check before it returns."""
     waiting = RequestQueue(range(len(requests)))
+
+    def body(number: int, engine: DecodeEngine) -> ThreadBody:
+        def run(emit: Callable[[int, Any], None], check: Callable[[], None]) -> None:
+            steps = engine.stream(
+                requests, sampling, lambda _steps: check(), slots=slots[number], queue=waiting
+            )
+            for request, result in steps:
+                emit(request, result)
+
+        return run
+
+    bodies = [body(number, engine) for number, engine in enumerate(engines)]
+    yield from run_in_threads([e.device for e in engines], bodies, on_idle=on_idle)
+
+
+def map_on_devices(
+    devices: Sequence[torch.device],
+    work: Sequence[Callable[[Any], Any]],
+    items: Sequence[Any],
+    *,
+    on_idle: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[int, Any]]:
+    """Yield (item index, ``work[i](item)``) for every item once, ``work[i]`` running on
+    ``devices[i]`` in its own thread and taking the next waiting item whenever it is free
+    (items that each take a while: a sweep's settings). Errors and stopping as
+    ``stream_on_engines``; a device stops between items."""
+    waiting = RequestQueue(range(len(items)))
+
+    def body(do: Callable[[Any], Any]) -> ThreadBody:
+        def run(emit: Callable[[int, Any], None], check: Callable[[], None]) -> None:
+            while taken := waiting.take(1):
+                check()
+                emit(taken[0], do(items[taken[0]]))
+
+        return run
+
+    yield from run_in_threads(devices, [body(do) for do in work], on_idle=on_idle)
+
+
+def run_in_threads(
+    devices: Sequence[torch.device],
+    bodies: Sequence[ThreadBody],
+    *,
+    on_idle: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[int, Any]]:
+    """Run ``bodies[i]`` in its own thread with ``devices[i]`` its current device, yielding
+    what they emit in the calling thread; ``on_idle`` runs there between results."""
     results: queue_module.SimpleQueue[tuple[str, int, Any]] = queue_module.SimpleQueue()
     stop = threading.Event()
 
-    def on_step(_steps: int) -> None:
+    def emit(index: int, result: Any) -> None:
+        results.put(("item", index, result))
+
+    def check() -> None:
         if stop.is_set():
             raise _Stopped
 
-    def run(index: int, engine: DecodeEngine) -> None:
+    def run(number: int, device: torch.device, body: ThreadBody) -> None:
         try:
-            if engine.device.type == "cuda":
-                torch.cuda.set_device(engine.device)  # the thread's own GPU is its current one
-            for request, result in engine.stream(
-                requests, sampling, on_step, slots=slots[index], queue=waiting
-            ):
-                results.put(("item", request, result))
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the thread's own GPU is its current one
+            body(emit, check)
         except _Stopped:
             pass
         except BaseException as exc:  # handed to the caller, which raises it
             stop.set()
-            results.put(("error", index, exc))
-        results.put(("done", index, None))
+            results.put(("error", number, exc))
+        results.put(("done", number, None))
 
     threads = [
-        threading.Thread(target=run, args=(i, e), name=f"persona-engine-{i}", daemon=True)
-        for i, e in enumerate(engines)
+        threading.Thread(target=run, args=(i, d, b), name=f"persona-device-{i}", daemon=True)
+        for i, (d, b) in enumerate(zip(devices, bodies, strict=True))
     ]
     for thread in threads:
         thread.start()
@@ -100,6 +153,6 @@ def stream_on_engines(
     finally:
         stop.set()
         for thread in threads:
-            # An engine stops at its next host check; one stuck in a failed device does not
-            # hold the error back (its thread is a daemon).
+            # A device stops at its next check; one stuck in a failed device does not hold
+            # the error back (its thread is a daemon).
             thread.join(timeout=JOIN_SECONDS)

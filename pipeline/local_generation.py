@@ -58,7 +58,7 @@ def generate_local_jobs(
     fit one device's slots stay on the first. Each job's rows are written to it as they
     finish."""
     from pipeline.engine import DecodeEngine, DecodeRequest
-    from pipeline.models import load_model
+    from pipeline.models import load_on_devices
 
     params = shares[0].params
     pending = sum(len(share.pending) for share in shares)
@@ -70,13 +70,11 @@ def generate_local_jobs(
         _loading(share)
     started = time.perf_counter()
     places = list(devices) or [params.device or single_device(params.gpus)]
-    engines = []
-    for number, device in enumerate(places):
-        # A device named twice gets a model of its own: two engines step at once.
-        reuse = device not in places[:number]
-        loaded = load_model(params.model, device=device, reuse=reuse)
-        # Built before the slots are counted: its fused projections take memory first.
-        engines.append(DecodeEngine(loaded, capture=params.capture))
+    # Built before the slots are counted: their fused projections take memory first.
+    engines = [
+        DecodeEngine(loaded, capture=params.capture)
+        for loaded in load_on_devices(params.model, places)
+    ]
     # In the job's stats: where a run's time went (load, then decode with its writes).
     for share in shares:
         share.progress.extra["load_s"] = round(time.perf_counter() - started, 1)

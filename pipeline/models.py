@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,18 @@ def load_model(
         _LAST.clear()
         _LAST[key] = loaded
         return loaded
+
+
+def load_on_devices(spec: str, devices: Sequence[str | None]) -> list[LoadedModel]:
+    """The model on each device, one after another in this thread (transformers sets the
+    default dtype process-wide while it loads, so never while another thread works). The
+    first is ``load_model``'s reused one where it is loaded already; a device named twice
+    gets a copy of its own, as two engines step on it at once."""
+    models: list[LoadedModel] = []
+    for number, device in enumerate(devices):
+        reuse = device not in devices[:number]
+        models.append(load_model(spec, device=device, reuse=reuse))
+    return models
 
 
 def _device_key(device: str | None) -> str:

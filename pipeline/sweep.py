@@ -37,6 +37,9 @@ class SweepParams(JobParams):
     seed: int = 0
     prune_top: int | None = None  # keep the K layers with the best eval AUROC
     device: str | None = None
+    gpus: str | None = None  # the settings over an engine a device (parse_gpus)
+
+    NOT_IDENTITY = frozenset({"gpus"})
 
     def validate(self) -> SweepParams:
         if not self.layers:
@@ -51,6 +54,9 @@ class SweepParams(JobParams):
             )
         check_coefs(self.coefs)
         from pipeline.judge_backends import check_judge_spec
+        from pipeline.sharding import parse_gpus
+
+        parse_gpus(self.gpus)
 
         check_judge_spec(self.judge)
         return self
@@ -124,7 +130,9 @@ def create_sweep_job(store: Store, trait: str, params: SweepParams) -> int:
     if "response_avg_diff" not in latest_vectors(store, trait):
         raise PersonaError(f"trait '{trait}' has no vectors yet; run `persona extract {trait}`")
     for job in store.list_jobs(trait=trait, kind="sweep"):
-        if job.params == params.to_dict():
+        if SweepParams.from_dict(job.params).identity() == params.identity():
+            if job.params != params.to_dict():  # e.g. resumed with other --gpus
+                store.update_job(job.id, params=params.to_dict())
             return job.id
     return store.create_job("sweep", trait, params.to_dict()).id
 
@@ -137,10 +145,13 @@ def run_sweep_job(
     from pipeline.analyze import analyze
     from pipeline.chat import prompt_ids
     from pipeline.decoding import answer_text, decode, response_row
+    from pipeline.engine_threads import EngineError, map_on_devices
     from pipeline.judge_backends import make_judge
     from pipeline.judge_scores import COHERENCE_PROMPT
     from pipeline.judging import run_judgments
+    from pipeline.models import fits_one_gpu, load_on_devices
     from pipeline.sampling import row_seed
+    from pipeline.sharding import worker_devices
     from pipeline.trait_vectors import check_steered_layers, load_fitted_vector
     from vectors.steering import SteeringSpec
 
@@ -176,49 +187,77 @@ def run_sweep_job(
     progress.extra["pruned"] = pruned
     progress.start()
     prompts = {q: prompt_ids(loaded.tokenizer, None, trait.questions[q]) for q in questions}
+    work = []  # (layer, coefficient index, coef, questions still unanswered)
     for layer, index, coef in settings:
         todo = [q for q in questions if (q, layer, index) not in stored]
-        if not todo:
+        if todo:
+            work.append((layer, index, coef, todo))
+        else:
             progress.add(len(questions))
-            continue
-        progress.check_cancelled()
-        specs = []
-        if layer:
-            specs = [SteeringSpec(layer, vector, coef=coef, positions=params.positions)]
-        seeds = [row_seed(params.seed, q, 0, 0) for q in todo]
-        try:
-            results = decode(
-                loaded,
+    devices = worker_devices(
+        params.gpus, params.device, lambda: fits_one_gpu(params.model or record.model)
+    )
+    # No more copies than settings to answer; the first device's copy is ``loaded`` itself
+    # where it sits there (load_model reuses it).
+    devices = devices[: len(work)]
+    many = len(devices) > 1
+    models = load_on_devices(params.model or record.model, devices) if many else [loaded]
+
+    def answers(model: Any) -> Any:
+        def setting(item: tuple[int, int, float, list[int]]) -> list[Any]:
+            layer, _index, coef, todo = item
+            specs = []
+            if layer:
+                specs = [SteeringSpec(layer, vector, coef=coef, positions=params.positions)]
+            return decode(
+                model,
                 [prompts[q] for q in todo],
-                seeds,
+                [row_seed(params.seed, q, 0, 0) for q in todo],
                 max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature,
                 steering=specs,
             )
-        except torch.cuda.OutOfMemoryError:
-            raise PersonaError(
-                f"CUDA out of memory generating {len(todo)} steered answers at once; rerun "
-                "the same command with a lower --n or --max-new-tokens (the job resumes where "
-                "it stopped)"
-            ) from None
-        store.add_responses(
-            response_row(
-                job=job_id,
-                trait=trait.name,
-                side="none",
-                split="eval",
-                key=(q, layer, index),
-                question_text=trait.questions[q],
-                system_prompt="",
-                prompt_ids=prompts[q],
-                answer_ids=r.answer_ids,
-                answer=answer_text(loaded, r.answer_ids),
-                finish_reason=r.finish_reason,
-                model=loaded.model_id,
-            )
-            for q, r in zip(todo, results, strict=True)
+
+        return setting
+
+    done = (
+        enumerate(answers(loaded)(item) for item in work)
+        if len(models) == 1
+        else map_on_devices(
+            [m.device for m in models],
+            [answers(m) for m in models],
+            work,
+            on_idle=progress.check_cancelled,
         )
-        progress.add(len(todo))
+    )
+    try:
+        for number, results in done:
+            layer, index, _coef, todo = work[number]
+            store.add_responses(
+                response_row(
+                    job=job_id,
+                    trait=trait.name,
+                    side="none",
+                    split="eval",
+                    key=(q, layer, index),
+                    question_text=trait.questions[q],
+                    system_prompt="",
+                    prompt_ids=prompts[q],
+                    answer_ids=r.answer_ids,
+                    answer=answer_text(loaded, r.answer_ids),
+                    finish_reason=r.finish_reason,
+                    model=loaded.model_id,
+                )
+                for q, r in zip(todo, results, strict=True)
+            )
+            progress.add(len(todo))
+            progress.check_cancelled()
+    except EngineError as exc:
+        if not isinstance(exc.error, torch.cuda.OutOfMemoryError):
+            raise exc.error from None
+        _out_of_memory(len(questions))
+    except torch.cuda.OutOfMemoryError:
+        _out_of_memory(len(questions))
     judge = make_judge(params.judge, base_url=params.judge_base_url, device=params.device)
     templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
     asyncio.run(run_judgments(store, judge, job_id, templates, progress))
@@ -227,6 +266,13 @@ def run_sweep_job(
     progress.extra["best"] = best_settings(table)
     progress.done = progress.total  # answers and judgments from earlier runs count too
     progress.finish("done")
+
+
+def _out_of_memory(answers: int) -> None:
+    raise PersonaError(
+        f"CUDA out of memory generating {answers} steered answers at once; rerun the same "
+        "command with a lower --n or --max-new-tokens (the job resumes where it stopped)"
+    ) from None
 
 
 def sweep_table(store: Store, job_id: int, judge: str, params: SweepParams) -> list[dict[str, Any]]:

@@ -1109,8 +1109,8 @@ def test_sweep_out_of_gpu_memory(capsys, vectors_db: Path, monkeypatch: pytest.M
         "CUDA out of memory generating 2 steered answers at once; rerun the same command with "
         "a lower --n or --max-new-tokens (the job resumes where it stopped)",
     )
-    with Store(vectors_db) as store:
-        job = store.list_jobs(trait=TRAIT, kind="sweep")[0]
+    with Store(vectors_db) as store:  # the newest sweep: other tests' share the database
+        job = max(store.list_jobs(trait=TRAIT, kind="sweep"), key=lambda j: j.id)
         assert job.status == "failed" and len(store.responses(job=job.id)) == 2
 
 

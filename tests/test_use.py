@@ -128,6 +128,43 @@ def test_sweep_runs_judges_and_resumes(extracted: Path, tiny_model_dir: Path) ->
         assert len(store.responses(job=job_id)) == 10
 
 
+def test_a_sweep_over_two_devices_stores_the_answers_of_one(
+    extracted: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sweep --gpus cpu,cpu``: the settings shared by two engines in two threads, each
+    setting's answers those the sweep on one device stores."""
+    import threading
+    import time
+
+    from pipeline import decoding
+
+    real, threads = decoding.decode, set()
+
+    def decode(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.05)  # neither device takes every setting before the other starts
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "decode", decode)
+    answers = {}
+    for name, where in (("one", {"device": "cpu"}), ("two", {"gpus": "cpu,cpu"})):
+        params = SweepParams(
+            layers=(2,), coefs=(-6.0, 3.0, 6.0), n=2, judge=f"local:{tiny_model_dir}",
+            max_new_tokens=5, seed=3, **where,
+        )  # fmt: skip
+        with Store(extracted) as store:
+            job_id = create_sweep_job(store, "paternalism", params)
+        run_job(extracted, job_id)
+        with Store(extracted) as store:
+            assert store.get_job(job_id).status == "done"
+            answers[name] = {r.key: r.answer_ids for r in store.responses(job=job_id)}
+        if name == "one":
+            assert threads == {threading.main_thread().name}
+            threads.clear()
+    assert threads == {"persona-device-0", "persona-device-1"}
+    assert len(answers["one"]) == 8 and answers["two"] == answers["one"]
+
+
 def test_best_settings_respects_coherence() -> None:
     table = [
         {"layer": 0, "coef": 0.0, "n": 5, "trait": 40, "coherence": 80},

@@ -200,6 +200,20 @@ def test_sweep(db: Path, big_model_dir: Path) -> None:
         assert job.status == "done"
 
 
+def test_sweep_over_two_engines_on_one_gpu(db: Path, big_model_dir: Path) -> None:
+    """``sweep --gpus 0,0``: the settings shared by two engines (two copies of the model)
+    stepping in two threads; every setting's answers stored once."""
+    rc = cli(db, "sweep", TRAIT, "--layers", f"8,{_layer(big_model_dir)}", "--coefs=-4,4",
+             "--n", "2", "--judge", f"local:{big_model_dir}", "--max-new-tokens", "24",
+             "--seed", "1", "--gpus", "0,0")  # fmt: skip
+    assert rc == 0
+    with Store(db) as store:
+        job = max(store.list_jobs(trait=TRAIT, kind="sweep"), key=lambda j: j.id)
+        assert job.status == "done" and job.params["gpus"] == "0,0"
+        keys = [r.key for r in store.responses(job=job.id)]
+        assert len(keys) == len(set(keys)) == 5 * 2
+
+
 def test_screen_with_compare_base(db: Path, big_model_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data.jsonl"
     rows = [

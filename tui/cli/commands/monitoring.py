@@ -12,6 +12,7 @@ from rich.text import Text
 
 from tui.cli.arguments import (
     VECTOR_KINDS,
+    add_gpus,
     input_file,
     non_negative_float,
     number_list,
@@ -113,6 +114,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         seed=args.seed,
         prune_top=args.prune_top,
         device=args.device,
+        gpus=args.gpus,
     )
     with open_store(args) as store:
         job_id = create_sweep_job(store, args.trait, params)
@@ -261,6 +263,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--prune-top", type=positive_int, help="keep the K layers with the best eval AUROC"
     )
     sw.add_argument("--device")
+    add_gpus(sw)
 
     scr = add_command(
         commands,
