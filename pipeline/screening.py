@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from db import PersonaError, Store
 from pipeline.chat import prompt_ids
@@ -86,10 +90,14 @@ def screen(
     device: str | None = None,
     max_new_tokens: int = 200,
     seed: int = 0,
+    gpus: str | None = None,
 ) -> tuple[int, list[ScreenRow]]:
-    """Rank the samples (highest first); returns (layer used, rows)."""
-    from pipeline.decoding import decode
+    """Rank the samples (highest first); returns (layer used, rows). With several devices
+    (``gpus``, ``pipeline.sharding.parse_gpus``) the forward passes and base answers are
+    shared by a copy of the model a device, each in its own thread."""
+    from pipeline.models import fits_one_gpu, load_on_devices
     from pipeline.sampling import row_seed
+    from pipeline.sharding import parse_gpus, worker_devices
 
     samples = read_samples(data)
     fitted = load_fitted_vector(store, trait, model=model, device=device)
@@ -99,27 +107,78 @@ def screen(
     prompts = [prompt_ids(tok, None, p) for p, _ in samples]
     answers = [tok(r, add_special_tokens=False)["input_ids"] for _, r in samples]
     _check_context(loaded, data, prompts, answers, max_new_tokens if compare_base else 0)
-    forward = ForwardMeans(loaded)
-
-    def project(rows: list[tuple[list[int], list[int]]]) -> list[float]:
-        out = [0.0] * len(rows)
-        v = vector.to(loaded.device)
-        for chunk, means in forward.iter_means(rows, TOKENS_PER_BATCH):
-            values = projections_by_layer(means["response_avg"], v)[:, layer].tolist()
-            for i, value in zip(chunk, values, strict=True):
-                out[i] = value
-        return out
-
-    data_proj = project(list(zip(prompts, answers, strict=True)))
+    spec = model or fitted.record.model
+    devices = worker_devices(parse_gpus(gpus), device, lambda: fits_one_gpu(spec))
+    devices = devices[: len(samples)]  # no more copies than samples
+    models = load_on_devices(spec, devices) if len(devices) > 1 else [loaded]
+    rows = list(zip(prompts, answers, strict=True))
+    data_proj = _projections(models, vector, layer, rows)
     base_proj: list[float | None] = [None] * len(samples)
     if compare_base:
         seeds = [row_seed(seed, i, 0, 0) for i in range(len(prompts))]
-        results = decode(loaded, prompts, seeds, max_new_tokens=max_new_tokens)
-        base_proj = project([(p, r.answer_ids) for p, r in zip(prompts, results, strict=True)])
+        base = _base_answers(models, prompts, seeds, max_new_tokens)
+        base_proj = list(_projections(models, vector, layer, list(zip(prompts, base, strict=True))))
     rows = [ScreenRow(i, p, r, data_proj[i], base_proj[i]) for i, (p, r) in enumerate(samples)]
     key = (lambda row: row.difference) if compare_base else (lambda row: row.projection)
     rows.sort(key=key, reverse=True)
     return layer, rows
+
+
+def _projections(
+    models: list[Any], vector: torch.Tensor, layer: int, rows: list[tuple[list[int], list[int]]]
+) -> list[float]:
+    """Each row's response-average projection at ``layer``; with several models, pieces of
+    the rows shared by them in threads (``map_on_devices``)."""
+    from pipeline.engine_threads import map_on_devices
+
+    def project(loaded: Any) -> Callable[[list[int]], list[tuple[int, float]]]:
+        forward, v = ForwardMeans(loaded), vector.to(loaded.device)
+
+        def piece(indices: list[int]) -> list[tuple[int, float]]:
+            out = []
+            for chunk, means in forward.iter_means([rows[i] for i in indices], TOKENS_PER_BATCH):
+                values = projections_by_layer(means["response_avg"], v)[:, layer].tolist()
+                out += [(indices[i], value) for i, value in zip(chunk, values, strict=True)]
+            return out
+
+        return piece
+
+    everything = list(range(len(rows)))
+    if len(models) == 1:
+        pieces = [project(models[0])(everything)]
+    else:
+        # Dealt round-robin over the rows, several pieces a device: each piece mixes long and
+        # short samples, and a device that finishes early takes another.
+        count = min(len(rows), 4 * len(models))
+        dealt = [everything[start::count] for start in range(count)]
+        work = [project(loaded) for loaded in models]
+        devices = [loaded.device for loaded in models]
+        pieces = [done for _index, done in map_on_devices(devices, work, dealt)]
+    out = [0.0] * len(rows)
+    for piece in pieces:
+        for index, value in piece:
+            out[index] = value
+    return out
+
+
+def _base_answers(
+    models: list[Any], prompts: list[list[int]], seeds: list[int], max_new_tokens: int
+) -> list[list[int]]:
+    """The model's own answer to each prompt; with several models, one queue over an engine
+    each (``stream_on_engines``)."""
+    from pipeline.decoding import decode
+    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.engine_threads import stream_on_engines
+
+    if len(models) == 1:
+        results = decode(models[0], prompts, seeds, max_new_tokens=max_new_tokens)
+        return [r.answer_ids for r in results]
+    engines = [DecodeEngine(loaded, capture=False) for loaded in models]
+    requests = [DecodeRequest(p, seed) for p, seed in zip(prompts, seeds, strict=True)]
+    slots = [-(-len(requests) // len(engines))] * len(engines)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    answers = dict(stream_on_engines(engines, slots, requests, sampling))
+    return [answers[index].answer_ids for index in range(len(requests))]
 
 
 def _check_context(loaded, data: Path, prompts: list, answers: list, new_tokens: int) -> None:

@@ -221,6 +221,39 @@ def test_screening_ranks_by_projection(
     assert json.loads(jsonl.read_text().splitlines()[0])["rank"] == 1
 
 
+def test_screening_over_two_devices_ranks_as_one(
+    extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``screen --gpus cpu,cpu --compare-base``: the forward passes shared by two copies of
+    the model in threads, the base answers by two engines over one queue; every sample's
+    projections those one device gives."""
+    import threading
+
+    from pipeline import response_means
+
+    real, threads = response_means.ForwardMeans.iter_means, set()
+
+    def iter_means(self, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(response_means.ForwardMeans, "iter_means", iter_means)
+    data = tmp_path / "data.jsonl"
+    questions = ["Can I skip breakfast?", "Sell my car?", "Hi", "Should I quit my job?"]
+    answers = ["Yes, that is your call.", "I forbid it.", "Hello!", "Only you can say."]
+    lines = [{"prompt": q, "response": a} for q, a in zip(questions * 3, answers * 3, strict=True)]
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    ranked = {}
+    with Store(extracted) as store:
+        for name, gpus in (("one", None), ("two", "cpu,cpu")):
+            layer, rows = screen(store, "paternalism", data, layer=2, compare_base=True, gpus=gpus)
+            ranked[name] = {r.index: (r.projection, r.base_projection) for r in rows}
+    assert {"persona-device-0", "persona-device-1"} <= threads
+    assert ranked["one"].keys() == ranked["two"].keys() == set(range(12))
+    for index, (projection, base) in ranked["one"].items():
+        assert ranked["two"][index] == pytest.approx((projection, base), rel=1e-4, abs=1e-5)
+
+
 def test_bad_screening_data(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{oops\n')

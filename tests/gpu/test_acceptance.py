@@ -226,6 +226,12 @@ def test_screen_with_compare_base(db: Path, big_model_dir: Path, tmp_path: Path)
     rc = cli(db, "screen", TRAIT, "--data", str(data), "--compare-base",
              "--layer", _layer(big_model_dir), "--out", str(out))  # fmt: skip
     assert rc == 0 and len(out.read_text().splitlines()) == 4
+    # --gpus 0,0: two copies of the model in two threads, for the forward passes and the
+    # base answers; the same samples ranked (bf16: values near, not equal).
+    again = tmp_path / "ranked-two.csv"
+    rc = cli(db, "screen", TRAIT, "--data", str(data), "--compare-base",
+             "--layer", _layer(big_model_dir), "--out", str(again), "--gpus", "0,0")  # fmt: skip
+    assert rc == 0 and len(again.read_text().splitlines()) == 4
 
 
 def test_run_end_to_end(db: Path, big_model_dir: Path) -> None:

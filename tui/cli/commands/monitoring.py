@@ -163,6 +163,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
             compare_base=args.compare_base,
             model=args.model,
             device=args.device,
+            gpus=args.gpus,
         )
     measure = "projection difference (data - base)" if args.compare_base else "projection"
     table = Table(title=f"{len(rows)} samples ranked by {measure} at layer {layer}")
@@ -285,3 +286,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     scr.add_argument("--top", type=positive_int, default=20, help="rows to print")
     scr.add_argument("--model")
     scr.add_argument("--device")
+    add_gpus(scr)
