@@ -129,7 +129,7 @@ def _projections(
 ) -> list[float]:
     """Each row's response-average projection at ``layer``; with several models, pieces of
     the rows shared by them in threads (``map_on_devices``)."""
-    from pipeline.engine_threads import map_on_devices
+    from pipeline.engine_threads import EngineError, map_on_devices
 
     def project(loaded: Any) -> Callable[[list[int]], list[tuple[int, float]]]:
         forward, v = ForwardMeans(loaded), vector.to(loaded.device)
@@ -153,7 +153,10 @@ def _projections(
         dealt = [everything[start::count] for start in range(count)]
         work = [project(loaded) for loaded in models]
         devices = [loaded.device for loaded in models]
-        pieces = [done for _index, done in map_on_devices(devices, work, dealt)]
+        try:
+            pieces = [done for _index, done in map_on_devices(devices, work, dealt)]
+        except EngineError as exc:  # e.g. ForwardMeans' out-of-memory message
+            raise exc.error from None
     out = [0.0] * len(rows)
     for piece in pieces:
         for index, value in piece:
@@ -168,7 +171,7 @@ def _base_answers(
     each (``stream_on_engines``)."""
     from pipeline.decoding import decode
     from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
-    from pipeline.engine_threads import stream_on_engines
+    from pipeline.engine_threads import EngineError, stream_on_engines
 
     if len(models) == 1:
         results = decode(models[0], prompts, seeds, max_new_tokens=max_new_tokens)
@@ -177,7 +180,10 @@ def _base_answers(
     requests = [DecodeRequest(p, seed) for p, seed in zip(prompts, seeds, strict=True)]
     slots = [-(-len(requests) // len(engines))] * len(engines)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
-    answers = dict(stream_on_engines(engines, slots, requests, sampling))
+    try:
+        answers = dict(stream_on_engines(engines, slots, requests, sampling))
+    except EngineError as exc:
+        raise exc.error from None
     return [answers[index].answer_ids for index in range(len(requests))]
 
 

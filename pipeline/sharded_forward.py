@@ -1,50 +1,65 @@
-"""The forward pass of extraction (``ForwardMeans``) across devices: one worker process a
-device (``--gpus``, ``pipeline.sharding``), each with its own copy of the model, the
-per-response means sent back to this process. ``open_forward`` picks this or the one-process
-``ForwardMeans``; both give ``iter_means`` and ``loaded`` (tokenizer, model id, path)."""
+"""The forward pass of extraction (``ForwardMeans``) across devices (``--gpus``): a copy of
+the model a device, each reading in its own thread of this process
+(``engine_threads.map_on_devices``) the next waiting piece of the rows, the per-response
+means handed to this thread. ``open_forward`` picks this or the one-device ``ForwardMeans``;
+both give ``iter_means`` and ``loaded`` (tokenizer, model id, path)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.sharding import run_sharded, single_device, worker_devices
+from pipeline.sharding import single_device, worker_devices
 
-
-@dataclass(frozen=True)
-class TokenizerOnly:
-    """What callers of a forward read of its model, when the weights live in the workers."""
-
-    tokenizer: Any
-    model_id: str
-    path: Path
+# Pieces of the rows a device: a device that finishes its piece early takes another.
+PIECES_PER_DEVICE = 4
 
 
 class ShardedForward:
     def __init__(self, spec: str, devices: Sequence[str]) -> None:
-        from pipeline.models import load_tokenizer
+        from pipeline.models import load_on_devices
 
-        tokenizer, resolved = load_tokenizer(spec)
-        self.spec = spec
-        self.devices = list(devices)
-        self.loaded = TokenizerOnly(tokenizer, resolved.model_id, resolved.path)
+        self.models = load_on_devices(spec, devices)
+        self.loaded = self.models[0]
 
     def iter_means(
         self, rows: Sequence[tuple[Sequence[int], Sequence[int]]], tokens_per_batch: int
     ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-        """([row index], kind -> [1, L+1, d]) per row, as the workers finish them."""
-        payload = {"model": self.spec, "tokens_per_batch": tokens_per_batch}
-        items = [(list(p), list(a)) for p, a in rows]
-        for index, means in run_sharded(self.devices, forward_shard, payload, items):
-            yield [index], {kind: torch.from_numpy(value)[None] for kind, value in means.items()}
+        """([row index], kind -> [1, L+1, d] on the CPU) per row, as the devices finish
+        their pieces (each dealt round-robin over the rows: long and short mixed)."""
+        from pipeline.engine_threads import EngineError, map_on_devices
+        from pipeline.response_means import ForwardMeans
+
+        def read(loaded: Any) -> Any:
+            forward = ForwardMeans(loaded)
+
+            def piece(indices: list[int]) -> list[tuple[int, dict[str, torch.Tensor]]]:
+                out = []
+                chunks = forward.iter_means([rows[i] for i in indices], tokens_per_batch)
+                for chunk, means in chunks:
+                    for position, local in enumerate(chunk):
+                        row = {kind: value[position].float().cpu() for kind, value in means.items()}
+                        out.append((indices[local], row))
+                return out
+
+            return piece
+
+        count = min(len(rows), PIECES_PER_DEVICE * len(self.models))
+        pieces = [list(range(start, len(rows), count)) for start in range(count)]
+        devices = [loaded.device for loaded in self.models]
+        work = [read(loaded) for loaded in self.models]
+        try:
+            for _number, done in map_on_devices(devices, work, pieces):
+                for index, means in done:
+                    yield [index], {kind: value[None] for kind, value in means.items()}
+        except EngineError as exc:  # e.g. ForwardMeans' out-of-memory message
+            raise exc.error from None
 
 
 def open_forward(spec: str, *, device: str | None = None, gpus: str | None = None) -> Any:
-    """``ForwardMeans`` on one device, or ``ShardedForward`` over ``gpus``' workers."""
+    """``ForwardMeans`` on one device, or ``ShardedForward`` over ``gpus``' devices."""
     from pipeline.models import fits_one_gpu, load_model
     from pipeline.response_means import ForwardMeans
 
@@ -52,20 +67,3 @@ def open_forward(spec: str, *, device: str | None = None, gpus: str | None = Non
     if devices:
         return ShardedForward(spec, devices)
     return ForwardMeans(load_model(spec, device=device or single_device(gpus)))
-
-
-def forward_shard(device: str, payload: dict, share: Sequence, emit, note) -> None:
-    """A worker's part (``pipeline.sharding``): the means of its rows."""
-    from pipeline.models import load_model
-    from pipeline.response_means import ForwardMeans
-
-    if not share:
-        return
-    forward = ForwardMeans(load_model(payload["model"], device=device))
-    rows = [row for _index, row in share]
-    for chunk, means in forward.iter_means(rows, payload["tokens_per_batch"]):
-        for position, local in enumerate(chunk):
-            emit(
-                share[local][0],
-                {kind: value[position].float().cpu().numpy() for kind, value in means.items()},
-            )

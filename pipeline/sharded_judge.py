@@ -1,6 +1,8 @@
-"""A local judge across devices: one worker process a device (``--gpus``,
-``pipeline.sharding``), each with its own copy of the judge model scoring its share of the
-prompts in batches; this process writes every judgment."""
+"""A local judge across devices (``--gpus``): a copy of the judge model a device, each
+scoring in its own thread of this process (``engine_threads.run_in_threads``) the next
+waiting prompts, batched as one device batches them; this process writes every judgment.
+Threads, not worker processes: a fresh process spends about 11 s importing torch and
+transformers on a GPU host (``tests/bench/profile_workers.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.judge_scores import Judge, JudgeResult
-from pipeline.sharding import run_sharded, worker_devices
+from pipeline.sharding import worker_devices
 
 Task = tuple[int, str, str]  # (response id, metric, prompt)
 
@@ -22,9 +24,10 @@ class ShardedJudge(Judge):
         self.spec = spec
         self.devices = list(devices)
         self.max_concurrent = max_concurrent
+        self._judges: list[Any] = []  # a LocalJudge a device, loaded at the first score_all
 
     async def score_prompt(self, prompt: str) -> JudgeResult:
-        raise TypeError("a sharded judge scores task lists in its workers: use score_all")
+        raise TypeError("a judge over several devices scores task lists: use score_all")
 
     def score_all(
         self,
@@ -32,12 +35,49 @@ class ShardedJudge(Judge):
         collect: Callable[[int, str, str, JudgeResult], None],
         on_idle: Callable[[], None],
     ) -> None:
-        payload = {"model": self.spec.partition(":")[2], "max_concurrent": self.max_concurrent}
-        prompts = [prompt for _rid, _metric, prompt in tasks]
-        for index, result in run_sharded(
-            self.devices, judge_shard, payload, prompts, on_idle=on_idle
-        ):
-            collect(*tasks[index], result)
+        """Score every task, calling ``collect(response id, metric, prompt, result)`` in this
+        thread as results come; ``on_idle`` runs here between them."""
+        from pipeline.engine import RequestQueue
+        from pipeline.engine_threads import EngineError, run_in_threads
+
+        judges = self._load()
+        waiting = RequestQueue(range(len(tasks)))
+
+        def body(judge: Any) -> Callable[..., None]:
+            def run(emit: Callable[[int, Any], None], check: Callable[[], None]) -> None:
+                async def score_next() -> None:
+                    while taken := waiting.take(1):
+                        check()
+                        emit(taken[0], await judge.score_prompt(tasks[taken[0]][2]))
+
+                async def main() -> None:
+                    # max_concurrent prompts in flight: the judge batches those waiting.
+                    await asyncio.gather(*(score_next() for _ in range(self.max_concurrent)))
+
+                asyncio.run(main())
+
+            return run
+
+        devices = [judge.loaded.device for judge in judges]
+        try:
+            for index, result in run_in_threads(
+                devices, [body(judge) for judge in judges], on_idle=on_idle
+            ):
+                collect(*tasks[index], result)
+        except EngineError as exc:
+            raise exc.error from None
+
+    def _load(self) -> list[Any]:
+        """The judges, one after another in this thread (a device named twice: a copy of
+        its own for the second)."""
+        from pipeline.local_judge import LocalJudge
+
+        if not self._judges:
+            model = self.spec.partition(":")[2]
+            for number, device in enumerate(self.devices):
+                reuse = device not in self.devices[:number]
+                self._judges.append(LocalJudge(model, device=device, reuse=reuse))
+        return self._judges
 
 
 def sharded_judge(
@@ -51,25 +91,3 @@ def sharded_judge(
     model, dtype = split_precision(spec.partition(":")[2])
     devices = worker_devices(gpus, device, lambda: fits_one_gpu(model, dtype))
     return ShardedJudge(spec, devices, max_concurrent) if devices else None
-
-
-def judge_shard(device: str, payload: dict, share: Sequence, emit, note: Any) -> None:
-    """A worker's part: its prompts through its own ``LocalJudge`` (batched as in one
-    process: the prompts waiting when the device frees up are scored together)."""
-    from pipeline.local_judge import LocalJudge
-
-    if not share:
-        return
-    judge = LocalJudge(payload["model"], device=device)
-
-    async def main() -> None:
-        limit = asyncio.Semaphore(payload["max_concurrent"])
-
-        async def one(index: int, prompt: str) -> None:
-            async with limit:
-                result = await judge.score_prompt(prompt)
-            emit(index, result)
-
-        await asyncio.gather(*(one(index, prompt) for index, prompt in share))
-
-    asyncio.run(main())

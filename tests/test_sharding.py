@@ -1,7 +1,8 @@
-"""Rows across worker processes (``--gpus``: forward extraction, the local judge, jobs that
-cannot share an engine), shown with CPU workers: the same rows as one process, every result
-once, a dead or failing worker a one-line resumable error. Generation that shares an engine
-runs in threads instead: ``test_engine_threads.py``."""
+"""Work across devices (``--gpus``), shown on the CPU: worker processes (``run_sharded``, for
+generation jobs that cannot share an engine: every result once, a dead or failing worker a
+one-line resumable error), and forward extraction and the local judge over a copy of the
+model a device in threads (the results of one device). Generation's threads:
+``test_engine_threads.py``."""
 
 from __future__ import annotations
 
@@ -97,25 +98,60 @@ def test_which_devices_get_workers() -> None:
             worker_devices("0,1", None, fits)
 
 
-def test_forward_extraction_across_two_workers(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """``extract --source forward --gpus cpu,cpu``: the vectors of the one-process forward."""
+def test_forward_extraction_across_two_devices(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``extract --source forward --gpus cpu,cpu``: pieces of the rows read by two copies of
+    the model in two threads; the vectors of the one-device forward. A device's error is
+    the command's one-line error, as on one device."""
+    import threading
+
     from conftest import build_generated_db
 
+    from pipeline import response_means
     from pipeline.extract import extract
 
+    real, threads = response_means.ForwardMeans.batch_means, set()
+
+    def batch_means(self, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(response_means.ForwardMeans, "batch_means", batch_means)
     db = build_generated_db(tmp_path / "persona.db", tiny_model_dir)
     with Store(db) as store:
         one = extract(store, "paternalism", source="forward", device="cpu")
         two = extract(store, "paternalism", source="forward", gpus="cpu,cpu")
+    assert {"persona-device-0", "persona-device-1"} <= threads
     assert two.source == "forward" and len(two.pairs.effective) == len(one.pairs.effective)
     for kind, vector in one.vectors.items():
         torch.testing.assert_close(two.vectors[kind], vector, rtol=1e-5, atol=1e-6)
 
+    def out_of_memory(self, *args, **kwargs):
+        raise PersonaError("CUDA out of memory on a single response in the forward pass")
 
-def test_a_local_judge_across_two_workers(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """``judge --judge local:M --gpus cpu,cpu``: the scores one process gives, written by
-    the parent, each (response, metric) once."""
+    monkeypatch.setattr(response_means.ForwardMeans, "batch_means", out_of_memory)
+    with Store(db) as store, pytest.raises(PersonaError, match="^CUDA out of memory on a"):
+        extract(store, "paternalism", source="forward", gpus="cpu,cpu")
+
+
+def test_a_local_judge_across_two_devices(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``judge --judge local:M --gpus cpu,cpu``: two copies of the judge in two threads, the
+    scores one device gives, written by this thread, each (response, metric) once."""
+    import threading
+
     from pipeline.judging import JudgeParams, find_or_create_judge_job
+    from pipeline.local_judge import LocalJudge
+
+    real, threads = LocalJudge.score_prompt, set()
+
+    async def score_prompt(self, prompt):
+        threads.add(threading.current_thread().name)
+        return await real(self, prompt)
+
+    monkeypatch.setattr(LocalJudge, "score_prompt", score_prompt)
 
     scores = {}
     for name, extra in (("one", {"device": "cpu"}), ("two", {"gpus": "cpu,cpu"})):
@@ -135,6 +171,7 @@ def test_a_local_judge_across_two_workers(tmp_path: Path, tiny_model_dir: Path) 
             ).fetchall()
             assert len(rows) == 40
             scores[name] = {tuple(row[:4]): row[4] for row in rows}
+    assert {"persona-device-0", "persona-device-1"} <= threads
     assert scores["one"].keys() == scores["two"].keys()
     for key, score in scores["one"].items():
         assert scores["two"][key] == pytest.approx(score, abs=1e-4)

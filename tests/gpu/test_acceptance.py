@@ -165,6 +165,34 @@ def test_extract_captured_and_forward_agree(db: Path, big_model_dir: Path) -> No
     assert cosine.min() > 0.98, cosine
 
 
+def test_forward_and_a_local_judge_over_two_copies_on_one_gpu(
+    db: Path, big_model_dir: Path
+) -> None:
+    """``--gpus 0,0`` for ``extract --source forward`` and a ``local:`` judge: two copies of
+    the model in two threads. The forward vector agrees with the one-device forward's (bf16:
+    a row's neighbours change its rounding), and every answer is judged again under the
+    judge's new spec, each (response, metric) once."""
+    from vectors.files import load_vector
+
+    def count() -> int:
+        with Store(db) as store:
+            return store.db.execute("select count(*) from judgments").fetchone()[0]
+
+    before = count()
+    rc = cli(db, "judge", TRAIT, "--judge", f"local:{big_model_dir}@bfloat16", "--gpus", "0,0")
+    assert rc == 0 and count() - before >= 2 * 80
+    vectors = []
+    for gpus in ("0", "0,0"):
+        rc = cli(db, "extract", TRAIT, "--threshold", "0", "--coherence", "0",
+                 "--source", "forward", "--gpus", gpus)  # fmt: skip
+        assert rc == 0
+        with Store(db) as store:
+            record = store.vectors(trait=TRAIT, kind="response_avg_diff")[-1]
+            vectors.append(load_vector(record.path)[0])
+    cosine = torch.nn.functional.cosine_similarity(vectors[0][1:], vectors[1][1:], dim=-1)
+    assert cosine.min() > 0.99, cosine
+
+
 def test_vectors_show_export_and_monitor(
     db: Path, big_model_dir: Path, capsys, tmp_path: Path
 ) -> None:
