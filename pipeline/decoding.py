@@ -6,7 +6,7 @@ module only sets it up the same way every time: chat prompt ids in, answers out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,9 +26,11 @@ def decode(
     watch: Sequence[Watch] = (),
     on_tokens: TokenCallback | None = None,
     check_every: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[DecodeResult]:
     """Each prompt's answer (prompt ids in, results in the same order), one seed a prompt;
-    no activations captured. ``watch``/``on_tokens`` stream per-token projections live."""
+    no activations captured. ``watch``/``on_tokens`` stream per-token projections live;
+    ``on_step(steps)`` runs at each host check (it may raise to stop)."""
     from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
 
     engine = DecodeEngine(loaded, capture=False)
@@ -36,7 +38,7 @@ def decode(
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     extra: dict[str, Any] = {} if check_every is None else {"check_every": check_every}
     return engine.run(
-        requests, sampling, steering=steering, watch=watch, on_tokens=on_tokens, **extra
+        requests, sampling, on_step, steering=steering, watch=watch, on_tokens=on_tokens, **extra
     )
 
 

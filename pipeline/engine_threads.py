@@ -77,22 +77,23 @@ def stream_on_engines(
 
 def map_on_devices(
     devices: Sequence[torch.device],
-    work: Sequence[Callable[[Any], Any]],
+    work: Sequence[Callable[[Any, Callable[[], None]], Any]],
     items: Sequence[Any],
     *,
     on_idle: Callable[[], None] = lambda: None,
 ) -> Iterator[tuple[int, Any]]:
-    """Yield (item index, ``work[i](item)``) for every item once, ``work[i]`` running on
-    ``devices[i]`` in its own thread and taking the next waiting item whenever it is free
+    """Yield (item index, ``work[i](item, check)``) for every item once, ``work[i]`` running
+    on ``devices[i]`` in its own thread and taking the next waiting item whenever it is free
     (items that each take a while: a sweep's settings). Errors and stopping as
-    ``stream_on_engines``; a device stops between items."""
+    ``stream_on_engines``: ``check()`` raises once the caller stops, so work that takes long
+    calls it as it goes (a decode's host checks); a device also stops between items."""
     waiting = RequestQueue(range(len(items)))
 
-    def body(do: Callable[[Any], Any]) -> ThreadBody:
+    def body(do: Callable[[Any, Callable[[], None]], Any]) -> ThreadBody:
         def run(emit: Callable[[int, Any], None], check: Callable[[], None]) -> None:
             while taken := waiting.take(1):
                 check()
-                emit(taken[0], do(items[taken[0]]))
+                emit(taken[0], do(items[taken[0]], check))
 
         return run
 

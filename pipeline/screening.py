@@ -97,10 +97,12 @@ def screen(
     shared by a copy of the model a device, each in its own thread."""
     from pipeline.models import fits_one_gpu, load_on_devices
     from pipeline.sampling import row_seed
-    from pipeline.sharding import parse_gpus, worker_devices
+    from pipeline.sharding import first_device, parse_gpus, worker_devices
 
     samples = read_samples(data)
-    fitted = load_fitted_vector(store, trait, model=model, device=device)
+    # The model loads on the first device --gpus names (or --device, or the default one).
+    where = device or first_device(parse_gpus(gpus))
+    fitted = load_fitted_vector(store, trait, model=model, device=where)
     loaded, vector = fitted.loaded, fitted.vector
     layer = fitted.layer_or_default(store, layer, steered=False)
     tok = loaded.tokenizer
@@ -131,12 +133,13 @@ def _projections(
     the rows shared by them in threads (``map_on_devices``)."""
     from pipeline.engine_threads import EngineError, map_on_devices
 
-    def project(loaded: Any) -> Callable[[list[int]], list[tuple[int, float]]]:
+    def project(loaded: Any) -> Callable[..., list[tuple[int, float]]]:
         forward, v = ForwardMeans(loaded), vector.to(loaded.device)
 
-        def piece(indices: list[int]) -> list[tuple[int, float]]:
+        def piece(indices: list[int], check: Callable[[], None]) -> list[tuple[int, float]]:
             out = []
             for chunk, means in forward.iter_means([rows[i] for i in indices], TOKENS_PER_BATCH):
+                check()
                 values = projections_by_layer(means["response_avg"], v)[:, layer].tolist()
                 out += [(indices[i], value) for i, value in zip(chunk, values, strict=True)]
             return out
@@ -145,7 +148,7 @@ def _projections(
 
     everything = list(range(len(rows)))
     if len(models) == 1:
-        pieces = [project(models[0])(everything)]
+        pieces = [project(models[0])(everything, lambda: None)]
     else:
         # Dealt round-robin over the rows, several pieces a device: each piece mixes long and
         # short samples, and a device that finishes early takes another.

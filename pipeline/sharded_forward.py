@@ -35,10 +35,11 @@ class ShardedForward:
         def read(loaded: Any) -> Any:
             forward = ForwardMeans(loaded)
 
-            def piece(indices: list[int]) -> list[tuple[int, dict[str, torch.Tensor]]]:
+            def piece(indices: list[int], check: Any) -> list[tuple[int, dict[str, torch.Tensor]]]:
                 out = []
                 chunks = forward.iter_means([rows[i] for i in indices], tokens_per_batch)
                 for chunk, means in chunks:
+                    check()  # a stopped caller is seen within one batch
                     for position, local in enumerate(chunk):
                         row = {kind: value[position].float().cpu() for kind, value in means.items()}
                         out.append((indices[local], row))

@@ -40,7 +40,9 @@ class ShardedJudge(Judge):
         from pipeline.engine import RequestQueue
         from pipeline.engine_threads import EngineError, run_in_threads
 
-        judges = self._load()
+        if not tasks:  # nothing to score: no copy loaded
+            return
+        judges = self._load(len(tasks))
         waiting = RequestQueue(range(len(tasks)))
 
         def body(judge: Any) -> Callable[..., None]:
@@ -67,14 +69,14 @@ class ShardedJudge(Judge):
         except EngineError as exc:
             raise exc.error from None
 
-    def _load(self) -> list[Any]:
-        """The judges, one after another in this thread (a device named twice: a copy of
-        its own for the second)."""
+    def _load(self, most: int) -> list[Any]:
+        """The judges, one after another in this thread, on at most ``most`` devices (one
+        a task); a device named twice gets a copy of its own for the second."""
         from pipeline.local_judge import LocalJudge
 
         if not self._judges:
             model = self.spec.partition(":")[2]
-            for number, device in enumerate(self.devices):
+            for number, device in enumerate(self.devices[:most]):
                 reuse = device not in self.devices[:number]
                 self._judges.append(LocalJudge(model, device=device, reuse=reuse))
         return self._judges

@@ -88,6 +88,15 @@ def worker_devices(
     return devices if len(devices) > 1 else []
 
 
+def first_device(gpus: str | None) -> str | None:
+    """The device the first entry of ``--gpus`` names (``1,2`` -> cuda:1), where a model is
+    first loaded; None for ``all`` or none given (the default device)."""
+    if gpus is None or gpus == GPUS_ALL:
+        return None
+    first = gpus.split(",")[0]
+    return "cpu" if first == "cpu" else f"cuda:{int(first)}"
+
+
 def single_device(gpus: str | None) -> str | None:
     """The device a one-entry ``--gpus`` names (``--gpus 1`` runs on GPU 1), else None."""
     if gpus is None or gpus == GPUS_ALL or "," in gpus:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,16 +152,19 @@ def run_sweep_job(
     from pipeline.judging import run_judgments
     from pipeline.models import fits_one_gpu, load_on_devices
     from pipeline.sampling import row_seed
-    from pipeline.sharding import worker_devices
+    from pipeline.sharding import first_device, worker_devices
     from pipeline.trait_vectors import check_steered_layers, load_fitted_vector
     from vectors.steering import SteeringSpec
 
     job = store.get_job(job_id)
     params = SweepParams.from_dict(job.params).validate()
     trait = store.get_trait(job.trait)
+    # The first device --gpus names (or --device, or the default one): the model, the
+    # pruning's analysis and a local judge load there.
+    where = params.device or first_device(params.gpus)
     try:
         fitted = load_fitted_vector(
-            store, trait.name, params.vector, model=params.model, device=params.device
+            store, trait.name, params.vector, model=params.model, device=where
         )
     except VectorFileError as exc:  # a job's failure message is a PersonaError's
         raise PersonaError(str(exc)) from None
@@ -169,7 +173,7 @@ def run_sweep_job(
     layers = list(params.layers)
     pruned: dict[str, Any] = {}
     if params.prune_top is not None and len(layers) > params.prune_top:
-        report = analyze(store, trait.name, model=record.model, device=params.device)
+        report = analyze(store, trait.name, model=record.model, device=where)
         if report.separation is not None:
             ranked = sorted(layers, key=lambda layer: -report.separation[layer].auroc)
             layers = sorted(ranked[: params.prune_top])
@@ -198,13 +202,13 @@ def run_sweep_job(
         params.gpus, params.device, lambda: fits_one_gpu(params.model or record.model)
     )
     # No more copies than settings to answer; the first device's copy is ``loaded`` itself
-    # where it sits there (load_model reuses it).
+    # (load_model reuses it: it was loaded on that device).
     devices = devices[: len(work)]
     many = len(devices) > 1
     models = load_on_devices(params.model or record.model, devices) if many else [loaded]
 
     def answers(model: Any) -> Any:
-        def setting(item: tuple[int, int, float, list[int]]) -> list[Any]:
+        def setting(item: tuple[int, int, float, list[int]], check: Any) -> list[Any]:
             layer, _index, coef, todo = item
             specs = []
             if layer:
@@ -216,12 +220,17 @@ def run_sweep_job(
                 max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature,
                 steering=specs,
+                on_step=lambda _steps: check(),  # a cancel stops a setting mid-decode
             )
 
         return setting
 
+    def one_device() -> Iterator[tuple[int, list[Any]]]:
+        for number, item in enumerate(work):
+            yield number, answers(loaded)(item, lambda: None)
+
     done = (
-        enumerate(answers(loaded)(item) for item in work)
+        one_device()
         if len(models) == 1
         else map_on_devices(
             [m.device for m in models],
@@ -230,35 +239,37 @@ def run_sweep_job(
             on_idle=progress.check_cancelled,
         )
     )
+    # Closed on any way out: the devices' threads stop at once, not when the frame goes.
     try:
-        for number, results in done:
-            layer, index, _coef, todo = work[number]
-            store.add_responses(
-                response_row(
-                    job=job_id,
-                    trait=trait.name,
-                    side="none",
-                    split="eval",
-                    key=(q, layer, index),
-                    question_text=trait.questions[q],
-                    system_prompt="",
-                    prompt_ids=prompts[q],
-                    answer_ids=r.answer_ids,
-                    answer=answer_text(loaded, r.answer_ids),
-                    finish_reason=r.finish_reason,
-                    model=loaded.model_id,
+        with closing(done):
+            for number, results in done:
+                layer, index, _coef, todo = work[number]
+                store.add_responses(
+                    response_row(
+                        job=job_id,
+                        trait=trait.name,
+                        side="none",
+                        split="eval",
+                        key=(q, layer, index),
+                        question_text=trait.questions[q],
+                        system_prompt="",
+                        prompt_ids=prompts[q],
+                        answer_ids=r.answer_ids,
+                        answer=answer_text(loaded, r.answer_ids),
+                        finish_reason=r.finish_reason,
+                        model=loaded.model_id,
+                    )
+                    for q, r in zip(todo, results, strict=True)
                 )
-                for q, r in zip(todo, results, strict=True)
-            )
-            progress.add(len(todo))
-            progress.check_cancelled()
+                progress.add(len(todo))
+                progress.check_cancelled()
     except EngineError as exc:
         if not isinstance(exc.error, torch.cuda.OutOfMemoryError):
             raise exc.error from None
-        _out_of_memory(len(questions))
+        _out_of_memory(max(len(item[3]) for item in work))
     except torch.cuda.OutOfMemoryError:
-        _out_of_memory(len(questions))
-    judge = make_judge(params.judge, base_url=params.judge_base_url, device=params.device)
+        _out_of_memory(max(len(item[3]) for item in work))
+    judge = make_judge(params.judge, base_url=params.judge_base_url, device=where)
     templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
     asyncio.run(run_judgments(store, judge, job_id, templates, progress))
     table = sweep_table(store, job_id, judge.spec, params)

@@ -313,3 +313,47 @@ def test_a_plan_that_fits_one_devices_slots_stays_on_one_unless_named(
         assert [store.get_job(j).stats["slots"] for j in jobs] == [slots, slots]
         assert [store.get_job(j).done for j in jobs] == [20, 20]
     assert asked == sharing
+
+
+def test_long_work_stops_at_its_next_check_once_the_caller_stops() -> None:
+    """``map_on_devices`` hands each item's work a ``check``: a setting that decodes for a
+    while stops at its next host check when the caller is cancelled, not at its end."""
+    from pipeline.engine_threads import JOIN_SECONDS, map_on_devices
+
+    class Cancelled(Exception):
+        pass
+
+    stopped = []
+
+    def endless(_item, check) -> None:
+        try:
+            while True:  # as a long decode, checking between steps
+                check()
+                time.sleep(0.01)
+        finally:
+            stopped.append(True)
+
+    def cancel() -> None:
+        raise Cancelled
+
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        list(map_on_devices([torch.device("cpu")] * 2, [endless, endless], [1, 2], on_idle=cancel))
+    assert stopped == [True, True] and time.monotonic() - started < JOIN_SECONDS / 4
+
+
+def test_first_device_of_a_gpus_value() -> None:
+    """Where a model is first loaded for --gpus (the rest of the list loads after)."""
+    from pipeline.sharding import first_device
+
+    assert first_device(None) is None and first_device("all") is None
+    assert first_device("1,0") == "cuda:1" and first_device("2") == "cuda:2"
+    assert first_device("cpu,cpu") == "cpu"
+
+
+def test_a_judge_over_devices_with_nothing_to_score_loads_nothing() -> None:
+    from pipeline.sharded_judge import ShardedJudge
+
+    judge = ShardedJudge("local:/no/such/model", ["cpu", "cpu"], max_concurrent=4)
+    judge.score_all([], lambda *_: None, lambda: None)  # a load would fail on the bad path
+    assert judge._judges == []
