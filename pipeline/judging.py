@@ -27,7 +27,7 @@ from pipeline.jobs import JobParams, JobProgress, ProgressCallback
 from pipeline.judge_backends import check_judge_spec, estimate_cost, load_prices, make_judge
 from pipeline.judge_scores import COHERENCE_PROMPT, Judge, JudgeResult
 from pipeline.sharded_judge import ShardedJudge, sharded_judge
-from pipeline.sharding import parse_gpus
+from pipeline.sharding import parse_gpus, single_device
 
 DEFAULT_JUDGE = "openai:gpt-4.1-mini-2025-04-14"
 METRICS = ("trait", "coherence")
@@ -222,7 +222,8 @@ def run_judge_job(
         "base_url": params.base_url,
         "prices_path": params.prices,
         "samples": params.samples,
-        "device": params.device,
+        # --gpus 1: a local judge on GPU 1 alone.
+        "device": params.device or single_device(parse_gpus(params.gpus)),
         "timeout_s": params.timeout_s,
     }
     if judge is None:

@@ -208,3 +208,34 @@ def test_jobs_that_cannot_share_an_engine_go_whole_to_two_workers(
                 assert find_or_create_job(store, "paternalism", params) == jobs[1]
             rows[name] = {(r.side, r.key): r.answer_ids for r in store.responses()}
     assert rows["one"] == rows["two"] and len(rows["one"]) == 40
+
+
+def test_a_one_entry_gpus_puts_a_local_judge_on_that_device(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``judge --judge local:M --gpus 1`` runs the judge on GPU 1 alone (as ``generate``)."""
+    from pipeline import judging
+    from pipeline.judging import JudgeParams, find_or_create_judge_job
+
+    class Asked(Exception):
+        pass
+
+    asked = {}
+
+    def make_judge(**kwargs):
+        asked.update(kwargs)
+        raise Asked
+
+    monkeypatch.setattr(judging, "make_judge", make_judge)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with Store(tmp_path / "j.db") as store:
+        params = GenerateParams(
+            side="pos", model=str(tiny_model_dir), n_per_question=1, max_new_tokens=4,
+            batch_size=8, device="cpu",
+        )  # fmt: skip
+        run_job(store.path, find_or_create_job(store, "paternalism", params))
+        judge = JudgeParams(judge=f"local:{tiny_model_dir}", gpus="1")
+        job_id = find_or_create_judge_job(store, "paternalism", judge)
+        with pytest.raises(Asked):
+            judging.run_judge_job(store, job_id)
+    assert asked["device"] == "cuda:1"
