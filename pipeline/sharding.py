@@ -99,9 +99,7 @@ def first_device(gpus: str | None) -> str | None:
 
 def single_device(gpus: str | None) -> str | None:
     """The device a one-entry ``--gpus`` names (``--gpus 1`` runs on GPU 1), else None."""
-    if gpus is None or gpus == GPUS_ALL or "," in gpus:
-        return None
-    return "cpu" if gpus == "cpu" else f"cuda:{int(gpus)}"
+    return None if gpus is not None and "," in gpus else first_device(gpus)
 
 
 def run_sharded(
