@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,41 +128,18 @@ def screen(
 def _projections(
     models: list[Any], vector: torch.Tensor, layer: int, rows: list[tuple[list[int], list[int]]]
 ) -> list[float]:
-    """Each row's response-average projection at ``layer``; with several models, pieces of
-    the rows shared by them in threads (``map_on_devices``)."""
-    from pipeline.engine_threads import EngineError, map_on_devices
+    """Each row's response-average projection at ``layer``; with several models, the rows
+    read by them in threads (``sharded_forward.ShardedForward``, its means on the CPU)."""
+    from pipeline.sharded_forward import ShardedForward
 
-    def project(loaded: Any) -> Callable[..., list[tuple[int, float]]]:
-        forward, v = ForwardMeans(loaded), vector.to(loaded.device)
-
-        def piece(indices: list[int], check: Callable[[], None]) -> list[tuple[int, float]]:
-            out = []
-            for chunk, means in forward.iter_means([rows[i] for i in indices], TOKENS_PER_BATCH):
-                check()
-                values = projections_by_layer(means["response_avg"], v)[:, layer].tolist()
-                out += [(indices[i], value) for i, value in zip(chunk, values, strict=True)]
-            return out
-
-        return piece
-
-    everything = list(range(len(rows)))
-    if len(models) == 1:
-        pieces = [project(models[0])(everything, lambda: None)]
-    else:
-        # Dealt round-robin over the rows, several pieces a device: each piece mixes long and
-        # short samples, and a device that finishes early takes another.
-        count = min(len(rows), 4 * len(models))
-        dealt = [everything[start::count] for start in range(count)]
-        work = [project(loaded) for loaded in models]
-        devices = [loaded.device for loaded in models]
-        try:
-            pieces = [done for _index, done in map_on_devices(devices, work, dealt)]
-        except EngineError as exc:  # e.g. ForwardMeans' out-of-memory message
-            raise exc.error from None
+    one = len(models) == 1
+    forward = ForwardMeans(models[0]) if one else ShardedForward(models)
+    v = vector.to(models[0].device if one else "cpu")
     out = [0.0] * len(rows)
-    for piece in pieces:
-        for index, value in piece:
-            out[index] = value
+    for chunk, means in forward.iter_means(rows, TOKENS_PER_BATCH):
+        values = projections_by_layer(means["response_avg"], v)[:, layer].tolist()
+        for i, value in zip(chunk, values, strict=True):
+            out[i] = value
     return out
 
 

@@ -18,10 +18,9 @@ PIECES_PER_DEVICE = 4
 
 
 class ShardedForward:
-    def __init__(self, spec: str, devices: Sequence[str]) -> None:
-        from pipeline.models import load_on_devices
-
-        self.models = load_on_devices(spec, devices)
+    def __init__(self, models: Sequence[Any]) -> None:
+        """``models``: a loaded copy a device (``models.load_on_devices``)."""
+        self.models = list(models)
         self.loaded = self.models[0]
 
     def iter_means(
@@ -61,10 +60,10 @@ class ShardedForward:
 
 def open_forward(spec: str, *, device: str | None = None, gpus: str | None = None) -> Any:
     """``ForwardMeans`` on one device, or ``ShardedForward`` over ``gpus``' devices."""
-    from pipeline.models import fits_one_gpu, load_model
+    from pipeline.models import fits_one_gpu, load_model, load_on_devices
     from pipeline.response_means import ForwardMeans
 
     devices = worker_devices(gpus, device, lambda: fits_one_gpu(spec))
     if devices:
-        return ShardedForward(spec, devices)
+        return ShardedForward(load_on_devices(spec, devices))
     return ForwardMeans(load_model(spec, device=device or single_device(gpus)))
