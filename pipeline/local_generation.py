@@ -196,28 +196,27 @@ class _JobWriter:
 def _engine_results(params, requests, engines, shares, writers) -> Iterator:
     from pipeline.engine_threads import EngineError, stream_on_engines
 
-    longest = max(len(r.prompt_ids) for r in requests)
-    slots, chosen = [], []
+    length = max(len(r.prompt_ids) for r in requests) + params.max_new_tokens
+    slots = []
     for engine in engines:
-        loaded = engine.loaded
-        if params.batch_size:
-            count, how = params.batch_size, "--batch-size"
-        else:
-            # Engines on one device share its free memory (none has its cache yet).
-            sharing = sum(other.device == engine.device for other in engines)
-            length = longest + params.max_new_tokens
-            count = auto_slots(loaded, length, params.capture, sharing=sharing)
-            if loaded.device.type == "cuda":
-                how = "chosen from free GPU memory"
-            else:
-                how = "chosen from free memory" if _available_memory() else "CPU default"
+        # Engines on one device share its free memory (none has its cache yet).
+        sharing = sum(other.device == engine.device for other in engines)
+        count = params.batch_size or auto_slots(
+            engine.loaded, length, params.capture, sharing=sharing
+        )
         slots.append(min(count, len(requests)))
-        chosen.append(how)
+    # How the slots were chosen, said once in the message (as the first engine chose them).
+    if params.batch_size:
+        how = "--batch-size"
+    elif engines[0].device.type == "cuda":
+        how = "chosen from free GPU memory"
+    else:
+        how = "chosen from free memory" if _available_memory() else "CPU default"
     others = {s.job_id: [o.job_id for o in shares if o is not s] for s in shares}
     model_id = engines[0].loaded.model_id
     if len(engines) == 1:
         stats: Any = slots[0]
-        where = f"{slots[0]} slots, {chosen[0]}"
+        where = f"{slots[0]} slots, {how}"
     else:
         stats = {}
         for engine, count in zip(engines, slots, strict=True):
@@ -226,7 +225,7 @@ def _engine_results(params, requests, engines, shares, writers) -> Iterator:
             repeat = sum(key.split("#")[0] == name for key in stats)
             stats[f"{name}#{repeat + 1}" if repeat else name] = f"{count} slots"
         listed = ", ".join(f"{engine}: {text}" for engine, text in stats.items())
-        where = f"{len(engines)} engines: {listed}, {chosen[0]}"
+        where = f"{len(engines)} engines: {listed}, {how}"
     for share in shares:
         share.progress.extra["slots"] = stats
         shared = f"; one queue with job {', '.join(map(str, others[share.job_id]))}"
