@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.judge_scores import Judge, JudgeResult
+
+if TYPE_CHECKING:
+    from pipeline.models import LoadedModel
 
 # Tokens (prompt tails and candidate nodes, padding counted) in one batched forward of a
 # local judge: a GPU takes many judgments at once; on a CPU larger batches stop paying.
@@ -24,15 +27,17 @@ class LocalJudge(Judge):
 
     CANDIDATES = [str(n) for n in range(101)] + ["REFUSAL"]
 
-    def __init__(self, model: str, *, device: str | None = None, reuse: bool = True) -> None:
+    def __init__(
+        self, model: str, *, device: str | None = None, loaded: LoadedModel | None = None
+    ) -> None:
         """``model`` may name a precision, ``MODEL@bfloat16`` (default: bf16 on CUDA, fp32
         on a CPU): a CPU with bf16 instructions judges about 2.4x faster in bf16.
-        ``reuse=False``: a copy of the model of its own (``load_model``)."""
+        ``loaded``: that model, loaded already (a copy a device, ``load_on_devices``)."""
         from pipeline.models import load_model, split_precision
 
         self.spec = f"local:{model}"
         name, dtype = split_precision(model)
-        self.loaded = load_model(name, device=device, dtype=dtype, reuse=reuse)
+        self.loaded = loaded or load_model(name, device=device, dtype=dtype)
         _warn_if_emulated(self.loaded, dtype)
         tok = self.loaded.tokenizer
         end = tok.eos_token_id

@@ -254,16 +254,85 @@ def load_model(
         return loaded
 
 
-def load_on_devices(spec: str, devices: Sequence[str | None]) -> list[LoadedModel]:
+def load_on_devices(
+    spec: str, devices: Sequence[str | None], *, dtype: str | None = None
+) -> list[LoadedModel]:
     """The model on each device, one after another in this thread (transformers sets the
     default dtype process-wide while it loads, so never while another thread works). The
-    first is ``load_model``'s reused one where it is loaded already; a device named twice
-    gets a copy of its own, as two engines step on it at once."""
+    first is ``load_model``'s reused one where it is loaded already; every other device
+    gets a copy of its own (a device named twice too, as two engines step on it at once),
+    copied from the first's weights where it can be (``copy_to_device``), else loaded."""
     models: list[LoadedModel] = []
     for number, device in enumerate(devices):
-        reuse = device not in devices[:number]
-        models.append(load_model(spec, device=device, reuse=reuse))
+        if models and _copyable(models[0], device):
+            models.append(copy_to_device(models[0], device))
+        else:
+            reuse = device not in devices[:number]
+            models.append(load_model(spec, device=device, dtype=dtype, reuse=reuse))
     return models
+
+
+def copy_to_device(loaded: LoadedModel, device: str | None) -> LoadedModel:
+    """A copy of a loaded model on ``device``, its tensors copied straight from the loaded
+    one's (GPU to GPU over the host's links), not read from the files again: on an H200
+    host an 8B model loads in about 2.4 s and copies in a fraction of that, and nothing
+    process-wide (transformers' default dtype) changes meanwhile. The module tree is
+    deep-copied with every tensor it holds already mapped to its copy, so tied weights stay
+    tied and no tensor is ever duplicated on the source device. The tokenizer is shared."""
+    import copy
+
+    import torch
+
+    with _LOAD_LOCK:
+        target = torch.device(pick_device(device))
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        memo: dict[int, Any] = {}
+        for module in loaded.model.modules():
+            for held in _tensors_held(module):
+                if id(held) not in memo:
+                    moved = held.detach().to(target, copy=True)
+                    if isinstance(held, torch.nn.Parameter):
+                        moved = torch.nn.Parameter(moved, requires_grad=held.requires_grad)
+                    memo[id(held)] = moved
+        model = copy.deepcopy(loaded.model, memo)
+        if getattr(model, "hf_device_map", None) is not None:
+            model.hf_device_map = {"": target.index if target.type == "cuda" else "cpu"}
+        return LoadedModel(
+            model=model,
+            tokenizer=loaded.tokenizer,
+            model_id=loaded.model_id,
+            path=loaded.path,
+            device=model.get_input_embeddings().weight.device,
+        )
+
+
+def _tensors_held(module: Any) -> list[Any]:
+    """The tensors a module holds: its parameters and buffers, and tensors kept as plain
+    attributes (e.g. a rotary embedding's original frequencies)."""
+    import torch
+
+    held = [*module._parameters.values(), *module._buffers.values()]
+    held += [value for value in vars(module).values() if isinstance(value, torch.Tensor)]
+    return [tensor for tensor in held if tensor is not None]
+
+
+def _copyable(loaded: LoadedModel, device: str | None) -> bool:
+    """Whether ``copy_to_device`` can make the copy: the loaded model sits whole on one
+    device with no accelerate hooks (a sharded one is loaded again, spread as it was), and
+    the copy fits the target GPU whole."""
+    import torch
+
+    model = loaded.model
+    if any(hasattr(module, "_hf_hook") for module in model.modules()):
+        return False
+    if len({p.device for p in model.parameters()}) != 1:
+        return False
+    target = torch.device(pick_device(device))
+    if target.type != "cuda":
+        return True
+    dtype = next(model.parameters()).dtype
+    return not _needs_sharding(loaded.path, dtype, gpu=target.index)
 
 
 def _device_key(device: str | None) -> str:

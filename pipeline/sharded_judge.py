@@ -70,15 +70,16 @@ class ShardedJudge(Judge):
             raise exc.error from None
 
     def _load(self, most: int) -> list[Any]:
-        """The judges, one after another in this thread, on at most ``most`` devices (one
-        a task); a device named twice gets a copy of its own for the second."""
+        """The judges on at most ``most`` devices (one a task), a copy of the model each
+        (``load_on_devices``)."""
         from pipeline.local_judge import LocalJudge
+        from pipeline.models import load_on_devices, split_precision
 
         if not self._judges:
             model = self.spec.partition(":")[2]
-            for number, device in enumerate(self.devices[:most]):
-                reuse = device not in self.devices[:number]
-                self._judges.append(LocalJudge(model, device=device, reuse=reuse))
+            name, dtype = split_precision(model)
+            copies = load_on_devices(name, self.devices[:most], dtype=dtype)
+            self._judges = [LocalJudge(model, loaded=loaded) for loaded in copies]
         return self._judges
 
 

@@ -121,3 +121,67 @@ def test_whether_a_model_needs_sharding_is_measured_on_its_own_gpu(
     assert models._needs_sharding(tiny_model_dir, torch.bfloat16, gpu=0)
     assert models._needs_sharding(tiny_model_dir, torch.bfloat16)  # GPU 0 by default
     assert asked == [1, 0, 0]
+
+
+def test_a_copy_on_a_device_equals_the_loaded_model_and_shares_no_tensor(
+    tiny_model_dir: Path,
+) -> None:
+    """A second engine's model is copied from the first's tensors, not read from the files:
+    the same outputs, and every tensor its own (two engines step on them at once)."""
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    copied = models.copy_to_device(loaded, "cpu")
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        want = loaded.model(ids).logits
+        got = copied.model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    originals = {t.data_ptr() for t in [*loaded.model.parameters(), *loaded.model.buffers()]}
+    assert not originals & {t.data_ptr() for t in copied.model.parameters()}
+    assert copied.model.config is not loaded.model.config  # each runner switches its own
+    assert copied.tokenizer is loaded.tokenizer and copied.device == torch.device("cpu")
+    with torch.no_grad():
+        copied.model.lm_head.weight.zero_()
+    assert loaded.model.lm_head.weight.abs().sum() > 0
+
+
+def test_a_copy_keeps_tied_weights_tied(tiny_model_dir: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    loaded = models.LoadedModel(model, None, "tied", tiny_model_dir, torch.device("cpu"))
+    copied = models.copy_to_device(loaded, "cpu").model
+    assert copied.lm_head.weight is copied.model.embed_tokens.weight
+    assert copied.lm_head.weight is not model.lm_head.weight
+    assert sum(1 for _ in copied.parameters()) == sum(1 for _ in model.parameters())
+
+
+def test_devices_after_the_first_get_copies_not_loads(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[str | None] = []
+    real = models._load_model
+
+    def counted(spec: str, *, device: str | None, dtype: str | None) -> models.LoadedModel:
+        loads.append(device)
+        return real(spec, device=device, dtype=dtype)
+
+    monkeypatch.setattr(models, "_load_model", counted)
+    models._LAST.clear()
+    first, second, third = models.load_on_devices(str(tiny_model_dir), ["cpu", "cpu", "cpu"])
+    assert loads == ["cpu"]
+    assert first is load_model(str(tiny_model_dir), device="cpu")  # the reused one
+    assert len({id(m.model) for m in (first, second, third)}) == 3
+
+
+def test_a_model_with_accelerate_hooks_is_loaded_again_not_copied(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    assert models._copyable(loaded, "cpu")
+    monkeypatch.setattr(loaded.model.lm_head, "_hf_hook", object(), raising=False)
+    assert not models._copyable(loaded, "cpu")
