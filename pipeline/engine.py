@@ -25,7 +25,7 @@ import torch
 
 from pipeline.chat import stop_token_ids
 from pipeline.models import LoadedModel
-from pipeline.runners import HFRunner, StaticRunner, choose_runner, notice_once
+from pipeline.runners import HFRunner, StaticRunner, choose_runner, notice_once, torch_compiled
 from pipeline.sampling import sample_next
 from vectors.steering import SteeringSpec, apply_steering, decode_masks, prefill_masks
 
@@ -47,9 +47,6 @@ PREFILL_TOKENS = 16384
 # (``pipeline.engine_threads``), and a capture's setup (synchronise, empty the cache) must not
 # meet another thread's capture.
 _CAPTURE_LOCK = threading.Lock()
-# Compiled variants kept per step (batch shapes, sampling, steering on or off): past this,
-# torch.compile would silently fall back to the uncompiled step.
-COMPILE_VARIANTS = 64
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,7 @@ class DecodeEngine:
         capture: bool = True,
         backend: str = "auto",
         cuda_graphs: bool | None = None,
-        compiled: bool = False,
+        compiled: bool | str = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -149,7 +146,14 @@ class DecodeEngine:
         # plan's whole generation saves (README, "Compiled step").
         if compiled and backend != "static":
             raise ValueError("a compiled step needs the static backend")
-        self.compiled = compiled
+        if compiled not in (False, True, "layers", "step"):
+            raise ValueError(f"compiled={compiled!r}: use False, True ('layers') or 'step'")
+        self.compiled = bool(compiled)
+        # "layers" (True): each decoder layer compiled, one compiled layer for all of them;
+        # "step": the whole step's forward compiled at once (much slower to compile).
+        self.compile_scope = "step" if compiled == "step" else "layers"
+        if compiled and self.compile_scope == "layers":
+            self.runner.compile_layers()
         tokenizer = loaded.tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
         self.stop_ids = torch.tensor(
@@ -501,7 +505,7 @@ class DecodeEngine:
             key_valid = state.key_valid[:, :used]
             return runner.decode(state.current, state.positions, state.column, key_valid, hook)
 
-        if self.compiled:
+        if self.compiled and self.compile_scope == "step":
             forward = self._compiled(forward)
 
         def step(used: int) -> None:
@@ -536,12 +540,7 @@ class DecodeEngine:
         step's closure shares one code object, so later sessions reuse the compiled code
         (a changed shape compiles once more, as dynamic). Our attention is switched on
         around it, not inside it."""
-        import torch._dynamo
-
-        config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, limit, max(getattr(config, limit), COMPILE_VARIANTS))
-        compiled = torch.compile(forward, dynamic=None, fullgraph=False)
+        compiled = torch_compiled(forward)
         runner = self.runner
 
         def switched(used: int) -> torch.Tensor:

@@ -221,14 +221,66 @@ class _StaticCache:
             keys[slots, :, :s] = key
             values[slots, :, :s] = value
             return key, value
+        return _LayerCache(keys, values, self.column, self.used).update(key, value)
+
+    def get_seq_length(self, *_args: Any) -> int:
+        return 0
+
+
+class _LayerCache:
+    """One layer's slice of ``_StaticCache`` for a decode step, handed to that layer alone:
+    it ignores the layer index the attention passes, so every layer's call is the same code
+    over different tensors and one compiled layer serves them all (``compile_layers``)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor, used: int):
+        self.keys, self.values, self.column, self.used = keys, values, column, used
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, *_args: Any, **_kw: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys, self.values
         rows = torch.arange(keys.shape[0], device=keys.device)
-        column = self.column.to(keys.device)
+        column = self.column.to(keys.device)  # layers may sit on several GPUs
         keys[rows, :, column] = key[:, :, 0]
         values[rows, :, column] = value[:, :, 0]
         return keys[:, :, : self.used], values[:, :, : self.used]
 
     def get_seq_length(self, *_args: Any) -> int:
         return 0
+
+
+def _call_layer(
+    layer: Any,
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    rope: Any,
+    cache: Any,
+    cache_arg: str,
+) -> torch.Tensor:
+    out = layer(
+        h,
+        attention_mask=mask,
+        position_ids=positions,
+        position_embeddings=rope,
+        **{cache_arg: cache},
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+# Variants kept per compiled code object (layer classes, batch shapes, models): past this,
+# torch.compile would silently fall back to the uncompiled code.
+COMPILE_VARIANTS = 64
+
+
+def torch_compiled(function: Callable) -> Callable:
+    """``function`` through torch.compile, with room for ``COMPILE_VARIANTS`` variants."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), COMPILE_VARIANTS))
+    return torch.compile(function, dynamic=None, fullgraph=False)
 
 
 class StaticRunner:
@@ -270,6 +322,15 @@ class StaticRunner:
             if (forward := fused_norm_forward(module)) is not None
         ]
         self._groups = fused_groups(model) if fuse else []
+        self._layer_call: Callable[..., torch.Tensor] = _call_layer  # the decode step's
+
+    def compile_layers(self) -> None:
+        """Decode steps run each decoder layer through torch.compile (its norms, rotary,
+        residual and elementwise work fused into a few kernels), one compiled layer for every
+        layer of a kind: the layers differ only in their tensors, so the compiler traces one
+        and reuses it, where compiling the whole step traced all of them (on the CPU, 8
+        layers: 2.8 s against 12.8 s). The prefill runs uncompiled (its shapes vary)."""
+        self._layer_call = torch_compiled(_call_layer)
 
     @contextmanager
     def attention(self) -> Iterator[None]:
@@ -340,15 +401,19 @@ class StaticRunner:
     ) -> torch.Tensor:
         """The decoder blocks; called inside ``attention()`` (by ``prefill``, ``decode``)."""
         rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
+        cache = self.cache
+        decoding = cache.column is not None
+        call = self._layer_call if decoding else _call_layer
         for index, layer in enumerate(self.layers):
-            out = layer(
-                h,
-                attention_mask=masks[self.windows[index]],
-                position_ids=positions,
-                position_embeddings=rope[self.layer_types[index]],
-                **{self._cache_arg: self.cache},
-            )
-            h = out[0] if isinstance(out, tuple) else out
+            if decoding:
+                layer_cache: Any = _LayerCache(
+                    cache.keys[index], cache.values[index], cache.column, cache.used
+                )
+            else:
+                layer_cache = cache
+            mask = masks[self.windows[index]]
+            rotary = rope[self.layer_types[index]]
+            h = call(layer, h, mask, positions, rotary, layer_cache, self._cache_arg)
             h = hook(index + 1, h)
         return h
 

@@ -160,10 +160,13 @@ def test_continuous_batching_with_sliding_windows(family) -> None:
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
-def test_compiled_step_equals_the_uncompiled_one(name: str, tmp_path) -> None:
-    """The torch.compile'd decode step (opt-in) against the plain one,
-    with steering, capture and watch on: equal tokens, equal states (fp32)."""
+@pytest.mark.parametrize(
+    ("name", "scope"), [("llama", "layers"), ("gemma2", "layers"), ("llama", "step")]
+)
+def test_compiled_step_equals_the_uncompiled_one(name: str, scope: str, tmp_path) -> None:
+    """The torch.compile'd decode step (opt-in; each layer compiled, or the whole step)
+    against the plain one, with steering, capture and watch on: equal tokens, equal states
+    (fp32)."""
     loaded = load_model(str(build_tiny_family(tmp_path / name, name)))
     torch.manual_seed(7)
     layer = 2
@@ -177,13 +180,28 @@ def test_compiled_step_equals_the_uncompiled_one(name: str, tmp_path) -> None:
             DecodeEngine(loaded, capture=True, compiled=choice).run(
                 requests, sampling, steering=specs, watch=watch
             )
-            for choice in (False, True)
+            for choice in (False, scope)
         )
         for p, c in zip(plain, compiled, strict=True):
             assert p.answer_ids == c.answer_ids
             for kind in ("prompt_last", "prompt_avg", "response_avg"):
                 torch.testing.assert_close(c.activations[kind], p.activations[kind], **TOL)
             torch.testing.assert_close(c.projections, p.projections, **TOL)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
+def test_one_compiled_layer_serves_every_layer(tmp_path) -> None:
+    """Compiling layer by layer traces one layer, not each: the layers differ only in their
+    tensors (each gets its own cache slice, so no layer index reaches the compiled code)."""
+    from torch._dynamo.utils import counters
+
+    loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")))
+    assert loaded.num_layers > 1
+    torch._dynamo.reset()
+    counters.clear()
+    sampling = SamplingConfig(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    DecodeEngine(loaded, capture=True, compiled=True).run(_requests(loaded), sampling)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_a_compiled_step_needs_the_static_runner(family) -> None:

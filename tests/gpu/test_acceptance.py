@@ -368,10 +368,12 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
         torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])
 
 
-def test_the_compiled_step_across_attended_lengths(tmp_path: Path, monkeypatch) -> None:
-    """The opt-in compiled step under CUDA graphs while the attended length grows (a new
-    length recompiles: outside any capture, else the capture is invalidated) equals the
-    plain graphed step, with steering, capture and a watch on (fp32, tiny Llama)."""
+@pytest.mark.parametrize("scope", ["layers", "step"])
+def test_the_compiled_step_across_attended_lengths(scope: str, tmp_path: Path, monkeypatch) -> None:
+    """The opt-in compiled step (each layer, or the whole step's forward) under CUDA graphs
+    while the attended length grows (a new length recompiles: outside any capture, else the
+    capture is invalidated) equals the plain graphed step, with steering, capture and a
+    watch on (fp32, tiny Llama)."""
     import pipeline.engine as engine_module
 
     monkeypatch.setattr(engine_module, "ATTENTION_ROUND", 32)
@@ -397,7 +399,7 @@ def test_the_compiled_step_across_attended_lengths(tmp_path: Path, monkeypatch) 
         DecodeEngine(loaded, capture=True, compiled=choice).run(
             requests, sampling, steering=specs, watch=watch
         )
-        for choice in (False, True)
+        for choice in (False, scope)
     )
     assert len(lengths) >= 3  # the step attended over several lengths
     for p, c in zip(plain, compiled, strict=True):
