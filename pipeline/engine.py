@@ -25,7 +25,7 @@ import torch
 
 from pipeline.chat import stop_token_ids
 from pipeline.models import LoadedModel
-from pipeline.runners import HFRunner, StaticRunner, choose_runner, notice_once, torch_compiled
+from pipeline.runners import HFRunner, StaticRunner, choose_runner, notice_once
 from pipeline.sampling import sample_next
 from vectors.steering import SteeringSpec, apply_steering, decode_masks, prefill_masks
 
@@ -123,7 +123,7 @@ class DecodeEngine:
         capture: bool = True,
         backend: str = "auto",
         cuda_graphs: bool | None = None,
-        compiled: bool | str = False,
+        compiled: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -140,19 +140,15 @@ class DecodeEngine:
         self.cuda_graphs = graphable if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not graphable:
             raise ValueError("CUDA graphs need one CUDA device and the static backend")
-        # Opt-in: the decode step's forward through torch.compile (fused norms, rotary and
-        # elementwise work: fewer kernels a step), under our own CUDA graph. Off by default:
-        # on an 8B shape it compiles for 50-70 s per variant on an H200, more than the seed
-        # plan's whole generation saves (README, "Compiled step").
-        if compiled and backend != "static":
-            raise ValueError("a compiled step needs the static backend")
-        if compiled not in (False, True, "layers", "step"):
-            raise ValueError(f"compiled={compiled!r}: use False, True ('layers') or 'step'")
-        self.compiled = bool(compiled)
-        # "layers" (True): each decoder layer compiled, one compiled layer for all of them;
-        # "step": the whole step's forward compiled at once (much slower to compile).
-        self.compile_scope = "step" if compiled == "step" else "layers"
-        if compiled and self.compile_scope == "layers":
+        # Opt-in (``--compile``): each decoder layer of the decode step through torch.compile
+        # (norms, rotary, residual and elementwise work fused: fewer kernels a step), one
+        # compiled layer for all, under our own CUDA graph. About 8 s of compiling for an 8B
+        # shape on an H200 (README, "Compiled step"); the HF runner has no step to compile.
+        self.compiled = compiled and backend == "static"
+        if compiled and not self.compiled:
+            family = self.model.config.model_type
+            notice_once(f"--compile: {family} runs on the HF runner, uncompiled")
+        if self.compiled:
             self.runner.compile_layers()
         tokenizer = loaded.tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
@@ -505,9 +501,6 @@ class DecodeEngine:
             key_valid = state.key_valid[:, :used]
             return runner.decode(state.current, state.positions, state.column, key_valid, hook)
 
-        if self.compiled and self.compile_scope == "step":
-            forward = self._compiled(forward)
-
         def step(used: int) -> None:
             alive = ~state.finished
             state.alive_f.copy_(alive.float())
@@ -533,21 +526,6 @@ class DecodeEngine:
             state.step.add_(moving)
 
         return step
-
-    def _compiled(self, forward: Callable[[int], torch.Tensor]) -> Callable[[int], torch.Tensor]:
-        """The step's forward (layers, steering, capture, watch) through torch.compile;
-        sampling stays outside (inductor cannot generate the vocabulary-wide cumsum). Every
-        step's closure shares one code object, so later sessions reuse the compiled code
-        (a changed shape compiles once more, as dynamic). Our attention is switched on
-        around it, not inside it."""
-        compiled = torch_compiled(forward)
-        runner = self.runner
-
-        def switched(used: int) -> torch.Tensor:
-            with runner.attention():
-                return compiled(used)
-
-        return switched
 
     def _graphed(
         self, step_fn: Callable[[int], None], warmup: int, eager_first: bool = False

@@ -32,7 +32,7 @@ BACKENDS = ("local", "openai")
 
 @dataclass(frozen=True)
 class GenerateParams(JobParams):
-    NOT_IDENTITY = frozenset({"batch_size", "device", "gpus", "max_concurrent"})
+    NOT_IDENTITY = frozenset({"batch_size", "device", "gpus", "max_concurrent", "compile"})
 
     side: str
     split: str = "extract"
@@ -53,6 +53,8 @@ class GenerateParams(JobParams):
     device: str | None = None
     ignore_eos: bool = False
     gpus: str | None = None  # pipeline.sharding.parse_gpus
+    # The local engine's decode step with its layers torch.compile'd (pipeline.engine).
+    compile: bool = False
 
     def validate(self) -> GenerateParams:
         checks = [

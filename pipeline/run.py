@@ -39,6 +39,7 @@ class RunParams:
     coherence: float = DEFAULT_FILTER.coherence
     device: str | None = None
     gpus: str | None = None  # generation, local judging, forward extraction (parse_gpus)
+    compile: bool = False  # generation's decode step compiled (GenerateParams.compile)
 
 
 @dataclass
@@ -89,6 +90,7 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
                     batch_size=params.batch_size,
                     device=params.device,
                     gpus=params.gpus,
+                    compile=params.compile,
                 )
                 generation[(split, side)] = find_or_create_job(store, params.trait, gen)
         labels = {

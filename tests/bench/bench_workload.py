@@ -12,7 +12,8 @@ from free GPU memory, the four jobs as one queue, default judge processes), per 
 total. The old path is
 timed on the engine alone (no database writes): a conservative baseline.
 Targets (issue 13): <= 60 s on one H200 for the whole plan, <= 35 s on two.
-``--gpus 0 --gpus 0,1`` measures the new path on one GPU and on two in the same run, each
+``--gpus 0 --gpus 0,1`` measures the new path on one GPU and on two in the same run (a
+value ending in ``+compile``, e.g. ``0,1+compile``, runs that variant with ``--compile``), each
 variant in a fresh process (as ``persona run`` would start), so none finds another's model
 loaded, CUDA set up or kernels warm; ``x first`` is each variant's generation speedup over
 the first variant's.
@@ -105,6 +106,7 @@ def new_plan(
     base_url: str,
     gpus: str | None,
     batch_size: int | None = None,
+    compile_layers: bool = False,
 ) -> dict:
     from db import Store
     from pipeline.extract import extract
@@ -125,6 +127,7 @@ def new_plan(
                 params = GenerateParams(
                     side=side, split=split, model=str(model_dir), n_per_question=count,
                     max_new_tokens=new, gpus=gpus, batch_size=batch_size,
+                    compile=compile_layers,
                 )  # fmt: skip
                 jobs.append(find_or_create_job(store, "paternalism", params))
         # As `persona run` does: on one GPU one queue for the four jobs; with several, the
@@ -182,7 +185,8 @@ def main() -> None:
     parser.add_argument(
         "--gpus",
         action="append",
-        help="a --gpus value for the new path, once per variant (default: all visible GPUs)",
+        help="a --gpus value for the new path, once per variant (default: all visible GPUs); "
+        "with +compile at its end, that variant compiles the decode step's layers",
     )
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
@@ -194,13 +198,18 @@ def main() -> None:
     model_dir = build_model_dir(folder / "model", args.layers)
     print(f"card: {card()}; 8B shape, {args.layers} layers; plan n={args.n} n_eval={args.n_eval}")
     rows = []
-    for gpus in args.gpus or [None]:
+    for variant in args.gpus or [None]:
         db = folder / f"new-{len(rows)}.db"
+        gpus, compile_layers = variant, False
+        if variant and variant.endswith("+compile"):
+            gpus, compile_layers = variant.removesuffix("+compile") or None, True
         plan = (db, model_dir, args.n, args.n_eval, args.new, base_url, gpus, args.batch_size)
+        plan += (compile_layers,)
         new = _in_fresh_process(ctx, plan)
         rows.append(
             {
                 "path": f"new: continuous batching, --gpus {gpus or 'all'}, "
+                + ("--compile, " if compile_layers else "")
                 + (f"--batch-size {args.batch_size}" if args.batch_size else "auto slots"),
                 "generate s": new["times"]["generate"],
                 "of which load s": new.get("load_s"),

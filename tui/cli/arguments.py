@@ -247,6 +247,16 @@ def gpus_value(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_compile(sub: argparse.ArgumentParser) -> None:
+    """--compile: the local engine's decode step with its layers torch.compile'd."""
+    sub.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step's layers with torch.compile (GPU: about 8 s once a "
+        "process for an 8B model, then 15-30%% faster steps; worth it for large jobs)",
+    )
+
+
 def add_gpus(sub: argparse.ArgumentParser) -> None:
     """--gpus: a model copy a device (generation: ``pipeline.engine_threads``; the rest:
     ``pipeline.sharding``)."""

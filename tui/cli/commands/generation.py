@@ -8,6 +8,7 @@ from pathlib import Path
 
 from db import PersonaError
 from tui.cli.arguments import (
+    add_compile,
     add_gpus,
     add_pair_filter,
     non_negative_float,
@@ -54,6 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 max_concurrent=args.max_concurrent,
                 device=args.device,
                 gpus=args.gpus,
+                compile=args.compile,
             ).validate()
             job_id = find_or_create_job(store, args.trait, params)
             jobs.append((job_id, f"job {job_id} {args.trait} {side}/{args.split}"))
@@ -203,6 +205,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--max-concurrent", type=positive_int, default=16)
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     add_gpus(gen)
+    add_compile(gen)
 
     jud = add_command(
         commands,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from tui.cli import output
-from tui.cli.arguments import add_filter_values, add_gpus, positive_int, seed_int
+from tui.cli.arguments import add_compile, add_filter_values, add_gpus, positive_int, seed_int
 from tui.cli.context import db_path, require_terminal
 from tui.cli.parser import add_command
 
@@ -34,6 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         coherence=args.coherence,
         device=args.device,
         gpus=args.gpus,
+        compile=args.compile,
     )
     with output.progress_bar() as bar:
 
@@ -87,4 +88,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_filter_values(run)
     run.add_argument("--device")
     add_gpus(run)
+    add_compile(run)
     run.add_argument("--tui", action="store_true", help="open the dashboard at the end")
