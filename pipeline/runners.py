@@ -25,7 +25,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -268,6 +268,14 @@ def _call_layer(
     return out[0] if isinstance(out, tuple) else out
 
 
+# Compiled layers are called by one thread at a time (engines on several GPUs step in
+# threads): while one thread compiles a variant (another GPU, another shape), torch's FX
+# tracing flag is set process-wide, and a compiled call in another thread raises "Detected
+# that you are using FX to symbolically trace a dynamo-optimized function" (torch 2.11, two
+# H200s). Only eager steps, graph captures and compiles take it: a replayed CUDA graph runs
+# no Python.
+_COMPILED_CALLS = threading.Lock()
+
 # Variants kept per compiled code object (layer classes, batch shapes, models): past this,
 # torch.compile would silently fall back to the uncompiled code.
 COMPILE_VARIANTS = 64
@@ -400,21 +408,22 @@ class StaticRunner:
         hook: HiddenHook,
     ) -> torch.Tensor:
         """The decoder blocks; called inside ``attention()`` (by ``prefill``, ``decode``)."""
-        rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
         cache = self.cache
         decoding = cache.column is not None
         call = self._layer_call if decoding else _call_layer
-        for index, layer in enumerate(self.layers):
-            if decoding:
-                layer_cache: Any = _LayerCache(
-                    cache.keys[index], cache.values[index], cache.column, cache.used
-                )
-            else:
-                layer_cache = cache
-            mask = masks[self.windows[index]]
-            rotary = rope[self.layer_types[index]]
-            h = call(layer, h, mask, positions, rotary, layer_cache, self._cache_arg)
-            h = hook(index + 1, h)
+        rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
+        with _COMPILED_CALLS if call is not _call_layer else nullcontext():
+            for index, layer in enumerate(self.layers):
+                if decoding:
+                    layer_cache: Any = _LayerCache(
+                        cache.keys[index], cache.values[index], cache.column, cache.used
+                    )
+                else:
+                    layer_cache = cache
+                mask = masks[self.windows[index]]
+                rotary = rope[self.layer_types[index]]
+                h = call(layer, h, mask, positions, rotary, layer_cache, self._cache_arg)
+                h = hook(index + 1, h)
         return h
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:

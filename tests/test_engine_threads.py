@@ -4,12 +4,14 @@ or the caller's stopping every engine, and the job-level paths (rows, stats, OOM
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import build_tiny_model
 
 from db import PersonaError, Store
 from pipeline.chat import prompt_ids
@@ -357,3 +359,34 @@ def test_a_judge_over_devices_with_nothing_to_score_loads_nothing() -> None:
     judge = ShardedJudge("local:/no/such/model", ["cpu", "cpu"], max_concurrent=4)
     judge.score_all([], lambda *_: None, lambda: None)  # a load would fail on the bad path
     assert judge._judges == []
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
+def test_compiled_engines_in_threads_never_run_compiled_code_while_another_compiles(
+    tmp_path: Path,
+) -> None:
+    """``--compile`` with several engines: one thread compiling its layer while another
+    calls the compiled layer failed on an H200 ("FX to symbolically trace a
+    dynamo-optimized function"); compiled layer calls are serialised, and each row equals
+    one plain engine's."""
+    import torch._dynamo
+
+    from pipeline.models import copy_to_device
+
+    torch._dynamo.reset()  # nothing compiled yet: both threads start by compiling
+    folder = build_tiny_model(tmp_path / "model", layers=3, seed=5)
+    first = load_model(str(folder), device="cpu", reuse=False)
+    second = copy_to_device(first, "cpu")
+    requests = _requests(first.tokenizer)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, ignore_eos=True)
+    alone = DecodeEngine(first).run(requests, sampling, slots=4)
+    engines = [DecodeEngine(m, compiled=True) for m in (first, second)]
+    # Different slots: different shapes, so the second engine compiles a variant of its own
+    # (as an engine on another GPU does) while the first runs the compiled layer.
+    results = list(stream_on_engines(engines, [3, 1], requests, sampling))
+    assert sorted(index for index, _ in results) == list(range(len(requests)))
+    for index, result in results:
+        assert result.answer_ids == alone[index].answer_ids
+        torch.testing.assert_close(
+            result.activations["response_avg"], alone[index].activations["response_avg"]
+        )

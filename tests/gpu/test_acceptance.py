@@ -467,10 +467,12 @@ def test_generation_across_two_engines_on_one_gpu(big_model_dir: Path, tmp_path:
         assert torch.isfinite(acts["response_avg"]).all()
 
 
-def _threads_against_one_engine(folder: Path, devices: list[str]) -> None:
+def _threads_against_one_engine(
+    folder: Path, devices: list[str], *, compiled: bool = False, slots: list[int] | None = None
+) -> None:
     """An engine a device (a model each), graphed, in threads over one queue, against one
-    engine on the first device: every row once, each with the tokens and captured means one
-    engine gives it (fp32), and every engine taking some of the rows."""
+    plain engine on the first device: every row once, each with the tokens and captured
+    means one engine gives it (fp32), and every engine taking some of the rows."""
     from pipeline.engine_threads import stream_on_engines
 
     models = [load_model(str(folder), device=devices[0], dtype="float32")]
@@ -483,7 +485,11 @@ def _threads_against_one_engine(folder: Path, devices: list[str]) -> None:
     ]
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0)
     alone = dict(DecodeEngine(models[0]).stream(requests, sampling, slots=4, check_every=4))
-    engines = [DecodeEngine(m) for m in models]
+    if compiled:
+        import torch._dynamo
+
+        torch._dynamo.reset()  # nothing compiled yet: the engines start by compiling
+    engines = [DecodeEngine(m, compiled=compiled) for m in models]
     taken = [0] * len(engines)
 
     def counting(number: int, stream):
@@ -496,7 +502,8 @@ def _threads_against_one_engine(folder: Path, devices: list[str]) -> None:
 
     for number, engine in enumerate(engines):
         engine.stream = counting(number, engine.stream)
-    together = dict(stream_on_engines(engines, [4] * len(engines), requests, sampling))
+    slots = slots or [4] * len(engines)
+    together = dict(stream_on_engines(engines, slots, requests, sampling))
     assert sorted(together) == list(range(len(requests)))
     assert sum(taken) == len(requests) and all(taken), taken
     for index, result in together.items():
@@ -510,6 +517,21 @@ def _threads_against_one_engine(folder: Path, devices: list[str]) -> None:
 def test_two_engines_in_threads_on_one_gpu_equal_one_engine(tmp_path: Path) -> None:
     """Two graphed engines on GPU 0 capturing and replaying at once from two threads."""
     _threads_against_one_engine(build_tiny_family(tmp_path / "llama", "llama"), ["cuda:0"] * 2)
+
+
+def test_compiled_engines_in_threads_on_one_gpu_equal_one_engine(tmp_path: Path) -> None:
+    """``--compile`` with two engines on GPU 0: different slots, so each compiles a variant
+    of its own while the other runs (a compile in one thread made a compiled call in
+    another raise under torch 2.11 until compiled calls were serialised)."""
+    folder = build_tiny_family(tmp_path / "llama", "llama")
+    _threads_against_one_engine(folder, ["cuda:0"] * 2, compiled=True, slots=[5, 3])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_compiled_engines_on_the_second_gpu_in_threads(tmp_path: Path) -> None:
+    """``--gpus 0,1 --compile``: an engine a GPU, each compiling for its own device."""
+    folder = build_tiny_family(tmp_path / "llama", "llama")
+    _threads_against_one_engine(folder, ["cuda:0", "cuda:1"], compiled=True)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
