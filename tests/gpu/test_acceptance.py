@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo  # reset between compiled runs
 from tiny_model import FAMILY_CONFIGS, build_tiny_family
 
 from db import Store
@@ -486,8 +487,6 @@ def _threads_against_one_engine(
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0)
     alone = dict(DecodeEngine(models[0]).stream(requests, sampling, slots=4, check_every=4))
     if compiled:
-        import torch._dynamo
-
         torch._dynamo.reset()  # nothing compiled yet: the engines start by compiling
     engines = [DecodeEngine(m, compiled=compiled) for m in models]
     taken = [0] * len(engines)
