@@ -39,8 +39,9 @@ class SweepParams(JobParams):
     prune_top: int | None = None  # keep the K layers with the best eval AUROC
     device: str | None = None
     gpus: str | None = None  # the settings over an engine a device (parse_gpus)
+    compile: bool = False  # the decode step's layers compiled (GenerateParams.compile)
 
-    NOT_IDENTITY = frozenset({"gpus"})
+    NOT_IDENTITY = frozenset({"gpus", "compile"})
 
     def validate(self) -> SweepParams:
         if not self.layers:
@@ -221,6 +222,7 @@ def run_sweep_job(
                 temperature=params.temperature,
                 steering=specs,
                 on_step=lambda _steps: check(),  # a cancel stops a setting mid-decode
+                compiled=params.compile,
             )
 
         return setting

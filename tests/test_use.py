@@ -165,6 +165,37 @@ def test_a_sweep_over_two_devices_stores_the_answers_of_one(
     assert len(answers["one"]) == 8 and answers["two"] == answers["one"]
 
 
+@pytest.mark.skipif(
+    __import__("shutil").which("g++") is None, reason="torch.compile on the CPU needs g++"
+)
+def test_a_compiled_sweep_over_two_devices_stores_the_answers_of_a_plain_one(
+    extracted: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sweep --compile --gpus cpu,cpu``: each engine compiles its layers, and the steered
+    answers are those of the plain sweep on one device (fp32)."""
+    from pipeline.runners import StaticRunner
+
+    compiled: list[int] = []
+    real = StaticRunner.compile_layers
+    monkeypatch.setattr(
+        StaticRunner, "compile_layers", lambda self: compiled.append(1) or real(self)
+    )
+    answers = {}
+    for name, where in (("plain", {"device": "cpu"}), ("compiled", {"gpus": "cpu,cpu"})):
+        params = SweepParams(
+            layers=(2,), coefs=(-6.0, 6.0), n=2, judge=f"local:{tiny_model_dir}",
+            max_new_tokens=5, seed=3, compile=name == "compiled", **where,
+        )  # fmt: skip
+        with Store(extracted) as store:
+            job_id = create_sweep_job(store, "paternalism", params)
+        run_job(extracted, job_id)
+        with Store(extracted) as store:
+            assert store.get_job(job_id).status == "done"
+            answers[name] = {r.key: r.answer_ids for r in store.responses(job=job_id)}
+    assert len(compiled) == 3  # an engine a setting (unsteered, -6, +6), all compiled
+    assert len(answers["plain"]) == 6 and answers["compiled"] == answers["plain"]
+
+
 def test_best_settings_respects_coherence() -> None:
     table = [
         {"layer": 0, "coef": 0.0, "n": 5, "trait": 40, "coherence": 80},

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from tui.cli.arguments import (
     VECTOR_KINDS,
+    add_compile,
     add_gpus,
     input_file,
     non_negative_float,
@@ -115,6 +116,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         prune_top=args.prune_top,
         device=args.device,
         gpus=args.gpus,
+        compile=args.compile,
     )
     with open_store(args) as store:
         job_id = create_sweep_job(store, args.trait, params)
@@ -265,6 +267,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     sw.add_argument("--device")
     add_gpus(sw)
+    add_compile(sw)
 
     scr = add_command(
         commands,
