@@ -1,7 +1,8 @@
 """The seed's plan end to end on the 8B shape (bf16, random weights, a small real BPE
 vocabulary so answers end at an end-of-turn token after a few hundred tokens): generate pos
 and neg answers to the 20 extract questions (``--n`` each) and the 20 eval questions
-(``--n-eval`` each) with capture, judge the extract answers for trait and coherence through
+(``--n-eval`` each) with capture, judge the extract answers for trait and coherence (as
+``persona run`` does: a judge job a side, default flags) through
 a local stub OpenAI server with 200 ms latency, and extract the vectors.
 
     python tests/bench/bench_workload.py [--n 10] [--n-eval 5] [--new 1000] [--layers 32]
@@ -141,8 +142,11 @@ def new_plan(
             tokens += sum(len(r.answer_ids) for r in store.responses(job=job_id))
         times["generate"] = time.perf_counter() - start
         mark = time.perf_counter()
-        judge = JudgeParams(judge="openai:stub", base_url=base_url, max_concurrent=50)
-        run_job(db, find_or_create_judge_job(store, "paternalism", judge))
+        # As `persona run` does: the extract answers only (the filter's input), a job a side,
+        # default flags (50 in flight). Before session 7 the bench judged all 600 answers.
+        for extract_job in jobs[:2]:
+            judge = JudgeParams(judge="openai:stub", base_url=base_url, job=extract_job)
+            run_job(db, find_or_create_judge_job(store, "paternalism", judge))
         times["judge"] = time.perf_counter() - mark
         mark = time.perf_counter()
         extract(store, "paternalism", threshold=0, coherence=0, judge="openai:stub")
