@@ -98,6 +98,7 @@ _SHARED_PARAMS = (
     "batch_size",
     "device",
     "gpus",
+    "compile",
 )
 
 

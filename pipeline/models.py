@@ -278,7 +278,9 @@ def copy_to_device(loaded: LoadedModel, device: str | None) -> LoadedModel:
     host an 8B model loads in about 2.4 s and copies in a fraction of that, and nothing
     process-wide (transformers' default dtype) changes meanwhile. The module tree is
     deep-copied with every tensor it holds already mapped to its copy, so tied weights stay
-    tied and no tensor is ever duplicated on the source device. The tokenizer is shared."""
+    tied and no tensor kept on a module is duplicated on the source device. The tokenizer is
+    shared. Made while no runner works on the source (as every caller does): a working
+    runner has switched the config's attention."""
     import copy
 
     import torch
@@ -296,6 +298,10 @@ def copy_to_device(loaded: LoadedModel, device: str | None) -> LoadedModel:
                         moved = torch.nn.Parameter(moved, requires_grad=held.requires_grad)
                     memo[id(held)] = moved
         model = copy.deepcopy(loaded.model, memo)
+        # Forwards a runner installs on the source while it works (fused norms and
+        # projections) belong to the source's modules: the copy runs its classes' own.
+        for module in model.modules():
+            vars(module).pop("forward", None)
         if getattr(model, "hf_device_map", None) is not None:
             model.hf_device_map = {"": target.index if target.type == "cuda" else "cpu"}
         return LoadedModel(
@@ -331,8 +337,9 @@ def _copyable(loaded: LoadedModel, device: str | None) -> bool:
     target = torch.device(pick_device(device))
     if target.type != "cuda":
         return True
+    index = torch.cuda.current_device() if target.index is None else target.index
     dtype = next(model.parameters()).dtype
-    return not _needs_sharding(loaded.path, dtype, gpu=target.index)
+    return not _needs_sharding(loaded.path, dtype, gpu=index)
 
 
 def _device_key(device: str | None) -> str:

@@ -269,7 +269,8 @@ def _call_layer(
 
 
 # Compiled layers are called by one thread at a time (engines on several GPUs step in
-# threads): while one thread compiles a variant (another GPU, another shape), torch's FX
+# threads; engines without CUDA graphs, e.g. ``--gpus cpu,cpu --compile``, therefore step one
+# at a time): while one thread compiles a variant (another GPU, another shape), torch's FX
 # tracing flag is set process-wide, and a compiled call in another thread raises "Detected
 # that you are using FX to symbolically trace a dynamo-optimized function" (torch 2.11, two
 # H200s). Only eager steps, graph captures and compiles take it: a replayed CUDA graph runs
@@ -364,7 +365,9 @@ class StaticRunner:
     @staticmethod
     def fits(model: Any) -> bool:
         """The model has the layout this runner drives (decoder layers that take
-        ``position_embeddings``, an embedding, a final norm, rotary embeddings)."""
+        ``position_embeddings``, an embedding, a final norm, rotary embeddings), each
+        layer's attention indexed by its place (the prefill finds a layer's cache by that
+        index, a decode step by the place)."""
         core = getattr(model, "model", None)
         layers = getattr(core, "layers", None)
         needed = ("embed_tokens", "norm", "rotary_emb")
@@ -373,7 +376,12 @@ class StaticRunner:
         if not hasattr(model, "lm_head") or not hasattr(layers[0], "self_attn"):
             return False
         params = inspect.signature(layers[0].forward).parameters
-        return "position_embeddings" in params and hasattr(layers[0].self_attn, "layer_idx")
+        if "position_embeddings" not in params:
+            return False
+        indices = [
+            getattr(getattr(layer, "self_attn", None), "layer_idx", None) for layer in layers
+        ]
+        return indices == list(range(len(layers)))
 
     def allocate(self, batch: int, length: int) -> None:
         weight = self.core.embed_tokens.weight

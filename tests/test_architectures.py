@@ -202,6 +202,18 @@ def test_one_compiled_layer_serves_every_layer(tmp_path) -> None:
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_layers_indexed_out_of_place_do_not_take_the_static_runner(tmp_path) -> None:
+    """The prefill finds a layer's cache by its attention's ``layer_idx``, a decode step by
+    the layer's place: a model where they differ must not run on the static runner."""
+    from pipeline.runners import StaticRunner
+
+    loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")))
+    assert StaticRunner.fits(loaded.model)
+    attention = loaded.model.model.layers[1].self_attn
+    attention.layer_idx = 0
+    assert not StaticRunner.fits(loaded.model)
+
+
 def test_a_compiled_step_is_opt_in_and_the_hf_runner_runs_uncompiled(
     family, caplog: pytest.LogCaptureFixture
 ) -> None:

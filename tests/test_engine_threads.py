@@ -381,9 +381,30 @@ def test_compiled_engines_in_threads_never_run_compiled_code_while_another_compi
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, ignore_eos=True)
     alone = DecodeEngine(first).run(requests, sampling, slots=4)
     engines = [DecodeEngine(m, compiled=True) for m in (first, second)]
+    # Two threads inside compiled layers at once is what raised on the GPU: a compiled call
+    # held a moment is enough to see them overlap, were the calls not serialised.
+    inside, overlaps, count = [0], [], threading.Lock()
+
+    def held(call):
+        def layer(*args):
+            with count:
+                inside[0] += 1
+                overlaps.append(inside[0] > 1)
+            try:
+                time.sleep(0.002)
+                return call(*args)
+            finally:
+                with count:
+                    inside[0] -= 1
+
+        return layer
+
+    for engine in engines:
+        engine.runner._layer_call = held(engine.runner._layer_call)
     # Different slots: different shapes, so the second engine compiles a variant of its own
     # (as an engine on another GPU does) while the first runs the compiled layer.
     results = list(stream_on_engines(engines, [3, 1], requests, sampling))
+    assert overlaps and not any(overlaps)
     assert sorted(index for index, _ in results) == list(range(len(requests)))
     for index, result in results:
         assert result.answer_ids == alone[index].answer_ids

@@ -185,3 +185,17 @@ def test_a_model_with_accelerate_hooks_is_loaded_again_not_copied(
     assert models._copyable(loaded, "cpu")
     monkeypatch.setattr(loaded.model.lm_head, "_hf_hook", object(), raising=False)
     assert not models._copyable(loaded, "cpu")
+
+
+def test_a_copy_runs_its_classes_own_forwards(tiny_model_dir: Path) -> None:
+    """A forward installed on a source module (as a working runner installs fused norms)
+    is the source's: the copy's module runs its class's forward."""
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    norm = loaded.model.model.norm
+    norm.forward = lambda x: x  # an instance forward, as _forwards_installed sets
+    try:
+        copied = models.copy_to_device(loaded, "cpu")
+        assert "forward" not in vars(copied.model.model.norm)
+        assert "forward" in vars(norm)
+    finally:
+        del norm.forward

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import queue
 import sys
 import tempfile
 import time
@@ -167,7 +168,13 @@ def _in_fresh_process(ctx: Any, plan: tuple) -> dict:
     results = ctx.Queue()
     child = ctx.Process(target=_plan_child, args=(plan, results))
     child.start()
-    kind, value = results.get()
+    while True:  # a child killed outright (out of memory, a CUDA abort) sends nothing
+        try:
+            kind, value = results.get(timeout=5)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                raise SystemExit(f"the plan's process died (exit code {child.exitcode})") from None
     child.join()
     if kind == "error":
         raise SystemExit(f"the plan failed in its process: {value}")
