@@ -574,3 +574,33 @@ def test_the_graphed_step_on_a_second_gpu(tmp_path: Path) -> None:
         graphed = DecodeEngine(loaded).run(requests, sampling)
         eager = DecodeEngine(loaded, cuda_graphs=False).run(requests, sampling)
     assert graphed[0].answer_ids == eager[0].answer_ids
+
+
+def _copy_equals_the_loaded_model(folder: Path, target: str) -> None:
+    """``models.copy_to_device`` from GPU 0 to ``target``: every tensor on the target, none
+    shared with the source, the same logits (fp32), the device map rewritten."""
+    from pipeline.models import copy_to_device
+
+    loaded = load_model(str(folder), device="cuda:0", dtype="float32")
+    copied = copy_to_device(loaded, target)
+    assert copied.device == torch.device(target)
+    tensors = [*copied.model.parameters(), *copied.model.buffers()]
+    assert {t.device for t in tensors} == {torch.device(target)}
+    originals = {t.data_ptr() for t in loaded.model.parameters()}
+    assert not originals & {t.data_ptr() for t in copied.model.parameters()}
+    if getattr(copied.model, "hf_device_map", None) is not None:
+        assert copied.model.hf_device_map == {"": torch.device(target).index}
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        want = loaded.model(ids.to("cuda:0")).logits.cpu()
+        got = copied.model(ids.to(target)).logits.cpu()
+    torch.testing.assert_close(got, want)
+
+
+def test_a_model_copy_on_the_same_gpu(tmp_path: Path) -> None:
+    _copy_equals_the_loaded_model(build_tiny_family(tmp_path / "llama", "llama"), "cuda:0")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_a_model_copy_on_the_second_gpu(tmp_path: Path) -> None:
+    _copy_equals_the_loaded_model(build_tiny_family(tmp_path / "llama", "llama"), "cuda:1")
