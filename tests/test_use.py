@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,6 +129,23 @@ def test_sweep_runs_judges_and_resumes(extracted: Path, tiny_model_dir: Path) ->
         assert len(store.responses(job=job_id)) == 10
 
 
+def _sweep_answers(
+    db: Path, model_dir: Path, coefs: tuple[float, ...], **where: Any
+) -> dict[tuple[int, int, int], list[int]]:
+    """A finished sweep at layer 2 with these coefs (and device, gpus or compile): its
+    answers by row key."""
+    params = SweepParams(
+        layers=(2,), coefs=coefs, n=2, judge=f"local:{model_dir}", max_new_tokens=5, seed=3,
+        **where,
+    )  # fmt: skip
+    with Store(db) as store:
+        job_id = create_sweep_job(store, "paternalism", params)
+    run_job(db, job_id)
+    with Store(db) as store:
+        assert store.get_job(job_id).status == "done"
+        return {r.key: r.answer_ids for r in store.responses(job=job_id)}
+
+
 def test_a_sweep_over_two_devices_stores_the_answers_of_one(
     extracted: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,16 +166,7 @@ def test_a_sweep_over_two_devices_stores_the_answers_of_one(
     monkeypatch.setattr(decoding, "decode", decode)
     answers = {}
     for name, where in (("one", {"device": "cpu"}), ("two", {"gpus": "cpu,cpu"})):
-        params = SweepParams(
-            layers=(2,), coefs=(-6.0, 3.0, 6.0), n=2, judge=f"local:{tiny_model_dir}",
-            max_new_tokens=5, seed=3, **where,
-        )  # fmt: skip
-        with Store(extracted) as store:
-            job_id = create_sweep_job(store, "paternalism", params)
-        run_job(extracted, job_id)
-        with Store(extracted) as store:
-            assert store.get_job(job_id).status == "done"
-            answers[name] = {r.key: r.answer_ids for r in store.responses(job=job_id)}
+        answers[name] = _sweep_answers(extracted, tiny_model_dir, (-6.0, 3.0, 6.0), **where)
         if name == "one":
             assert threads == {threading.main_thread().name}
             threads.clear()
@@ -181,17 +190,10 @@ def test_a_compiled_sweep_over_two_devices_stores_the_answers_of_a_plain_one(
         StaticRunner, "compile_layers", lambda self: compiled.append(1) or real(self)
     )
     answers = {}
-    for name, where in (("plain", {"device": "cpu"}), ("compiled", {"gpus": "cpu,cpu"})):
-        params = SweepParams(
-            layers=(2,), coefs=(-6.0, 6.0), n=2, judge=f"local:{tiny_model_dir}",
-            max_new_tokens=5, seed=3, compile=name == "compiled", **where,
-        )  # fmt: skip
-        with Store(extracted) as store:
-            job_id = create_sweep_job(store, "paternalism", params)
-        run_job(extracted, job_id)
-        with Store(extracted) as store:
-            assert store.get_job(job_id).status == "done"
-            answers[name] = {r.key: r.answer_ids for r in store.responses(job=job_id)}
+    answers["plain"] = _sweep_answers(extracted, tiny_model_dir, (-6.0, 6.0), device="cpu")
+    answers["compiled"] = _sweep_answers(
+        extracted, tiny_model_dir, (-6.0, 6.0), gpus="cpu,cpu", compile=True
+    )
     assert len(compiled) == 3  # an engine a setting (unsteered, -6, +6), all compiled
     assert len(answers["plain"]) == 6 and answers["compiled"] == answers["plain"]
 
