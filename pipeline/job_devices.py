@@ -63,7 +63,7 @@ def run_jobs_on_devices(
         raise PersonaError(errors[0])
 
 
-def run_job_share(device: str, db_path: str, share: Sequence, emit, note) -> None:
+def run_job_share(device: str, db_path: str, share: Sequence, emit) -> None:
     """A worker's part: its jobs as one queue where they can share an engine, else in
     order; each job's error is reported, not raised, so the jobs after it still run."""
     job_ids = [job_id for _index, job_id in share]

@@ -27,9 +27,9 @@ POLL_SECONDS = 0.5
 # A dead worker's last messages may still be in the pipe: read them for this long first.
 DRAIN_SECONDS = 2.0
 
-# work(device, payload, items, emit, note): runs in a worker on its share of ``items`` (index,
-# item) and calls ``emit(index, result)`` for each; ``note(text)`` reports what the worker
-# chose (e.g. its batch size). Module-level, so a spawned process can import it.
+# work(device, payload, items, emit): runs in a worker on its share of ``items`` (index,
+# item) and calls ``emit(index, result)`` for each. Module-level, so a spawned process can
+# import it.
 ShardWork = Callable[..., None]
 
 
@@ -109,7 +109,6 @@ def run_sharded(
     items: Sequence[Any],
     *,
     on_idle: Callable[[], None] = lambda: None,
-    on_note: Callable[[str, str], None] = lambda _device, _text: None,
 ) -> Iterator[tuple[int, Any]]:
     """Yield (index, result) for every item as the workers produce them. ``on_idle`` runs
     between results (at least every ``POLL_SECONDS``: write, heartbeat, cancel); a worker's
@@ -147,8 +146,6 @@ def run_sharded(
             if kind == "item":
                 yield message[2], message[3]
                 on_idle()
-            elif kind == "note":
-                on_note(devices[rank], message[2])
             elif kind == "done":
                 finished.add(rank)
             else:  # "error"
@@ -185,15 +182,12 @@ def _worker(
     def emit(index: int, result: Any) -> None:
         results.put(("item", rank, index, result))
 
-    def note(text: str) -> None:
-        results.put(("note", rank, text))
-
     try:
         if device.startswith("cuda"):
             import torch
 
             torch.cuda.set_device(device)  # the worker's own GPU is its current one
-        work(device, payload, share, emit, note)
+        work(device, payload, share, emit)
     except PersonaError as exc:
         results.put(("error", rank, f"{device}: {exc}"))
     except Exception as exc:  # the parent reports it; the traceback goes to the worker log
