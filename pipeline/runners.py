@@ -199,10 +199,10 @@ def _attention_switched(config: Any) -> Iterator[None]:
 
 
 class _StaticCache:
-    """The KV cache the layers' attention writes to, as transformers' ``Cache.update``: in
-    the prefill it stores columns 0..S-1 and hands back the prompt's own keys; in a decode
-    step it stores one column (a device tensor, so a CUDA graph can advance it) and hands
-    back the cache's first ``used`` columns (those the step's rows use)."""
+    """The KV cache, a key and a value tensor a layer. The prefill hands it to the layers
+    whole: as transformers' ``Cache.update``, it stores columns 0..S-1 of the rows ``slots``
+    and hands back the prompt's own keys. A decode step hands each layer its own slice
+    (``_LayerCache``) at the columns in ``column``."""
 
     def __init__(self) -> None:
         self.keys: list[torch.Tensor] = []
@@ -215,13 +215,11 @@ class _StaticCache:
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args: Any, **_kw: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.column is None:
-            s = key.shape[2]
-            slots = self.slots.to(keys.device)
-            keys[slots, :, :s] = key
-            values[slots, :, :s] = value
-            return key, value
-        return _LayerCache(keys, values, self.column, self.used).update(key, value)
+        s = key.shape[2]
+        slots = self.slots.to(keys.device)
+        keys[slots, :, :s] = key
+        values[slots, :, :s] = value
+        return key, value
 
     def get_seq_length(self, *_args: Any) -> int:
         return 0
@@ -229,8 +227,10 @@ class _StaticCache:
 
 class _LayerCache:
     """One layer's slice of ``_StaticCache`` for a decode step, handed to that layer alone:
-    it ignores the layer index the attention passes, so every layer's call is the same code
-    over different tensors and one compiled layer serves them all (``compile_layers``)."""
+    it stores one column a row (a device tensor, so a CUDA graph can advance it) and hands
+    back the first ``used`` columns (those the step's rows use). It ignores the layer index
+    the attention passes, so every layer's call is the same code over different tensors and
+    one compiled layer serves them all (``compile_layers``)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor, used: int):
         self.keys, self.values, self.column, self.used = keys, values, column, used
