@@ -101,7 +101,7 @@ def run_generation_jobs(
     threads when there are several devices; else on several devices side by side, whole
     jobs to worker processes (``run_jobs_on_devices``), or on one, one after another."""
     from pipeline.models import fits_one_gpu
-    from pipeline.sharding import GPUS_ALL, parse_gpus, worker_devices
+    from pipeline.sharding import names_devices, parse_gpus, worker_devices
 
     devices: list[str] = []
     jobs = _jobs(db_path, job_ids) if len(job_ids) > 1 else []
@@ -115,7 +115,7 @@ def run_generation_jobs(
     if jobs and _share_engine(jobs):
         from pipeline.generation_job import run_generation_jobs_together
 
-        named = parse_gpus(gpus) not in (None, GPUS_ALL)
+        named = names_devices(parse_gpus(gpus))
         run_generation_jobs_together(db_path, job_ids, on_progress, devices, named=named)
         return
     if len(devices) > 1:

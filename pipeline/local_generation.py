@@ -20,7 +20,7 @@ from pipeline.generate import GenerateParams, JobShare, RowKey, _row
 from pipeline.models import GPU_RESERVE
 from pipeline.response_means import activations_dir
 from pipeline.sampling import row_seed
-from pipeline.sharding import GPUS_ALL, single_device, worker_devices
+from pipeline.sharding import names_devices, single_device, worker_devices
 from vectors import activations
 
 # Without --batch-size, slots come from free GPU memory, at most this many: past it a step's
@@ -44,7 +44,7 @@ def generate_local(store: Store, share: JobShare) -> None:
 
     params = share.params
     devices = worker_devices(params.gpus, params.device, lambda: fits_one_gpu(params.model))
-    generate_local_jobs(store, [share], devices, named=params.gpus not in (None, GPUS_ALL))
+    generate_local_jobs(store, [share], devices, named=names_devices(params.gpus))
 
 
 def generate_local_jobs(

@@ -286,9 +286,7 @@ def copy_to_device(loaded: LoadedModel, device: str | None) -> LoadedModel:
     import torch
 
     with _LOAD_LOCK:
-        target = torch.device(pick_device(device))
-        if target.type == "cuda" and target.index is None:
-            target = torch.device("cuda", torch.cuda.current_device())
+        target = _target_device(device)
         memo: dict[int, Any] = {}
         for module in loaded.model.modules():
             for held in _tensors_held(module):
@@ -327,19 +325,27 @@ def _copyable(loaded: LoadedModel, device: str | None) -> bool:
     """Whether ``copy_to_device`` can make the copy: the loaded model sits whole on one
     device with no accelerate hooks (a sharded one is loaded again, spread as it was), and
     the copy fits the target GPU whole."""
-    import torch
 
     model = loaded.model
     if any(hasattr(module, "_hf_hook") for module in model.modules()):
         return False
     if len({p.device for p in model.parameters()}) != 1:
         return False
-    target = torch.device(pick_device(device))
+    target = _target_device(device)
     if target.type != "cuda":
         return True
-    index = torch.cuda.current_device() if target.index is None else target.index
     dtype = next(model.parameters()).dtype
-    return not _needs_sharding(loaded.path, dtype, gpu=index)
+    return not _needs_sharding(loaded.path, dtype, gpu=target.index)
+
+
+def _target_device(device: str | None) -> Any:
+    """The torch device ``device`` names, a GPU with its index (``cuda``: the current one)."""
+    import torch
+
+    target = torch.device(pick_device(device))
+    if target.type == "cuda" and target.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return target
 
 
 def _device_key(device: str | None) -> str:

@@ -65,7 +65,7 @@ def worker_devices(
     if device is not None:
         return []
     count = torch.cuda.device_count()
-    if gpus is None or gpus == GPUS_ALL:
+    if not names_devices(gpus):
         if count < 2 or not fits_one_gpu():
             return []
         return [f"cuda:{index}" for index in range(count)]
@@ -88,10 +88,15 @@ def worker_devices(
     return devices if len(devices) > 1 else []
 
 
+def names_devices(gpus: str | None) -> bool:
+    """Whether ``--gpus`` names its devices (``0,1``, ``cpu,cpu``), not ``all`` or none."""
+    return gpus not in (None, GPUS_ALL)
+
+
 def first_device(gpus: str | None) -> str | None:
     """The device the first entry of ``--gpus`` names (``1,2`` -> cuda:1), where a model is
     first loaded; None for ``all`` or none given (the default device)."""
-    if gpus is None or gpus == GPUS_ALL:
+    if not names_devices(gpus):
         return None
     first = gpus.split(",")[0]
     return "cpu" if first == "cpu" else f"cuda:{int(first)}"
