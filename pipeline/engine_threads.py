@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue as queue_module
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,6 +40,18 @@ class EngineError(Exception):
     def __init__(self, index: int, error: BaseException) -> None:
         super().__init__(str(error))
         self.index, self.error = index, error
+
+
+@contextmanager
+def own_errors() -> Iterator[None]:
+    """An engine thread's error raised in the caller as itself, not as the ``EngineError``
+    around it: for callers that need not know which engine raised it (a caller that does,
+    such as generation's out-of-memory message naming that engine's slots, catches
+    ``EngineError``)."""
+    try:
+        yield
+    except EngineError as exc:
+        raise exc.error from None
 
 
 # body(emit, check): a device's work in its thread; ``emit(index, result)`` hands a result

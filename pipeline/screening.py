@@ -150,7 +150,7 @@ def _base_answers(
     each (``stream_on_engines``)."""
     from pipeline.decoding import decode
     from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
-    from pipeline.engine_threads import EngineError, stream_on_engines
+    from pipeline.engine_threads import own_errors, stream_on_engines
 
     if len(models) == 1:
         results = decode(models[0], prompts, seeds, max_new_tokens=max_new_tokens)
@@ -159,10 +159,8 @@ def _base_answers(
     requests = [DecodeRequest(p, seed) for p, seed in zip(prompts, seeds, strict=True)]
     slots = [-(-len(requests) // len(engines))] * len(engines)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
-    try:
+    with own_errors():
         answers = dict(stream_on_engines(engines, slots, requests, sampling))
-    except EngineError as exc:
-        raise exc.error from None
     return [answers[index].answer_ids for index in range(len(requests))]
 
 

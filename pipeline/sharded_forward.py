@@ -28,7 +28,7 @@ class ShardedForward:
     ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
         """([row index], kind -> [1, L+1, d] on the CPU) per row, as the devices finish
         their pieces (each dealt round-robin over the rows: long and short mixed)."""
-        from pipeline.engine_threads import EngineError, map_on_devices
+        from pipeline.engine_threads import map_on_devices, own_errors
         from pipeline.response_means import ForwardMeans
 
         def read(loaded: Any) -> Any:
@@ -50,12 +50,10 @@ class ShardedForward:
         pieces = [list(range(start, len(rows), count)) for start in range(count)]
         devices = [loaded.device for loaded in self.models]
         work = [read(loaded) for loaded in self.models]
-        try:
+        with own_errors():  # e.g. ForwardMeans' out-of-memory message
             for _number, done in map_on_devices(devices, work, pieces):
                 for index, means in done:
                     yield [index], {kind: value[None] for kind, value in means.items()}
-        except EngineError as exc:  # e.g. ForwardMeans' out-of-memory message
-            raise exc.error from None
 
 
 def open_forward(spec: str, *, device: str | None = None, gpus: str | None = None) -> Any:

@@ -38,7 +38,7 @@ class ShardedJudge(Judge):
         """Score every task, calling ``collect(response id, metric, prompt, result)`` in this
         thread as results come; ``on_idle`` runs here between them."""
         from pipeline.engine import RequestQueue
-        from pipeline.engine_threads import EngineError, run_in_threads
+        from pipeline.engine_threads import own_errors, run_in_threads
 
         if not tasks:  # nothing to score: no copy loaded
             return
@@ -61,13 +61,11 @@ class ShardedJudge(Judge):
             return run
 
         devices = [judge.loaded.device for judge in judges]
-        try:
+        with own_errors():
             for index, result in run_in_threads(
                 devices, [body(judge) for judge in judges], on_idle=on_idle
             ):
                 collect(*tasks[index], result)
-        except EngineError as exc:
-            raise exc.error from None
 
     def _load(self, most: int) -> list[Any]:
         """The judges on at most ``most`` devices (one a task), a copy of the model each

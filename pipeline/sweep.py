@@ -147,7 +147,7 @@ def run_sweep_job(
     from pipeline.analyze import analyze
     from pipeline.chat import prompt_ids
     from pipeline.decoding import answer_text, decode, response_row
-    from pipeline.engine_threads import EngineError, map_on_devices
+    from pipeline.engine_threads import map_on_devices, own_errors
     from pipeline.judge_backends import make_judge
     from pipeline.judge_scores import COHERENCE_PROMPT
     from pipeline.judging import run_judgments
@@ -242,8 +242,9 @@ def run_sweep_job(
         )
     )
     # Closed on any way out: the devices' threads stop at once, not when the frame goes.
+    # An engine thread's out-of-memory comes out as itself, as one device's does.
     try:
-        with closing(done):
+        with own_errors(), closing(done):
             for number, results in done:
                 layer, index, _coef, todo = work[number]
                 store.add_responses(
@@ -265,10 +266,6 @@ def run_sweep_job(
                 )
                 progress.add(len(todo))
                 progress.check_cancelled()
-    except EngineError as exc:
-        if not isinstance(exc.error, torch.cuda.OutOfMemoryError):
-            raise exc.error from None
-        _out_of_memory(max(len(item[3]) for item in work))
     except torch.cuda.OutOfMemoryError:
         _out_of_memory(max(len(item[3]) for item in work))
     judge = make_judge(params.judge, base_url=params.judge_base_url, device=where)

@@ -16,7 +16,7 @@ from tiny_model import build_tiny_model
 from db import PersonaError, Store
 from pipeline.chat import prompt_ids
 from pipeline.engine import DecodeEngine, DecodeRequest, RequestQueue, SamplingConfig
-from pipeline.engine_threads import EngineError, stream_on_engines
+from pipeline.engine_threads import EngineError, own_errors, stream_on_engines
 from pipeline.generate import GenerateParams, find_or_create_job
 from pipeline.job_devices import run_generation_jobs
 from pipeline.jobs import run_job
@@ -159,6 +159,20 @@ def test_an_engines_error_stops_the_others_and_reaches_the_caller() -> None:
         list(stream_on_engines(engines, [1, 1], [None] * 10**5, SamplingConfig(4)))
     assert raised.value.index == 1 and isinstance(raised.value.error, RuntimeError)
     assert all(engine.stopped for engine in engines)
+
+
+def test_own_errors_raises_an_engines_error_as_itself() -> None:
+    engines = [_FakeEngine(), _FakeEngine(fail=True)]
+    with pytest.raises(RuntimeError, match="the device fell over") as raised, own_errors():
+        list(stream_on_engines(engines, [1, 1], [None] * 10**5, SamplingConfig(4)))
+    assert not isinstance(raised.value, EngineError)
+    assert raised.value.__suppress_context__  # the wrapper is not shown as its context
+    assert all(engine.stopped for engine in engines)
+
+
+def test_own_errors_leaves_other_errors_alone() -> None:
+    with pytest.raises(KeyError), own_errors():
+        raise KeyError("not an engine's")
 
 
 def test_the_callers_error_stops_every_engine() -> None:

@@ -1086,9 +1086,13 @@ def test_every_test_here_is_in_the_catalogue() -> None:
     assert sorted(own - named) == []
 
 
-def test_sweep_out_of_gpu_memory(capsys, vectors_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CUDA out-of-memory while generating steered answers names the remedy; the answers
-    of the settings before it stay stored, so the rerun resumes."""
+@pytest.mark.parametrize("devices", [[], ["--gpus", "cpu,cpu"]], ids=["one", "two-threads"])
+def test_sweep_out_of_gpu_memory(
+    capsys, vectors_db: Path, monkeypatch: pytest.MonkeyPatch, devices: list[str]
+) -> None:
+    """A CUDA out-of-memory while generating steered answers names the remedy, on one device
+    and in one of two devices' threads; the answers of the settings finished before it stay
+    stored, so the rerun resumes."""
     import torch
 
     from pipeline.engine import DecodeEngine
@@ -1105,13 +1109,15 @@ def test_sweep_out_of_gpu_memory(capsys, vectors_db: Path, monkeypatch: pytest.M
     monkeypatch.setattr(DecodeEngine, "run", run_then_oom)
     argv = ["sweep", TRAIT, "--layers", "2", "--coefs=1", "--n", "2", "--max-new-tokens", "4"]
     assert_error(
-        cli(capsys, "--db", vectors_db, *argv),
+        cli(capsys, "--db", vectors_db, *argv, *devices),
         "CUDA out of memory generating 2 steered answers at once; rerun the same command with "
         "a lower --n or --max-new-tokens (the job resumes where it stopped)",
     )
     with Store(vectors_db) as store:  # the newest sweep: other tests' share the database
         job = max(store.list_jobs(trait=TRAIT, kind="sweep"), key=lambda j: j.id)
-        assert job.status == "failed" and len(store.responses(job=job.id)) == 2
+        stored = len(store.responses(job=job.id))
+        # In threads the other device's setting may or may not have finished first.
+        assert job.status == "failed" and stored in ({2} if not devices else {0, 2})
 
 
 def test_traits_delete_asks_and_says_what_it_removed(capsys, vectors_db: Path) -> None:
