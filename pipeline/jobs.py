@@ -118,7 +118,11 @@ class JobProgress:
             stats[f"{key}_per_s"] = round(value / elapsed, 2)
         remaining = self.total - self.done
         stats["eta_s"] = round(remaining / rate, 1) if rate > 0 else None
-        stats["gpu_mem_gb"] = _gpu_memory_gb()
+        by_gpu = gpu_memory_gb()
+        # The busiest GPU's peak; with several in use, each GPU's as well.
+        stats["gpu_mem_gb"] = max(by_gpu.values()) if by_gpu else None
+        if len(by_gpu) > 1:
+            stats["gpu_mem_gb_by_gpu"] = by_gpu
         stats.update(self.extra)
         return stats
 
@@ -147,12 +151,20 @@ class JobProgress:
         self._write(status=status, ended=utc_now(), message=message)
 
 
-def _gpu_memory_gb() -> float | None:
-    # Only where torch is loaded already: importing it costs a judging job seconds.
+def gpu_memory_gb() -> dict[str, float]:
+    """The peak memory torch allocated on each GPU this process used (GiB, by index as a
+    string: job stats are JSON); empty without CUDA, or where torch is not loaded already
+    (importing it would cost a judging job seconds)."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        return {}
+    peaks = {}
+    for index in range(torch.cuda.device_count()):
+        # Read from the allocator's counters: a GPU this process never used stays untouched.
+        peak = torch.cuda.max_memory_allocated(index)
+        if peak:
+            peaks[str(index)] = round(peak / 2**30, 2)
+    return peaks
 
 
 # ---- parameters ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from db.store import Job
 from tui.app import PersonaApp
 from tui.screens.error import ErrorModal
 from tui.screens.jobs import CELL_PADDING, COLUMNS, JobsScreen, column_widths, job_cells
-from tui.widgets.job_pane import job_scope
+from tui.widgets.job_pane import job_scope, job_summary
 
 
 def _job(kind: str, params: dict, message: str = "") -> Job:
@@ -37,6 +37,37 @@ def test_what_a_job_covers() -> None:
     assert sweep["scope"] == "layers 8-16 · coefs -2,1.5"
     shift = job_scope(_job("shift", {"models": ["/ft/a-sft", "org/b"], "base": "/m/smollm2"}))
     assert shift == {"side": "", "split": "eval", "scope": "a-sft, b vs smollm2"}
+
+
+def test_the_job_pane_shows_each_gpus_peak_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress stats read each used GPU's peak from torch's allocator (a fake torch here:
+    no GPU on CI); the pane shows one figure for one GPU and each GPU's for several."""
+    import sys
+    from types import SimpleNamespace
+
+    from pipeline.jobs import JobProgress, gpu_memory_gb
+
+    peaks = {0: 80.25 * 2**30, 1: 0, 2: 41.5 * 2**30}  # GPU 1 never used by this process
+    cuda = SimpleNamespace(
+        is_available=lambda: True,
+        device_count=lambda: len(peaks),
+        max_memory_allocated=lambda index: peaks[index],
+    )
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    assert gpu_memory_gb() == {"0": 80.25, "2": 41.5}
+    stats = JobProgress(None, 7, total=1).stats()  # type: ignore[arg-type]  # no store read
+    assert stats["gpu_mem_gb"] == 80.25 and stats["gpu_mem_gb_by_gpu"] == {"0": 80.25, "2": 41.5}
+    peaks[2] = 0
+    stats = JobProgress(None, 7, total=1).stats()  # type: ignore[arg-type]
+    assert stats["gpu_mem_gb"] == 80.25 and "gpu_mem_gb_by_gpu" not in stats
+    several = _job("generate", {"side": "pos"})
+    several.stats.update(gpu_mem_gb=80.25, gpu_mem_gb_by_gpu={"0": 80.25, "2": 41.5})
+    assert "GPU 0: 80.2, 2: 41.5 GiB" in job_summary(several).plain
+    one = _job("generate", {"side": "pos"})
+    one.stats.update(gpu_mem_gb=12.0)
+    assert "GPU 12.0 GiB" in job_summary(one).plain
+    monkeypatch.setitem(sys.modules, "torch", None)  # a judging job that never loaded torch
+    assert gpu_memory_gb() == {}
 
 
 def test_columns_fit_the_terminal_and_grow_with_it() -> None:

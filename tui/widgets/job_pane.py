@@ -66,7 +66,11 @@ def job_summary(job: Job) -> Text:
     eta = stats.get("eta_s")
     if eta and job.status == "running":
         details.append(f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-    if stats.get("gpu_mem_gb") is not None:
+    by_gpu = stats.get("gpu_mem_gb_by_gpu")
+    if by_gpu:
+        peaks = ", ".join(f"{index}: {gb:.1f}" for index, gb in by_gpu.items())
+        details.append(f"GPU {peaks} GiB")
+    elif stats.get("gpu_mem_gb") is not None:
         details.append(f"GPU {stats['gpu_mem_gb']:.1f} GiB")
     if stats.get("cost"):
         details.append(f"${stats['cost']:.4f}")
