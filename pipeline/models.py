@@ -7,6 +7,7 @@ download), or ``smollm2``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -252,6 +253,22 @@ def load_model(
         _LAST.clear()
         _LAST[key] = loaded
         return loaded
+
+
+def load_in_background(spec: str, device: str | None = None) -> threading.Thread:
+    """Start loading ``spec`` on ``device`` in a thread of its own, as ``load_model`` (so
+    the next ``load_model`` call with the same arguments takes it, waiting for it if it is
+    still loading): for work that does not need the model meanwhile, such as authoring a
+    trait over an API. An error is left to that next call, which meets it again."""
+
+    def load() -> None:
+        # An error here is raised again by the load that needs the model.
+        with contextlib.suppress(Exception):
+            load_model(spec, device=device)
+
+    thread = threading.Thread(target=load, name=f"load {spec}", daemon=True)
+    thread.start()
+    return thread
 
 
 def load_on_devices(

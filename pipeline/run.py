@@ -52,6 +52,29 @@ class RunResult:
 StepCallback = Callable[[str, int], ProgressCallback | None]
 
 
+def _author_while_loading(
+    store: Store, author: AuthorParams, params: RunParams, step: Callable[[str, int], None]
+) -> None:
+    """Author the trait while the generation model loads, where the author is an API (a
+    fresh process spends about 10 s importing and loading an 8B model on an H200 host, and
+    authoring takes longer): generation then finds it loaded (``load_model``'s reuse). A
+    local author loads its own model here, so nothing loads beside it."""
+    from pipeline.models import load_in_background
+    from pipeline.sharding import first_device
+
+    loading = None
+    if not author.author.startswith("local:"):
+        # Generation's first device: --device, else the first --gpus names (else the default).
+        loading = load_in_background(params.model, params.device or first_device(params.gpus))
+    try:
+        step("author", create_author_job(store, author))
+    except BaseException:
+        # The process may end with this error: not while a thread is inside torch's loading.
+        if loading is not None:
+            loading.join()
+        raise
+
+
 def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = None) -> RunResult:
     def step(label: str, job_id: int) -> None:
         callback = on_step(label, job_id) if on_step is not None else None
@@ -74,7 +97,7 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
                 author = AuthorParams(
                     name=params.trait, description=params.description, author=params.author
                 )
-            step("author", create_author_job(store, author))
+            _author_while_loading(store, author, params, step)
         generation = {}
         for split, n in (("extract", params.n_per_question), ("eval", params.n_eval)):
             for side in ("pos", "neg"):

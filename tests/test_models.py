@@ -199,3 +199,43 @@ def test_a_copy_runs_its_classes_own_forwards(tiny_model_dir: Path) -> None:
         assert "forward" in vars(norm)
     finally:
         del norm.forward
+
+
+def test_a_model_loading_in_the_background_is_the_one_load_model_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``load_model`` waits for a background load of the same model and returns it: one
+    load, in the background thread. A background load's error is raised by the next call."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+    loaded = object()
+
+    def slow_load(spec: str, *, device: str | None, dtype: str | None) -> object:
+        calls.append(threading.current_thread().name)
+        started.set()
+        release.wait(5)
+        if spec == "broken":
+            raise PersonaError("cannot load 'broken'")
+        return loaded
+
+    monkeypatch.setattr(models, "_load_model", slow_load)
+    monkeypatch.setattr(models, "_LAST", {})
+    thread = models.load_in_background("spec-x", "cpu")
+    assert started.wait(5)  # the thread holds the load lock now
+    threading.Timer(0.2, release.set).start()
+    assert models.load_model("spec-x", device="cpu") is loaded
+    thread.join(5)
+    assert calls == ["load spec-x"]
+
+    started.clear()
+    release.clear()
+    thread = models.load_in_background("broken", "cpu")
+    assert started.wait(5)
+    release.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    with pytest.raises(PersonaError, match="cannot load 'broken'"):
+        models.load_model("broken", device="cpu")
+    assert calls == ["load spec-x", "load broken", "MainThread"]

@@ -52,3 +52,44 @@ def test_steering_coefficients_must_be_finite(coefs: tuple[float, ...]) -> None:
 
 def test_the_default_grid_reads_back_as_itself() -> None:
     assert parse_coefs(format_coefs(DEFAULT_COEFS)) == DEFAULT_COEFS == SweepParams((1,)).coefs
+
+
+@pytest.mark.parametrize("author", [None, "local:smollm2"])
+def test_run_authors_a_new_trait_while_the_generation_model_loads(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, author: str | None
+) -> None:
+    """The generation model starts loading (on the device generation takes first) before an
+    API author writes the trait; a failed authoring waits for that load before it raises.
+    A local author loads its own model: nothing loads beside it."""
+    import pipeline.models
+    import pipeline.run
+
+    events: list = []
+
+    class Loading:
+        def join(self) -> None:
+            events.append("joined")
+
+    def start(spec: str, device: str | None) -> Loading:
+        events.append(("load", spec, device))
+        return Loading()
+
+    class AuthorFailed(Exception):
+        pass
+
+    def author_job(_db_path, _job_id, on_progress=None) -> None:
+        events.append("author")
+        raise AuthorFailed
+
+    monkeypatch.setattr(pipeline.models, "load_in_background", start)
+    monkeypatch.setattr(pipeline.run, "run_job", author_job)
+    params = RunParams(
+        trait="brand_new", description="Says so.", author=author, model="m", gpus="1,0",
+        judge="local:smollm2",
+    )  # fmt: skip
+    with pytest.raises(AuthorFailed):
+        run_trait(db_path, params)
+    if author is None:
+        assert events == [("load", "m", "cuda:1"), "author", "joined"]
+    else:
+        assert events == ["author"]
