@@ -384,7 +384,8 @@ class DecodeEngine:
             if steering:
                 h = apply_steering(h, steering, index, masks)
             if capture:
-                hf = h.float()
+                # A layer of a device_map model may sit on another GPU than the state.
+                hf = h.to(device).float()
                 state.prompt_avg[slot, index] = (hf * valid[..., None]).sum(1) / prompt_count
                 state.prompt_last[slot, index] = hf[:, -1]
             return h
@@ -500,7 +501,7 @@ class DecodeEngine:
                 # The fed token is answer token step-1: its projection goes in that column
                 # (an idle row's goes to the scratch column ``new``).
                 column = torch.where(state.finished, scratch, state.step - 1)
-                state.projections[rows, column, slot] = h[:, 0].float() @ unit
+                state.projections[rows, column, slot] = h[:, 0].to(unit.device).float() @ unit
             return h
 
         def forward(used: int) -> torch.Tensor:
@@ -515,6 +516,8 @@ class DecodeEngine:
             if capture:
                 # Layers may sit on several GPUs (a device_map): each state comes to the
                 # state's device (a no-op for those already there).
+                if any(h is None for h in passed):  # a runner that skipped a layer's hook
+                    raise RuntimeError("a decode step passed no state for some layer")
                 states = torch.stack([h.to(self.device) for h in passed], 1)  # type: ignore[union-attr]
                 # alive_f is 0 or 1: the product is exact, as the per-layer add was.
                 state.response_sum.addcmul_(states, state.alive_f[:, None, None])
