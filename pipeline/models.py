@@ -442,6 +442,13 @@ def fits_one_gpu(spec: str, dtype: str | None = None) -> bool:
 
     if not torch.cuda.is_available():
         return True
+    # After a load in progress (``load_in_background``): a model this process holds already
+    # answers for itself, as its weights on GPU 0 no longer count as free memory there.
+    with _LOAD_LOCK:
+        for (held_spec, _device, held_dtype), loaded in _LAST.items():
+            if (held_spec, held_dtype) == (spec, dtype):
+                devices = set((getattr(loaded.model, "hf_device_map", None) or {}).values())
+                return len(devices) <= 1
     torch_dtype = getattr(torch, dtype or "bfloat16")
     return not _needs_sharding(resolve_model(spec).path, torch_dtype, any_count=True)
 

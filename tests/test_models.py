@@ -239,3 +239,27 @@ def test_a_model_loading_in_the_background_is_the_one_load_model_returns(
     with pytest.raises(PersonaError, match="cannot load 'broken'"):
         models.load_model("broken", device="cpu")
     assert calls == ["load spec-x", "load broken", "MainThread"]
+
+
+def test_a_model_held_already_answers_whether_it_fits_one_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once this process holds the model (``persona run`` loads it while the trait is
+    authored), whether it fits one GPU is read off how it was loaded: its weights on GPU 0
+    would otherwise count against the free memory there and make it look too big."""
+    from types import SimpleNamespace
+
+    def measured(*_args, **_kwargs) -> bool:
+        raise AssertionError("measured free memory for a model held already")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(models, "_needs_sharding", measured)
+    monkeypatch.setattr(models, "resolve_model", lambda spec: SimpleNamespace(path=Path(spec)))
+    one_gpu = SimpleNamespace(model=SimpleNamespace(hf_device_map={"": 0}))
+    monkeypatch.setattr(models, "_LAST", {("big", "cuda:0", None): one_gpu})
+    assert models.fits_one_gpu("big")
+    spread = SimpleNamespace(model=SimpleNamespace(hf_device_map={"model.a": 0, "lm_head": 1}))
+    monkeypatch.setattr(models, "_LAST", {("big", "cuda:0", None): spread})
+    assert not models.fits_one_gpu("big")
+    with pytest.raises(AssertionError, match="measured"):  # another precision: measured
+        models.fits_one_gpu("big", "float32")

@@ -54,13 +54,15 @@ def test_the_default_grid_reads_back_as_itself() -> None:
     assert parse_coefs(format_coefs(DEFAULT_COEFS)) == DEFAULT_COEFS == SweepParams((1,)).coefs
 
 
-@pytest.mark.parametrize("author", [None, "local:smollm2"])
+@pytest.mark.parametrize("author", [None, "local:smollm2", "nokind"])
+@pytest.mark.parametrize("authoring", ["fails", "succeeds"])
 def test_run_authors_a_new_trait_while_the_generation_model_loads(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch, author: str | None
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, author: str | None, authoring: str
 ) -> None:
-    """The generation model starts loading (on the device generation takes first) before an
-    API author writes the trait; a failed authoring waits for that load before it raises.
-    A local author loads its own model: nothing loads beside it."""
+    """The generation model starts loading (on the device generation takes first) once the
+    author job is made, before an API author writes the trait; whatever fails after that
+    (the authoring, a later step) waits for that load before it raises. A local author loads
+    its own model: nothing loads beside it. A bad author spec is refused before any load."""
     import pipeline.models
     import pipeline.run
 
@@ -74,22 +76,35 @@ def test_run_authors_a_new_trait_while_the_generation_model_loads(
         events.append(("load", spec, device))
         return Loading()
 
-    class AuthorFailed(Exception):
+    class Failed(Exception):
         pass
 
     def author_job(_db_path, _job_id, on_progress=None) -> None:
         events.append("author")
-        raise AuthorFailed
+        if authoring == "fails":
+            raise Failed
+
+    def generation(*_args, **_kwargs) -> None:
+        events.append("generation")
+        raise Failed
 
     monkeypatch.setattr(pipeline.models, "load_in_background", start)
     monkeypatch.setattr(pipeline.run, "run_job", author_job)
+    monkeypatch.setattr(pipeline.run, "run_generation_jobs", generation)
+    monkeypatch.setattr(pipeline.run, "find_or_create_job", lambda *_args: 1)
     params = RunParams(
         trait="brand_new", description="Says so.", author=author, model="m", gpus="1,0",
         judge="local:smollm2",
     )  # fmt: skip
-    with pytest.raises(AuthorFailed):
+    if author == "nokind":
+        with pytest.raises(PersonaError, match="nokind"):
+            run_trait(db_path, params)
+        assert events == []
+        return
+    with pytest.raises(Failed):
         run_trait(db_path, params)
+    then = ["joined"] if authoring == "fails" else ["generation", "joined"]
     if author is None:
-        assert events == [("load", "m", "cuda:1"), "author", "joined"]
+        assert events == [("load", "m", "cuda:1"), "author", *then]
     else:
-        assert events == ["author"]
+        assert events == ["author", *then[:-1]]
