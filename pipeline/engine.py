@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from pipeline.chat import stop_token_ids
-from pipeline.models import LoadedModel
+from pipeline.models import LoadedModel, spread_over_devices
 from pipeline.runners import HFRunner, StaticRunner, choose_runner, notice_once
 from pipeline.sampling import sample_next
 from vectors.steering import SteeringSpec, apply_steering, decode_masks, prefill_masks
@@ -136,7 +136,11 @@ class DecodeEngine:
             StaticRunner(self.model) if backend == "static" else HFRunner(self.model)
         )
         # A graph replays on one device: a model sharded over several GPUs runs eagerly.
-        graphable = self.device.type == "cuda" and backend == "static" and not _sharded(self.model)
+        graphable = (
+            self.device.type == "cuda"
+            and backend == "static"
+            and not spread_over_devices(self.model)
+        )
         self.cuda_graphs = graphable if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not graphable:
             raise ValueError("CUDA graphs need one CUDA device and the static backend")
@@ -629,11 +633,6 @@ def prefill_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
         else:
             groups.append([index])
     return groups
-
-
-def _sharded(model: Any) -> bool:
-    devices = set((getattr(model, "hf_device_map", None) or {}).values())
-    return len(devices) > 1
 
 
 @dataclass

@@ -435,6 +435,12 @@ def load_tokenizer(spec: str) -> tuple[Any, ResolvedModel]:
     return prepare_tokenizer(tokenizer), resolved
 
 
+def spread_over_devices(model: Any) -> bool:
+    """Whether ``load_model`` spread the model's layers over several devices (``device_map``)."""
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    return len(devices) > 1
+
+
 def fits_one_gpu(spec: str, dtype: str | None = None) -> bool:
     """Whether the model's weights, in ``dtype`` (default bf16), fit the first GPU (else
     ``load_model`` spreads them over the GPUs with ``device_map``); true without GPUs."""
@@ -447,8 +453,7 @@ def fits_one_gpu(spec: str, dtype: str | None = None) -> bool:
     with _LOAD_LOCK:
         for (held_spec, _device, held_dtype), loaded in _LAST.items():
             if (held_spec, held_dtype) == (spec, dtype):
-                devices = set((getattr(loaded.model, "hf_device_map", None) or {}).values())
-                return len(devices) <= 1
+                return not spread_over_devices(loaded.model)
     torch_dtype = getattr(torch, dtype or "bfloat16")
     return not _needs_sharding(resolve_model(spec).path, torch_dtype, any_count=True)
 
