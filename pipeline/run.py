@@ -4,8 +4,8 @@ extract, analyse. Rerunning the same command continues where it stopped."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,30 +53,31 @@ class RunResult:
 StepCallback = Callable[[str, int], ProgressCallback | None]
 
 
-def _author_while_loading(
+@contextmanager
+def _authored_while_loading(
     store: Store, author: AuthorParams, params: RunParams, step: Callable[[str, int], None]
-) -> threading.Thread | None:
-    """Author the trait while the generation model loads, where the author is an API (a
-    fresh process spends about 10 s importing and loading an 8B model on an H200 host, and
-    authoring takes longer): generation then finds it loaded (``load_model``'s reuse). A
-    local author loads its own model here, so nothing loads beside it. Returns the loading
-    thread, for the caller to join on its way out."""
+) -> Iterator[None]:
+    """Author the trait on entry while the generation model loads, where the author is an
+    API (a fresh process spends about 10 s importing and loading an 8B model on an H200 host,
+    and authoring takes longer): generation then finds it loaded (``load_model``'s reuse).
+    A local author loads its own model here, so nothing loads beside it. On exit, any way
+    out (an error while authoring or after it, a Ctrl-C), the load has ended: the process
+    never ends while a thread is inside torch's loading."""
     from pipeline.models import load_in_background
     from pipeline.sharding import first_device
 
     job_id = create_author_job(store, author)  # a bad spec is refused before any load
     if author.author.startswith("local:"):
         step("author", job_id)
-        return None
+        yield
+        return
     # Generation's first device: --device, else the first --gpus names (else the default).
     loading = load_in_background(params.model, params.device or first_device(params.gpus))
     try:
         step("author", job_id)
-    except BaseException:
-        # The process may end with this error: not while a thread is inside torch's loading.
+        yield
+    finally:
         loading.join()
-        raise
-    return loading
 
 
 def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = None) -> RunResult:
@@ -90,74 +91,69 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
     check_judge_spec(params.judge)
     FilterParams(params.threshold, params.coherence).validate()
     parse_gpus(params.gpus)
-    loading: threading.Thread | None = None
-    try:
-        with Store(db_path) as store:
-            if not store.has_trait(params.trait):
-                if not params.description:
-                    raise PersonaError(
-                        f"trait '{params.trait}' is new: pass --description so it can be written"
-                    )
-                author = AuthorParams(name=params.trait, description=params.description)
-                if params.author:
-                    author = AuthorParams(
-                        name=params.trait, description=params.description, author=params.author
-                    )
-                loading = _author_while_loading(store, author, params, step)
-            generation = {}
-            for split, n in (("extract", params.n_per_question), ("eval", params.n_eval)):
-                for side in ("pos", "neg"):
-                    gen = GenerateParams(
-                        side=side,
-                        split=split,
-                        model=params.model,
-                        n_per_question=n,
-                        all_instructions=params.all_instructions and split == "extract",
-                        temperature=params.temperature,
-                        max_new_tokens=params.max_new_tokens,
-                        seed=params.seed,
-                        batch_size=params.batch_size,
-                        device=params.device,
-                        gpus=params.gpus,
-                        compile=params.compile,
-                    )
-                    generation[(split, side)] = find_or_create_job(store, params.trait, gen)
-            labels = {
-                job_id: f"generate {side}/{split}" for (split, side), job_id in generation.items()
-            }
-
-            def progress_for(job_id: int) -> ProgressCallback | None:
-                return on_step(labels[job_id], job_id) if on_step is not None else None
-
-            # The four jobs as one queue, over an engine on each GPU where there are several.
-            run_generation_jobs(
-                db_path, list(generation.values()), gpus=params.gpus, device=params.device,
-                on_progress=progress_for,
-            )  # fmt: skip
-            # The filter needs scores for the extract split only; the eval split is analysed by
-            # projections, which need no judge.
+    with Store(db_path) as store, ExitStack() as authored:
+        if not store.has_trait(params.trait):
+            if not params.description:
+                raise PersonaError(
+                    f"trait '{params.trait}' is new: pass --description so it can be written"
+                )
+            author = AuthorParams(name=params.trait, description=params.description)
+            if params.author:
+                author = AuthorParams(
+                    name=params.trait, description=params.description, author=params.author
+                )
+            # Joined with the load on the way out of this block, whichever way it goes.
+            authored.enter_context(_authored_while_loading(store, author, params, step))
+        generation = {}
+        for split, n in (("extract", params.n_per_question), ("eval", params.n_eval)):
             for side in ("pos", "neg"):
-                judge = JudgeParams(
-                    judge=params.judge,
-                    job=generation[("extract", side)],
-                    base_url=params.judge_base_url,
+                gen = GenerateParams(
+                    side=side,
+                    split=split,
+                    model=params.model,
+                    n_per_question=n,
+                    all_instructions=params.all_instructions and split == "extract",
+                    temperature=params.temperature,
+                    max_new_tokens=params.max_new_tokens,
+                    seed=params.seed,
+                    batch_size=params.batch_size,
                     device=params.device,
                     gpus=params.gpus,
+                    compile=params.compile,
                 )
-                step(f"judge {side}", find_or_create_judge_job(store, params.trait, judge))
-            result = extract(
-                store,
-                params.trait,
-                threshold=params.threshold,
-                coherence=params.coherence,
-                pos_job=generation[("extract", "pos")],
-                neg_job=generation[("extract", "neg")],
+                generation[(split, side)] = find_or_create_job(store, params.trait, gen)
+        labels = {
+            job_id: f"generate {side}/{split}" for (split, side), job_id in generation.items()
+        }
+
+        def progress_for(job_id: int) -> ProgressCallback | None:
+            return on_step(labels[job_id], job_id) if on_step is not None else None
+
+        # The four jobs as one queue, over an engine on each GPU where there are several.
+        run_generation_jobs(
+            db_path, list(generation.values()), gpus=params.gpus, device=params.device,
+            on_progress=progress_for,
+        )  # fmt: skip
+        # The filter needs scores for the extract split only; the eval split is analysed by
+        # projections, which need no judge.
+        for side in ("pos", "neg"):
+            judge = JudgeParams(
+                judge=params.judge,
+                job=generation[("extract", side)],
+                base_url=params.judge_base_url,
                 device=params.device,
                 gpus=params.gpus,
             )
-            report = analyze(store, params.trait, model=result.model, device=params.device)
-    finally:
-        # Never left loading on the way out (an error after authoring, a Ctrl-C).
-        if loading is not None:
-            loading.join()
+            step(f"judge {side}", find_or_create_judge_job(store, params.trait, judge))
+        result = extract(
+            store,
+            params.trait,
+            threshold=params.threshold,
+            coherence=params.coherence,
+            pos_job=generation[("extract", "pos")],
+            neg_job=generation[("extract", "neg")],
+            device=params.device,
+            gpus=params.gpus,
+        )
+        report = analyze(store, params.trait, model=result.model, device=params.device)
     return RunResult(result, report)
