@@ -300,9 +300,14 @@ class DecodeEngine:
             if (
                 not queue
                 and on_tokens is None
+                and len(busy) > 2
                 and alive <= len(busy) * (0.5 if self.cuda_graphs else 0.75)
             ):
                 keep = [slot for slot, held in enumerate(busy) if held is not None]
+                # Never below two rows: a batch of one is a shape of its own to a compiled
+                # layer (a recompile of seconds), and the step costs the same on a GPU.
+                idle = [slot for slot, held in enumerate(busy) if held is None]
+                keep = sorted(keep + idle[: max(0, 2 - len(keep))])
                 self._compact(state, keep)
                 busy = [busy[slot] for slot in keep]
                 starts = [starts[slot] for slot in keep]

@@ -209,7 +209,6 @@ class _StaticCache:
         self.values: list[torch.Tensor] = []
         self.column: torch.Tensor | None = None  # [B] per-row columns; None: a prefill
         self.slots: torch.Tensor | None = None  # the cache rows a prefill fills
-        self.used = 0  # the columns a decode step attends over
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args: Any, **_kw: Any
@@ -232,8 +231,10 @@ class _LayerCache:
     the attention passes, so every layer's call is the same code over different tensors and
     one compiled layer serves them all (``compile_layers``)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor, used: int):
-        self.keys, self.values, self.column, self.used = keys, values, column, used
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor, mask: torch.Tensor
+    ):
+        self.keys, self.values, self.column, self.mask = keys, values, column, mask
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, *_args: Any, **_kw: Any
@@ -243,7 +244,10 @@ class _LayerCache:
         column = self.column.to(keys.device)  # layers may sit on several GPUs
         keys[rows, :, column] = key[:, :, 0]
         values[rows, :, column] = value[:, :, 0]
-        return keys[:, :, : self.used], values[:, :, : self.used]
+        # The attended columns, as many as the mask's: a size the compiler can keep symbolic
+        # (``_mark_dynamic_step``), where a Python int would be a constant in its guards.
+        used = self.mask.shape[-1]
+        return keys[:, :, :used], values[:, :, :used]
 
     def get_seq_length(self, *_args: Any) -> int:
         return 0
@@ -280,6 +284,27 @@ _COMPILED_CALLS = threading.Lock()
 # Variants kept per compiled code object (layer classes, batch shapes, models): past this,
 # torch.compile would silently fall back to the uncompiled code.
 COMPILE_VARIANTS = 64
+
+
+def _mark_dynamic_step(*tensors: Any) -> None:
+    """Tell torch.compile that a decode step's batch (dim 0: compacted batches, other
+    sessions' slots) and attended and cache lengths (a mask's last dim, a cache's dim 2: a
+    new length every ``ATTENTION_ROUND`` columns, another session's cache) vary, before it
+    first sees them: one compiled layer then serves every step of every session. Left to
+    itself, it compiled once a shape and a relation (seven compiles for one CPU run with a
+    batch compacted four times; 3-8 s each for an 8B layer on an H200). A dim of size 1 may
+    still specialise (the engine never compacts below two rows)."""
+    import torch._dynamo
+
+    for tensor in tensors:
+        if isinstance(tensor, tuple):  # rotary (cos, sin)
+            _mark_dynamic_step(*tensor)
+            continue
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        if tensor.dim() == 4 and tensor.dtype == torch.bool:  # a mask [B, 1, 1, used]
+            torch._dynamo.maybe_mark_dynamic(tensor, 3)
+        elif tensor.dim() == 4:  # a layer's keys or values [B, KV, length, D]
+            torch._dynamo.maybe_mark_dynamic(tensor, 2)
 
 
 def torch_compiled(function: Callable) -> Callable:
@@ -385,7 +410,9 @@ class StaticRunner:
 
     def allocate(self, batch: int, length: int) -> None:
         weight = self.core.embed_tokens.weight
-        shape = (batch, self.num_kv, length, self.head_dim)
+        # One column more than a step attends over: the attended columns are always a strict
+        # slice, so a compiled layer never holds "all of the cache" as a guard.
+        shape = (batch, self.num_kv, length + 1, self.head_dim)
         if self.cache.keys and self.cache.keys[0].shape == shape:
             return
         self.release()  # free the old cache before taking the new one
@@ -419,16 +446,20 @@ class StaticRunner:
         cache = self.cache
         decoding = cache.column is not None
         call = self._layer_call if decoding else _call_layer
+        compiled = call is not _call_layer
         rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
-        with _COMPILED_CALLS if call is not _call_layer else nullcontext():
+        if compiled:
+            _mark_dynamic_step(positions, cache.column, *masks.values(), *rope.values())
+        with _COMPILED_CALLS if compiled else nullcontext():
             for index, layer in enumerate(self.layers):
+                mask = masks[self.windows[index]]
                 if decoding:
-                    layer_cache: Any = _LayerCache(
-                        cache.keys[index], cache.values[index], cache.column, cache.used
-                    )
+                    keys, values = cache.keys[index], cache.values[index]
+                    layer_cache: Any = _LayerCache(keys, values, cache.column, mask)
+                    if compiled:
+                        _mark_dynamic_step(h, keys, values)
                 else:
                     layer_cache = cache
-                mask = masks[self.windows[index]]
                 rotary = rope[self.layer_types[index]]
                 h = call(layer, h, mask, positions, rotary, layer_cache, self._cache_arg)
                 h = hook(index + 1, h)
@@ -490,9 +521,10 @@ class StaticRunner:
             if window is not None:
                 keys = torch.arange(key_valid.shape[1], device=key_valid.device)
                 allowed = allowed & (column[:, None] - keys[None, :] < window)
-            masks[window] = allowed[:, None, None, :]
+            # Contiguous: a slice of the state's wider mask would make whether ``used`` is the
+            # state's whole length a guard of the compiled layer (a recompile when it flips).
+            masks[window] = allowed[:, None, None, :].contiguous()
         self.cache.column = column
-        self.cache.used = key_valid.shape[1]
         h = hook(0, self._embed(tokens[:, None]))
         h = self._layers(h, positions[:, None], masks, hook)
         return self._logits(h[:, 0])

@@ -202,6 +202,47 @@ def test_one_compiled_layer_serves_every_layer(tmp_path) -> None:
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
+@pytest.mark.parametrize("name", ["llama", "gemma2"])  # gemma2: windowed masks, soft-capping
+def test_one_compile_serves_every_length_batch_and_session(name: str, tmp_path, monkeypatch):
+    """Left to itself, torch.compile compiled the layer again for each new attended length,
+    each compacted batch and each session's cache (seven compiles in one CPU run; seconds
+    each for an 8B layer on a GPU). The step marks those sizes dynamic and never compacts
+    below two rows: one compile serves a run across several attended lengths, a compaction
+    and a second session of other slots and cache length, and the tokens and captures equal
+    the uncompiled engine's."""
+    from torch._dynamo.utils import counters
+
+    import pipeline.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "ATTENTION_ROUND", 8)  # a new length every 8 columns
+    loaded = load_model(str(build_tiny_family(tmp_path / name, name)))
+    requests = _requests(loaded) * 2  # six rows in four slots: two start late, then compact
+    sessions = [
+        (requests, SamplingConfig(max_new_tokens=20, temperature=1.0, ignore_eos=True), 4),
+        (requests[:5], SamplingConfig(max_new_tokens=9, temperature=0.0, ignore_eos=True), 3),
+    ]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = DecodeEngine(loaded, capture=True, compiled=True)
+    batches: list[int] = []
+    compact = compiled._compact
+    monkeypatch.setattr(
+        compiled, "_compact", lambda state, keep: (batches.append(len(keep)), compact(state, keep))
+    )
+    plain = DecodeEngine(loaded, capture=True)
+    for rows, sampling, slots in sessions:
+        ours = compiled.run(rows, sampling, slots=slots, check_every=4)
+        reference = plain.run(rows, sampling, slots=slots, check_every=4)
+        for c, p in zip(ours, reference, strict=True):
+            assert c.answer_ids == p.answer_ids
+            torch.testing.assert_close(
+                c.activations["response_avg"], p.activations["response_avg"], **TOL
+            )
+    assert batches and min(batches) >= 2  # compacted, never to one row
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_layers_indexed_out_of_place_do_not_take_the_static_runner(tmp_path) -> None:
     """The prefill finds a layer's cache by its attention's ``layer_idx``, a decode step by
     the layer's place: a model where they differ must not run on the static runner."""
