@@ -297,17 +297,18 @@ class DecodeEngine:
             # Without a queue, drop finished rows once enough have finished: the rest decode
             # faster. A graphed step must be captured again for the new shape: it waits longer.
             alive = sum(held is not None for held in busy)  # after the refill
+            # A compiled step never drops below two rows: a batch of one is a shape of its own
+            # to the compiled layer (a recompile of seconds), and costs the same on a GPU.
+            floor = 2 if self.compiled else 1
             if (
                 not queue
                 and on_tokens is None
-                and len(busy) > 2
+                and len(busy) > floor
                 and alive <= len(busy) * (0.5 if self.cuda_graphs else 0.75)
             ):
                 keep = [slot for slot, held in enumerate(busy) if held is not None]
-                # Never below two rows: a batch of one is a shape of its own to a compiled
-                # layer (a recompile of seconds), and the step costs the same on a GPU.
                 idle = [slot for slot, held in enumerate(busy) if held is None]
-                keep = sorted(keep + idle[: max(0, 2 - len(keep))])
+                keep = sorted(keep + idle[: max(0, floor - len(keep))])
                 self._compact(state, keep)
                 busy = [busy[slot] for slot in keep]
                 starts = [starts[slot] for slot in keep]

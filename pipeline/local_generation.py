@@ -274,7 +274,8 @@ def auto_slots(loaded: Any, length: int, capture: bool, sharing: int = 1) -> int
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     width = loaded.model.get_input_embeddings().weight.element_size()
-    per_row = 2 * layers * kv_heads * head_dim * (length + 64) * width
+    # + 65: the engine rounds the length up to 64 columns and keeps one more (StaticRunner).
+    per_row = 2 * layers * kv_heads * head_dim * (length + 65) * width
     per_row += 4 * int(config.vocab_size) * 4  # logits and sampling, fp32
     if capture:
         per_row += 3 * (layers + 1) * int(config.hidden_size) * 4

@@ -521,9 +521,11 @@ class StaticRunner:
             if window is not None:
                 keys = torch.arange(key_valid.shape[1], device=key_valid.device)
                 allowed = allowed & (column[:, None] - keys[None, :] < window)
-            # Contiguous: a slice of the state's wider mask would make whether ``used`` is the
-            # state's whole length a guard of the compiled layer (a recompile when it flips).
-            masks[window] = allowed[:, None, None, :].contiguous()
+            # A copy with a row stride of its own width: a slice of the state's wider mask
+            # would make whether ``used`` is the state's whole length a guard of the compiled
+            # layer (a recompile when it flips). Not ``.contiguous()``: a batch of one's slice
+            # already counts as contiguous and would keep the state's stride.
+            masks[window] = allowed[:, None, None, :].clone(memory_format=torch.contiguous_format)
         self.cache.column = column
         h = hook(0, self._embed(tokens[:, None]))
         h = self._layers(h, positions[:, None], masks, hook)

@@ -206,22 +206,22 @@ def test_one_compiled_layer_serves_every_layer(tmp_path) -> None:
 @pytest.mark.parametrize("name", ["llama", "gemma2"])  # gemma2: windowed masks, soft-capping
 def test_one_compile_serves_every_length_batch_and_session(name: str, tmp_path, monkeypatch):
     """Left to itself, torch.compile compiled the layer again for each new attended length,
-    each compacted batch and each session's cache (seven compiles in one CPU run; seconds
-    each for an 8B layer on a GPU). The step marks those sizes dynamic and never compacts
-    below two rows: one compile serves a run across several attended lengths, a compaction
-    and a second session of other slots and cache length, and the tokens and captures equal
-    the uncompiled engine's."""
+    each compacted batch, each session's cache and each flip of a guarded relation (seven
+    compiles in one CPU run; seconds each for an 8B layer on a GPU). The step marks those
+    sizes dynamic, attends to the cache's end without ever holding all of it, and never
+    compacts below two rows: one compile serves sessions of other slots and cache lengths
+    across every attended length up to the cache's end, and compactions down to a late row
+    alone; a batch of one compiles once more, and only once. Tokens and captures equal the
+    uncompiled engine's."""
     from torch._dynamo.utils import counters
 
     import pipeline.engine as engine_module
 
-    monkeypatch.setattr(engine_module, "ATTENTION_ROUND", 8)  # a new length every 8 columns
+    # A new attended length every 8 columns, and the last of them the cache's whole length.
+    monkeypatch.setattr(engine_module, "ATTENTION_ROUND", 8)
+    monkeypatch.setattr(engine_module, "CACHE_ROUND", 8)
     loaded = load_model(str(build_tiny_family(tmp_path / name, name)))
-    requests = _requests(loaded) * 2  # six rows in four slots: two start late, then compact
-    sessions = [
-        (requests, SamplingConfig(max_new_tokens=20, temperature=1.0, ignore_eos=True), 4),
-        (requests[:5], SamplingConfig(max_new_tokens=9, temperature=0.0, ignore_eos=True), 3),
-    ]
+    requests = _requests(loaded) * 2
     torch._dynamo.reset()
     counters.clear()
     compiled = DecodeEngine(loaded, capture=True, compiled=True)
@@ -231,7 +231,8 @@ def test_one_compile_serves_every_length_batch_and_session(name: str, tmp_path, 
         compiled, "_compact", lambda state, keep: (batches.append(len(keep)), compact(state, keep))
     )
     plain = DecodeEngine(loaded, capture=True)
-    for rows, sampling, slots in sessions:
+
+    def run_both(rows: list[DecodeRequest], sampling: SamplingConfig, slots: int) -> None:
         ours = compiled.run(rows, sampling, slots=slots, check_every=4)
         reference = plain.run(rows, sampling, slots=slots, check_every=4)
         for c, p in zip(ours, reference, strict=True):
@@ -239,8 +240,15 @@ def test_one_compile_serves_every_length_batch_and_session(name: str, tmp_path, 
             torch.testing.assert_close(
                 c.activations["response_avg"], p.activations["response_avg"], **TOL
             )
-    assert batches and min(batches) >= 2  # compacted, never to one row
+
+    # Six rows in four slots: two start late, then the batch compacts to them.
+    run_both(requests, SamplingConfig(max_new_tokens=20, temperature=1.0, ignore_eos=True), 4)
+    # Five rows in four slots: the fifth starts late and finishes alone, in a batch of two.
+    run_both(requests[:5], SamplingConfig(max_new_tokens=9, temperature=0.0, ignore_eos=True), 4)
+    assert batches and min(batches) == 2  # compacted, never to one row
     assert counters["stats"]["unique_graphs"] == 1
+    run_both(requests[:1], SamplingConfig(max_new_tokens=30, temperature=0.0, ignore_eos=True), 1)
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_layers_indexed_out_of_place_do_not_take_the_static_runner(tmp_path) -> None:

@@ -415,8 +415,9 @@ def test_compiled_engines_in_threads_never_run_compiled_code_while_another_compi
 
     for engine in engines:
         engine.runner._layer_call = held(engine.runner._layer_call)
-    # Different slots: different shapes, so the second engine compiles a variant of its own
-    # (as an engine on another GPU does) while the first runs the compiled layer.
+    # One slot: a batch of one is a shape of its own to the compiled layer (other batch sizes
+    # share one compile), so the second engine compiles a variant of its own (as an engine
+    # on another GPU does) while the first runs the compiled layer.
     results = list(stream_on_engines(engines, [3, 1], requests, sampling))
     assert overlaps and not any(overlaps)
     assert sorted(index for index, _ in results) == list(range(len(requests)))

@@ -499,7 +499,7 @@ def test_cpu_slots_come_from_available_memory(
     config = tiny.model.config
     kv_heads = config.num_key_value_heads
     head_dim = config.hidden_size // config.num_attention_heads
-    per_row = 2 * config.num_hidden_layers * kv_heads * head_dim * (100 + 64) * 4
+    per_row = 2 * config.num_hidden_layers * kv_heads * head_dim * (100 + 65) * 4
     per_row += 16 * config.vocab_size + 12 * (config.num_hidden_layers + 1) * config.hidden_size
     monkeypatch.setattr(local_generation, "_available_memory", lambda: 2 * 5 * per_row + 1)
     assert auto_slots(tiny, 100, capture=True) == 5
