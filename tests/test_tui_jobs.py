@@ -166,3 +166,47 @@ async def test_the_sweep_and_extract_forms_open_with_the_steps_defaults(
         values = await open_form(pilot, "x")
         expected = (f"{DEFAULT_FILTER.threshold:g}", f"{DEFAULT_FILTER.coherence:g}")
         assert (values["threshold"], values["coherence"]) == expected
+
+
+async def test_the_generate_and_sweep_forms_choose_gpus_and_compile(
+    db_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard offers what the command line does for the local engine: ``--gpus`` and
+    ``--compile``. A generation job started from the form carries them (and runs on them);
+    a bad GPU list is the step's own one-line error in a dialog, with no job created."""
+    from pipeline import job_processes
+    from tui.screens.form import FormModal
+
+    started: list[int] = []
+    monkeypatch.setattr(
+        job_processes, "start_worker", lambda store, job_id, **_kw: started.append(job_id)
+    )
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(80, 24)) as pilot:
+        values = await open_form(pilot, "w")
+        assert (values["gpus"], values["compile"]) == ("", "no")
+        await pilot.press("escape")
+        values = await open_form(pilot, "g")
+        assert (values["gpus"], values["compile"]) == ("", "no")  # all visible, plain
+        form = app.screen
+        form.query_one("#field-model").value = str(tiny_model_dir)
+        form.query_one("#field-side").value = "pos"
+        form.query_one("#field-gpus").value = "cpu,cpu"
+        form.query_one("#field-compile").value = "yes"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: started == [1])
+        with Store(db_path) as store:
+            params = store.get_job(1).params
+        assert (params["gpus"], params["compile"]) == ("cpu,cpu", True)
+
+        await open_form(pilot, "g")
+        assert isinstance(app.screen, FormModal)
+        app.screen.query_one("#field-model").value = str(tiny_model_dir)
+        app.screen.query_one("#field-gpus").value = "0;1"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
+        assert "--gpus '0;1': give 'all', GPU indices like 0,1" in text_of(app, "#error-message")
+        with Store(db_path) as store:
+            assert len(store.list_jobs()) == 1
+        assert started == [1]

@@ -189,6 +189,7 @@ class JobsScreen(PersonaScreen):
                 Field("batch_size", "batch size (blank: auto)", ""),
                 Field("temperature", "temperature", "1.0"),
                 Field("seed", "seed", "0"),
+                *_engine_fields(),
             ],
             start_generation,
         )
@@ -232,6 +233,7 @@ class JobsScreen(PersonaScreen):
                 Field("coefs", "coefficients", format_coefs(DEFAULT_COEFS)),
                 Field("n", "eval questions", str(SweepParams.n)),
                 Field("judge", "judge", DEFAULT_JUDGE),
+                *_engine_fields(),
             ],
             start_sweep,
         )
@@ -285,6 +287,21 @@ def _float(values: dict[str, str], key: str) -> float:
         raise PersonaError(f"{key} must be a number, not '{values[key]}'") from None
 
 
+def _engine_fields() -> list[Field]:
+    """Where and how the local engine runs (``--gpus``, ``--compile``), as the command line
+    offers them for ``generate`` and ``sweep``."""
+    return [
+        Field("gpus", "GPUs (0,1 or cpu; blank: all visible)", ""),
+        Field("compile", "compile the decode step (large jobs)", "no", ("no", "yes")),
+    ]
+
+
+def _engine_values(values: dict[str, str]) -> dict[str, Any]:
+    """The engine fields as step parameters (their validation stays in the step's
+    dataclass)."""
+    return {"gpus": values.get("gpus") or None, "compile": values.get("compile") == "yes"}
+
+
 def start_generation(store: Store, trait: str, values: dict[str, str]) -> list[int]:
     from pipeline.generate import GenerateParams, find_or_create_job
 
@@ -302,6 +319,7 @@ def start_generation(store: Store, trait: str, values: dict[str, str]) -> list[i
                 batch_size=_int(values, "batch_size"),
                 temperature=_float(values, "temperature"),
                 seed=_int(values, "seed") or 0,
+                **_engine_values(values),
             ).validate(),
         )
         for side in sides
@@ -338,5 +356,6 @@ def start_sweep(store: Store, trait: str, values: dict[str, str]) -> list[int]:
         coefs=parse_coefs(values["coefs"]),
         n=_int(values, "n") or 0,
         judge=values["judge"],
+        **_engine_values(values),
     )
     return [create_sweep_job(store, trait, params)]
