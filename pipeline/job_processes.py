@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +20,31 @@ def log_path(store: Store, job_id: int) -> Path:
     return store.data_dir / "logs" / f"job-{job_id}.log"
 
 
-def start_worker(store: Store, job_id: int, *, rerun_done: bool = True) -> int:
-    """Start (or resume) a job in a detached process; returns its pid. ``rerun_done=False``
+def start_worker(store: Store, job_ids: int | Sequence[int], *, rerun_done: bool = True) -> int:
+    """Start (or resume) jobs in one detached process; returns its pid. Several ids are
+    generation jobs run as one queue (``pipeline.worker_main``); the process writes to the
+    first job's log, and each other job's log says where its lines are. ``rerun_done=False``
     (the dashboard's resume key) refuses a job that has finished."""
-    job = store.get_job(job_id)
-    holder = lock_holder(job)
-    if holder:
-        raise PersonaError(f"job {job_id} is already running ({holder})")
-    if job.status == "done" and not rerun_done:
-        raise PersonaError(f"job {job_id} is done; there is nothing to resume")
-    path = log_path(store, job_id)
+    ids = [job_ids] if isinstance(job_ids, int) else list(job_ids)
+    for job_id in ids:  # every job checked before any is touched
+        job = store.get_job(job_id)
+        holder = lock_holder(job)
+        if holder:
+            raise PersonaError(f"job {job_id} is already running ({holder})")
+        if job.status == "done" and not rerun_done:
+            raise PersonaError(f"job {job_id} is done; there is nothing to resume")
+    path = log_path(store, ids[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    store.update_job(job_id, status="pending", message="starting", started=None, ended=None)
+    for job_id in ids[1:]:
+        with log_path(store, job_id).open("a") as other:
+            other.write(
+                f"job {job_id} runs in one process with job {ids[0]}: its lines are in "
+                f"{path.name}\n"
+            )
+    for job_id in ids:
+        store.update_job(job_id, status="pending", message="starting", started=None, ended=None)
     # The database's absolute path: the worker runs in another directory.
-    command = worker_command(store.path.resolve(), job_id)  # an argument list, never a shell
+    command = worker_command(store.path.resolve(), ids)  # an argument list, never a shell
     with path.open("ab") as log:
         process = subprocess.Popen(
             command,
@@ -42,8 +54,20 @@ def start_worker(store: Store, job_id: int, *, rerun_done: bool = True) -> int:
             start_new_session=True,  # survives the terminal (and the SSH session) closing
             cwd=str(Path(__file__).resolve().parents[1]),
         )
-    store.update_job(job_id, pid=process.pid)
+    for job_id in ids:
+        store.update_job(job_id, pid=process.pid)
     return process.pid
+
+
+def start_jobs(store: Store, job_ids: Sequence[int]) -> list[int]:
+    """Start jobs made together (a dashboard form): generation jobs in one process, as the
+    command line's ``generate --side both`` runs them (one model load, one queue on the
+    GPUs they name, where two processes would each load the model on the same GPUs), every
+    other job in a process of its own. Returns the pids."""
+    generation = [job_id for job_id in job_ids if store.get_job(job_id).kind == "generate"]
+    others = [job_id for job_id in job_ids if job_id not in generation]
+    groups: list[int | list[int]] = [generation] if len(generation) > 1 else generation
+    return [start_worker(store, group) for group in [*groups, *others]]
 
 
 def cancel(store: Store, job_id: int) -> None:

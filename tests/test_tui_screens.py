@@ -124,7 +124,9 @@ def _job(db_path: Path, job_id: int):
         return store.get_job(job_id)
 
 
-async def _start_generation(app, pilot, tiny_model_dir: Path, n: str, tokens: str, batch: str):
+async def _start_generation(
+    app, pilot, tiny_model_dir: Path, n: str, tokens: str, batch: str, side: str = "pos"
+):
     await pilot.press("2")
     await pilot.pause(0.2)
     await pilot.press("g")
@@ -139,7 +141,7 @@ async def _start_generation(app, pilot, tiny_model_dir: Path, n: str, tokens: st
     ):
         if value is not None:
             form.query_one(f"#field-{name}", Input).value = value
-    form.query_one("#field-side").value = "pos"
+    form.query_one("#field-side").value = side
     await pilot.press("ctrl+s")
 
 
@@ -153,6 +155,36 @@ async def test_a_job_started_in_the_tui_runs_to_the_end(tmp_path: Path, tiny_mod
         table = app.screen.query_one("#jobs-table", DataTable)
         await wait_for(pilot, lambda: table.get_cell("1", "progress") == "100%")
         assert "20/20 responses" in text_of(app, "#job-summary")
+
+
+async def test_both_sides_from_the_tui_run_in_one_process(tmp_path: Path, tiny_model_dir) -> None:
+    """``g`` with side ``both`` makes two jobs and starts them as the command line's
+    ``generate --side both`` runs them: one worker process (one model load, one queue), not
+    two loading the model on the same GPUs. Its lines go to the first job's log; the second
+    job's log says so."""
+    db_path = tmp_path / "jobs.db"
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(120, 32)) as pilot:
+        await _start_generation(app, pilot, tiny_model_dir, "1", "4", "8", side="both")
+        await wait_for(pilot, lambda: _job(db_path, 1).pid is not None, timeout=30)
+        await wait_for(pilot, lambda: _job(db_path, 2).pid is not None, timeout=30)
+        await wait_for(
+            pilot, lambda: {_job(db_path, 1).status, _job(db_path, 2).status} == {"done"},
+            timeout=180,
+        )  # fmt: skip
+    first, second = _job(db_path, 1), _job(db_path, 2)
+    assert first.pid == second.pid
+    assert {first.params["side"], second.params["side"]} == {"pos", "neg"}
+    assert first.done == first.total == second.done == second.total == 20
+    logs = tmp_path / "jobs.data" / "logs"
+    assert (
+        "runs in one process with job 1: its lines are in job-1.log"
+        in (logs / "job-2.log").read_text()
+    )
+    lines = (logs / "job-1.log").read_text()
+    assert f"job 1: worker {first.pid} started" in lines
+    assert f"job 2: worker {first.pid} started" in lines and "job 2: done" in lines
 
 
 async def test_quitting_the_tui_leaves_the_job_running(tmp_path: Path, tiny_model_dir) -> None:

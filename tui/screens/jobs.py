@@ -173,8 +173,7 @@ class JobsScreen(PersonaScreen):
     @work(thread=True, group="jobs-start", exit_on_error=False, name="Start the job")
     def launch(self, start, trait: str, values: dict[str, str]) -> None:
         with Store(self.db_path) as store:
-            for job_id in start(store, trait, values):
-                job_processes.start_worker(store, job_id)
+            job_processes.start_jobs(store, start(store, trait, values))
         self.app.call_from_thread(self.poll)
 
     def action_generate(self) -> None:
