@@ -243,3 +243,21 @@ def test_jobs_list_shows_a_dead_workers_job_as_failed(db_path: Path, capsys) -> 
     with Store(db_path) as store:
         job = store.get_job(job_id)
     assert job.status == "failed" and "worker process died" in job.message
+
+
+def test_jobs_started_together_are_all_refused_when_one_is_running(db_path: Path) -> None:
+    """Two generation jobs for one process (the dashboard's both sides): if either is held by
+    a live worker, the start is refused with that job's one-line reason and neither job is
+    touched (no status written, no process, no log)."""
+    from pipeline.job_processes import log_path
+    from pipeline.jobs import utc_now
+
+    with Store(db_path) as store:
+        first = store.create_job("generate", "paternalism", {"side": "pos"})
+        second = store.create_job("generate", "paternalism", {"side": "neg"})
+        store.update_job(second.id, status="running", pid=os.getpid(), heartbeat=utc_now())
+        with pytest.raises(Exception, match=f"job {second.id} is already running"):
+            start_worker(store, [first.id, second.id])
+        assert store.get_job(first.id).status == first.status
+        assert store.get_job(first.id).pid is None
+        assert not log_path(store, first.id).exists() and not log_path(store, second.id).exists()
