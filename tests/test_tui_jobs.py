@@ -210,3 +210,37 @@ async def test_the_generate_and_sweep_forms_choose_gpus_and_compile(
         with Store(db_path) as store:
             assert len(store.list_jobs()) == 1
         assert started == [1]
+
+
+async def test_the_judge_and_extract_forms_choose_gpus(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--gpus`` for a local judge and for extraction's forward pass, as on the command
+    line: an extraction job started from the form carries it; a bad list in either form is
+    refused with the one-line error, before any job exists."""
+    from pipeline import job_processes
+
+    started: list[int] = []
+    monkeypatch.setattr(
+        job_processes, "start_worker", lambda store, job_id, **_kw: started.append(job_id)
+    )
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(80, 24)) as pilot:
+        for key in ("J", "x"):
+            values = await open_form(pilot, key)
+            assert values["gpus"] == ""  # all visible
+            app.screen.query_one("#field-gpus").value = "gpu0"
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
+            assert "--gpus 'gpu0': give 'all'" in text_of(app, "#error-message")
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: isinstance(app.screen, JobsScreen))
+        with Store(db_path) as store:
+            assert store.list_jobs() == []
+        await open_form(pilot, "x")
+        app.screen.query_one("#field-gpus").value = "1, 0"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: started == [1])
+        with Store(db_path) as store:
+            assert store.get_job(1).params["gpus"] == "1,0"

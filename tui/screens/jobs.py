@@ -204,6 +204,7 @@ class JobsScreen(PersonaScreen):
                 Field("max_concurrent", "max in flight", "50"),
                 Field("processes", "client processes (API judges; blank: auto)", ""),
                 Field("base_url", "base URL (optional)", ""),
+                _gpus_field("GPUs for a local: judge (0,1 or cpu; blank: all visible)"),
             ],
             start_judging,
         )
@@ -217,6 +218,7 @@ class JobsScreen(PersonaScreen):
                 Field("threshold", "trait threshold T", f"{threshold:g}"),
                 Field("coherence", "coherence threshold C", f"{coherence:g}"),
                 Field("source", "activations", "auto", ("auto", "captured", "forward")),
+                _gpus_field("GPUs for a forward pass (0,1 or cpu; blank: all visible)"),
             ],
             start_extraction,
         )
@@ -286,11 +288,16 @@ def _float(values: dict[str, str], key: str) -> float:
         raise PersonaError(f"{key} must be a number, not '{values[key]}'") from None
 
 
+def _gpus_field(label: str = "GPUs (0,1 or cpu; blank: all visible)") -> Field:
+    """``--gpus``: the devices a step's model copies run on."""
+    return Field("gpus", label, "")
+
+
 def _engine_fields() -> list[Field]:
     """Where and how the local engine runs (``--gpus``, ``--compile``), as the command line
     offers them for ``generate`` and ``sweep``."""
     return [
-        Field("gpus", "GPUs (0,1 or cpu; blank: all visible)", ""),
+        _gpus_field(),
         Field("compile", "compile the decode step (large jobs)", "no", ("no", "yes")),
     ]
 
@@ -334,17 +341,20 @@ def start_judging(store: Store, trait: str, values: dict[str, str]) -> list[int]
         max_concurrent=_int(values, "max_concurrent") or 0,
         processes=_int(values, "processes"),
         base_url=values["base_url"] or None,
+        gpus=values.get("gpus") or None,
     )
     return [find_or_create_judge_job(store, trait, params)]
 
 
 def start_extraction(store: Store, trait: str, values: dict[str, str]) -> list[int]:
     from pipeline.filter import check_thresholds
+    from pipeline.sharding import parse_gpus
 
     threshold, coherence = _float(values, "threshold"), _float(values, "coherence")
     check_thresholds(threshold, coherence)
+    gpus = parse_gpus(values.get("gpus") or None)  # refused here, before a job row
     params = {"threshold": threshold, "coherence": coherence, "source": values["source"]}
-    return [store.create_job("extract", trait, params).id]
+    return [store.create_job("extract", trait, {**params, "gpus": gpus}).id]
 
 
 def start_sweep(store: Store, trait: str, values: dict[str, str]) -> list[int]:
