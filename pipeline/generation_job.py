@@ -143,8 +143,14 @@ def run_generation_jobs_together(
             for share in shares:
                 _finish(store, share)
                 ended.add(share.job_id)
-        except JobTakenOver:
-            return  # that job is another worker's now; the others' locks lapse
+        except JobTakenOver as exc:
+            # That job is another worker's now (end_job leaves a row that is not ours alone);
+            # its queue-mates stop here and say why, resumable.
+            for job_id in claimed:
+                if job_id not in ended:
+                    stopped = f"stopped: {exc}, and this job shared its queue; rerun to resume"
+                    end_job(store, job_id, "failed", stopped)
+            return
         except JobCancelled as exc:
             for job_id in claimed:
                 if job_id == exc.job_id:

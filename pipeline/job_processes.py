@@ -70,12 +70,32 @@ def start_jobs(store: Store, job_ids: Sequence[int]) -> list[int]:
     return [start_worker(store, group) for group in [*groups, *others]]
 
 
-def cancel(store: Store, job_id: int) -> None:
-    """Ask a job to stop; the worker stops after its current batch."""
+def cancel(store: Store, job_id: int) -> list[int]:
+    """Ask a job to stop; the worker stops after its current batch. Returns the jobs that
+    share its worker (a generation's two sides run as one queue): they stop with it, failed
+    and resumable."""
     job = store.get_job(job_id)
     if job.status in ("done", "failed", "cancelled"):
         raise PersonaError(f"job {job_id} is already {job.status}; nothing to cancel")
+    mates = [
+        other.id
+        for other in store.list_jobs()
+        if other.id != job_id
+        and job.pid is not None
+        and other.pid == job.pid
+        and other.status in ("pending", "running")
+    ]
     store.update_job(job_id, status="cancelled", message="cancel requested")
+    return mates
+
+
+def cancel_notice(job_id: int, mates: Sequence[int]) -> str:
+    """What a cancel says (the dashboard and ``persona jobs cancel`` alike)."""
+    notice = f"job {job_id}: cancel requested; it stops after its current batch"
+    if mates:
+        listed = ", ".join(map(str, mates))
+        notice += f"; job {listed}, in the same worker, stops with it (resume it to finish)"
+    return notice
 
 
 def reap_dead_jobs(store: Store) -> list[int]:

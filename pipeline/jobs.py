@@ -317,13 +317,15 @@ def _runner(kind: str) -> JobRunner | None:
     return getattr(importlib.import_module(module), name)
 
 
-def end_job(store: Store, job_id: int, status: str, message: str) -> None:
+def end_job(
+    store: Store, job_id: int, status: str, message: str, only_if: dict[str, Any] | None = None
+) -> None:
     """Write a job's end, only while the row is still ours (a worker that lost it leaves it
-    alone)."""
+    alone), or, with ``only_if``, while the row still has those values."""
     from pipeline.api_clients import redact_keys
 
     ended = {"status": status, "ended": utc_now(), "message": redact_keys(message)[:500]}
-    store.update_job(job_id, only_if=owner(), **ended)
+    store.update_job(job_id, only_if=owner() if only_if is None else only_if, **ended)
 
 
 def failure_message(exc: BaseException) -> str:

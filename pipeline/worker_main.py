@@ -16,7 +16,7 @@ from pathlib import Path
 
 from db import Store
 from pipeline.errors import USER_ERRORS
-from pipeline.jobs import ProgressUpdate, run_job
+from pipeline.jobs import ProgressUpdate, end_job, failure_message, run_job
 
 LOG_EVERY_S = 10.0
 
@@ -62,17 +62,34 @@ def run_worker(db_path: Path, job_ids: int | Sequence[int]) -> None:
         # command line); jobs that name different ones keep their own.
         gpus = {p.get("gpus") for p in params}
         device = {p.get("device") for p in params}
-        run_generation_jobs(
-            db_path,
-            ids,
-            gpus=gpus.pop() if len(gpus) == 1 else None,
-            device=device.pop() if len(device) == 1 else None,
-            on_progress=lines.get,
-        )
+        try:
+            run_generation_jobs(
+                db_path,
+                ids,
+                gpus=gpus.pop() if len(gpus) == 1 else None,
+                device=device.pop() if len(device) == 1 else None,
+                on_progress=lines.get,
+            )
+        except BaseException as exc:
+            _fail_unclaimed(db_path, ids, exc)
+            raise
     with Store(db_path) as store:
         for job_id in ids:
             job = store.get_job(job_id)
             _say(job_id, f"{job.status} {job.message}")
+
+
+def _fail_unclaimed(db_path: Path, job_ids: Sequence[int], exc: BaseException) -> None:
+    """Jobs this process was started for and never claimed (an error before the claims, such
+    as a ``--gpus`` naming a missing GPU, or an earlier job's in a one-after-another run)
+    end failed with the error: left ``pending``, no reaper ends them (it looks at running
+    rows only). A claimed job's own code has ended it already."""
+    reason = f"not started: {failure_message(exc)}; resume it to run it"
+    with Store(db_path) as store:
+        for job_id in job_ids:
+            # Only a row still waiting for this process: another worker may have taken it.
+            waiting = {"status": "pending", "pid": os.getpid()}
+            end_job(store, job_id, "failed", reason, only_if=waiting)
 
 
 def worker_command(db_path: Path, job_ids: int | Sequence[int]) -> list[str]:

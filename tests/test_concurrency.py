@@ -18,7 +18,7 @@ import pytest
 from fake_rows import seed_generation
 from stub_openai import StubServer, logprob_completion
 
-from db import Store
+from db import PersonaError, Store
 from pipeline import jobs as jobs_module
 from pipeline.job_processes import cancel, start_worker
 from pipeline.jobs import (
@@ -255,9 +255,55 @@ def test_jobs_started_together_are_all_refused_when_one_is_running(db_path: Path
     with Store(db_path) as store:
         first = store.create_job("generate", "paternalism", {"side": "pos"})
         second = store.create_job("generate", "paternalism", {"side": "neg"})
+        # A state start_worker would overwrite (status, message, start and end, pid).
+        store.update_job(first.id, status="failed", message="an earlier error", pid=2**22 + 7)
+        store.update_job(first.id, started=utc_now(), ended=utc_now())
+        before = store.get_job(first.id)
         store.update_job(second.id, status="running", pid=os.getpid(), heartbeat=utc_now())
         with pytest.raises(Exception, match=f"job {second.id} is already running"):
             start_worker(store, [first.id, second.id])
-        assert store.get_job(first.id).status == first.status
-        assert store.get_job(first.id).pid is None
+        assert store.get_job(first.id) == before
         assert not log_path(store, first.id).exists() and not log_path(store, second.id).exists()
+
+
+def test_a_two_job_worker_that_fails_before_its_claims_fails_both_jobs(
+    db_path: Path, tiny_model_dir: Path
+) -> None:
+    """The dashboard's both-sides worker checks its devices before it claims either job: an
+    error there (``--gpus`` naming a GPU that is not there) used to leave both rows pending
+    for good, as no reaper looks at pending rows. Both now end failed with the error,
+    resumable. Jobs that run one after another (they cannot share an engine): the first
+    ends with its error, the rest as not started; a row another process holds is left."""
+    from pipeline.generate import GenerateParams, find_or_create_job
+    from pipeline.worker_main import run_worker
+
+    def pending_jobs(store: Store, split: str, pid: int) -> list[int]:
+        jobs = []
+        for side in ("pos", "neg"):
+            params = GenerateParams(
+                side=side, split=split, model=str(tiny_model_dir), n_per_question=1, gpus="7"
+            )
+            jobs.append(find_or_create_job(store, "paternalism", params))
+            store.update_job(jobs[-1], status="pending", pid=pid)  # as start_worker leaves it
+        return jobs
+
+    with Store(db_path) as store:
+        together = pending_jobs(store, "extract", os.getpid())
+    with pytest.raises(Exception, match="--gpus 7") as raised:
+        run_worker(db_path, together)
+    reason = f"not started: {raised.value}; resume it to run it"
+    with Store(db_path) as store:
+        for job_id in together:
+            job = store.get_job(job_id)
+            assert (job.status, job.message) == ("failed", reason) and job.ended is not None
+        first = store.create_job("generate", "paternalism", {"side": "pos", "model": "none"})
+        store.update_job(first.id, status="pending", pid=os.getpid())
+        rest = pending_jobs(store, "eval", os.getpid())
+        store.update_job(rest[1], pid=os.getpid() + 1)  # another process's by now
+    with pytest.raises(PersonaError):
+        run_worker(db_path, [first.id, *rest])  # other params: one after another
+    with Store(db_path) as store:
+        assert store.get_job(first.id).status == "failed"
+        assert not store.get_job(first.id).message.startswith("not started")
+        assert store.get_job(rest[0]).message.startswith("not started: ")
+        assert store.get_job(rest[1]).status == "pending"

@@ -153,3 +153,42 @@ def test_an_error_ends_every_job_of_the_queue(
         for job_id in jobs:
             job = store.get_job(job_id)
             assert job.status == "failed" and "lower --batch-size" in job.message
+
+
+def test_a_job_taken_over_mid_queue_ends_its_queue_mates_with_the_reason(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job of a shared queue taken over by another worker (its row names another pid, as
+    after a resume while this worker was still stopping): this worker leaves that row alone
+    and ends the queue-mates failed with why, resumable, where it used to leave them running
+    until the reaper called them dead. Cancelling names the queue-mates."""
+    import os
+
+    from pipeline.job_processes import cancel_notice
+
+    with Store(tmp_path / "t.db") as store:
+        jobs = _plan(store, tiny_model_dir)[:2]
+        taken, other = jobs
+        real = _JobWriter.write
+
+        def write_then_take_over(self) -> None:
+            real(self)
+            if self.share.job_id == taken and self.share.progress.done >= 6:
+                store.update_job(taken, pid=os.getppid())  # another live process
+
+        monkeypatch.setattr(_JobWriter, "write", write_then_take_over)
+        run_generation_jobs(store.path, jobs)
+        first, second = store.get_job(taken), store.get_job(other)
+        assert (first.status, first.pid) == ("running", os.getppid())  # left alone
+        assert second.status == "failed"
+        assert second.message == (
+            f"stopped: job {taken} was taken over by pid {os.getppid()}, and this job shared "
+            "its queue; rerun to resume"
+        )
+        store.update_job(taken, status="running", pid=4321)
+        store.update_job(other, status="running", pid=4321)
+        assert cancel_notice(taken, cancel(store, taken)) == (
+            f"job {taken}: cancel requested; it stops after its current batch; job {other}, "
+            "in the same worker, stops with it (resume it to finish)"
+        )
+        assert cancel(store, other) == []  # the first is cancelled already

@@ -244,3 +244,24 @@ async def test_the_judge_and_extract_forms_choose_gpus(
         await wait_for(pilot, lambda: started == [1])
         with Store(db_path) as store:
             assert store.get_job(1).params["gpus"] == "1,0"
+
+
+@pytest.mark.parametrize("key", ["g", "J", "x", "w"])
+async def test_every_form_field_and_the_hint_are_drawn_at_80x24(db_path: Path, key: str) -> None:
+    """At 80x24 the fields scroll inside the form's box: tabbing to the last field shows
+    it, and the submit hint stays on screen (the fields' area once ran past the box's
+    bottom, hiding the last field and the hint)."""
+    Store(db_path).close()
+    app = PersonaApp(db_path, trait="paternalism")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_form(pilot, key)
+        form = app.screen
+        for _ in range(len(form.fields) - 1):
+            await pilot.press("tab")
+        await pilot.pause(0.1)
+        assert app.focused is not None and app.focused.id == f"field-{form.fields[-1].name}"
+        box = form.query_one("#form-box").region
+        fields = form.query_one("#form-fields").region
+        for region in (fields, form.query_one("#form-hint").region, app.focused.region):
+            assert region.height > 0 and box.contains_region(region), (region, box)
+        assert fields.contains_region(app.focused.region)

@@ -256,8 +256,8 @@ class JobsScreen(PersonaScreen):
         try:
             with Store(self.db_path) as store:
                 if what == "cancel":
-                    job_processes.cancel(store, job_id)
-                    done = f"job {job_id}: cancel requested; it stops after its current batch"
+                    mates = job_processes.cancel(store, job_id)
+                    done = job_processes.cancel_notice(job_id, mates)
                 else:
                     job_processes.start_worker(store, job_id, rerun_done=False)
                     done = f"job {job_id} resumed"

@@ -41,11 +41,11 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
-    from pipeline.job_processes import cancel
+    from pipeline.job_processes import cancel, cancel_notice
 
     with open_store(args) as store:
-        cancel(store, args.job_id)
-    out.print(f"job {args.job_id} will stop after its current batch")
+        mates = cancel(store, args.job_id)
+    out.print(cancel_notice(args.job_id, mates), markup=False)
     return 0
 
 
