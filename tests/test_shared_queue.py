@@ -5,6 +5,7 @@ same as the job run alone, each job ended by itself, cancel and rerun as for one
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -108,20 +109,27 @@ def test_jobs_that_differ_in_sampling_run_one_after_another(
     assert streams == [20, 20]
 
 
+def _after_six_rows(monkeypatch: pytest.MonkeyPatch, job_id: int, action) -> Any:
+    """Run ``action`` after each write of ``job_id``'s rows once it has six; returns the real
+    writer (to put back)."""
+    real = _JobWriter.write
+
+    def write_then_act(self) -> None:
+        real(self)
+        if self.share.job_id == job_id and self.share.progress.done >= 6:
+            action()
+
+    monkeypatch.setattr(_JobWriter, "write", write_then_act)
+    return real
+
+
 def test_cancelling_one_job_stops_its_queue_and_a_rerun_resumes_both(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Store(tmp_path / "c.db") as store:
         jobs = _plan(store, tiny_model_dir)[:2]
         cancelled, other = jobs
-        real = _JobWriter.write
-
-        def write_then_cancel(self) -> None:
-            real(self)
-            if self.share.job_id == cancelled and self.share.progress.done >= 6:
-                cancel(store, cancelled)
-
-        monkeypatch.setattr(_JobWriter, "write", write_then_cancel)
+        real = _after_six_rows(monkeypatch, cancelled, lambda: cancel(store, cancelled))
         run_generation_jobs(store.path, jobs)
         first, second = store.get_job(cancelled), store.get_job(other)
         assert first.status == "cancelled"
@@ -169,14 +177,8 @@ def test_a_job_taken_over_mid_queue_ends_its_queue_mates_with_the_reason(
     with Store(tmp_path / "t.db") as store:
         jobs = _plan(store, tiny_model_dir)[:2]
         taken, other = jobs
-        real = _JobWriter.write
-
-        def write_then_take_over(self) -> None:
-            real(self)
-            if self.share.job_id == taken and self.share.progress.done >= 6:
-                store.update_job(taken, pid=os.getppid())  # another live process
-
-        monkeypatch.setattr(_JobWriter, "write", write_then_take_over)
+        # Another live process takes the job.
+        _after_six_rows(monkeypatch, taken, lambda: store.update_job(taken, pid=os.getppid()))
         run_generation_jobs(store.path, jobs)
         first, second = store.get_job(taken), store.get_job(other)
         assert (first.status, first.pid) == ("running", os.getppid())  # left alone

@@ -168,19 +168,26 @@ async def test_the_sweep_and_extract_forms_open_with_the_steps_defaults(
         assert (values["threshold"], values["coherence"]) == expected
 
 
-async def test_the_generate_and_sweep_forms_choose_gpus_and_compile(
-    db_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The dashboard offers what the command line does for the local engine: ``--gpus`` and
-    ``--compile``. A generation job started from the form carries them (and runs on them);
-    a bad GPU list is the step's own one-line error in a dialog, with no job created."""
+def _workers_started(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The jobs the dashboard starts, recorded instead of started as processes."""
     from pipeline import job_processes
-    from tui.screens.form import FormModal
 
     started: list[int] = []
     monkeypatch.setattr(
         job_processes, "start_worker", lambda store, job_id, **_kw: started.append(job_id)
     )
+    return started
+
+
+async def test_the_generate_and_sweep_forms_choose_gpus_and_compile(
+    db_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard offers what the command line does for the local engine: ``--gpus`` and
+    ``--compile``. A generation job started from the form carries them;
+    a bad GPU list is the step's own one-line error in a dialog, with no job created."""
+    from tui.screens.form import FormModal
+
+    started = _workers_started(monkeypatch)
     Store(db_path).close()
     app = PersonaApp(db_path, trait="paternalism")
     async with app.run_test(size=(80, 24)) as pilot:
@@ -218,12 +225,7 @@ async def test_the_judge_and_extract_forms_choose_gpus(
     """``--gpus`` for a local judge and for extraction's forward pass, as on the command
     line: an extraction job started from the form carries it; a bad list in either form is
     refused with the one-line error, before any job exists."""
-    from pipeline import job_processes
-
-    started: list[int] = []
-    monkeypatch.setattr(
-        job_processes, "start_worker", lambda store, job_id, **_kw: started.append(job_id)
-    )
+    started = _workers_started(monkeypatch)
     Store(db_path).close()
     app = PersonaApp(db_path, trait="paternalism")
     async with app.run_test(size=(80, 24)) as pilot:
