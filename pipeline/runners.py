@@ -290,10 +290,12 @@ def _mark_dynamic_step(*tensors: Any) -> None:
     """Tell torch.compile that a decode step's batch (dim 0: compacted batches, other
     sessions' slots) and attended and cache lengths (a mask's last dim, a cache's dim 2: a
     new length every ``ATTENTION_ROUND`` columns, another session's cache) vary, before it
-    first sees them: one compiled layer then serves every step of every session. Left to
-    itself, it compiled once a shape and a relation (seven compiles for one CPU run with a
-    batch compacted four times; 3-8 s each for an 8B layer on an H200). A dim of size 1 may
-    still specialise (the engine never compacts below two rows)."""
+    first sees them: one compiled layer then serves every batch of two rows or more, every
+    attended length and every session on a device. Left to itself, it compiled once a shape
+    and a relation (seven compiles for one CPU run with a batch compacted four times; 3-8 s
+    each for an 8B layer on an H200). A dim of size 1 still specialises: a batch of one
+    compiles once more (a compiled engine never compacts below two rows), and each device
+    compiles its own."""
     import torch._dynamo
 
     for tensor in tensors:

@@ -92,10 +92,9 @@ def _fail_unclaimed(db_path: Path, job_ids: Sequence[int], exc: BaseException) -
             end_job(store, job_id, "failed", reason, only_if=waiting)
 
 
-def worker_command(db_path: Path, job_ids: int | Sequence[int]) -> list[str]:
+def worker_command(db_path: Path, job_ids: Sequence[int]) -> list[str]:
     """The argument list that starts a detached worker (never a shell string)."""
-    ids = [job_ids] if isinstance(job_ids, int) else list(job_ids)
-    return [sys.executable, "-m", "pipeline.worker_main", str(db_path), *map(str, ids)]
+    return [sys.executable, "-m", "pipeline.worker_main", str(db_path), *map(str, job_ids)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
