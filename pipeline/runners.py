@@ -517,17 +517,20 @@ class StaticRunner:
         if not self._attention_on:  # entered once for the layers and the final norm
             with self.attention():
                 return self.decode(tokens, positions, column, key_valid, hook)
+        compiled = self._layer_call is not _call_layer
         masks = {}
         for window in set(self.windows):
             allowed = key_valid
             if window is not None:
                 keys = torch.arange(key_valid.shape[1], device=key_valid.device)
                 allowed = allowed & (column[:, None] - keys[None, :] < window)
-            # A copy with a row stride of its own width: a slice of the state's wider mask
-            # would make whether ``used`` is the state's whole length a guard of the compiled
-            # layer (a recompile when it flips). Not ``.contiguous()``: a batch of one's slice
-            # already counts as contiguous and would keep the state's stride.
-            masks[window] = allowed[:, None, None, :].clone(memory_format=torch.contiguous_format)
+            mask = allowed[:, None, None, :]
+            # Compiled only: a copy with a row stride of its own width. A slice of the
+            # state's wider mask would make whether ``used`` is the state's whole length a
+            # guard of the compiled layer (a recompile when it flips). Not ``.contiguous()``:
+            # a batch of one's slice already counts as contiguous and keeps the state's
+            # stride. The eager layer reads any stride, so it skips the copy.
+            masks[window] = mask.clone(memory_format=torch.contiguous_format) if compiled else mask
         self.cache.column = column
         h = hook(0, self._embed(tokens[:, None]))
         h = self._layers(h, positions[:, None], masks, hook)
