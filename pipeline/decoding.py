@@ -28,14 +28,16 @@ def decode(
     check_every: int | None = None,
     on_step: Callable[[int], None] | None = None,
     compiled: bool = False,
+    deterministic: bool = False,
 ) -> list[DecodeResult]:
     """Each prompt's answer (prompt ids in, results in the same order), one seed a prompt;
     no activations captured. ``watch``/``on_tokens`` stream per-token projections live;
     ``on_step(steps)`` runs at each host check (it may raise to stop); ``compiled``: the
-    decode step's layers compiled (``DecodeEngine``)."""
+    decode step's layers compiled; ``deterministic``: GPU attention that repeats run to run
+    (``DecodeEngine``)."""
     from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
 
-    engine = DecodeEngine(loaded, capture=False, compiled=compiled)
+    engine = DecodeEngine(loaded, capture=False, compiled=compiled, deterministic=deterministic)
     requests = [DecodeRequest(p, seed) for p, seed in zip(prompts, seeds, strict=True)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     extra: dict[str, Any] = {} if check_every is None else {"check_every": check_every}

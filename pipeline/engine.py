@@ -124,6 +124,7 @@ class DecodeEngine:
         backend: str = "auto",
         cuda_graphs: bool | None = None,
         compiled: bool = False,
+        deterministic: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -132,9 +133,17 @@ class DecodeEngine:
         backend, self.notice = choose_runner(self.model, backend)
         notice_once(self.notice)
         self.backend = backend
+        # Opt-in (``--deterministic``): the GPU decode step's attention on a kernel whose
+        # results repeat run to run, so the same command gives the same tokens again (SDPA's
+        # faster pick does not from batch 64; README, "Repeatable runs").
         self.runner: StaticRunner | HFRunner = (
-            StaticRunner(self.model) if backend == "static" else HFRunner(self.model)
+            StaticRunner(self.model, deterministic=deterministic)
+            if backend == "static"
+            else HFRunner(self.model)
         )
+        if deterministic and backend != "static" and self.device.type == "cuda":
+            family = self.model.config.model_type
+            notice_once(f"--deterministic: {family} runs on the HF runner, with torch's attention")
         # A graph replays on one device: a model sharded over several GPUs runs eagerly.
         graphable = (
             self.device.type == "cuda"

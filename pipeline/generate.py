@@ -32,7 +32,9 @@ BACKENDS = ("local", "openai")
 
 @dataclass(frozen=True)
 class GenerateParams(JobParams):
-    NOT_IDENTITY = frozenset({"batch_size", "device", "gpus", "max_concurrent", "compile"})
+    NOT_IDENTITY = frozenset(
+        {"batch_size", "device", "gpus", "max_concurrent", "compile", "deterministic"}
+    )
 
     side: str
     split: str = "extract"
@@ -55,6 +57,8 @@ class GenerateParams(JobParams):
     gpus: str | None = None  # pipeline.sharding.parse_gpus
     # The local engine's decode step with its layers torch.compile'd (pipeline.engine).
     compile: bool = False
+    # Its attention on a GPU on a kernel whose results repeat run to run (pipeline.engine).
+    deterministic: bool = False
 
     def validate(self) -> GenerateParams:
         checks = [

@@ -99,6 +99,7 @@ _SHARED_PARAMS = (
     "device",
     "gpus",
     "compile",
+    "deterministic",
 )
 
 

@@ -72,7 +72,12 @@ def generate_local_jobs(
     places = list(devices) or [params.device or single_device(params.gpus)]
     # Built before the slots are counted: their fused projections take memory first.
     engines = [
-        DecodeEngine(loaded, capture=params.capture, compiled=params.compile)
+        DecodeEngine(
+            loaded,
+            capture=params.capture,
+            compiled=params.compile,
+            deterministic=params.deterministic,
+        )
         for loaded in load_on_devices(params.model, places)
     ]
     # In the job's stats: where a run's time went (load, then decode with its writes).

@@ -41,6 +41,7 @@ class RunParams:
     device: str | None = None
     gpus: str | None = None  # generation, local judging, forward extraction (parse_gpus)
     compile: bool = False  # generation's decode step compiled (GenerateParams.compile)
+    deterministic: bool = False  # repeatable GPU attention (GenerateParams.deterministic)
 
 
 @dataclass
@@ -120,6 +121,7 @@ def run_trait(db_path: Path, params: RunParams, on_step: StepCallback | None = N
                     device=params.device,
                     gpus=params.gpus,
                     compile=params.compile,
+                    deterministic=params.deterministic,
                 )
                 generation[(split, side)] = find_or_create_job(store, params.trait, gen)
         labels = {

@@ -71,12 +71,34 @@ def grouped_attention(
     **_kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention for the static runner. ``query`` [B, H, q, D]; ``key``/``value``
-    [B, KV, k, D] straight from our cache (no repeated heads); ``attention_mask`` [B, 1, q, k]
-    bool, true where a query may look. Returns [B, q, H, D] as transformers expects."""
+    [B, KV, k, D] straight from our cache (no repeated heads); ``attention_mask`` [B, 1, q, k]:
+    bool, true where a query may look (a prefill), or additive, 0 or -inf (a decode step,
+    ``StaticRunner.decode`` when deterministic). Returns [B, q, H, D] as transformers
+    expects."""
     b, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
+    additive = attention_mask.dtype != torch.bool
+    if softcap is None and additive and query.is_cuda:
+        # A deterministic decode step on a GPU (``StaticRunner(deterministic=True)``): each
+        # key/value head's group of query heads as that head's queries (the cache read once,
+        # nothing repeated), on the memory-efficient kernel, called by name. SDPA's own pick
+        # for grouped heads with a mask (cuDNN; torch 2.11, H200) gives results that differ
+        # run to run from batch 64, so a rerun gives other tokens; this kernel's forward
+        # repeats bit for bit but runs a 16-row step about 0.8 ms slower on an 8B shape
+        # (tests/bench/repeatability.py --attention; README, "Repeatable runs"). A call by
+        # name depends on no process-wide backend switch (engines on several GPUs step in
+        # threads).
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query.reshape(b, kv_heads, groups * q_len, dim),
+            key,
+            value,
+            attention_mask.expand(b, kv_heads, groups * q_len, k_len),
+            False,
+            scale=scale,
+        )[0]
+        return out.reshape(b, heads, q_len, dim).transpose(1, 2), None
     if softcap is None:
         # SDPA's fused kernels, each key/value head serving its query heads in place: on an
         # H200 2-3x faster than the matmuls below at decode, and no [B, H, S, S] float
@@ -98,7 +120,10 @@ def grouped_attention(
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
     scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(b, kv_heads, groups, q_len, k_len)
-    scores = scores.masked_fill(~attention_mask[:, :, None], float("-inf"))
+    if additive:
+        scores = scores + attention_mask[:, :, None]
+    else:
+        scores = scores.masked_fill(~attention_mask[:, :, None], float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(value.dtype).view(b, kv_heads, groups * q_len, k_len)
     out = torch.matmul(weights, value).view(b, heads, q_len, dim)
     return out.transpose(1, 2), None
@@ -322,11 +347,14 @@ def torch_compiled(function: Callable) -> Callable:
 class StaticRunner:
     """Forward passes around a decoder-only HF model's own layers, with a static KV cache."""
 
-    def __init__(self, model: Any, *, fuse: bool = True) -> None:
+    def __init__(self, model: Any, *, fuse: bool = True, deterministic: bool = False) -> None:
         """``fuse``: stack the layers' q/k/v and gate/up weights (``fused_groups``) for one
-        matmul a group; a probe that may not run the model here leaves them alone."""
+        matmul a group; a probe that may not run the model here leaves them alone.
+        ``deterministic``: a GPU decode step's attention on a kernel whose results repeat
+        run to run (``grouped_attention``), slower than SDPA's own pick."""
         _register_attention()
         self.model = model
+        self.deterministic = deterministic
         config = model.config
         self.config = config
         self.core = model.model
@@ -341,6 +369,7 @@ class StaticRunner:
             or config.hidden_size // self.num_heads
         )
         embed = self.core.embed_tokens
+        self.dtype = embed.weight.dtype  # the model's: the decode step's additive mask's
         self.embed_scale: float | None = None
         if config.model_type in _SCALED_EMBEDDING_FAMILIES and not hasattr(embed, "embed_scale"):
             dtype = embed.weight.dtype
@@ -525,12 +554,21 @@ class StaticRunner:
                 keys = torch.arange(key_valid.shape[1], device=key_valid.device)
                 allowed = allowed & (column[:, None] - keys[None, :] < window)
             mask = allowed[:, None, None, :]
-            # Compiled only: a copy with a row stride of its own width. A slice of the
-            # state's wider mask would make whether ``used`` is the state's whole length a
-            # guard of the compiled layer (a recompile when it flips). Not ``.contiguous()``:
-            # a batch of one's slice already counts as contiguous and keeps the state's
-            # stride. The eager layer reads any stride, so it skips the copy.
-            masks[window] = mask.clone(memory_format=torch.contiguous_format) if compiled else mask
+            if mask.is_cuda and self.deterministic:
+                # Additive (0 where a row may look, -inf elsewhere), once a step for every
+                # layer: the form the GPU's deterministic decode kernel takes
+                # (``grouped_attention``).
+                bias = torch.full(mask.shape, float("-inf"), dtype=self.dtype, device=mask.device)
+                masks[window] = bias.masked_fill_(mask, 0.0)
+            elif compiled:
+                # A copy with a row stride of its own width: a slice of the state's wider mask
+                # would make whether ``used`` is the state's whole length a guard of the
+                # compiled layer (a recompile when it flips). Not ``.contiguous()``: a batch of
+                # one's slice already counts as contiguous and keeps the state's stride. (The
+                # additive mask above is a tensor of its own already.)
+                masks[window] = mask.clone(memory_format=torch.contiguous_format)
+            else:
+                masks[window] = mask
         self.cache.column = column
         h = hook(0, self._embed(tokens[:, None]))
         h = self._layers(h, positions[:, None], masks, hook)

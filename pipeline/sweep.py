@@ -40,8 +40,9 @@ class SweepParams(JobParams):
     device: str | None = None
     gpus: str | None = None  # the settings over an engine a device (parse_gpus)
     compile: bool = False  # the decode step's layers compiled (GenerateParams.compile)
+    deterministic: bool = False  # repeatable GPU attention (GenerateParams.deterministic)
 
-    NOT_IDENTITY = frozenset({"gpus", "compile"})
+    NOT_IDENTITY = frozenset({"gpus", "compile", "deterministic"})
 
     def validate(self) -> SweepParams:
         if not self.layers:
@@ -223,6 +224,7 @@ def run_sweep_job(
                 steering=specs,
                 on_step=lambda _steps: check(),  # a cancel stops a setting mid-decode
                 compiled=params.compile,
+                deterministic=params.deterministic,
             )
 
         return setting

@@ -150,6 +150,9 @@ def main() -> None:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--arch", help="model types, comma-separated, or 'all'")
     parser.add_argument("--compiled", action="store_true", help="also the compiled step")
+    parser.add_argument(
+        "--deterministic", action="store_true", help="also the deterministic attention's step"
+    )
     args = parser.parse_args()
     if args.arch:
         archs = ["llama", *ARCH_SHAPES] if args.arch == "all" else args.arch.split(",")
@@ -169,6 +172,10 @@ def main() -> None:
         "ours+capture": DecodeEngine(loaded, capture=True, cuda_graphs=graphs),
         "ours": DecodeEngine(loaded, capture=False, cuda_graphs=graphs),
     }
+    if args.deterministic:  # --deterministic: its cost against the default step
+        engines["deterministic+capture"] = DecodeEngine(
+            loaded, capture=True, cuda_graphs=graphs, deterministic=True
+        )
     # Warm-up: kernels, allocator, cuBLAS handles.
     warm = random_prompts(4, 100, 200, vocab, seed=9)
     for engine in engines.values():
@@ -202,6 +209,8 @@ def main() -> None:
         "ours tok/s",
         "ours+capture tok/s",
         "ours+capture ms/step",
+        "deterministic+capture tok/s",
+        "deterministic+capture ms/step",
         "compiled+capture tok/s",
         "compiled+capture ms/step",
         "compiled tok/s",

@@ -337,8 +337,8 @@ def test_graphed_and_eager_steps_agree_with_steering_on(big_model_dir: Path) -> 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
 def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
-    """fp32 on the GPU: greedy tokens equal HF ``generate``; the graphed steered step equals
-    the eager one."""
+    """fp32 on the GPU: greedy tokens equal HF ``generate``, with the default attention and
+    with ``--deterministic``'s; the graphed steered step equals the eager one."""
     folder = build_tiny_family(tmp_path / family, family)
     loaded = load_model(str(folder), dtype="float32")
     assert loaded.device.type == "cuda"
@@ -356,6 +356,8 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
             ids = torch.tensor([list(request.prompt_ids)], device="cuda")
             ref = loaded.model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
         assert ref[0, ids.shape[1] :].tolist() == result.answer_ids
+    deterministic = DecodeEngine(loaded, capture=True, deterministic=True).run(requests, greedy)
+    assert [r.answer_ids for r in deterministic] == [r.answer_ids for r in results]
     torch.manual_seed(2)
     vector = torch.randn(loaded.num_layers + 1, loaded.hidden_size)
     specs = [SteeringSpec(2, vector, coef=2.0, positions="all")]
@@ -373,7 +375,9 @@ def test_the_compiled_step_across_attended_lengths(tmp_path: Path, monkeypatch) 
     """The opt-in compiled step (each layer compiled) under CUDA graphs while the attended
     length grows (a new length recompiles: outside any capture, else the
     capture is invalidated) equals the plain graphed step, with steering, capture and a
-    watch on (fp32, tiny Llama)."""
+    watch on (fp32, tiny Llama); one compile serves every length."""
+    from torch._dynamo.utils import counters
+
     import pipeline.engine as engine_module
 
     monkeypatch.setattr(engine_module, "ATTENTION_ROUND", 32)
@@ -395,13 +399,14 @@ def test_the_compiled_step_across_attended_lengths(tmp_path: Path, monkeypatch) 
         return lambda used: lengths.add(used) or step(used)
 
     monkeypatch.setattr(DecodeEngine, "_make_step", recording)
-    plain, compiled = (
-        DecodeEngine(loaded, capture=True, compiled=choice).run(
-            requests, sampling, steering=specs, watch=watch
-        )
-        for choice in (False, True)
+    plain = DecodeEngine(loaded, capture=True).run(requests, sampling, steering=specs, watch=watch)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = DecodeEngine(loaded, capture=True, compiled=True).run(
+        requests, sampling, steering=specs, watch=watch
     )
     assert len(lengths) >= 3  # the step attended over several lengths
+    assert counters["stats"]["unique_graphs"] == 1  # one compile served every length
     for p, c in zip(plain, compiled, strict=True):
         assert p.answer_ids == c.answer_ids
         tol = {"rtol": 1e-4, "atol": 1e-4}
@@ -409,6 +414,26 @@ def test_the_compiled_step_across_attended_lengths(tmp_path: Path, monkeypatch) 
             c.activations["response_avg"], p.activations["response_avg"], **tol
         )
         torch.testing.assert_close(c.projections, p.projections, **tol)
+
+
+def test_deterministic_runs_give_the_same_tokens_again(big_model_dir: Path) -> None:
+    """``--deterministic``: a rerun repeats bit for bit, 96 rows on the 8B shape, greedy and
+    sampled, twice on one engine. SDPA's own pick for the decode step's grouped attention
+    (cuDNN; torch 2.11, H200), which the default step keeps for its speed, gave other
+    results run to run from batch 64: 0 of 64 rows repeated."""
+    loaded = load_model(str(big_model_dir))
+    questions = [f"Question {i}: what would you do on day {i} of a trip?" for i in range(96)]
+    requests = [
+        DecodeRequest(prompt_ids(loaded.tokenizer, None, q), seed=i)
+        for i, q in enumerate(questions)
+    ]
+    engine = DecodeEngine(loaded, capture=True, deterministic=True)
+    for temperature in (0.0, 1.0):
+        sampling = SamplingConfig(max_new_tokens=48, temperature=temperature, ignore_eos=True)
+        first, again = (engine.run(requests, sampling) for _ in range(2))
+        assert [r.answer_ids for r in again] == [r.answer_ids for r in first]
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a.activations["response_avg"], b.activations["response_avg"])
 
 
 def test_continuous_batching_under_cuda_graphs(big_model_dir: Path) -> None:

@@ -257,6 +257,17 @@ def add_compile(sub: argparse.ArgumentParser) -> None:
     )
 
 
+def add_deterministic(sub: argparse.ArgumentParser) -> None:
+    """--deterministic: the local engine's GPU attention on a kernel that repeats."""
+    sub.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="GPU decode attention on a kernel whose results repeat run to run, so the same "
+        "command gives the same tokens again (about 10-20%% slower steps; the CPU always "
+        "repeats)",
+    )
+
+
 def add_gpus(sub: argparse.ArgumentParser) -> None:
     """--gpus: a model copy a device (generation: ``pipeline.engine_threads``; the rest:
     ``pipeline.sharding``)."""

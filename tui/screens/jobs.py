@@ -294,18 +294,23 @@ def _gpus_field(label: str = "GPUs (0,1 or cpu; blank: all visible)") -> Field:
 
 
 def _engine_fields() -> list[Field]:
-    """Where and how the local engine runs (``--gpus``, ``--compile``), as the command line
-    offers them for ``generate`` and ``sweep``."""
+    """Where and how the local engine runs (``--gpus``, ``--compile``, ``--deterministic``),
+    as the command line offers them for ``generate`` and ``sweep``."""
     return [
         _gpus_field(),
         Field("compile", "compile the decode step (large jobs)", "no", ("no", "yes")),
+        Field("deterministic", "GPU runs repeat (slower)", "no", ("no", "yes")),
     ]
 
 
 def _engine_values(values: dict[str, str]) -> dict[str, Any]:
     """The engine fields as step parameters (their validation stays in the step's
     dataclass)."""
-    return {"gpus": values.get("gpus") or None, "compile": values.get("compile") == "yes"}
+    return {
+        "gpus": values.get("gpus") or None,
+        "compile": values.get("compile") == "yes",
+        "deterministic": values.get("deterministic") == "yes",
+    }
 
 
 def start_generation(store: Store, trait: str, values: dict[str, str]) -> list[int]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from db import PersonaError
 from tui.cli.arguments import (
     add_compile,
+    add_deterministic,
     add_gpus,
     add_pair_filter,
     non_negative_float,
@@ -56,6 +57,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 device=args.device,
                 gpus=args.gpus,
                 compile=args.compile,
+                deterministic=args.deterministic,
             ).validate()
             job_id = find_or_create_job(store, args.trait, params)
             jobs.append((job_id, f"job {job_id} {args.trait} {side}/{args.split}"))
@@ -206,6 +208,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     add_gpus(gen)
     add_compile(gen)
+    add_deterministic(gen)
 
     jud = add_command(
         commands,

@@ -13,6 +13,7 @@ from rich.text import Text
 from tui.cli.arguments import (
     VECTOR_KINDS,
     add_compile,
+    add_deterministic,
     add_gpus,
     input_file,
     non_negative_float,
@@ -117,6 +118,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         device=args.device,
         gpus=args.gpus,
         compile=args.compile,
+        deterministic=args.deterministic,
     )
     with open_store(args) as store:
         job_id = create_sweep_job(store, args.trait, params)
@@ -268,6 +270,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sw.add_argument("--device")
     add_gpus(sw)
     add_compile(sw)
+    add_deterministic(sw)
 
     scr = add_command(
         commands,

@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 
 from tui.cli import output
-from tui.cli.arguments import add_compile, add_filter_values, add_gpus, positive_int, seed_int
+from tui.cli.arguments import (
+    add_compile,
+    add_deterministic,
+    add_filter_values,
+    add_gpus,
+    positive_int,
+    seed_int,
+)
 from tui.cli.context import db_path, require_terminal
 from tui.cli.parser import add_command
 
@@ -35,6 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         gpus=args.gpus,
         compile=args.compile,
+        deterministic=args.deterministic,
     )
     with output.progress_bar() as bar:
 
@@ -89,4 +97,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--device")
     add_gpus(run)
     add_compile(run)
+    add_deterministic(run)
     run.add_argument("--tui", action="store_true", help="open the dashboard at the end")
