@@ -86,10 +86,11 @@ def grouped_attention(
         # nothing repeated), on the memory-efficient kernel, called by name. SDPA's own pick
         # for grouped heads with a mask (cuDNN; torch 2.11, H200) gives results that differ
         # run to run from batch 64, so a rerun gives other tokens; this kernel's forward
-        # repeats bit for bit but runs a 16-row step about 0.8 ms slower on an 8B shape
-        # (tests/bench/repeatability.py --attention; README, "Repeatable runs"). A call by
-        # name depends on no process-wide backend switch (engines on several GPUs step in
-        # threads).
+        # repeats bit for bit. Alone it is slower at long caches (570 against 284 us at
+        # batch 256 over 1,152 keys); a whole 8B step at batch 256 ran 7% slower, at batch
+        # 16 no slower (tests/bench/repeatability.py --attention, bench_generate.py
+        # --deterministic; README, "Repeatable runs"). A call by name depends on no
+        # process-wide backend switch (engines on several GPUs step in threads).
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
             query.reshape(b, kv_heads, groups * q_len, dim),
             key,

@@ -182,8 +182,8 @@ def _workers_started(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 async def test_the_generate_and_sweep_forms_choose_gpus_and_compile(
     db_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The dashboard offers what the command line does for the local engine: ``--gpus`` and
-    ``--compile``. A generation job started from the form carries them;
+    """The dashboard offers what the command line does for the local engine: ``--gpus``,
+    ``--compile`` and ``--deterministic``. A generation job started from the form carries them;
     a bad GPU list is the step's own one-line error in a dialog, with no job created."""
     from tui.screens.form import FormModal
 
@@ -192,20 +192,26 @@ async def test_the_generate_and_sweep_forms_choose_gpus_and_compile(
     app = PersonaApp(db_path, trait="paternalism")
     async with app.run_test(size=(80, 24)) as pilot:
         values = await open_form(pilot, "w")
-        assert (values["gpus"], values["compile"]) == ("", "no")
+        assert (values["gpus"], values["compile"], values["deterministic"]) == ("", "no", "no")
         await pilot.press("escape")
         values = await open_form(pilot, "g")
-        assert (values["gpus"], values["compile"]) == ("", "no")  # all visible, plain
+        # all visible, plain
+        assert (values["gpus"], values["compile"], values["deterministic"]) == ("", "no", "no")
         form = app.screen
         form.query_one("#field-model").value = str(tiny_model_dir)
         form.query_one("#field-side").value = "pos"
         form.query_one("#field-gpus").value = "cpu,cpu"
         form.query_one("#field-compile").value = "yes"
+        form.query_one("#field-deterministic").value = "yes"
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: started == [1])
         with Store(db_path) as store:
             params = store.get_job(1).params
-        assert (params["gpus"], params["compile"]) == ("cpu,cpu", True)
+        assert (params["gpus"], params["compile"], params["deterministic"]) == (
+            "cpu,cpu",
+            True,
+            True,
+        )
 
         await open_form(pilot, "g")
         assert isinstance(app.screen, FormModal)

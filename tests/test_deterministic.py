@@ -1,0 +1,106 @@
+"""``--deterministic``: the local engine's GPU decode attention on a kernel whose results
+repeat run to run (``pipeline.runners.grouped_attention``). Its kernel runs on a GPU only
+(tests/gpu: a rerun repeats, each family equals HF ``generate`` with it); here, on the CPU:
+the flag travels from each command and the dashboard to the engine, changes no answer and
+no job's identity, and the decode step's additive mask gives what the boolean one does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from db import Store
+from pipeline.runners import StaticRunner, grouped_attention
+from tui.cli import main
+
+
+@pytest.fixture()
+def runners_made(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each static runner's ``deterministic``, in the order they are made."""
+    made: list[bool] = []
+    real = StaticRunner.__init__
+
+    def recording(self, model, **kwargs) -> None:
+        real(self, model, **kwargs)
+        made.append(self.deterministic)
+
+    monkeypatch.setattr(StaticRunner, "__init__", recording)
+    return made
+
+
+def test_generate_deterministic_reaches_the_engine_and_is_the_same_job(
+    tmp_path: Path, tiny_model_dir: Path, runners_made: list[bool]
+) -> None:
+    """``generate --deterministic``: the engine's runner takes it; the answers equal the
+    default run's (the CPU always repeats); and a rerun without the flag is the same job
+    (it changes no output, as ``--compile`` does not), which finds nothing left to do."""
+    answers = {}
+    for flag in ([], ["--deterministic"]):
+        db = tmp_path / f"deterministic{len(flag)}.db"
+        command = ["--db", str(db), "generate", "paternalism", "--side", "pos"]
+        command += ["--model", str(tiny_model_dir), "--n-per-question", "1"]
+        command += ["--max-new-tokens", "6", "--device", "cpu", *flag]
+        assert main(command) == 0
+        with Store(db) as store:
+            answers[bool(flag)] = {
+                r.key: r.answer_ids for r in store.responses(trait="paternalism")
+            }
+    assert runners_made[-1] is True and False in runners_made
+    assert answers[True] == answers[False] and len(answers[True]) == 20
+    runners_made.clear()
+    db = tmp_path / "deterministic1.db"
+    command = ["--db", str(db), "generate", "paternalism", "--side", "pos"]
+    command += ["--model", str(tiny_model_dir), "--n-per-question", "1"]
+    assert main([*command, "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    with Store(db) as store:
+        assert len(store.list_jobs()) == 1
+    assert runners_made == []  # nothing left to generate: no engine made
+
+
+def test_run_and_sweep_pass_deterministic_on(
+    db_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run --deterministic`` plans its generation jobs with it; ``sweep --deterministic``
+    records it (its decode takes it: ``pipeline.sweep``)."""
+    import pipeline.run as run_module
+
+    planned = []
+
+    class Planned(Exception):
+        pass
+
+    def plan(store, trait, params):
+        planned.append(params)
+        raise Planned
+
+    monkeypatch.setattr(run_module, "find_or_create_job", plan)
+    command = ["--db", str(db_path), "run", "paternalism", "--model", str(tiny_model_dir)]
+    command += ["--judge", f"local:{tiny_model_dir}", "--device", "cpu", "--deterministic"]
+    with pytest.raises(Planned):
+        main(command)
+    assert planned and planned[0].deterministic is True
+
+    from pipeline.sweep import SweepParams
+
+    assert SweepParams(layers=(2,), coefs=(1.0,)).deterministic is False  # opt-in
+    params = SweepParams(layers=(2,), coefs=(1.0,), deterministic=True)
+    plain = SweepParams(layers=(2,), coefs=(1.0,))
+    assert params.identity() == plain.identity()
+
+
+def test_the_additive_decode_mask_equals_the_boolean_one() -> None:
+    """A decode step's additive mask (0 or -inf, ``StaticRunner.decode`` when
+    deterministic) through the soft-capped attention (Gemma-2's, which runs on any device)
+    gives what the boolean mask does."""
+    torch.manual_seed(0)
+    batch, heads, kv, dim, keys = 3, 4, 2, 8, 10
+    query = torch.randn(batch, heads, 1, dim)
+    key, value = torch.randn(batch, kv, keys, dim), torch.randn(batch, kv, keys, dim)
+    allowed = torch.arange(keys)[None, :] < torch.tensor([3, 7, 10])[:, None]
+    allowed = allowed[:, None, None, :]
+    additive = torch.full(allowed.shape, float("-inf")).masked_fill_(allowed, 0.0)
+    with_bool, _ = grouped_attention(None, query, key, value, allowed, softcap=50.0)
+    with_bias, _ = grouped_attention(None, query, key, value, additive, softcap=50.0)
+    torch.testing.assert_close(with_bias, with_bool, rtol=0, atol=0)
