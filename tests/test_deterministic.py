@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_generate import pos_answers
 
 from db import Store
 from pipeline.runners import StaticRunner, grouped_attention
@@ -36,24 +37,13 @@ def test_generate_deterministic_reaches_the_engine_and_is_the_same_job(
     """``generate --deterministic``: the engine's runner takes it; the answers equal the
     default run's (the CPU always repeats); and a rerun without the flag is the same job
     (it changes no output, as ``--compile`` does not), which finds nothing left to do."""
-    answers = {}
-    for flag in ([], ["--deterministic"]):
-        db = tmp_path / f"deterministic{len(flag)}.db"
-        command = ["--db", str(db), "generate", "paternalism", "--side", "pos"]
-        command += ["--model", str(tiny_model_dir), "--n-per-question", "1"]
-        command += ["--max-new-tokens", "6", "--device", "cpu", *flag]
-        assert main(command) == 0
-        with Store(db) as store:
-            answers[bool(flag)] = {
-                r.key: r.answer_ids for r in store.responses(trait="paternalism")
-            }
-    assert runners_made[-1] is True and False in runners_made
-    assert answers[True] == answers[False] and len(answers[True]) == 20
+    db = tmp_path / "deterministic.db"
+    plain = pos_answers(tmp_path / "plain.db", tiny_model_dir)
+    assert runners_made == [False]
+    assert pos_answers(db, tiny_model_dir, "--deterministic") == plain and len(plain) == 20
+    assert runners_made == [False, True]
     runners_made.clear()
-    db = tmp_path / "deterministic1.db"
-    command = ["--db", str(db), "generate", "paternalism", "--side", "pos"]
-    command += ["--model", str(tiny_model_dir), "--n-per-question", "1"]
-    assert main([*command, "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert pos_answers(db, tiny_model_dir) == plain  # the same job, found again
     with Store(db) as store:
         assert len(store.list_jobs()) == 1
     assert runners_made == []  # nothing left to generate: no engine made

@@ -600,6 +600,19 @@ def test_prompts_prefilled_in_length_groups_change_no_result(
             torch.testing.assert_close(result.activations[kind], value, rtol=1e-4, atol=1e-5)
 
 
+def pos_answers(db: Path, model_dir: Path, *flags: str) -> dict[tuple[int, int, int], list[int]]:
+    """``persona generate paternalism --side pos`` on the CPU, one answer of 6 tokens a
+    question (with these flags): the answers by row key."""
+    from tui.cli import main
+
+    command = ["--db", str(db), "generate", "paternalism", "--side", "pos"]
+    command += ["--model", str(model_dir), "--n-per-question", "1"]
+    command += ["--max-new-tokens", "6", "--device", "cpu", *flags]
+    assert main(command) == 0
+    with Store(db) as store:
+        return {r.key: r.answer_ids for r in store.responses(trait="paternalism")}
+
+
 @pytest.mark.skipif(
     __import__("shutil").which("g++") is None, reason="torch.compile on the CPU needs g++"
 )
@@ -609,23 +622,15 @@ def test_generate_with_compile_runs_compiled_layers_and_writes_the_same_answers(
     """``persona generate --compile``: the job's engine compiles its layers, and the answers
     and activations equal those of the plain engine (fp32 on the CPU)."""
     from pipeline.runners import StaticRunner
-    from tui.cli import main
 
     compiled: list[int] = []
     real = StaticRunner.compile_layers
     monkeypatch.setattr(
         StaticRunner, "compile_layers", lambda self: compiled.append(1) or real(self)
     )
-    answers = {}
-    for flag in ([], ["--compile"]):
-        db = tmp_path / f"compile{len(flag)}.db"
-        command = ["--db", str(db), "generate", "paternalism", "--side", "pos"]
-        command += ["--model", str(tiny_model_dir), "--n-per-question", "1"]
-        command += ["--max-new-tokens", "6", "--device", "cpu", *flag]
-        assert main(command) == 0
-        with Store(db) as store:
-            answers[bool(flag)] = {
-                r.key: r.answer_ids for r in store.responses(trait="paternalism")
-            }
+    answers = {
+        bool(flag): pos_answers(tmp_path / f"compile{len(flag)}.db", tiny_model_dir, *flag)
+        for flag in ([], ["--compile"])
+    }
     assert compiled == [1]  # the --compile run's one engine
     assert answers[True] == answers[False] and len(answers[True]) == 20
