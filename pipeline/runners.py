@@ -87,8 +87,8 @@ def grouped_attention(
         # for grouped heads with a mask (cuDNN; torch 2.11, H200) gives results that differ
         # run to run from batch 64, so a rerun gives other tokens; this kernel's forward
         # repeats bit for bit. Alone it is slower at long caches (570 against 284 us at
-        # batch 256 over 1,152 keys); a whole 8B step at batch 256 ran 7% slower, at batch
-        # 16 no slower (tests/bench/repeatability.py --attention, bench_generate.py
+        # batch 256 over 1,152 keys); a whole 8B step at batch 256 ran 7-9% slower, at
+        # batches 16 and 64 faster (tests/bench/repeatability.py --attention, bench_generate.py
         # --deterministic; README, "Repeatable runs"). A call by name depends on no
         # process-wide backend switch (engines on several GPUs step in threads).
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
