@@ -143,7 +143,10 @@ class DecodeEngine:
         )
         if deterministic and backend != "static" and self.device.type == "cuda":
             family = self.model.config.model_type
-            notice_once(f"--deterministic: {family} runs on the HF runner, with torch's attention")
+            notice_once(
+                f"--deterministic: {family} runs on the HF runner, with torch's attention: "
+                "its runs may not repeat"
+            )
         # A graph replays on one device: a model sharded over several GPUs runs eagerly.
         graphable = (
             self.device.type == "cuda"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -72,15 +72,19 @@ def grouped_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention for the static runner. ``query`` [B, H, q, D]; ``key``/``value``
     [B, KV, k, D] straight from our cache (no repeated heads); ``attention_mask`` [B, 1, q, k]:
-    bool, true where a query may look (a prefill), or additive, 0 or -inf (a decode step,
-    ``StaticRunner.decode`` when deterministic). Returns [B, q, H, D] as transformers
+    bool, true where a query may look, or additive [B, 1, 1, k], 0 or -inf (a decode
+    step of ``StaticRunner(deterministic=True)``). Returns [B, q, H, D] as transformers
     expects."""
     b, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
     additive = attention_mask.dtype != torch.bool
-    if softcap is None and additive and query.is_cuda:
+    # The memory-efficient kernel below takes one query a row, a head size and a bias row
+    # stride in multiples of 8 (its alignment); otherwise the matmuls further down, which
+    # repeat too.
+    efficient_fits = q_len == 1 and dim % 8 == 0 and k_len % 8 == 0
+    if softcap is None and additive and query.is_cuda and efficient_fits:
         # A deterministic decode step on a GPU (``StaticRunner(deterministic=True)``): each
         # key/value head's group of query heads as that head's queries (the cache read once,
         # nothing repeated), on the memory-efficient kernel, called by name. SDPA's own pick
@@ -95,12 +99,12 @@ def grouped_attention(
             query.reshape(b, kv_heads, groups * q_len, dim),
             key,
             value,
-            attention_mask.expand(b, kv_heads, groups * q_len, k_len),
+            attention_mask.to(query.dtype).expand(b, kv_heads, groups * q_len, k_len),
             False,
             scale=scale,
         )[0]
         return out.reshape(b, heads, q_len, dim).transpose(1, 2), None
-    if softcap is None:
+    if softcap is None and not (additive and query.is_cuda):
         # SDPA's fused kernels, each key/value head serving its query heads in place: on an
         # H200 2-3x faster than the matmuls below at decode, and no [B, H, S, S] float
         # score matrix in the prefill (it can be GBs).
@@ -115,11 +119,13 @@ def grouped_attention(
                 query, key, value, attn_mask=attention_mask, scale=scale
             )
         return out.transpose(1, 2), None
-    # Soft-capped scores (Gemma-2), which SDPA cannot apply: each key/value head serves its
-    # group of query heads in one matmul, so the cache is read once per step and never copied.
+    # Soft-capped scores (Gemma-2), which SDPA cannot apply, and a deterministic GPU step the
+    # kernel above does not fit: each key/value head serves its group of query heads in one
+    # matmul, so the cache is read once per step and never copied.
     grouped = query.reshape(b, kv_heads, groups * q_len, dim)
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(b, kv_heads, groups, q_len, k_len)
     if additive:
         scores = scores + attention_mask[:, :, None]
@@ -312,7 +318,7 @@ _COMPILED_CALLS = threading.Lock()
 COMPILE_VARIANTS = 64
 
 
-def _mark_dynamic_step(*tensors: Any) -> None:
+def _mark_dynamic_step(*tensors: Any, masks: Sequence[torch.Tensor] = ()) -> None:
     """Tell torch.compile that a decode step's batch (dim 0: compacted batches, other
     sessions' slots) and attended and cache lengths (a mask's last dim, a cache's dim 2: a
     new length every ``ATTENTION_ROUND`` columns, another session's cache) vary, before it
@@ -324,14 +330,15 @@ def _mark_dynamic_step(*tensors: Any) -> None:
     compiles its own."""
     import torch._dynamo
 
+    for mask in masks:  # [B, 1, 1, used], boolean or additive (``deterministic``)
+        torch._dynamo.maybe_mark_dynamic(mask, 0)
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
     for tensor in tensors:
         if isinstance(tensor, tuple):  # rotary (cos, sin)
             _mark_dynamic_step(*tensor)
             continue
         torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        if tensor.dim() == 4 and tensor.dtype == torch.bool:  # a mask [B, 1, 1, used]
-            torch._dynamo.maybe_mark_dynamic(tensor, 3)
-        elif tensor.dim() == 4:  # a layer's keys or values [B, KV, length, D]
+        if tensor.dim() == 4:  # a layer's keys or values [B, KV, length, D]
             torch._dynamo.maybe_mark_dynamic(tensor, 2)
 
 
@@ -481,7 +488,7 @@ class StaticRunner:
         compiled = call is not _call_layer
         rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
         if compiled:
-            _mark_dynamic_step(positions, cache.column, *masks.values(), *rope.values())
+            _mark_dynamic_step(positions, cache.column, *rope.values(), masks=list(masks.values()))
         with _COMPILED_CALLS if compiled else nullcontext():
             for index, layer in enumerate(self.layers):
                 mask = masks[self.windows[index]]
@@ -555,10 +562,11 @@ class StaticRunner:
                 keys = torch.arange(key_valid.shape[1], device=key_valid.device)
                 allowed = allowed & (column[:, None] - keys[None, :] < window)
             mask = allowed[:, None, None, :]
-            if mask.is_cuda and self.deterministic:
+            if self.deterministic:
                 # Additive (0 where a row may look, -inf elsewhere), once a step for every
                 # layer: the form the GPU's deterministic decode kernel takes
-                # (``grouped_attention``).
+                # (``grouped_attention``). The CPU takes it too (SDPA adds it as it would
+                # turn the boolean one into it), so the CPU suite runs this path.
                 bias = torch.full(mask.shape, float("-inf"), dtype=self.dtype, device=mask.device)
                 masks[window] = bias.masked_fill_(mask, 0.0)
             elif compiled:

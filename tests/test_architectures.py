@@ -203,8 +203,13 @@ def test_one_compiled_layer_serves_every_layer(tmp_path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
-@pytest.mark.parametrize("name", ["llama", "gemma2"])  # gemma2: windowed masks, soft-capping
-def test_one_compile_serves_every_length_batch_and_session(name: str, tmp_path, monkeypatch):
+# gemma2: windowed masks, soft-capping; deterministic: the additive decode mask
+@pytest.mark.parametrize(
+    ("name", "deterministic"), [("llama", False), ("gemma2", False), ("llama", True)]
+)
+def test_one_compile_serves_every_length_batch_and_session(
+    name: str, deterministic: bool, tmp_path, monkeypatch
+):
     """Left to itself, torch.compile compiled the layer again for each new attended length,
     each compacted batch, each session's cache and each flip of a guarded relation (seven
     compiles in one CPU run; seconds each for an 8B layer on a GPU). The step marks those
@@ -224,7 +229,7 @@ def test_one_compile_serves_every_length_batch_and_session(name: str, tmp_path, 
     requests = _requests(loaded) * 2
     torch._dynamo.reset()
     counters.clear()
-    compiled = DecodeEngine(loaded, capture=True, compiled=True)
+    compiled = DecodeEngine(loaded, capture=True, compiled=True, deterministic=deterministic)
     batches: list[int] = []
     compact = compiled._compact
     monkeypatch.setattr(

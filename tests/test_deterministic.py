@@ -49,11 +49,10 @@ def test_generate_deterministic_reaches_the_engine_and_is_the_same_job(
     assert runners_made == []  # nothing left to generate: no engine made
 
 
-def test_run_and_sweep_pass_deterministic_on(
+def test_run_passes_deterministic_on(
     db_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``run --deterministic`` plans its generation jobs with it; ``sweep --deterministic``
-    records it (its decode takes it: ``pipeline.sweep``)."""
+    """``run --deterministic`` plans its generation jobs with it."""
     import pipeline.run as run_module
 
     planned = []
@@ -72,12 +71,28 @@ def test_run_and_sweep_pass_deterministic_on(
         main(command)
     assert planned and planned[0].deterministic is True
 
+
+def test_a_deterministic_sweep_decodes_with_it_and_stores_the_plain_answers(
+    extracted_db: Path, tiny_model_dir: Path, tmp_path: Path, runners_made: list[bool]
+) -> None:
+    """``sweep --deterministic``: every setting's engine takes it, and the steered answers
+    are those of the plain sweep (the CPU repeats either way), which is the same job."""
+    from test_use import _sweep_answers
+    from tui_helpers import copy_db
+
     from pipeline.sweep import SweepParams
 
-    assert SweepParams(layers=(2,), coefs=(1.0,)).deterministic is False  # opt-in
-    params = SweepParams(layers=(2,), coefs=(1.0,), deterministic=True)
-    plain = SweepParams(layers=(2,), coefs=(1.0,))
-    assert params.identity() == plain.identity()
+    plain = _sweep_answers(copy_db(extracted_db, tmp_path / "plain.db"), tiny_model_dir, (4.0,))
+    assert runners_made and not any(runners_made)
+    runners_made.clear()
+    db = copy_db(extracted_db, tmp_path / "deterministic.db")
+    assert _sweep_answers(db, tiny_model_dir, (4.0,), deterministic=True) == plain
+    assert len(runners_made) == 2 and all(runners_made)  # unsteered and +4, each with it
+    settings = dict(layers=(2,), coefs=(4.0,))
+    assert SweepParams(**settings).deterministic is False  # opt-in
+    assert (
+        SweepParams(**settings, deterministic=True).identity() == SweepParams(**settings).identity()
+    )
 
 
 def test_the_additive_decode_mask_equals_the_boolean_one() -> None:

@@ -371,11 +371,15 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
         torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])
 
 
-def test_the_compiled_step_across_attended_lengths(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_compiled_step_across_attended_lengths(
+    tmp_path: Path, monkeypatch, deterministic: bool
+) -> None:
     """The opt-in compiled step (each layer compiled) under CUDA graphs while the attended
     length grows (a new length recompiles: outside any capture, else the
     capture is invalidated) equals the plain graphed step, with steering, capture and a
-    watch on (fp32, tiny Llama); one compile serves every length."""
+    watch on (fp32, tiny Llama); one compile serves every length, with the default attention
+    and with ``--deterministic``'s."""
     from torch._dynamo.utils import counters
 
     import pipeline.engine as engine_module
@@ -402,7 +406,7 @@ def test_the_compiled_step_across_attended_lengths(tmp_path: Path, monkeypatch) 
     plain = DecodeEngine(loaded, capture=True).run(requests, sampling, steering=specs, watch=watch)
     torch._dynamo.reset()
     counters.clear()
-    compiled = DecodeEngine(loaded, capture=True, compiled=True).run(
+    compiled = DecodeEngine(loaded, capture=True, compiled=True, deterministic=deterministic).run(
         requests, sampling, steering=specs, watch=watch
     )
     assert len(lengths) >= 3  # the step attended over several lengths
