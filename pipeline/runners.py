@@ -80,11 +80,13 @@ def grouped_attention(
     groups = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
     additive = attention_mask.dtype != torch.bool
+    # A deterministic step on a GPU: never SDPA's own pick (below).
+    repeatable_gpu = additive and query.is_cuda
     # The memory-efficient kernel below takes one query a row, a head size and a bias row
     # stride in multiples of 8 (its alignment); otherwise the matmuls further down, which
     # repeat too.
     efficient_fits = q_len == 1 and dim % 8 == 0 and k_len % 8 == 0
-    if softcap is None and additive and query.is_cuda and efficient_fits:
+    if softcap is None and repeatable_gpu and efficient_fits:
         # A deterministic decode step on a GPU (``StaticRunner(deterministic=True)``): each
         # key/value head's group of query heads as that head's queries (the cache read once,
         # nothing repeated), on the memory-efficient kernel, called by name. SDPA's own pick
@@ -104,7 +106,7 @@ def grouped_attention(
             scale=scale,
         )[0]
         return out.reshape(b, heads, q_len, dim).transpose(1, 2), None
-    if softcap is None and not (additive and query.is_cuda):
+    if softcap is None and not repeatable_gpu:
         # SDPA's fused kernels, each key/value head serving its query heads in place: on an
         # H200 2-3x faster than the matmuls below at decode, and no [B, H, S, S] float
         # score matrix in the prefill (it can be GBs).
@@ -377,11 +379,10 @@ class StaticRunner:
             or config.hidden_size // self.num_heads
         )
         embed = self.core.embed_tokens
-        self.dtype = embed.weight.dtype  # the model's: the decode step's additive mask's
+        self.dtype = embed.weight.dtype  # the model's: the cache's and the additive mask's
         self.embed_scale: float | None = None
         if config.model_type in _SCALED_EMBEDDING_FAMILIES and not hasattr(embed, "embed_scale"):
-            dtype = embed.weight.dtype
-            self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=dtype))
+            self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=self.dtype))
         self.windows = _layer_windows(model, self.layers)
         self.layer_types = _layer_types(config, self.num_layers)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
@@ -448,7 +449,6 @@ class StaticRunner:
         return indices == list(range(len(layers)))
 
     def allocate(self, batch: int, length: int) -> None:
-        weight = self.core.embed_tokens.weight
         # One column more than a step attends over: the attended columns are always a strict
         # slice, so a compiled layer never holds "all of the cache" as a guard.
         shape = (batch, self.num_kv, length + 1, self.head_dim)
@@ -457,8 +457,8 @@ class StaticRunner:
         self.release()  # free the old cache before taking the new one
         for layer in self.layers:
             device = next(layer.parameters()).device  # layers may sit on several GPUs
-            self.cache.keys.append(torch.zeros(shape, dtype=weight.dtype, device=device))
-            self.cache.values.append(torch.zeros(shape, dtype=weight.dtype, device=device))
+            self.cache.keys.append(torch.zeros(shape, dtype=self.dtype, device=device))
+            self.cache.values.append(torch.zeros(shape, dtype=self.dtype, device=device))
 
     def release(self) -> None:
         self.cache.keys = []

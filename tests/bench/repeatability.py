@@ -21,8 +21,8 @@ sampler.
 ``--where`` (one process): each piece of the forward alone, ten times on the same input,
 HF's own forward, and the engine greedy with and without CUDA graphs, with
 ``--deterministic`` and under torch's deterministic algorithms, with where the rows first
-differ. ``--attention``: decode
-attention alone on each SDPA backend (repeats and speed).
+differ. ``--attention``: decode attention alone, on each SDPA backend and the other ways
+tried (repeats, speed, and error against float32 math).
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ SAMPLER_CHECKS = (
 )
 
 
+def _calls_differing(make: Any) -> int:
+    """Of nine more calls of ``make``, how many return other than its first call did."""
+    import torch
+
+    first = make()
+    return sum(not torch.equal(make(), first) for _ in range(9))
+
+
 def _sampler_repeats(vocab: int, batch: int) -> dict[str, int]:
     """Calls of ten that differ from the first: the sampler, and ``cumsum``, on the GPU."""
     import torch
@@ -60,19 +68,16 @@ def _sampler_repeats(vocab: int, batch: int) -> dict[str, int]:
     step = torch.tensor(3, device="cuda")
     probs = torch.softmax(logits.float(), dim=-1)
     one = probs[:1].contiguous()
-
-    def differing(make) -> int:
-        first = make()
-        return sum(not torch.equal(make(), first) for _ in range(9))
-
     return {
-        "sampler": differing(lambda: sample_next(logits, seeds, step, 1.0, 1.0)),
-        "cumsum": differing(lambda: probs.cumsum(dim=-1)),
+        "sampler": _calls_differing(lambda: sample_next(logits, seeds, step, 1.0, 1.0)),
+        "cumsum": _calls_differing(lambda: probs.cumsum(dim=-1)),
         # One row is a cub scan in torch (ScanUtils.cuh), documented nondeterministic; two
         # or more take a fixed-tree kernel a row.
-        "sampler, one row": differing(lambda: sample_next(logits[:1], seeds[:1], step, 1.0, 1.0)),
-        "cumsum, one row": differing(lambda: one.cumsum(dim=-1)),
-        "cumsum, one row as two": differing(lambda: one.expand(2, -1).cumsum(dim=-1)[:1]),
+        "sampler, one row": _calls_differing(
+            lambda: sample_next(logits[:1], seeds[:1], step, 1.0, 1.0)
+        ),
+        "cumsum, one row": _calls_differing(lambda: one.cumsum(dim=-1)),
+        "cumsum, one row as two": _calls_differing(lambda: one.expand(2, -1).cumsum(dim=-1)[:1]),
     }
 
 
@@ -167,8 +172,7 @@ def _where_child(args: tuple, results: Any) -> None:
 
     def repeats(name: str, make) -> None:
         with torch.inference_mode():
-            first = make()
-            report[name] = f"{sum(not torch.equal(make(), first) for _ in range(9))} of 9 differ"
+            report[name] = f"{_calls_differing(make)} of 9 differ"
 
     dim, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     head_dim = dim // heads
@@ -310,9 +314,8 @@ def _attention_child(args: tuple, results: Any) -> None:
             context = sdpa_kernel([backend]) if backend else nullcontext()
             try:
                 with context, torch.inference_mode():
-                    first = call()
-                    differ = sum(not torch.equal(call(), first) for _ in range(9))
-                    error = float((first.float() - reference).abs().max())
+                    differ = _calls_differing(call)
+                    error = float((call().float() - reference).abs().max())
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     for _ in range(50):
