@@ -482,9 +482,7 @@ class DecodeEngine:
     def _make_step(self, state: _State, sampling: SamplingConfig) -> Callable[[int], None]:
         step_fn = self._step_fn(state, sampling)
         if self.cuda_graphs:
-            step_fn = self._graphed(
-                step_fn, min(2, sampling.max_new_tokens), eager_first=self.compiled
-            )
+            step_fn = self._graphed(step_fn, min(2, sampling.max_new_tokens))
         return step_fn
 
     def _step_fn(self, state: _State, sampling: SamplingConfig) -> Callable[[int], None]:
@@ -565,23 +563,30 @@ class DecodeEngine:
 
         return step
 
-    def _graphed(
-        self, step_fn: Callable[[int], None], warmup: int, eager_first: bool = False
-    ) -> Callable[[int], None]:
+    def _graphed(self, step_fn: Callable[[int], None], warmup: int) -> Callable[[int], None]:
         """The step as CUDA graphs, one per attended length: the first ``warmup`` calls run
-        eagerly on a side stream (real steps, which also warm the allocator), then each new
-        length is captured once and replayed after. Capture records without running, so the
-        capturing call replays too. The graphs share one memory pool: only their scratch
-        lives there (every result goes to the state), and they never run at once.
-        ``eager_first`` (the compiled step): a new length's first call also runs eagerly, so
-        torch.compile recompiles for its shape outside a capture (its autotuning synchronises,
-        which would invalidate the capture)."""
+        eagerly on a side stream (real steps, which also warm the allocator and compile a
+        compiled step's layer), then each new length is captured once and replayed after.
+        Capture records without running, so the capturing call replays too. The graphs share
+        one memory pool: only their scratch lives there (every result goes to the state), and
+        they never run at once."""
         calls = 0
-        seen: set[int] = set()  # lengths run eagerly once (eager_first)
         device = self.device
         stream = torch.cuda.Stream(device=device)
         graphs: dict[int, Any] = {}  # kept alive with this step function, freed with it
         pool = torch.cuda.graph_pool_handle()
+        # A compiled step refuses to recompile inside a capture (``runners._compiled_calls``).
+        needs_compile: tuple[type[Exception], ...] = ()
+        if self.compiled:
+            from torch._dynamo.exc import RecompileError
+
+            needs_compile = (RecompileError,)
+
+        def eagerly(used: int) -> None:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step_fn(used)
+            torch.cuda.current_stream().wait_stream(stream)
 
         def graphed(used: int) -> None:
             nonlocal calls
@@ -589,27 +594,30 @@ class DecodeEngine:
             # Capture records the current device's stream: the model's device must be current
             # (a worker whose model sits on cuda:1 still starts with cuda:0 current).
             with torch.cuda.device(device):
-                fresh = eager_first and used not in seen
-                seen.add(used)
-                if calls <= warmup or fresh:
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        step_fn(used)
-                    torch.cuda.current_stream().wait_stream(stream)
+                if calls <= warmup:
+                    eagerly(used)
                     return
                 if used not in graphs:
                     graph = torch.cuda.CUDAGraph()
-                    # The step's own side stream, on its device: torch.cuda.graph's default
-                    # is one stream for the whole process, made on whichever GPU captured
-                    # first. thread_local: an engine on another GPU, in another thread, may
-                    # sync or allocate while this one captures.
-                    with (
-                        _CAPTURE_LOCK,
-                        torch.cuda.graph(
-                            graph, pool=pool, stream=stream, capture_error_mode="thread_local"
-                        ),
-                    ):
-                        step_fn(used)
+                    try:
+                        # The step's own side stream, on its device: torch.cuda.graph's
+                        # default is one stream for the whole process, made on whichever GPU
+                        # captured first. thread_local: an engine on another GPU, in another
+                        # thread, may sync or allocate while this one captures.
+                        with (
+                            _CAPTURE_LOCK,
+                            torch.cuda.graph(
+                                graph, pool=pool, stream=stream, capture_error_mode="thread_local"
+                            ),
+                        ):
+                            step_fn(used)
+                    except needs_compile:
+                        # This length needs a compile of its own. The capture only recorded:
+                        # the step runs now, eagerly (compiling), and its next call captures.
+                        # Before, every new length's first call ran eagerly, about 30 ms each
+                        # for an 8B step on an H200, where one compile serves every length.
+                        eagerly(used)
+                        return
                     graphs[used] = graph
                 graphs[used].replay()
 

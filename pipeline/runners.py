@@ -21,6 +21,7 @@ on with what it returns.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -51,6 +52,8 @@ TESTED_FAMILIES = (
     "olmo2",
 )
 ATTENTION_NAME = "persona_grouped"
+# The same, its GPU decode steps on kernels that repeat run to run (``--deterministic``).
+REPEATABLE_ATTENTION_NAME = "persona_grouped_repeatable"
 # Older Gemma code scales the embeddings in the model's forward, not in the embedding module.
 _SCALED_EMBEDDING_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 
@@ -68,35 +71,37 @@ def grouped_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     softcap: float | None = None,
+    *,
+    repeatable: bool = False,
     **_kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention for the static runner. ``query`` [B, H, q, D]; ``key``/``value``
-    [B, KV, k, D] straight from our cache (no repeated heads); ``attention_mask`` [B, 1, q, k]:
-    bool, true where a query may look, or additive [B, 1, 1, k], 0 or -inf (a decode
-    step of ``StaticRunner(deterministic=True)``). Returns [B, q, H, D] as transformers
-    expects."""
+    [B, KV, k, D] straight from our cache (no repeated heads); ``attention_mask``: a
+    prefill's [B, 1, q, k] bool, true where a query may look, or a decode step's additive
+    [B, 1, 1, k], 0 or -inf. ``repeatable`` (registered as ``REPEATABLE_ATTENTION_NAME``,
+    ``StaticRunner(deterministic=True)``): a GPU decode step on kernels whose results repeat
+    run to run. Returns [B, q, H, D] as transformers expects."""
     b, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
     additive = attention_mask.dtype != torch.bool
-    # A deterministic step on a GPU: never SDPA's own pick (below).
-    repeatable_gpu = additive and query.is_cuda
-    # The memory-efficient kernel below takes one query a row, a head size and a bias row
-    # stride in multiples of 8 (its alignment); otherwise the matmuls further down, which
-    # repeat too.
-    efficient_fits = q_len == 1 and dim % 8 == 0 and k_len % 8 == 0
+    # A deterministic decode step on a GPU: never SDPA's own pick (below). A prefill keeps
+    # SDPA, whose prefill kernels repeat (tests/bench/repeatability.py --where).
+    repeatable_gpu = repeatable and query.is_cuda and q_len == 1
+    # The memory-efficient kernel below takes a head size and a bias row stride in multiples
+    # of 8 (its alignment); otherwise the matmuls further down, which repeat too.
+    efficient_fits = additive and dim % 8 == 0 and k_len % 8 == 0
     if softcap is None and repeatable_gpu and efficient_fits:
-        # A deterministic decode step on a GPU (``StaticRunner(deterministic=True)``): each
-        # key/value head's group of query heads as that head's queries (the cache read once,
-        # nothing repeated), on the memory-efficient kernel, called by name. SDPA's own pick
-        # for grouped heads with a mask (cuDNN; torch 2.11, H200) gives results that differ
-        # run to run from batch 64, so a rerun gives other tokens; this kernel's forward
-        # repeats bit for bit. Alone it is slower at long caches (570 against 284 us at
-        # batch 256 over 1,152 keys); a whole 8B step at batch 256 ran 7-9% slower, at
-        # batches 16 and 64 faster (tests/bench/repeatability.py --attention, bench_generate.py
-        # --deterministic; README, "Repeatable runs"). A call by name depends on no
-        # process-wide backend switch (engines on several GPUs step in threads).
+        # Each key/value head's group of query heads as that head's queries (the cache read
+        # once, nothing repeated), on the memory-efficient kernel, called by name. SDPA's own
+        # pick for grouped heads with a mask (cuDNN; torch 2.11, H200) gives results that
+        # differ run to run from batch 64, so a rerun gives other tokens; this kernel's
+        # forward repeats bit for bit. Alone it is slower at long caches (570 against 284 us
+        # at batch 256 over 1,152 keys); a whole 8B step at batch 256 ran 7-9% slower
+        # (tests/bench/repeatability.py --attention, bench_generate.py --deterministic;
+        # README, "Repeatable runs"). A call by name depends on no process-wide backend
+        # switch (engines on several GPUs step in threads).
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
             query.reshape(b, kv_heads, groups * q_len, dim),
             key,
@@ -147,6 +152,9 @@ def _register_attention() -> None:
         from transformers import AttentionInterface
 
         AttentionInterface.register(ATTENTION_NAME, grouped_attention)
+        AttentionInterface.register(
+            REPEATABLE_ATTENTION_NAME, functools.partial(grouped_attention, repeatable=True)
+        )
         _registered = True
 
 
@@ -204,14 +212,17 @@ def _forwards_installed(forwards: list[tuple[Any, Callable]]) -> Iterator[None]:
 
 # Per model config: (runners inside ``_attention_switched``, the implementation to restore).
 # Two runners may overlap on one model (the dashboard's monitor starts a new decode while the
-# one it replaces finishes its step): the switch ends when the last of them leaves.
+# one it replaces finishes its step): the switch ends when the last of them leaves, and the
+# attention the first switched in serves both (the monitor's runners are never
+# ``deterministic``; either attention computes the same values).
 _SWITCHED: dict[int, tuple[int, Any]] = {}
 _SWITCH_LOCK = threading.Lock()
 
 
 @contextmanager
-def _attention_switched(config: Any) -> Iterator[None]:
-    """The layers read ``config._attn_implementation`` when they run: ours, only meanwhile."""
+def _attention_switched(config: Any, name: str) -> Iterator[None]:
+    """The layers read ``config._attn_implementation`` when they run: ours (registered as
+    ``name``), only meanwhile."""
     field = "_attn_implementation_internal"
     if not hasattr(config, field):
         field = "_attn_implementation"
@@ -219,7 +230,7 @@ def _attention_switched(config: Any) -> Iterator[None]:
         inside, saved = _SWITCHED.get(id(config), (0, None))
         if not inside:
             saved = getattr(config, field)
-            setattr(config, field, ATTENTION_NAME)
+            setattr(config, field, name)
         _SWITCHED[id(config)] = (inside + 1, saved)
     try:
         yield
@@ -315,6 +326,32 @@ def _call_layer(
 # no Python.
 _COMPILED_CALLS = threading.Lock()
 
+
+def _capturing() -> bool:
+    """This thread's current CUDA stream is being captured into a graph (current streams are
+    per thread: another thread's capture does not count)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@contextmanager
+def _compiled_calls() -> Iterator[None]:
+    """``_COMPILED_CALLS`` held; inside a CUDA graph capture, also no recompiling: the
+    compiler's autotuning synchronises, which invalidates the capture
+    (cudaErrorStreamCaptureInvalidated, H200). A call that would recompile (a guard the
+    dynamic marks do not cover) raises ``torch._dynamo.exc.RecompileError`` before anything
+    runs, and the engine runs that step eagerly (``DecodeEngine._graphed``). The setting is
+    process-wide: set only while this lock keeps every other compiled call out. (A first
+    compile is never inside a capture: an engine's first steps run eagerly.)"""
+    with _COMPILED_CALLS:
+        if _capturing():
+            from torch._dynamo import config as dynamo_config
+
+            with dynamo_config.patch(error_on_recompile=True):
+                yield
+        else:
+            yield
+
+
 # Variants kept per compiled code object (layer classes, batch shapes, models): past this,
 # torch.compile would silently fall back to the uncompiled code.
 COMPILE_VARIANTS = 64
@@ -332,7 +369,7 @@ def _mark_dynamic_step(*tensors: Any, masks: Sequence[torch.Tensor] = ()) -> Non
     compiles its own."""
     import torch._dynamo
 
-    for mask in masks:  # [B, 1, 1, used], boolean or additive (``deterministic``)
+    for mask in masks:  # [B, 1, 1, used], additive
         torch._dynamo.maybe_mark_dynamic(mask, 0)
         torch._dynamo.maybe_mark_dynamic(mask, 3)
     for tensor in tensors:
@@ -365,6 +402,7 @@ class StaticRunner:
         _register_attention()
         self.model = model
         self.deterministic = deterministic
+        self.attention_name = REPEATABLE_ATTENTION_NAME if deterministic else ATTENTION_NAME
         config = model.config
         self.config = config
         self.core = model.model
@@ -417,7 +455,7 @@ class StaticRunner:
             return
         groups = [group for group in self._groups if group.intact()]
         projections = [pair for group in groups for pair in group.forwards()]
-        switched = _attention_switched(self.config)
+        switched = _attention_switched(self.config, self.attention_name)
         with switched, _forwards_installed(self._norms + projections):
             self._attention_on = True
             try:
@@ -489,7 +527,7 @@ class StaticRunner:
         rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
         if compiled:
             _mark_dynamic_step(positions, cache.column, *rope.values(), masks=list(masks.values()))
-        with _COMPILED_CALLS if compiled else nullcontext():
+        with _compiled_calls() if compiled else nullcontext():
             for index, layer in enumerate(self.layers):
                 mask = masks[self.windows[index]]
                 if decoding:
@@ -554,30 +592,25 @@ class StaticRunner:
         if not self._attention_on:  # entered once for the layers and the final norm
             with self.attention():
                 return self.decode(tokens, positions, column, key_valid, hook)
-        compiled = self._layer_call is not _call_layer
         masks = {}
         for window in set(self.windows):
             allowed = key_valid
             if window is not None:
                 keys = torch.arange(key_valid.shape[1], device=key_valid.device)
                 allowed = allowed & (column[:, None] - keys[None, :] < window)
-            mask = allowed[:, None, None, :]
-            if self.deterministic:
-                # Additive (0 where a row may look, -inf elsewhere), once a step for every
-                # layer: the form the GPU's deterministic decode kernel takes
-                # (``grouped_attention``). The CPU takes it too (SDPA adds it as it would
-                # turn the boolean one into it), so the CPU suite runs this path.
-                bias = torch.full(mask.shape, float("-inf"), dtype=self.dtype, device=mask.device)
-                masks[window] = bias.masked_fill_(mask, 0.0)
-            elif compiled:
-                # A copy with a row stride of its own width: a slice of the state's wider mask
-                # would make whether ``used`` is the state's whole length a guard of the
-                # compiled layer (a recompile when it flips). Not ``.contiguous()``: a batch of
-                # one's slice already counts as contiguous and keeps the state's stride. (The
-                # additive mask above is a tensor of its own already.)
-                masks[window] = mask.clone(memory_format=torch.contiguous_format)
-            else:
-                masks[window] = mask
+            # Additive (0 where a row may look, -inf elsewhere), built once a step for every
+            # layer: a boolean mask SDPA turns into this in each layer (an H200 step at batch
+            # 16 ran 2% faster compiled, 6% plain), and the form the deterministic kernel
+            # takes (``grouped_attention``). A tensor of its own, with its own row stride: a
+            # slice of the state's wider mask would make whether ``used`` is the state's
+            # whole length a guard of a compiled layer (a recompile when it flips).
+            bias = torch.full(
+                (allowed.shape[0], 1, 1, allowed.shape[1]),
+                float("-inf"),
+                dtype=self.dtype,
+                device=allowed.device,
+            )
+            masks[window] = bias.masked_fill_(allowed[:, None, None, :], 0.0)
         self.cache.column = column
         h = hook(0, self._embed(tokens[:, None]))
         h = self._layers(h, positions[:, None], masks, hook)

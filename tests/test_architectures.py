@@ -256,6 +256,34 @@ def test_one_compile_serves_every_length_batch_and_session(
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
+def test_a_compiled_step_never_compiles_inside_a_capture(tmp_path, monkeypatch) -> None:
+    """Compiling inside a CUDA graph capture invalidates it (the compiler's autotuning
+    synchronises). During a capture, a compiled layer that needs another compile raises
+    ``RecompileError`` before it runs anything (the engine then runs that step eagerly and
+    captures its next call: tests/gpu), one that needs none runs, and the setting ends with
+    the step."""
+    from torch._dynamo import config as dynamo_config
+    from torch._dynamo.exc import RecompileError
+
+    import pipeline.runners as runners_module
+
+    loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")))
+    torch._dynamo.reset()
+    engine = DecodeEngine(loaded, capture=True, compiled=True)
+    sampling = SamplingConfig(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    pair, single = _requests(loaded)[:2], _requests(loaded)[:1]
+    reference = engine.run(pair, sampling)  # compiles for every batch of two rows or more
+    monkeypatch.setattr(runners_module, "_capturing", lambda: True)
+    again = engine.run(pair, sampling)
+    assert [r.answer_ids for r in again] == [r.answer_ids for r in reference]
+    with pytest.raises(RecompileError):
+        engine.run(single, sampling)  # a batch of one is a compile of its own
+    assert dynamo_config.error_on_recompile is False
+    monkeypatch.setattr(runners_module, "_capturing", lambda: False)
+    assert len(engine.run(single, sampling)[0].answer_ids) == 4  # outside a capture: compiles
+
+
 def test_layers_indexed_out_of_place_do_not_take_the_static_runner(tmp_path) -> None:
     """The prefill finds a layer's cache by its attention's ``layer_idx``, a decode step by
     the layer's place: a model where they differ must not run on the static runner."""

@@ -95,10 +95,11 @@ def test_a_deterministic_sweep_decodes_with_it_and_stores_the_plain_answers(
     )
 
 
-def test_the_additive_decode_mask_equals_the_boolean_one() -> None:
-    """A decode step's additive mask (0 or -inf, ``StaticRunner.decode`` when
-    deterministic) through the soft-capped attention (Gemma-2's, which runs on any device)
-    gives what the boolean mask does."""
+@pytest.mark.parametrize("softcap", [None, 50.0], ids=["sdpa", "soft-capped"])
+def test_the_additive_decode_mask_equals_the_boolean_one(softcap: float | None) -> None:
+    """A decode step's additive mask (0 or -inf, built once a step by
+    ``StaticRunner.decode``) gives what the boolean mask does, through SDPA and through the
+    soft-capped attention (Gemma-2's)."""
     torch.manual_seed(0)
     batch, heads, kv, dim, keys = 3, 4, 2, 8, 10
     query = torch.randn(batch, heads, 1, dim)
@@ -106,6 +107,24 @@ def test_the_additive_decode_mask_equals_the_boolean_one() -> None:
     allowed = torch.arange(keys)[None, :] < torch.tensor([3, 7, 10])[:, None]
     allowed = allowed[:, None, None, :]
     additive = torch.full(allowed.shape, float("-inf")).masked_fill_(allowed, 0.0)
-    with_bool, _ = grouped_attention(None, query, key, value, allowed, softcap=50.0)
-    with_bias, _ = grouped_attention(None, query, key, value, additive, softcap=50.0)
+    with_bool, _ = grouped_attention(None, query, key, value, allowed, softcap=softcap)
+    with_bias, _ = grouped_attention(None, query, key, value, additive, softcap=softcap)
     torch.testing.assert_close(with_bias, with_bool, rtol=0, atol=0)
+
+
+def test_a_deterministic_runner_switches_in_the_repeatable_attention(tiny_model_dir: Path) -> None:
+    """The layers find their attention by the name in the model's config: a deterministic
+    runner's is registered with ``repeatable`` on, the default runner's without."""
+    from transformers import AttentionInterface
+
+    from pipeline.models import load_model
+    from pipeline.runners import ATTENTION_NAME, REPEATABLE_ATTENTION_NAME
+
+    model = load_model(str(tiny_model_dir)).model
+    functions = AttentionInterface()
+    for deterministic, name in ((False, ATTENTION_NAME), (True, REPEATABLE_ATTENTION_NAME)):
+        runner = StaticRunner(model, deterministic=deterministic)
+        with runner.attention():
+            assert model.config._attn_implementation == name
+        attention = functions[name]
+        assert getattr(attention, "keywords", {}).get("repeatable", False) is deterministic

@@ -5,6 +5,7 @@ idle time the graph does not remove).
 
     python tests/bench/profile_step.py [--batches 16,64,256] [--new 64] [--prompt 100,200]
         [--arch llama]   (a family's 7-12B shape, as ``bench_generate.py --arch``)
+        [--compiled]     (the compiled step's kernels: ``--compile``)
 """
 
 from __future__ import annotations
@@ -57,13 +58,18 @@ def main() -> None:
     parser.add_argument("--prompt", default="100,200")
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--arch", default="llama")
+    parser.add_argument("--compiled", action="store_true", help="the compiled step")
     args = parser.parse_args()
     low, high = (int(x) for x in args.prompt.split(","))
     loaded = build_arch_model(args.arch)
     vocab = loaded.model.config.vocab_size
-    print(f"card: {card()}; {args.arch} shape, bf16; prompts {low}-{high}; {args.new} new tokens")
-    eager = DecodeEngine(loaded, capture=True, cuda_graphs=False)
-    graphed = DecodeEngine(loaded, capture=True, cuda_graphs=True)
+    step = "compiled" if args.compiled else "plain"
+    print(
+        f"card: {card()}; {args.arch} shape, bf16, {step} step; prompts {low}-{high}; "
+        f"{args.new} new tokens"
+    )
+    eager = DecodeEngine(loaded, capture=True, cuda_graphs=False, compiled=args.compiled)
+    graphed = DecodeEngine(loaded, capture=True, cuda_graphs=True, compiled=args.compiled)
     sampling = SamplingConfig(max_new_tokens=args.new, temperature=1.0, ignore_eos=True)
     short = SamplingConfig(max_new_tokens=16, temperature=1.0, ignore_eos=True)
     for batch in [int(b) for b in args.batches.split(",")]:

@@ -371,19 +371,27 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
         torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize(
+    "deterministic, marked",
+    [(False, True), (True, True), (False, False)],
+    ids=["default", "deterministic", "recompiling"],
+)
 def test_the_compiled_step_across_attended_lengths(
-    tmp_path: Path, monkeypatch, deterministic: bool
+    tmp_path: Path, monkeypatch, deterministic: bool, marked: bool
 ) -> None:
     """The opt-in compiled step (each layer compiled) under CUDA graphs while the attended
-    length grows (a new length recompiles: outside any capture, else the
-    capture is invalidated) equals the plain graphed step, with steering, capture and a
-    watch on (fp32, tiny Llama); one compile serves every length, with the default attention
-    and with ``--deterministic``'s."""
+    length grows equals the plain graphed step, with steering, capture and a watch on
+    (fp32, tiny Llama); one compile serves every length, with the default attention and
+    with ``--deterministic``'s. ``recompiling``: without the dynamic marks a new length
+    needs a compile of its own, which must happen outside any capture (a compile inside
+    one invalidates it): the capture refuses it and that step runs eagerly."""
     from torch._dynamo.utils import counters
 
     import pipeline.engine as engine_module
+    import pipeline.runners as runners_module
 
+    if not marked:
+        monkeypatch.setattr(runners_module, "_mark_dynamic_step", lambda *a, **k: None)
     monkeypatch.setattr(engine_module, "ATTENTION_ROUND", 32)
     loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")), dtype="float32")
     requests = [
@@ -410,7 +418,10 @@ def test_the_compiled_step_across_attended_lengths(
         requests, sampling, steering=specs, watch=watch
     )
     assert len(lengths) >= 3  # the step attended over several lengths
-    assert counters["stats"]["unique_graphs"] == 1  # one compile served every length
+    if marked:
+        assert counters["stats"]["unique_graphs"] == 1  # one compile served every length
+    else:
+        assert counters["stats"]["unique_graphs"] >= 2  # a length compiled, not in a capture
     for p, c in zip(plain, compiled, strict=True):
         assert p.answer_ids == c.answer_ids
         tol = {"rtol": 1e-4, "atol": 1e-4}
