@@ -86,12 +86,15 @@ def grouped_attention(
     groups = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
     additive = attention_mask.dtype != torch.bool
-    # A deterministic decode step on a GPU: never SDPA's own pick (below). A prefill keeps
-    # SDPA, whose prefill kernels repeat (tests/bench/repeatability.py --where).
-    repeatable_gpu = repeatable and query.is_cuda and q_len == 1
+    if additive:  # the model's dtype: SDPA wants the query's (a no-op where they agree)
+        attention_mask = attention_mask.to(query.dtype)
+    # A deterministic decode step (its mask is the additive one) on a GPU: never SDPA's own
+    # pick (below). A prefill keeps SDPA, whose prefill kernels repeat
+    # (tests/bench/repeatability.py --where).
+    repeatable_gpu = repeatable and additive and query.is_cuda
     # The memory-efficient kernel below takes a head size and a bias row stride in multiples
     # of 8 (its alignment); otherwise the matmuls further down, which repeat too.
-    efficient_fits = additive and dim % 8 == 0 and k_len % 8 == 0
+    efficient_fits = dim % 8 == 0 and k_len % 8 == 0
     if softcap is None and repeatable_gpu and efficient_fits:
         # Each key/value head's group of query heads as that head's queries (the cache read
         # once, nothing repeated), on the memory-efficient kernel, called by name. SDPA's own
@@ -106,7 +109,7 @@ def grouped_attention(
             query.reshape(b, kv_heads, groups * q_len, dim),
             key,
             value,
-            attention_mask.to(query.dtype).expand(b, kv_heads, groups * q_len, k_len),
+            attention_mask.expand(b, kv_heads, groups * q_len, k_len),
             False,
             scale=scale,
         )[0]
@@ -212,9 +215,9 @@ def _forwards_installed(forwards: list[tuple[Any, Callable]]) -> Iterator[None]:
 
 # Per model config: (runners inside ``_attention_switched``, the implementation to restore).
 # Two runners may overlap on one model (the dashboard's monitor starts a new decode while the
-# one it replaces finishes its step): the switch ends when the last of them leaves, and the
-# attention the first switched in serves both (the monitor's runners are never
-# ``deterministic``; either attention computes the same values).
+# one it replaces finishes its step): the switch ends when the last of them leaves. While
+# they overlap the repeatable attention serves both if either asked for it: a deterministic
+# runner never loses it, and a default one only runs slower meanwhile (the same formula).
 _SWITCHED: dict[int, tuple[int, Any]] = {}
 _SWITCH_LOCK = threading.Lock()
 
@@ -230,6 +233,7 @@ def _attention_switched(config: Any, name: str) -> Iterator[None]:
         inside, saved = _SWITCHED.get(id(config), (0, None))
         if not inside:
             saved = getattr(config, field)
+        if not inside or name == REPEATABLE_ATTENTION_NAME:
             setattr(config, field, name)
         _SWITCHED[id(config)] = (inside + 1, saved)
     try:

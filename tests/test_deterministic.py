@@ -99,14 +99,16 @@ def test_a_deterministic_sweep_decodes_with_it_and_stores_the_plain_answers(
 def test_the_additive_decode_mask_equals_the_boolean_one(softcap: float | None) -> None:
     """A decode step's additive mask (0 or -inf, built once a step by
     ``StaticRunner.decode``) gives what the boolean mask does, through SDPA and through the
-    soft-capped attention (Gemma-2's)."""
+    soft-capped attention (Gemma-2's), whatever its dtype."""
     torch.manual_seed(0)
     batch, heads, kv, dim, keys = 3, 4, 2, 8, 10
     query = torch.randn(batch, heads, 1, dim)
     key, value = torch.randn(batch, kv, keys, dim), torch.randn(batch, kv, keys, dim)
     allowed = torch.arange(keys)[None, :] < torch.tensor([3, 7, 10])[:, None]
     allowed = allowed[:, None, None, :]
-    additive = torch.full(allowed.shape, float("-inf")).masked_fill_(allowed, 0.0)
+    # In another dtype than the query's (the runner builds it in the embedding's): cast.
+    additive = torch.full(allowed.shape, float("-inf"), dtype=torch.bfloat16)
+    additive.masked_fill_(allowed, 0.0)
     with_bool, _ = grouped_attention(None, query, key, value, allowed, softcap=softcap)
     with_bias, _ = grouped_attention(None, query, key, value, additive, softcap=softcap)
     torch.testing.assert_close(with_bias, with_bool, rtol=0, atol=0)
@@ -128,3 +130,22 @@ def test_a_deterministic_runner_switches_in_the_repeatable_attention(tiny_model_
             assert model.config._attn_implementation == name
         attention = functions[name]
         assert getattr(attention, "keywords", {}).get("repeatable", False) is deterministic
+
+
+def test_overlapping_runners_never_lose_the_repeatable_attention(tiny_model_dir: Path) -> None:
+    """Two runners on one model may overlap (the dashboard's monitor): whichever enters
+    first, a deterministic one keeps the repeatable attention while it runs, and the model
+    gets its own attention back when the last one leaves."""
+    from pipeline.models import load_model
+    from pipeline.runners import ATTENTION_NAME, REPEATABLE_ATTENTION_NAME
+
+    model = load_model(str(tiny_model_dir)).model
+    before = model.config._attn_implementation
+    default, repeatable = StaticRunner(model), StaticRunner(model, deterministic=True)
+    for first, second in ((default, repeatable), (repeatable, default)):
+        with first.attention():
+            expected = ATTENTION_NAME if first is default else REPEATABLE_ATTENTION_NAME
+            assert model.config._attn_implementation == expected
+            with second.attention():
+                assert model.config._attn_implementation == REPEATABLE_ATTENTION_NAME
+        assert model.config._attn_implementation == before
