@@ -10,12 +10,16 @@ HF ``generate`` on the same model in the same run: the target is >= 3x for every
 
 Prompts are 100-200 random tokens; every row is forced to ``--new`` tokens (EOS ignored).
 Targets: >= 5x plain generate at batch 64, >= 10,000 new tok/s at batch 256, capture <= 10%.
+"ms/step" is a whole run's wall time over its new tokens (prefill, warm-up and captures
+included); "decode ms/step" is the steady decode step alone (``engine_steps``).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -35,7 +39,12 @@ from common import (  # noqa: E402
     timed,
 )
 
-from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig  # noqa: E402
+from pipeline.engine import (  # noqa: E402
+    FINISH_CHECK_EVERY,
+    DecodeEngine,
+    DecodeRequest,
+    SamplingConfig,
+)
 
 
 def hf_generate(loaded, prompts: list[list[int]], new: int) -> float:
@@ -69,11 +78,24 @@ def hf_generate(loaded, prompts: list[list[int]], new: int) -> float:
 
 
 def engine_generate(engine: DecodeEngine, prompts: list[list[int]], new: int) -> float:
+    return engine_steps(engine, prompts, new)[0]
+
+
+def engine_steps(engine: DecodeEngine, prompts: list[list[int]], new: int) -> tuple[float, float]:
+    """One ``engine.run``: its wall seconds (prefill, warm-up, captures and collection
+    included), and its steady decode step in ms: the median time between the loop's host
+    checks (each ``FINISH_CHECK_EVERY`` steps, the loop's only syncs) over those steps, so
+    a window with a capture or the warm-up step does not count, the checks' own work does."""
     requests = [DecodeRequest(p, seed=i) for i, p in enumerate(prompts)]
     sampling = SamplingConfig(max_new_tokens=new, temperature=1.0, ignore_eos=True)
-    seconds, results = timed(lambda: engine.run(requests, sampling))
+    checks: list[float] = []
+    seconds, results = timed(
+        lambda: engine.run(requests, sampling, lambda _steps: checks.append(time.perf_counter()))
+    )
     assert all(len(r.answer_ids) == new for r in results)
-    return seconds
+    windows = [b - a for a, b in zip(checks, checks[1:], strict=False)]
+    step_ms = 1000 * statistics.median(windows) / FINISH_CHECK_EVERY if windows else float("nan")
+    return seconds, step_ms
 
 
 def graph_matches_eager(loaded) -> bool:
@@ -131,12 +153,13 @@ def compiled_run(loaded, prompts: list[list[int]], new: int) -> dict[str, float]
     then its speed with capture and without."""
     engine = DecodeEngine(loaded, capture=True, compiled=True)
     first = engine_generate(engine, prompts, new)
-    seconds = engine_generate(engine, prompts, new)
+    seconds, step_ms = engine_steps(engine, prompts, new)
     bare = engine_generate(DecodeEngine(loaded, capture=False, compiled=True), prompts, new)
     return {
         "compiled first call s": first,
         "compiled+capture tok/s": len(prompts) * new / seconds,
         "compiled+capture ms/step": 1000 * seconds / new,
+        "compiled+capture decode ms/step": step_ms,
         "compiled tok/s": len(prompts) * new / bare,
         "compiled ms/step": 1000 * bare / new,
     }
@@ -191,9 +214,10 @@ def main() -> None:
             seconds = hf_generate(loaded, prompts, args.new)
             row["hf_generate tok/s"] = new_tokens / seconds
         for name, engine in engines.items():
-            seconds = engine_generate(engine, prompts, args.new)
+            seconds, step_ms = engine_steps(engine, prompts, args.new)
             row[f"{name} tok/s"] = new_tokens / seconds
             row[f"{name} ms/step"] = 1000 * seconds / args.new
+            row[f"{name} decode ms/step"] = step_ms
             torch.cuda.empty_cache()
         if args.compiled and graphs:
             row.update(compiled_run(loaded, prompts, args.new))
@@ -209,10 +233,12 @@ def main() -> None:
         "ours tok/s",
         "ours+capture tok/s",
         "ours+capture ms/step",
+        "ours+capture decode ms/step",
         "deterministic+capture tok/s",
         "deterministic+capture ms/step",
         "compiled+capture tok/s",
         "compiled+capture ms/step",
+        "compiled+capture decode ms/step",
         "compiled tok/s",
         "compiled ms/step",
         "compiled first call s",
