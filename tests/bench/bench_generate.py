@@ -83,8 +83,8 @@ def hf_twice(loaded, prompts: list[list[int]], new: int) -> tuple[float, float]:
     """HF ``generate``'s seconds on its first call at this batch and the faster of two, the
     baseline. On an H200 (torch 2.11, 2026-12-01, batch 64) its first call in a process was
     about three times slower than a later one for each new attention shape (Llama-8B: 589
-    against 2,025 tok/s), but not once another family of the same attention shape had run
-    (Qwen3, Mistral and OLMo-2 after Llama; Gemma-3 after Gemma-2): setup per shape, paid
+    against 2,025 tok/s), but mostly not once another family of the same attention shape
+    had run (Qwen3 and Mistral after Llama, Gemma-3 after Gemma-2): setup per shape, paid
     once a process. Two calls of one model can still differ by 1.5x (Mistral: 2,279, then
     1,551). Our engines are timed on their second call at each batch too."""
     first, second = hf_generate(loaded, prompts, new), hf_generate(loaded, prompts, new)
