@@ -345,7 +345,7 @@ def _compiled_calls() -> Iterator[None]:
     dynamic marks do not cover) raises ``torch._dynamo.exc.RecompileError`` before anything
     runs, and the engine runs that step eagerly (``DecodeEngine._graphed``). The setting is
     process-wide: set only while this lock keeps every other compiled call out. (A first
-    compile is never inside a capture: an engine's first steps run eagerly.)"""
+    compile is never inside a capture: an engine's first step runs eagerly.)"""
     with _COMPILED_CALLS:
         if _capturing():
             from torch._dynamo import config as dynamo_config
