@@ -112,6 +112,13 @@ def engine_steps(engine: DecodeEngine, prompts: list[list[int]], new: int) -> tu
     return seconds, step_ms
 
 
+def warm_steps(engine: DecodeEngine, prompts: list[list[int]], new: int) -> tuple[float, float]:
+    """``engine_steps`` of the engine's second call at this batch: its first sets up what a
+    new batch needs (captures, kernel choices), as HF's does (``hf_twice``)."""
+    engine_generate(engine, prompts, new)
+    return engine_steps(engine, prompts, new)
+
+
 def graph_matches_eager(loaded) -> bool:
     """The CUDA-graph step gives the same tokens as the eager step (greedy)."""
     prompts = random_prompts(8, 20, 60, loaded.model.config.vocab_size, seed=1)
@@ -140,8 +147,7 @@ def by_architecture(archs: list[str], batch: int, new: int, compiled: bool) -> N
         hf_generate(loaded, warm, 4)
         prompts = random_prompts(batch, 100, 200, vocab, seed=batch)
         cold, hf = (batch * new / seconds for seconds in hf_twice(loaded, prompts, new))
-        engine_generate(engine, prompts, new)  # its first call at this batch
-        ours_seconds = engine_generate(engine, prompts, new)
+        ours_seconds, _ = warm_steps(engine, prompts, new)
         row = {
             "arch": arch,
             "runner": engine.backend,
@@ -170,9 +176,7 @@ def compiled_run(loaded, prompts: list[list[int]], new: int) -> dict[str, float]
     engine = DecodeEngine(loaded, capture=True, compiled=True)
     first = engine_generate(engine, prompts, new)
     seconds, step_ms = engine_steps(engine, prompts, new)
-    bare_engine = DecodeEngine(loaded, capture=False, compiled=True)
-    engine_generate(bare_engine, prompts, new)  # its first call at this batch
-    bare = engine_generate(bare_engine, prompts, new)
+    bare, _ = warm_steps(DecodeEngine(loaded, capture=False, compiled=True), prompts, new)
     return {
         "compiled first call s": first,
         "compiled+capture tok/s": len(prompts) * new / seconds,
@@ -233,8 +237,7 @@ def main() -> None:
             row["hf_generate cold tok/s"] = new_tokens / cold
             row["hf_generate tok/s"] = new_tokens / seconds
         for name, engine in engines.items():
-            engine_generate(engine, prompts, args.new)  # its first call at this batch
-            seconds, step_ms = engine_steps(engine, prompts, args.new)
+            seconds, step_ms = warm_steps(engine, prompts, args.new)
             row[f"{name} tok/s"] = new_tokens / seconds
             row[f"{name} ms/step"] = 1000 * seconds / args.new
             row[f"{name} decode ms/step"] = step_ms
