@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline import fused_kernels
 from pipeline.fused_projections import fused_groups
 from pipeline.models import cache_kwarg
 
@@ -174,7 +175,8 @@ _NORM_ONE_PLUS_WEIGHT = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
 def fused_norm_forward(module: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The RMSNorm's forward with its float32 normalisation as one ``F.rms_norm`` kernel,
     the same formula (a decode step ran about eight small kernels a norm, 65 to 290 norms a
-    step); None for a class whose formula is not known here."""
+    step), and on CUDA the whole formula as one Triton kernel; None for a class whose
+    formula is not known here."""
     name = type(module).__name__
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if getattr(module, "weight", None) is None or eps is None:
@@ -186,12 +188,32 @@ def fused_norm_forward(module: Any) -> Callable[[torch.Tensor], torch.Tensor] | 
 
     # The weight is read at each call: a parameter replaced later (a load) is the one used.
     if name in _NORM_ROUND_THEN_SCALE:
-        return lambda x: module.weight * normed(x).to(x.dtype)
-    if name in _NORM_SCALE_THEN_ROUND:
-        return lambda x: (module.weight * normed(x)).to(x.dtype)
-    if name in _NORM_ONE_PLUS_WEIGHT:
-        return lambda x: (normed(x) * (1.0 + module.weight.float())).to(x.dtype)
-    return None
+        mode, formula = (
+            fused_kernels.NORM_ROUND_THEN_SCALE,
+            (lambda x: module.weight * normed(x).to(x.dtype)),
+        )
+    elif name in _NORM_SCALE_THEN_ROUND:
+        mode, formula = (
+            fused_kernels.NORM_SCALE_THEN_ROUND,
+            (lambda x: (module.weight * normed(x)).to(x.dtype)),
+        )
+    elif name in _NORM_ONE_PLUS_WEIGHT:
+        mode, formula = (
+            fused_kernels.NORM_ONE_PLUS_WEIGHT,
+            (lambda x: (normed(x) * (1.0 + module.weight.float())).to(x.dtype)),
+        )
+    else:
+        return None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # On CUDA, one Triton kernel for the whole formula (``pipeline.fused_kernels``).
+        if fused_kernels.available(x):
+            out = fused_kernels.rms_norm(x, module.weight, eps, mode)
+            if out is not None:
+                return out
+        return formula(x)
+
+    return forward
 
 
 @contextmanager
@@ -281,15 +303,21 @@ class _LayerCache:
     one compiled layer serves them all (``compile_layers``)."""
 
     def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor, mask: torch.Tensor
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        column: torch.Tensor,
+        mask: torch.Tensor,
+        rows: torch.Tensor,
     ):
-        self.keys, self.values, self.column, self.mask = keys, values, column, mask
+        """``rows``: arange over the batch on the keys' device, made once a step, not once a
+        layer (a kernel each)."""
+        self.keys, self.values, self.column, self.mask, self.rows = keys, values, column, mask, rows
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, *_args: Any, **_kw: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.keys, self.values
-        rows = torch.arange(keys.shape[0], device=keys.device)
+        keys, values, rows = self.keys, self.values, self.rows
         column = self.column.to(keys.device)  # layers may sit on several GPUs
         keys[rows, :, column] = key[:, :, 0]
         values[rows, :, column] = value[:, :, 0]
@@ -438,6 +466,9 @@ class StaticRunner:
             if (forward := fused_norm_forward(module)) is not None
         ]
         self._groups = fused_groups(model) if fuse else []
+        # transformers' rotary function, per family module, through a Triton kernel on CUDA
+        # while the runner works (``fused_kernels.rotary_swapped``).
+        self._rotary_modules = fused_kernels.rotary_modules(self.layers)
         self._layer_call: Callable[..., torch.Tensor] = _call_layer  # the decode step's
 
     def compile_layers(self) -> None:
@@ -450,8 +481,9 @@ class StaticRunner:
 
     @contextmanager
     def attention(self) -> Iterator[None]:
-        """Our attention, the fused norms (``fused_norm_forward``) and the fused projections
-        (``pipeline.fused_projections``) for the model while this lasts. A compiled step runs
+        """Our attention, the fused norms (``fused_norm_forward``), the fused projections
+        (``pipeline.fused_projections``) and the rotary kernel (``pipeline.fused_kernels``)
+        for the model while this lasts. A compiled step runs
         inside it, so the switch (a config write, which the compiler would have to replay)
         stays outside."""
         if self._attention_on:
@@ -460,7 +492,8 @@ class StaticRunner:
         groups = [group for group in self._groups if group.intact()]
         projections = [pair for group in groups for pair in group.forwards()]
         switched = _attention_switched(self.config, self.attention_name)
-        with switched, _forwards_installed(self._norms + projections):
+        rotary = fused_kernels.rotary_swapped(self._rotary_modules)
+        with switched, rotary, _forwards_installed(self._norms + projections):
             self._attention_on = True
             try:
                 yield
@@ -531,14 +564,19 @@ class StaticRunner:
         rope = {kind: self._rope(h, positions, kind) for kind in set(self.layer_types)}
         if compiled:
             _mark_dynamic_step(positions, cache.column, *rope.values(), masks=list(masks.values()))
+        rows: dict[torch.device, torch.Tensor] = {}  # a decode step's batch rows, by device
         with _compiled_calls() if compiled else nullcontext():
             for index, layer in enumerate(self.layers):
                 mask = masks[self.windows[index]]
                 if decoding:
                     keys, values = cache.keys[index], cache.values[index]
-                    layer_cache: Any = _LayerCache(keys, values, cache.column, mask)
+                    if keys.device not in rows:
+                        rows[keys.device] = torch.arange(keys.shape[0], device=keys.device)
+                    layer_cache: Any = _LayerCache(
+                        keys, values, cache.column, mask, rows[keys.device]
+                    )
                     if compiled:
-                        _mark_dynamic_step(h, keys, values)
+                        _mark_dynamic_step(h, keys, values, rows[keys.device])
                 else:
                     layer_cache = cache
                 rotary = rope[self.layer_types[index]]

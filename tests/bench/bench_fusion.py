@@ -5,8 +5,9 @@ between the variants, best of three.
 - ``plain``: transformers' own norms and projections, every prompt of a fill in one prefill;
 - ``norms``: RMSNorm as one ``F.rms_norm`` kernel (``fused_norm_forward``);
 - ``+ projections``: q/k/v and gate/up as one matmul a group (``pipeline.fused_projections``);
-- ``+ prefill groups``: prompts prefilled in groups of similar length (``prefill_groups``):
-  all of today's defaults.
+- ``+ prefill groups``: prompts prefilled in groups of similar length (``prefill_groups``);
+- ``+ triton kernels``: on CUDA, each norm and each layer's rotary embedding as one Triton
+  kernel (``pipeline.fused_kernels``): all of today's defaults.
 
     python tests/bench/bench_fusion.py [--arch llama,qwen3,olmo2,mistral] [--reps 3]
 """
@@ -26,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_arch_model, card, print_table, random_prompts, save_json  # noqa: E402
 
 import pipeline.engine as engine_module  # noqa: E402
+from pipeline import fused_kernels  # noqa: E402
 from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig  # noqa: E402
 
-VARIANTS = ("plain", "norms", "+ projections", "+ prefill groups")
+VARIANTS = ("plain", "norms", "+ projections", "+ prefill groups", "+ triton kernels")
 
 
 def timed_run(engine: DecodeEngine, prompts: list[list[int]], new: int) -> float:
@@ -45,6 +47,7 @@ def use_variant(engine: DecodeEngine, variant: str, norms: list, groups: list) -
     engine.runner._norms = norms if level >= 1 else []
     engine.runner._groups = groups if level >= 2 else []
     engine_module.PREFILL_TOKENS = DEFAULT_PREFILL_TOKENS if level >= 3 else 1 << 40
+    fused_kernels.ENABLED = level >= 4
 
 
 DEFAULT_PREFILL_TOKENS = engine_module.PREFILL_TOKENS
@@ -74,6 +77,7 @@ def main() -> None:
         row |= {f"{variant} ms/step": 1000 * best[variant] / new for variant in VARIANTS}
         row["all / plain"] = best["plain"] / best[VARIANTS[-1]]
         row["all / norms"] = best["norms"] / best[VARIANTS[-1]]
+        row["kernels' gain"] = best[VARIANTS[-2]] / best[VARIANTS[-1]]
         row["tok/s, all"] = batch * new / best[VARIANTS[-1]]
         rows.append(row)
         print(rows[-1], flush=True)

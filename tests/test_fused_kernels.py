@@ -1,0 +1,117 @@
+"""``pipeline.fused_kernels`` where no GPU is: which layouts the norm kernel can address,
+that the kernels stand aside on the CPU, and the swap of transformers' rotary function
+(counted, restored, transformers' own result where the kernel does not apply). The
+kernels themselves run in ``tests/gpu/test_fused_kernels.py``."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_model import FAMILY_CONFIGS, build_tiny_family
+
+from pipeline import fused_kernels
+from pipeline.models import load_model
+from pipeline.runners import StaticRunner, fused_norm_forward
+
+
+def test_rows_addresses_a_layers_layouts_in_two_strided_levels() -> None:
+    wide = torch.zeros(4, 3, 24)
+    assert fused_kernels._rows(wide) == (12, 12, 0, 24)
+    # q's slice of a fused q/k/v product: rows one product-width apart
+    assert fused_kernels._rows(wide[..., :8]) == (12, 12, 0, 24)
+    # q's heads of that slice ([B, S, H, D]): rows of heads within rows of tokens
+    heads = wide.view(4, 3, 3, 8)[:, :, :2]
+    assert fused_kernels._rows(heads) == (24, 2, 24, 8)
+    # a dimension of one has no stride that matters
+    assert fused_kernels._rows(wide[:, :1, :8]) == (4, 4, 0, 72)
+    assert fused_kernels._rows(torch.zeros(1, 1, 8)) == (1, 1, 0, 0)
+
+
+def test_rows_declines_what_two_levels_cannot_address() -> None:
+    wide = torch.zeros(4, 3, 24)
+    assert fused_kernels._rows(wide.view(4, 3, 3, 8)[::2, :, :2]) is None  # three levels
+    assert fused_kernels._rows(wide.transpose(1, 2)) is None  # last dim not contiguous
+    assert fused_kernels._rows(torch.zeros(8)) is None
+
+
+def test_the_kernels_stand_aside_without_cuda() -> None:
+    x = torch.randn(2, 3, 8)
+    assert not fused_kernels.available(x)
+    assert not fused_kernels.available(x.to(torch.long))
+
+
+def test_without_triton_the_kernels_decline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused_kernels, "triton", None)
+    x = torch.randn(2, 3, 8)
+    assert not fused_kernels.available(x)
+    assert fused_kernels.rms_norm(x, torch.ones(8), 1e-6, 0) is None
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
+    cos = sin = torch.randn(2, 3, 8)
+    assert fused_kernels.rotary(q, k, cos, sin, torch.float32) is None
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_each_family_swaps_its_own_rotary_function(family: str, tmp_path: Path) -> None:
+    """The runner finds the family's modeling module (its layers call
+    ``apply_rotary_pos_emb`` by that global name), swaps it only while it works, and the
+    swapped function gives transformers' result where the kernel does not run (CPU)."""
+    loaded = load_model(str(build_tiny_family(tmp_path / family, family)), dtype="float32")
+    runner = StaticRunner(loaded.model, fuse=False)
+    (module,) = runner._rotary_modules
+    assert module.__name__.startswith("transformers.models.")
+    original = module.apply_rotary_pos_emb
+    torch.manual_seed(0)
+    q = torch.randn(2, runner.num_heads, 3, runner.head_dim)
+    k = torch.randn(2, runner.num_kv, 3, runner.head_dim)
+    h = torch.randn(2, 3, loaded.model.config.hidden_size)
+    cos, sin = runner._rope(h, torch.arange(3)[None].expand(2, -1), runner.layer_types[0])
+    with runner.attention():
+        swapped = module.apply_rotary_pos_emb
+        assert swapped is not original and swapped.original is original
+        ours = swapped(q, k, cos, sin)
+    assert module.apply_rotary_pos_emb is original
+    for mine, ref in zip(ours, original(q, k, cos, sin), strict=True):
+        assert torch.equal(mine, ref)
+
+
+def test_swaps_nest_and_end_with_the_last(tmp_path: Path) -> None:
+    module = importlib.import_module("transformers.models.llama.modeling_llama")
+    original = module.apply_rotary_pos_emb
+    with fused_kernels.rotary_swapped([module]):
+        swapped = module.apply_rotary_pos_emb
+        with fused_kernels.rotary_swapped([module]):
+            assert module.apply_rotary_pos_emb is swapped
+        assert module.apply_rotary_pos_emb is swapped  # the outer runner still works
+    assert module.apply_rotary_pos_emb is original
+    with pytest.raises(RuntimeError), fused_kernels.rotary_swapped([module]):
+        raise RuntimeError("a step failed")
+    assert module.apply_rotary_pos_emb is original
+    # One wrapper a module, whatever the swap: a compiled layer's guard on the global holds.
+    with fused_kernels.rotary_swapped([module]):
+        assert module.apply_rotary_pos_emb is swapped
+
+
+def test_a_call_the_kernel_does_not_cover_goes_to_transformers() -> None:
+    module = importlib.import_module("transformers.models.llama.modeling_llama")
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)
+    cos, sin = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    original = module.apply_rotary_pos_emb
+    with fused_kernels.rotary_swapped([module]):
+        ours = module.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
+    theirs = original(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
+    for mine, ref in zip(ours, theirs, strict=True):
+        assert torch.equal(mine, ref)
+
+
+def test_norm_forwards_keep_the_torch_formula_on_the_cpu(tmp_path: Path) -> None:
+    loaded = load_model(str(build_tiny_family(tmp_path / "olmo2", "olmo2")), dtype="float32")
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, loaded.model.config.hidden_size)
+    for module in loaded.model.modules():
+        forward = fused_norm_forward(module)
+        if forward is not None and module.weight.shape[0] == x.shape[-1]:
+            torch.testing.assert_close(forward(x), module(x), rtol=1e-6, atol=1e-6)
