@@ -39,10 +39,14 @@ CACHE_ROUND = 64
 # reads half the keys and values on average.
 ATTENTION_ROUND = 128
 # Prompt tokens (padding counted) in one prefill forward: the prompts taken into free slots
-# are prefilled in groups of similar length within this, so little of a prefill is padding
-# (256 prompts of 100-200 tokens padded to one width are a quarter padding) and its
-# activations stay bounded however many slots are filled at once.
+# are prefilled in groups of similar length within this (``prefill_groups``), so little of a
+# prefill is padding and its activations stay bounded however many slots are filled at once.
 PREFILL_TOKENS = 16384
+# A prefill forward's fixed cost in padded prompt tokens: prompts are split into one more
+# group where that saves more padding than this. (An 8B forward on an H200 launches for a few
+# milliseconds whatever its size, the time of about 150-250 prompt tokens; 64 prompts of
+# 100-200 tokens padded to one width were a quarter padding.)
+PREFILL_GROUP_COST = 256
 # One CUDA graph capture at a time in the process: engines on several GPUs run in threads
 # (``pipeline.engine_threads``), and a capture's setup (synchronise, empty the cache) must not
 # meet another thread's capture.
@@ -651,17 +655,31 @@ class _HostStaging:
         return staged.clone()
 
 
-def prefill_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices into ``lengths`` in groups to prefill together: sorted by length, each group
-    as many as fit ``budget`` tokens padded to its longest (at least one prompt a group)."""
+def prefill_groups(
+    lengths: Sequence[int], budget: int, group_cost: int = PREFILL_GROUP_COST
+) -> list[list[int]]:
+    """Indices into ``lengths`` in groups to prefill together: sorted by length, cut where
+    the padded tokens plus ``group_cost`` a group add up to the fewest, each group within
+    ``budget`` padded tokens (at least one prompt a group). Ties go to fewer groups."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    sizes = [lengths[i] for i in order]
+    # cost[end]: the cheapest grouping of order[:end]; start[end]: where its last group starts
+    cost = [0] + [float("inf")] * len(order)
+    start = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        width = sizes[end - 1]  # the group's longest: it is sorted
+        first = end - 1
+        while first >= 0 and (first == end - 1 or (end - first) * width <= budget):
+            total = cost[first] + (end - first) * width + group_cost
+            if total <= cost[end]:
+                cost[end], start[end] = total, first
+            first -= 1
     groups: list[list[int]] = []
-    for index in order:
-        if groups and (len(groups[-1]) + 1) * lengths[index] <= budget:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    return groups
+    end = len(order)
+    while end:
+        groups.append(order[start[end] : end])
+        end = start[end]
+    return groups[::-1]
 
 
 @dataclass

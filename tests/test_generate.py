@@ -565,6 +565,25 @@ def test_prefill_groups_sort_by_length_within_the_token_budget() -> None:
     assert prefill_groups([], 40) == []
 
 
+def test_prefill_groups_cut_padding_where_it_pays_a_forwards_cost() -> None:
+    from pipeline.engine import prefill_groups
+
+    # Spread lengths: one group would pad 4 x 400 = 1,600 tokens for 1,020 real ones; two
+    # groups pad 2 x 20 + 2 x 400 = 840 for one more forward's cost.
+    spread = [400, 10, 20, 390]
+    assert prefill_groups(spread, 10**6, group_cost=256) == [[1, 2], [3, 0]]
+    # Near-equal lengths: a second forward would save less padding than it costs.
+    assert prefill_groups([100, 98, 99, 101], 10**6, group_cost=256) == [[1, 2, 0, 3]]
+    # A tie goes to fewer groups: splitting [10, 20] saves 10 padded tokens for a cost of 10.
+    assert prefill_groups([20, 10], 10**6, group_cost=10) == [[1, 0]]
+    assert prefill_groups([20, 10], 10**6, group_cost=9) == [[1], [0]]
+    # Never past the budget, and every prompt in exactly one group.
+    lengths = [(i * 37) % 200 + 1 for i in range(60)]
+    groups = prefill_groups(lengths, 1000)
+    assert all(len(g) * max(lengths[i] for i in g) <= 1000 for g in groups)
+    assert sorted(i for g in groups for i in g) == list(range(60))
+
+
 def test_prompts_prefilled_in_length_groups_change_no_result(
     tiny, monkeypatch: pytest.MonkeyPatch
 ) -> None:
