@@ -8,9 +8,10 @@
   write ourselves is what sits around the layers: the embedding scale of older Gemma code,
   rotary embeddings per layer type (Gemma-3's local base), masks per layer (padding, causal,
   sliding windows), the final norm, ``lm_head`` and final-logit soft-capping. While it works,
-  the layers' RMSNorms run as one fused kernel each (``fused_norm_forward``) and their q/k/v
-  and gate/up projections as one matmul a group (``pipeline.fused_projections``): the same
-  formulas, fewer kernels a step.
+  the layers' RMSNorms run as one fused kernel each (``fused_norm_forward``; on CUDA one
+  Triton kernel), their rotary embeddings on CUDA as one Triton kernel a layer
+  (``pipeline.fused_kernels``) and their q/k/v and gate/up projections as one matmul a group
+  (``pipeline.fused_projections``): the same formulas, fewer kernels a step.
 - ``HFRunner``: the model's own forward with a dynamic cache, for architectures whose model
   code does more than that. Steering, capture and watching run in forward hooks on the
   decoder layers, so they read and change the same states as on the static runner.
