@@ -66,7 +66,7 @@ if triton is not None:
         MODE: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         x_row = x_ptr + (row // inner_rows) * x_outer_stride + (row % inner_rows) * x_inner_stride
         cols = tl.arange(0, BLOCK)
         keep = cols < n_cols
@@ -108,7 +108,7 @@ if triton is not None:
     ):
         # One program a (token, head): heads 0..q_heads-1 are the queries', the rest the
         # keys'. The results are contiguous [B, heads, S, D].
-        token = tl.program_id(0)
+        token = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         head = tl.program_id(1)
         b = token // seq
         s = token % seq

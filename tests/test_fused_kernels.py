@@ -1,7 +1,7 @@
 """``pipeline.fused_kernels`` where no GPU is: which layouts the norm kernel can address,
 that the kernels stand aside on the CPU, and the swap of transformers' rotary function
 (counted, restored, transformers' own result where the kernel does not apply). The
-kernels themselves run in ``tests/gpu/test_fused_kernels.py``."""
+kernels themselves run in ``tests/gpu/test_kernels_gpu.py``."""
 
 from __future__ import annotations
 
