@@ -14,7 +14,8 @@ total. The old path is
 timed on the engine alone (no database writes): a conservative baseline.
 Targets (issue 13): <= 60 s on one H200 for the whole plan, <= 35 s on two.
 ``--gpus 0 --gpus 0,1`` measures the new path on one GPU and on two in the same run (a
-value ending in ``+compile``, e.g. ``0,1+compile``, runs that variant with ``--compile``), each
+value ending in ``+compile``, e.g. ``0,1+compile``, runs that variant with ``--compile``, and
+one ending in ``+nokernels`` without the Triton kernels of ``pipeline.fused_kernels``), each
 variant in a fresh process (as ``persona run`` would start), so none finds another's model
 loaded, CUDA set up or kernels warm; ``x first`` is each variant's generation speedup over
 the first variant's.
@@ -109,14 +110,17 @@ def new_plan(
     gpus: str | None,
     batch_size: int | None = None,
     compile_layers: bool = False,
+    kernels: bool = True,
 ) -> dict:
     from db import Store
+    from pipeline import fused_kernels
     from pipeline.extract import extract
     from pipeline.generate import GenerateParams, find_or_create_job
     from pipeline.job_devices import run_generation_jobs
     from pipeline.jobs import run_job
     from pipeline.judging import JudgeParams, find_or_create_judge_job
 
+    fused_kernels.ENABLED = kernels  # this process's: each variant runs in its own
     times: dict[str, float] = {}
     tokens = 0
     slots = set()
@@ -197,7 +201,8 @@ def main() -> None:
         "--gpus",
         action="append",
         help="a --gpus value for the new path, once per variant (default: all visible GPUs); "
-        "with +compile at its end, that variant compiles the decode step's layers",
+        "with +compile at its end, that variant compiles the decode step's layers; with "
+        "+nokernels, it runs without the Triton kernels (pipeline.fused_kernels)",
     )
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
@@ -211,16 +216,19 @@ def main() -> None:
     rows = []
     for variant in args.gpus or [None]:
         db = folder / f"new-{len(rows)}.db"
-        gpus, compile_layers = variant, False
-        if variant and variant.endswith("+compile"):
-            gpus, compile_layers = variant.removesuffix("+compile") or None, True
+        gpus, *flags = (variant or "").split("+")
+        gpus = gpus or None
+        if set(flags) - {"compile", "nokernels"}:
+            raise SystemExit(f"--gpus {variant}: a variant ends in +compile or +nokernels")
+        compile_layers, kernels = "compile" in flags, "nokernels" not in flags
         plan = (db, model_dir, args.n, args.n_eval, args.new, base_url, gpus, args.batch_size)
-        plan += (compile_layers,)
+        plan += (compile_layers, kernels)
         new = _in_fresh_process(ctx, plan)
         rows.append(
             {
                 "path": f"new: continuous batching, --gpus {gpus or 'all'}, "
                 + ("--compile, " if compile_layers else "")
+                + ("Triton kernels off, " if not kernels else "")
                 + (f"--batch-size {args.batch_size}" if args.batch_size else "auto slots"),
                 "generate s": new["times"]["generate"],
                 "of which load s": new.get("load_s"),
