@@ -16,6 +16,8 @@ compiled layer fuses the same work itself); elsewhere the callers run their torc
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,8 +37,11 @@ NORM_SCALE_THEN_ROUND = 1  # (weight * norm(x)).to(dtype)
 NORM_ONE_PLUS_WEIGHT = 2  # (norm(x) * (1 + weight.float())).to(dtype)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-# Off: the callers run their torch code (benchmarks measure the kernels' worth with it).
-ENABLED = True
+# Off: the callers run their torch code. ``PERSONA_TRITON_KERNELS=0`` turns them off for a
+# process; benchmarks switch this to measure their worth; a kernel Triton cannot build or
+# launch here turns them off for the rest of the process (``_launch``).
+ENABLED = os.environ.get("PERSONA_TRITON_KERNELS", "1") != "0"
+log = logging.getLogger("persona.engine")
 
 
 def available(tensor: torch.Tensor) -> bool:
@@ -193,23 +198,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int) -> to
     rows, inner, outer_stride, inner_stride = layout
     block = triton.next_power_of_2(n)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    launched = True
     if rows:
-        with _on_device(x.device):
-            _rms_norm_kernel[(rows,)](
-                x,
-                weight,
-                out,
-                inner,
-                outer_stride,
-                inner_stride,
-                n,
-                eps,
-                MODE=mode,
-                BLOCK=block,
-                num_warps=4 if block < 2048 else 8 if block < 8192 else 16,
-                enable_fp_fusion=False,
-            )
-    return out
+        launched = _launch(
+            _rms_norm_kernel,
+            (rows,),
+            x,
+            weight,
+            out,
+            inner,
+            outer_stride,
+            inner_stride,
+            n,
+            eps,
+            MODE=mode,
+            BLOCK=block,
+            num_warps=4 if block < 2048 else 8 if block < 8192 else 16,
+            enable_fp_fusion=False,
+        )
+    return out if launched else None
 
 
 def rotary(
@@ -249,34 +256,54 @@ def rotary(
     k_heads = k.shape[1]
     q_out = torch.empty((b, q_heads, seq, dim), dtype=dtype, device=q.device)
     k_out = torch.empty((b, k_heads, seq, dim), dtype=dtype, device=q.device)
+    launched = True
     if q_out.numel() and k_out.numel():
-        with _on_device(q.device):
-            _rotary_kernel[(b * seq, q_heads + k_heads)](
-                q,
-                k,
-                q_out,
-                k_out,
-                cos,
-                sin,
-                q_heads,
-                seq,
-                q.stride(0),
-                q.stride(1),
-                q.stride(2),
-                k.stride(0),
-                k.stride(1),
-                k.stride(2),
-                0 if cos.shape[0] == 1 else cos.stride(0),
-                cos.stride(1),
-                dim,
-                rotated // 2,
-                ROUND=round_each,
-                BLOCK=triton.next_power_of_2(max(rotated // 2, 1)),
-                PASS_BLOCK=triton.next_power_of_2(max(dim - rotated, 1)),
-                num_warps=1,
-                enable_fp_fusion=False,
-            )
-    return q_out, k_out
+        launched = _launch(
+            _rotary_kernel,
+            (b * seq, q_heads + k_heads),
+            q,
+            k,
+            q_out,
+            k_out,
+            cos,
+            sin,
+            q_heads,
+            seq,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            0 if cos.shape[0] == 1 else cos.stride(0),
+            cos.stride(1),
+            dim,
+            rotated // 2,
+            ROUND=round_each,
+            BLOCK=triton.next_power_of_2(max(rotated // 2, 1)),
+            PASS_BLOCK=triton.next_power_of_2(max(dim - rotated, 1)),
+            num_warps=1,
+            enable_fp_fusion=False,
+        )
+    return (q_out, k_out) if launched else None
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> bool:
+    """Launch ``kernel`` on its tensors' device (the first tensor argument's); False, with
+    the kernels off for the rest of the process and one warning, where Triton cannot build
+    or launch it here (a GPU or driver it does not support): the callers then run their
+    torch code, the same formulas."""
+    global ENABLED
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    try:
+        with _on_device(device):
+            kernel[grid](*args, **meta)
+    except Exception as exc:  # noqa: BLE001 - any failure of Triton's: the torch code runs
+        ENABLED = False
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("Triton kernels off for this process (%s); the torch code runs", reason)
+        return False
+    return True
 
 
 @contextmanager
@@ -293,7 +320,10 @@ def _on_device(device: torch.device) -> Iterator[None]:
 # module -> (runners inside, the module's own function)
 _SWAPPED: dict[Any, tuple[int, Callable]] = {}
 _SWAP_LOCK = threading.Lock()
-_WRAPPERS: dict[Any, Callable] = {}  # one wrapper a module: a compiled layer's guards see one
+# One wrapper a (module, function it wraps): a compiled layer's guard on the global sees the
+# same object swap after swap, and a function replaced meanwhile (another library's) is the
+# one wrapped the next time, never a stale one.
+_WRAPPERS: dict[tuple[Any, Callable], Callable] = {}
 
 
 def _wrapper(module: Any, original: Callable) -> Callable:
@@ -340,9 +370,9 @@ def rotary_swapped(modules: list[Any]) -> Iterator[None]:
             inside, original = _SWAPPED.get(module, (0, None))
             if not inside:
                 original = module.apply_rotary_pos_emb
-                if module not in _WRAPPERS:
-                    _WRAPPERS[module] = _wrapper(module, original)
-                module.apply_rotary_pos_emb = _WRAPPERS[module]
+                if (module, original) not in _WRAPPERS:
+                    _WRAPPERS[module, original] = _wrapper(module, original)
+                module.apply_rotary_pos_emb = _WRAPPERS[module, original]
             _SWAPPED[module] = (inside + 1, original)
     try:
         yield

@@ -115,3 +115,91 @@ def test_norm_forwards_keep_the_torch_formula_on_the_cpu(tmp_path: Path) -> None
         forward = fused_norm_forward(module)
         if forward is not None and module.weight.shape[0] == x.shape[-1]:
             torch.testing.assert_close(forward(x), module(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2", "phi3", "gemma3_text"])
+def test_the_layers_call_the_swapped_function(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' layers (the installed version) reach the rotary function through the
+    module global the runner swaps: a decode run calls it for every layer of the prefill
+    and of each step. A version that called it some other way would leave the kernel
+    unused on CUDA; this fails there first. Also: a function replaced between two swaps
+    (here by the test) is the one wrapped, not the first one seen."""
+    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+
+    loaded = load_model(str(build_tiny_family(tmp_path / family, family)), dtype="float32")
+    engine = DecodeEngine(loaded, capture=False)
+    (module,) = engine.runner._rotary_modules
+    requests = [DecodeRequest([5, 6, 7, 8], seed=0)]
+    sampling = SamplingConfig(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.run(requests, sampling)  # a swap with transformers' own function first
+    calls = []
+    original = module.apply_rotary_pos_emb
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", counted)
+    engine.run(requests, sampling)
+    layers = engine.runner.num_layers
+    prefill = [shape for shape in calls if shape[2] == 4]
+    steps = [shape for shape in calls if shape[2] == 1]
+    assert len(prefill) == layers  # q [B, H, S, D]: the prompt's 4 tokens, once a layer
+    # every decode step (the loop runs on to its next host check) calls it once a layer
+    assert len(steps) >= 2 * layers and len(steps) % layers == 0
+    assert len(prefill) + len(steps) == len(calls)
+    assert module.apply_rotary_pos_emb is counted
+
+
+class _FailingKernel:
+    """A Triton kernel that cannot be built here, as ``kernel[grid](...)`` sees it."""
+
+    def __getitem__(self, grid):
+        def launch(*_args, **_meta):
+            raise RuntimeError("CUDA error: no kernel image is available for execution\nmore")
+
+        return launch
+
+
+class _TritonStub:
+    @staticmethod
+    def next_power_of_2(n: int) -> int:
+        return 1 << (n - 1).bit_length()
+
+
+def test_a_kernel_triton_cannot_build_turns_the_kernels_off_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU or driver Triton does not support: the norm and the rotary embedding decline
+    (their callers run the torch code), and the kernels stay off for the process."""
+    monkeypatch.setattr(fused_kernels, "ENABLED", True)
+    monkeypatch.setattr(fused_kernels, "triton", _TritonStub())
+    monkeypatch.setattr(fused_kernels, "_rms_norm_kernel", _FailingKernel(), raising=False)
+    monkeypatch.setattr(fused_kernels, "_rotary_kernel", _FailingKernel(), raising=False)
+    x = torch.randn(2, 3, 8)
+    with caplog.at_level("WARNING", logger="persona.engine"):
+        assert fused_kernels.rms_norm(x, torch.ones(8), 1e-6, 0) is None
+    assert fused_kernels.ENABLED is False
+    assert caplog.messages == [
+        "Triton kernels off for this process (CUDA error: no kernel image is available for "
+        "execution); the torch code runs"
+    ]
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
+    cos = sin = torch.randn(2, 3, 8)
+    assert fused_kernels.rotary(q, k, cos, sin, torch.float32) is None
+
+
+def test_an_environment_variable_turns_the_kernels_off() -> None:
+    import subprocess
+    import sys
+
+    code = "import pipeline.fused_kernels as k; print(k.ENABLED)"
+    root = Path(__file__).resolve().parents[1]
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {"PERSONA_TRITON_KERNELS": value, "PATH": "/usr/bin:/bin"}
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+        )
+        assert out.stdout.strip() == expected, out.stderr
