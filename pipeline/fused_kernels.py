@@ -47,12 +47,13 @@ log = logging.getLogger("persona.engine")
 def available(tensor: torch.Tensor) -> bool:
     """The kernels can run on this tensor here: CUDA, Triton importable, not inside
     torch.compile's tracing."""
+    # Tracing first: a compiled layer then never guards on ENABLED (a flip would recompile).
     return (
-        ENABLED
+        not torch.compiler.is_compiling()
+        and ENABLED
         and triton is not None
         and tensor.is_cuda
         and tensor.dtype in _FLOATS
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -296,14 +297,22 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> bool
     global ENABLED
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     try:
-        with _on_device(device):
+        # One launch at a time: engines on several GPUs step in threads, and two threads
+        # building one kernel at once is a failure of Triton's own. (Held only by eager
+        # calls: a replayed CUDA graph runs no Python.)
+        with _LAUNCH_LOCK, _on_device(device):
             kernel[grid](*args, **meta)
     except Exception as exc:  # noqa: BLE001 - any failure of Triton's: the torch code runs
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise  # the capture is broken already: the engine's own error path reports it
         ENABLED = False
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("Triton kernels off for this process (%s); the torch code runs", reason)
         return False
     return True
+
+
+_LAUNCH_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -332,22 +341,26 @@ def _wrapper(module: Any, original: Callable) -> Callable:
     other family's cos and sin come in the model's dtype and its results stay in it."""
     casts_back = "olmo2" in module.__name__
 
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *args, **kwargs):  # noqa: ANN001, ANN202
-        if unsqueeze_dim == 1 and not args and not kwargs and available(q):
+    def apply_rotary_pos_emb(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        # The call every tested family's attention makes: (q, k, cos, sin), by position.
+        if len(args) == 4 and not kwargs and available(args[0]):
+            q, k, cos, sin = args
             dtype = q.dtype if casts_back else torch.promote_types(q.dtype, cos.dtype)
             if dtype == q.dtype:
                 result = rotary(q, k, cos, sin, dtype)
                 if result is not None:
                     return result
-        return original(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    apply_rotary_pos_emb.original = original  # type: ignore[attr-defined]
+    apply_rotary_pos_emb.persona_wraps = original  # type: ignore[attr-defined]
     return apply_rotary_pos_emb
 
 
 def rotary_modules(layers: list[Any]) -> list[Any]:
     """The modeling modules of these layers' attention classes that define transformers'
-    ``apply_rotary_pos_emb`` (the function their forward calls by its global name)."""
+    ``apply_rotary_pos_emb`` (the function their forward calls by its global name). For
+    the families whose formula the kernel computes only (the runner's tested families):
+    others rotate interleaved pairs (Cohere, GLM) or hand a half-width cos (GPT-OSS)."""
     import inspect
 
     found = []
@@ -370,6 +383,8 @@ def rotary_swapped(modules: list[Any]) -> Iterator[None]:
             inside, original = _SWAPPED.get(module, (0, None))
             if not inside:
                 original = module.apply_rotary_pos_emb
+                # One of ours put back by someone who kept it: wrap what it wraps.
+                original = getattr(original, "persona_wraps", original)
                 if (module, original) not in _WRAPPERS:
                     _WRAPPERS[module, original] = _wrapper(module, original)
                 module.apply_rotary_pos_emb = _WRAPPERS[module, original]
@@ -382,5 +397,6 @@ def rotary_swapped(modules: list[Any]) -> Iterator[None]:
                 inside, original = _SWAPPED.pop(module)
                 if inside > 1:
                     _SWAPPED[module] = (inside - 1, original)
-                else:
+                elif module.apply_rotary_pos_emb is _WRAPPERS.get((module, original)):
+                    # Ours still: transformers' back. (Replaced meanwhile: left as it is.)
                     module.apply_rotary_pos_emb = original

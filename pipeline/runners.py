@@ -469,7 +469,11 @@ class StaticRunner:
         self._groups = fused_groups(model) if fuse else []
         # transformers' rotary function, per family module, through a Triton kernel on CUDA
         # while the runner works (``fused_kernels.rotary_swapped``).
-        self._rotary_modules = fused_kernels.rotary_modules(self.layers)
+        self._rotary_modules = (
+            fused_kernels.rotary_modules(self.layers)
+            if config.model_type in TESTED_FAMILIES
+            else []
+        )
         self._layer_call: Callable[..., torch.Tensor] = _call_layer  # the decode step's
 
     def compile_layers(self) -> None:

@@ -70,7 +70,7 @@ def test_each_family_swaps_its_own_rotary_function(family: str, tmp_path: Path) 
     cos, sin = runner._rope(h, torch.arange(3)[None].expand(2, -1), runner.layer_types[0])
     with runner.attention():
         swapped = module.apply_rotary_pos_emb
-        assert swapped is not original and swapped.original is original
+        assert swapped is not original and swapped.persona_wraps is original
         ours = swapped(q, k, cos, sin)
     assert module.apply_rotary_pos_emb is original
     for mine, ref in zip(ours, original(q, k, cos, sin), strict=True):
@@ -101,7 +101,9 @@ def test_a_call_the_kernel_does_not_cover_goes_to_transformers() -> None:
     cos, sin = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
     original = module.apply_rotary_pos_emb
     with fused_kernels.rotary_swapped([module]):
-        ours = module.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
+        ours = module.apply_rotary_pos_emb(
+            q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2
+        )
     theirs = original(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
     for mine, ref in zip(ours, theirs, strict=True):
         assert torch.equal(mine, ref)
@@ -186,9 +188,42 @@ def test_a_kernel_triton_cannot_build_turns_the_kernels_off_with_one_warning(
         "Triton kernels off for this process (CUDA error: no kernel image is available for "
         "execution); the torch code runs"
     ]
+    monkeypatch.setattr(fused_kernels, "ENABLED", True)
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
     cos = sin = torch.randn(2, 3, 8)
     assert fused_kernels.rotary(q, k, cos, sin, torch.float32) is None
+    assert fused_kernels.ENABLED is False
+
+
+def test_only_the_tested_families_rotary_is_swapped(tmp_path: Path) -> None:
+    """Other families rotate interleaved pairs or hand a half-width cos: the kernel does
+    not compute their formula, so their function stays theirs even while a runner works."""
+    loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")), dtype="float32")
+    loaded.model.config.model_type = "cohere"  # the layout fits; the rotary formula differs
+    assert StaticRunner(loaded.model, fuse=False)._rotary_modules == []
+
+
+def test_a_function_replaced_during_a_swap_is_left_in_place() -> None:
+    """Another library's replacement made while a runner works stays after it; our own
+    wrapper put back later is unwrapped, never wrapped twice."""
+    module = importlib.import_module("transformers.models.llama.modeling_llama")
+    original = module.apply_rotary_pos_emb
+
+    def theirs(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    try:
+        with fused_kernels.rotary_swapped([module]):
+            kept = module.apply_rotary_pos_emb
+            module.apply_rotary_pos_emb = theirs
+        assert module.apply_rotary_pos_emb is theirs
+        module.apply_rotary_pos_emb = kept  # ours, put back by whoever kept it
+        with fused_kernels.rotary_swapped([module]):
+            assert module.apply_rotary_pos_emb is kept
+            assert kept.persona_wraps is original
+        assert module.apply_rotary_pos_emb is original
+    finally:
+        module.apply_rotary_pos_emb = original
 
 
 def test_an_environment_variable_turns_the_kernels_off() -> None:

@@ -80,22 +80,36 @@ def test_rotary_kernel_equals_transformers_bit_for_bit(
         assert torch.equal(kernel, ref)
 
 
-def test_partial_rotary_passes_the_rest_through() -> None:
-    """Phi-3's partial rotary: the first R columns rotated, the rest copied."""
+@pytest.mark.parametrize(
+    "dim, rotated, dtype, cos_batch, cos_strided",
+    [
+        (64, 48, torch.bfloat16, 2, False),  # Phi-3's partial rotary: the rest copied
+        (96, 96, torch.bfloat16, 2, False),  # Phi-3-mini's head of 96: halves of 48
+        (96, 64, torch.float16, 1, False),  # fp16; one cos row for the whole batch
+        (128, 128, torch.bfloat16, 2, True),  # cos and sin slices of wider tensors
+    ],
+)
+def test_rotary_kernel_on_other_shapes_equals_transformers(
+    dim: int, rotated: int, dtype: torch.dtype, cos_batch: int, cos_strided: bool
+) -> None:
     module = importlib.import_module("transformers.models.phi3.modeling_phi3")
     torch.manual_seed(1)
-    q, k = _projection_views(2, 5, 4, 2, 64, torch.bfloat16)
-    cos = torch.randn(2, 5, 48, device="cuda", dtype=torch.bfloat16)
-    sin = torch.randn(2, 5, 48, device="cuda", dtype=torch.bfloat16)
+    q, k = _projection_views(2, 5, 4, 2, dim, dtype)
+    width = 2 * rotated if cos_strided else rotated
+    cos = torch.randn(cos_batch, 5, width, device="cuda", dtype=dtype)[..., :rotated]
+    sin = torch.randn(cos_batch, 5, width, device="cuda", dtype=dtype)[..., :rotated]
     theirs = module.apply_rotary_pos_emb(q, k, cos, sin)
-    ours = fused_kernels.rotary(q, k, cos, sin, torch.bfloat16)
-    assert ours is not None
+    ours = fused_kernels.rotary(q, k, cos, sin, dtype)
+    assert ours is not None, "the kernel declined"
     for mine, ref in zip(ours, theirs, strict=True):
+        assert mine.shape == ref.shape and mine.dtype == ref.dtype
         assert torch.equal(mine, ref)
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
-def test_norm_kernel_equals_the_norms_formula(family: str, tmp_path: Path) -> None:
+def test_norm_kernel_equals_the_norms_formula(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every norm of the model (q/k norms, post norms, Gemma's 1 + weight), bf16, on the
     layouts a layer hands it (rows of a fused product, heads of one, a batch of one
     token; and one of three strided levels, which the torch code takes): within one
@@ -105,6 +119,15 @@ def test_norm_kernel_equals_the_norms_formula(family: str, tmp_path: Path) -> No
     norms = [(m, f) for m in model.modules() if (f := fused_norm_forward(m)) is not None]
     assert norms
     torch.manual_seed(2)
+    launched: list[bool] = []  # per call of the kernel: whether it ran (not declined)
+    rms_norm = fused_kernels.rms_norm
+
+    def recorded(*args, **kwargs):
+        out = rms_norm(*args, **kwargs)
+        launched.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused_kernels, "rms_norm", recorded)
     ran = 0
     for module, forward in norms:
         n = module.weight.shape[0]
@@ -123,6 +146,8 @@ def test_norm_kernel_equals_the_norms_formula(family: str, tmp_path: Path) -> No
             assert (out == ref).float().mean() > 0.99
             ran += 1
     assert ran == 4 * len(norms)
+    # The kernel ran on the three layouts a layer makes and declined the fourth.
+    assert launched == [True, True, True, False] * len(norms)
 
 
 def test_a_run_goes_through_the_kernels_and_leaves_transformers_as_it_was(
@@ -136,13 +161,15 @@ def test_a_run_goes_through_the_kernels_and_leaves_transformers_as_it_was(
     calls = {"rotary": 0, "norm": 0}
     rotary, rms_norm = fused_kernels.rotary, fused_kernels.rms_norm
 
-    def counted_rotary(*args, **kwargs):
-        calls["rotary"] += 1
-        return rotary(*args, **kwargs)
+    def counted_rotary(*args, **kwargs):  # launches, not calls the kernel declined
+        out = rotary(*args, **kwargs)
+        calls["rotary"] += out is not None
+        return out
 
     def counted_norm(*args, **kwargs):
-        calls["norm"] += 1
-        return rms_norm(*args, **kwargs)
+        out = rms_norm(*args, **kwargs)
+        calls["norm"] += out is not None
+        return out
 
     monkeypatch.setattr(fused_kernels, "rotary", counted_rotary)
     monkeypatch.setattr(fused_kernels, "rms_norm", counted_norm)
