@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from textual.widgets import DataTable, Static
-from tui_helpers import wait_for
+from tui_helpers import settle, wait_for
 
 from db import Store
 from tui.app import PersonaApp
@@ -102,7 +102,5 @@ def test_traits_screen_snapshot(snap_compare, tmp_path: Path) -> None:
     db_path = tmp_path / "snapshot.db"
     Store(db_path).close()
 
-    async def settle(pilot) -> None:
-        await pilot.pause(0.3)
-
-    assert snap_compare(PersonaApp(db_path), terminal_size=(100, 30), run_before=settle)
+    app = PersonaApp(db_path)
+    assert snap_compare(app, terminal_size=(100, 30), run_before=settle(app, []))

@@ -35,17 +35,23 @@ async def wait_for(pilot, condition, timeout: float = 30.0) -> None:
 
 
 def settle(app, keys: list[str]):
-    """A snapshot's ``run_before``: press ``keys`` one by one, each time waiting until the
-    workers it started are done, so the picture shows loaded data, not "loading…"."""
+    """A snapshot's ``run_before``: wait until the workers of the first screen's load are
+    done, then press ``keys`` one by one, each time waiting until the workers it started
+    are done, so the picture shows loaded data, not "loading…" (a fixed pause was not
+    always enough on a busy 2-core machine)."""
+
+    async def workers_done(pilot) -> None:
+        for _ in range(100):
+            await pilot.pause(0.1)
+            if not [w for w in app.workers if w.is_running]:
+                break
 
     async def run_before(pilot) -> None:
         await pilot.pause(0.3)
+        await workers_done(pilot)
         for key in keys:
             await pilot.press(key)
-            for _ in range(100):  # until the key's workers are done
-                await pilot.pause(0.1)
-                if not [w for w in app.workers if w.is_running]:
-                    break
+            await workers_done(pilot)
         await pilot.pause(0.3)
 
     return run_before
