@@ -358,9 +358,10 @@ def _wrapper(module: Any, original: Callable) -> Callable:
 
 def rotary_modules(layers: list[Any]) -> list[Any]:
     """The modeling modules of these layers' attention classes that define transformers'
-    ``apply_rotary_pos_emb`` (the function their forward calls by its global name). For
-    the families whose formula the kernel computes only (the runner's tested families):
-    others rotate interleaved pairs (Cohere, GLM) or hand a half-width cos (GPT-OSS)."""
+    ``apply_rotary_pos_emb`` (the function their forward calls by its global name). It
+    does not look at the formula: the runner calls it for its tested families only, whose
+    formula the kernel computes (others rotate interleaved pairs, as Cohere and GLM, or
+    hand a half-width cos, as GPT-OSS)."""
     import inspect
 
     found = []
