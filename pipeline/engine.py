@@ -289,9 +289,14 @@ class DecodeEngine:
         streamed = steps = 0
         self._fill(state, busy, list(range(slots)), requests, first, sampling, starts, steps)
         step_fn = self._make_step(state, sampling)
+        # Steps whose attention reads only the keys a row may look at take the whole cache:
+        # one CUDA graph for the session (``StaticRunner.reads_valid_keys_only``).
+        whole_cache = refills and self.runner.reads_valid_keys_only(torch.device(self.device))
         while True:
             reach = max(starts[slot] for slot, held in enumerate(busy) if held is not None)
             used = min(length, -(-(reach + steps + 1) // ATTENTION_ROUND) * ATTENTION_ROUND)
+            if whole_cache:
+                used = length
             with torch.inference_mode():
                 step_fn(used)
             steps += 1

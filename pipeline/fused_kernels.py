@@ -39,7 +39,7 @@ NORM_ONE_PLUS_WEIGHT = 2  # (norm(x) * (1 + weight.float())).to(dtype)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # Off: the callers run their torch code. ``PERSONA_TRITON_KERNELS=0`` turns them off for a
 # process; benchmarks switch this to measure their worth; a kernel Triton cannot build or
-# launch here turns them off for the rest of the process (``_launch``).
+# launch here turns them off for the rest of the process (``launch``).
 ENABLED = os.environ.get("PERSONA_TRITON_KERNELS", "1") != "0"
 log = logging.getLogger("persona.engine")
 
@@ -55,6 +55,12 @@ def available(tensor: torch.Tensor) -> bool:
         and tensor.is_cuda
         and tensor.dtype in _FLOATS
     )
+
+
+def usable_on(device: torch.device) -> bool:
+    """The kernels can run on this device's tensors here (``available`` without a
+    tensor)."""
+    return ENABLED and triton is not None and torch.device(device).type == "cuda"
 
 
 if triton is not None:
@@ -201,7 +207,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int) -> to
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     launched = True
     if rows:
-        launched = _launch(
+        launched = launch(
             _rms_norm_kernel,
             (rows,),
             x,
@@ -259,7 +265,7 @@ def rotary(
     k_out = torch.empty((b, k_heads, seq, dim), dtype=dtype, device=q.device)
     launched = True
     if q_out.numel() and k_out.numel():
-        launched = _launch(
+        launched = launch(
             _rotary_kernel,
             (b * seq, q_heads + k_heads),
             q,
@@ -289,7 +295,7 @@ def rotary(
     return (q_out, k_out) if launched else None
 
 
-def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> bool:
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> bool:
     """Launch ``kernel`` on its tensors' device (the first tensor argument's); False, with
     the kernels off for the rest of the process and one warning, where Triton cannot build
     or launch it here (a GPU or driver it does not support): the callers then run their

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import fused_kernels
+from pipeline.decode_attention import decode_attention
 from pipeline.fused_projections import fused_groups
 from pipeline.models import cache_kwarg
 
@@ -79,15 +80,22 @@ def grouped_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention for the static runner. ``query`` [B, H, q, D]; ``key``/``value``
     [B, KV, k, D] straight from our cache (no repeated heads); ``attention_mask``: a
-    prefill's [B, 1, q, k] bool, true where a query may look, or a decode step's additive
-    [B, 1, 1, k], 0 or -inf. ``repeatable`` (registered as ``REPEATABLE_ATTENTION_NAME``,
-    ``StaticRunner(deterministic=True)``): a GPU decode step on kernels whose results repeat
-    run to run. Returns [B, q, H, D] as transformers expects."""
+    prefill's [B, 1, q, k] bool, true where a query may look, a decode step's additive
+    [B, 1, 1, k], 0 or -inf, or a decode step's bool [B, 1, 1, k] over the whole cache
+    (``StaticRunner.reads_valid_keys_only``). ``repeatable`` (registered as
+    ``REPEATABLE_ATTENTION_NAME``, ``StaticRunner(deterministic=True)``): a GPU decode step
+    on kernels whose results repeat run to run. Returns [B, q, H, D] as transformers expects."""
     b, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
     additive = attention_mask.dtype != torch.bool
+    if q_len == 1 and not additive and not repeatable:
+        # A decode step over the whole cache (``StaticRunner.reads_valid_keys_only``): on
+        # CUDA a kernel that reads only each row's allowed keys, soft-capping included.
+        out = decode_attention(query, key, value, attention_mask, scale, softcap)
+        if out is not None:
+            return out, None
     if additive:  # the model's dtype: SDPA wants the query's (a no-op where they agree)
         attention_mask = attention_mask.to(query.dtype)
     # A deterministic decode step (its mask is the additive one) on a GPU: never SDPA's own
@@ -427,11 +435,20 @@ def torch_compiled(function: Callable) -> Callable:
 class StaticRunner:
     """Forward passes around a decoder-only HF model's own layers, with a static KV cache."""
 
-    def __init__(self, model: Any, *, fuse: bool = True, deterministic: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        fuse: bool = True,
+        deterministic: bool = False,
+        valid_keys_only: bool | None = None,
+    ) -> None:
         """``fuse``: stack the layers' q/k/v and gate/up weights (``fused_groups``) for one
         matmul a group; a probe that may not run the model here leaves them alone.
         ``deterministic``: a GPU decode step's attention on a kernel whose results repeat
-        run to run (``grouped_attention``), slower than SDPA's own pick."""
+        run to run (``grouped_attention``), slower than SDPA's own pick.
+        ``valid_keys_only``: decode steps attend over the whole cache under a boolean mask
+        (``reads_valid_keys_only``); None: where the decode-attention kernel runs."""
         _register_attention()
         self.model = model
         self.deterministic = deterministic
@@ -475,6 +492,7 @@ class StaticRunner:
             else []
         )
         self._layer_call: Callable[..., torch.Tensor] = _call_layer  # the decode step's
+        self.valid_keys_only = valid_keys_only
 
     def compile_layers(self) -> None:
         """Decode steps run each decoder layer through torch.compile (its norms, rotary,
@@ -483,6 +501,21 @@ class StaticRunner:
         and reuses it, where compiling the whole step traced all of them (on the CPU, 8
         layers: 2.8 s against 12.8 s). The prefill runs uncompiled (its shapes vary)."""
         self._layer_call = torch_compiled(_call_layer)
+
+    def reads_valid_keys_only(self, device: torch.device) -> bool:
+        """Decode steps attend over the whole cache under a boolean mask, which on CUDA
+        ``pipeline.decode_attention``'s kernel reads only where a row may look: the engine
+        then hands every step the whole cache (one CUDA graph a session) instead of the
+        columns in use rounded up (one graph a rounded length). Not for a compiled step
+        (its layer traces the torch code, over the rounded columns) nor a deterministic one
+        (its own kernel)."""
+        if self.valid_keys_only is not None:
+            return self.valid_keys_only
+        return (
+            self._layer_call is _call_layer
+            and not self.deterministic
+            and fused_kernels.usable_on(device)
+        )
 
     @contextmanager
     def attention(self) -> Iterator[None]:
@@ -640,11 +673,15 @@ class StaticRunner:
             with self.attention():
                 return self.decode(tokens, positions, column, key_valid, hook)
         masks = {}
+        whole_cache = self.reads_valid_keys_only(key_valid.device)
         for window in set(self.windows):
             allowed = key_valid
             if window is not None:
                 keys = torch.arange(key_valid.shape[1], device=key_valid.device)
                 allowed = allowed & (column[:, None] - keys[None, :] < window)
+            if whole_cache:  # the kernel's form (``grouped_attention``)
+                masks[window] = allowed[:, None, None, :]
+                continue
             # Additive (0 where a row may look, -inf elsewhere), built once a step for every
             # layer: a boolean mask SDPA turns into this in each layer (an H200 step at batch
             # 16 ran 2% faster compiled, 6% plain), and the form the deterministic kernel

@@ -159,6 +159,49 @@ def test_continuous_batching_with_sliding_windows(family) -> None:
         )
 
 
+def test_whole_cache_steps_equal_the_rounded_ones(family, monkeypatch) -> None:
+    """Where the decode-attention kernel runs (CUDA), each step attends over the whole cache
+    under a boolean mask instead of the columns in use rounded up. Here the mode is forced
+    on the CPU, where SDPA (or Gemma-2's soft-capped matmuls) reads that mask: tokens,
+    captures and the live watch equal the rounded steps', with refilled slots, sliding
+    windows and steering."""
+    torch.manual_seed(3)
+    layer = 2
+    vector = torch.randn(family.num_layers + 1, family.hidden_size)
+    vector[layer] *= 3 / vector[layer].norm()
+    spec = SteeringSpec(layer, vector, coef=1.5, positions="all")
+    watch = [Watch("v", layer, vector[layer])]
+    requests = _requests(family)
+    order = [requests[0], requests[2], requests[1]]
+    sampling = SamplingConfig(max_new_tokens=9, temperature=1.0, ignore_eos=True)
+    # Rounded steps over several lengths, each short of the cache.
+    monkeypatch.setattr("pipeline.engine.ATTENTION_ROUND", 8)
+
+    def run(whole: bool) -> tuple[list, set[int]]:
+        monkeypatch.setattr("pipeline.fused_kernels.usable_on", lambda _device: whole)
+        engine = DecodeEngine(family, capture=True)
+        attended: set[int] = set()
+        decode = engine.runner.decode
+
+        def recorded(tokens, positions, column, key_valid, hook):
+            attended.add(key_valid.shape[1])
+            return decode(tokens, positions, column, key_valid, hook)
+
+        engine.runner.decode = recorded
+        results = engine.run(order, sampling, slots=2, check_every=3, steering=[spec], watch=watch)
+        return results, attended
+
+    rounded, rounded_lengths = run(False)
+    whole, whole_lengths = run(True)
+    assert len(rounded_lengths) > 1 and len(whole_lengths) == 1
+    assert max(whole_lengths) > max(rounded_lengths)
+    for a, b in zip(rounded, whole, strict=True):
+        assert a.answer_ids == b.answer_ids
+        for kind in ("prompt_last", "prompt_avg", "response_avg"):
+            torch.testing.assert_close(a.activations[kind], b.activations[kind], **TOL)
+        torch.testing.assert_close(a.projections, b.projections, **TOL)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
 @pytest.mark.parametrize("name", TESTED_FAMILIES)
 def test_compiled_step_equals_the_uncompiled_one(name: str, tmp_path) -> None:
