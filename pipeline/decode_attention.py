@@ -36,6 +36,9 @@ from pipeline.fused_kernels import triton
 
 # Cache columns a program reads at a time.
 BLOCK_KEYS = 64
+# The largest head the kernel takes (Gemma's 256); the runner attends over the rounded
+# columns with SDPA for larger ones.
+MAX_HEAD_DIM = 256
 # Mask columns a program scans at a time for its row's first and last allowed column.
 SCAN_COLUMNS = 1024
 # Warps a program, and pipeline stages of its loop at most (``tile_plan``). On an H200 at
@@ -283,7 +286,7 @@ def decode_attention(
         or value.stride(-1) != 1
         or (n_keys > 1 and allowed.stride(-1) != 1)
         or not (key.device == value.device == allowed.device == query.device)
-        or dim > 256
+        or dim > MAX_HEAD_DIM
         or n_keys == 0
     ):
         return None

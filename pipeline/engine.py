@@ -36,7 +36,9 @@ FINISH_CHECK_EVERY = 16
 CACHE_ROUND = 64
 # A decode step attends over the cache columns in use, rounded up to this (one CUDA graph a
 # rounded length), not over the whole cache: for the seed plan's 1,000-token answers a step
-# reads half the keys and values on average.
+# reads half the keys and values on average. Where the decode-attention kernel runs (CUDA),
+# a step takes the whole cache instead and the kernel reads each row's own keys alone
+# (``StaticRunner.reads_valid_keys_only``).
 ATTENTION_ROUND = 128
 # Prompt tokens (padding counted) in one prefill forward: the prompts taken into free slots
 # are prefilled in groups of similar length within this (``prefill_groups``), so little of a

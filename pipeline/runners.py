@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import fused_kernels
-from pipeline.decode_attention import decode_attention
+from pipeline.decode_attention import MAX_HEAD_DIM, decode_attention
 from pipeline.fused_projections import fused_groups
 from pipeline.models import cache_kwarg
 
@@ -507,13 +507,14 @@ class StaticRunner:
         ``pipeline.decode_attention``'s kernel reads only where a row may look: the engine
         then hands every step the whole cache (one CUDA graph a session) instead of the
         columns in use rounded up (one graph a rounded length). Not for a compiled step
-        (its layer traces the torch code, over the rounded columns) nor a deterministic one
-        (its own kernel)."""
+        (its layer traces the torch code, over the rounded columns), a deterministic one
+        (its own kernel), nor heads the kernel does not take (over ``MAX_HEAD_DIM``)."""
         if self.valid_keys_only is not None:
             return self.valid_keys_only
         return (
             self._layer_call is _call_layer
             and not self.deterministic
+            and self.head_dim <= MAX_HEAD_DIM
             and fused_kernels.usable_on(device)
         )
 

@@ -90,3 +90,7 @@ def test_the_runner_takes_whole_cache_steps_where_the_kernel_runs(
     assert not compiled.reads_valid_keys_only(cpu)
     forced = StaticRunner(loaded.model, valid_keys_only=False)
     assert not forced.reads_valid_keys_only(cpu)
+    # Heads the kernel does not take: the rounded columns, on SDPA.
+    wide = StaticRunner(loaded.model)
+    wide.head_dim = 512
+    assert not wide.reads_valid_keys_only(cpu)
