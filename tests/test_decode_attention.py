@@ -31,7 +31,7 @@ def test_splits_only_where_the_rows_and_heads_leave_the_gpu_idle() -> None:
 @pytest.mark.parametrize("dim_pad", [16, 64, 128, 256, 512])
 @pytest.mark.parametrize("element_size", [2, 4])
 @pytest.mark.parametrize("shared", [H200_SHARED, SMALL_SHARED])
-def test_the_tiles_fit_the_gpus_shared_memory(dim_pad: int, element_size: int, shared: int):
+def test_the_tiles_fit_the_gpus_shared_memory(dim_pad: int, element_size: int, shared: int) -> None:
     block, stages = tile_plan(dim_pad, element_size, shared)
     assert block >= 16 and block & (block - 1) == 0 and stages >= 1
     assert stages * 2 * block * dim_pad * element_size <= shared * 2 // 3

@@ -27,7 +27,14 @@ pytestmark = [
 ]
 
 
-def _reference(q, k, v, allowed, scale, softcap=None) -> torch.Tensor:
+def _reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Attention in float64 with the key/value heads repeated, [B, 1, H, D]."""
     groups = q.shape[1] // k.shape[1]
     keys = k.double().repeat_interleave(groups, 1)
@@ -39,12 +46,20 @@ def _reference(q, k, v, allowed, scale, softcap=None) -> torch.Tensor:
     return (scores.softmax(-1) @ values).transpose(1, 2)
 
 
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that fails turns Triton off for the process (``fused_kernels.launch``): on
+    again for each test, so one failure is one failed test, not every test after it."""
+    monkeypatch.setattr(fused_kernels, "ENABLED", True)
+
+
 def _masks(b: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """Per row: left padding then a run of keys (a prompt and its answer so far), one with
-    random holes, one with a window's worth, one with a single key."""
+    random holes, one with a window's worth, one with a single key, and one with two runs
+    far apart (whole blocks and splits between them with no key to see)."""
     allowed = torch.zeros(b, n, dtype=torch.bool)
     for row in range(b):
-        kind = row % 4
+        kind = row % 5
         if kind == 0:
             start = int(torch.randint(0, max(1, n // 2), (1,), generator=generator))
             stop = int(torch.randint(start + 1, n + 1, (1,), generator=generator))
@@ -55,8 +70,11 @@ def _masks(b: int, n: int, generator: torch.Generator) -> torch.Tensor:
         elif kind == 2:
             stop = int(torch.randint(1, n + 1, (1,), generator=generator))
             allowed[row, max(0, stop - 17) : stop] = True
-        else:
+        elif kind == 3:
             allowed[row, int(torch.randint(0, n, (1,), generator=generator))] = True
+        else:
+            allowed[row, :5] = True
+            allowed[row, max(0, n - 10) :] = True
     return allowed[:, None, None, :].cuda()
 
 
@@ -95,6 +113,28 @@ def test_the_kernel_equals_attention_in_float64(shape, dtype: torch.dtype) -> No
         {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     )
     torch.testing.assert_close(out.double(), expected, **tolerance)
+
+
+def test_the_kernel_takes_the_layouts_a_layer_hands_it() -> None:
+    """The query as a view of one fused q/k/v product (a batch stride past its heads'), the
+    mask a slice of a wider one (a row stride past its columns), fp16."""
+    generator = torch.Generator().manual_seed(11)
+    b, heads, kv_heads, dim, n = 6, 8, 2, 128, 700
+    dtype = torch.float16
+    fused = torch.randn(b, 1, (heads + 2 * kv_heads) * dim, generator=generator)
+    fused = fused.to("cuda", dtype)
+    q = fused[..., : heads * dim].view(b, 1, heads, dim).transpose(1, 2)
+    assert q.stride(0) != heads * dim
+    k = torch.randn(b, kv_heads, n + 1, dim, generator=generator).to("cuda", dtype)[:, :, :n]
+    v = torch.randn(b, kv_heads, n + 1, dim, generator=generator).to("cuda", dtype)[:, :, :n]
+    wide = torch.zeros(b, 1, 1, n + 64, dtype=torch.bool, device="cuda")
+    wide[..., :n] = _masks(b, n, generator)
+    allowed = wide[..., :n]
+    assert allowed.stride(0) != n
+    out = decode_attention(q, k, v, allowed, dim**-0.5)
+    assert out is not None
+    expected = _reference(q, k, v, allowed, dim**-0.5)
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
 
 
 def test_the_kernel_under_a_cuda_graph_follows_the_mask_it_is_replayed_with() -> None:
@@ -157,10 +197,19 @@ def test_the_engine_attends_over_the_whole_cache_with_one_graph_a_session(
     monkeypatch.setattr(torch.cuda, "CUDAGraph", counted_graph)
     engine = DecodeEngine(loaded, capture=True)
     assert engine.runner.reads_valid_keys_only(loaded.device)
+    step_functions: list[int] = []  # one a session and one after each compaction
+    make_step = engine._make_step
+
+    def counted_step(*args, **kwargs):
+        step_functions.append(1)
+        return make_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_make_step", counted_step)
     whole = engine.run(requests, sampling, slots=3, check_every=8)
     assert calls["kernel"] >= loaded.num_layers  # the eager warm-up step at least
-    # A session's graph, again after each compaction: no graph per rounded length.
+    # One graph a step function, whatever lengths its steps attend over.
     whole_captures = len(captures)
+    assert whole_captures == len(step_functions)
     eager = DecodeEngine(loaded, capture=True, cuda_graphs=False).run(
         requests, sampling, slots=3, check_every=8
     )
