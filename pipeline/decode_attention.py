@@ -49,8 +49,11 @@ NUM_STAGES = 2
 # Programs to aim for per multiprocessor when splitting the columns (flash-decoding). On an
 # H200 at Llama-8B's shape, 2 against 4: batch 64 left unsplit, 13-32 us a layer against
 # 18-38 (the join kernel and the splits' partial results cost more than the idle
-# multiprocessors); batch 16 split in three, 10-12 us against 9-12. 0: never split.
-PROGRAMS_PER_SM = 2
+# multiprocessors). At batch 16 (128 programs, 132 multiprocessors), 1 splits in two:
+# 8.0 / 9.8 / 11.8 us a layer at answer steps 1 / 128 / 255, against 9.7 / 10.4 / 12.3 for
+# three splits (2) and 8.7 / 12.0 / 15.2 unsplit (tests/bench/bench_decode_attention.py
+# --configs). 0: never split.
+PROGRAMS_PER_SM = 1
 
 if triton is not None:
     import triton.language as tl
@@ -203,7 +206,6 @@ if triton is not None:
         acc = tl.load(
             part_acc_ptr + part[:, None] * DIM_PAD + d[None, :], mask=s_ok[:, None], other=0.0
         )
-        acc = tl.where(s_ok[:, None], acc, 0.0)
         denominator = tl.sum(weight * total, axis=0)
         out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(denominator > 0, denominator, 1.0)
         b = row // heads

@@ -293,12 +293,15 @@ class DecodeEngine:
         step_fn = self._make_step(state, sampling)
         # Steps whose attention reads only the keys a row may look at take the whole cache:
         # one CUDA graph for the session (``StaticRunner.reads_valid_keys_only``).
-        whole_cache = refills and self.runner.reads_valid_keys_only(torch.device(self.device))
+        whole_cache = isinstance(self.runner, StaticRunner) and self.runner.reads_valid_keys_only(
+            torch.device(self.device)
+        )
         while True:
-            reach = max(starts[slot] for slot, held in enumerate(busy) if held is not None)
-            used = min(length, -(-(reach + steps + 1) // ATTENTION_ROUND) * ATTENTION_ROUND)
             if whole_cache:
                 used = length
+            else:  # every busy row's columns so far, rounded up (one graph a rounded length)
+                reach = max(starts[slot] for slot, held in enumerate(busy) if held is not None)
+                used = min(length, -(-(reach + steps + 1) // ATTENTION_ROUND) * ATTENTION_ROUND)
             with torch.inference_mode():
                 step_fn(used)
             steps += 1
@@ -496,7 +499,7 @@ class DecodeEngine:
             # One eager step before the first capture: it compiles a compiled step's layer and
             # sets up the kernels' libraries. A second, as before, changed nothing but cost
             # another eager step (about 30 ms a run on the 8B shape, H200).
-            step_fn = self._graphed(step_fn, min(1, sampling.max_new_tokens))
+            step_fn = self._graphed(step_fn, 1)
         return step_fn
 
     def _step_fn(self, state: _State, sampling: SamplingConfig) -> Callable[[int], None]:

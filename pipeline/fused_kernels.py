@@ -1,14 +1,19 @@
 """Triton kernels for the static runner's small per-layer work on CUDA: an RMSNorm in one
-kernel (about four: the float32 cast, ``F.rms_norm``, the cast back, the weight), and the
+kernel (about four: the float32 cast, ``F.rms_norm``, the cast back, the weight), the
 rotary embedding of a layer's queries and keys in one kernel (ten: a negation, a ``cat``,
-two products and a sum each for q and k). Under a CUDA graph a small kernel still costs
-its few microseconds of GPU time, and an 8B decode step ran about a thousand of them.
+two products and a sum each for q and k), a decode step's new key and value written into
+the cache in one (two generic index kernels of about 4 us each at batch 16 on an H200),
+and the MLP's ``silu(gate) * up`` in one (two strided elementwise kernels). Under a CUDA
+graph a small kernel still costs its few microseconds of GPU time, and an 8B decode step
+ran about a thousand of them.
 
 Each kernel computes transformers' formula with its roundings: the products and the sum
 of the rotary embedding rounded to the model's dtype where transformers' tensors are in
 that dtype, no fused multiply-add (``enable_fp_fusion=False``). The rotary kernel gives
-bit for bit transformers' result (``tests/gpu``); the norm's mean of squares is a
-reduction in another order (as ``F.rms_norm``'s already was).
+bit for bit transformers' result (``tests/gpu``), and so does the gated SiLU (torch's
+``x / (1 + exp(-x))`` in float32 with the same ``expf`` and an IEEE division, rounded to
+the model's dtype before the product); the norm's mean of squares is a reduction in
+another order (as ``F.rms_norm``'s already was).
 
 Used only on CUDA tensors with Triton importable, outside torch.compile's tracing (a
 compiled layer fuses the same work itself); elsewhere the callers run their torch code.
@@ -28,6 +33,7 @@ import torch
 try:  # CUDA builds of torch bring Triton; a CPU machine has none and needs none
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
@@ -159,6 +165,49 @@ if triton is not None:
         passing = 2 * half + rest < head_dim
         tail = tl.load(src + 2 * half + rest, mask=passing, other=0.0)
         tl.store(dst + 2 * half + rest, tail.to(dtype), mask=passing)
+
+    @triton.jit
+    def _cache_write_kernel(
+        key_ptr,
+        value_ptr,
+        keys_ptr,
+        values_ptr,
+        column_ptr,
+        key_stride_b,
+        key_stride_h,
+        value_stride_b,
+        value_stride_h,
+        cache_stride_b,
+        cache_stride_h,
+        cache_stride_s,
+        head_dim,
+        BLOCK: tl.constexpr,
+    ):
+        # One program a (row, key/value head): its new key and value at the row's column.
+        b = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
+        head = tl.program_id(1)
+        column = tl.load(column_ptr + b).to(tl.int64)
+        d = tl.arange(0, BLOCK)
+        keep = d < head_dim
+        at = b * cache_stride_b + head * cache_stride_h + column * cache_stride_s + d
+        key = tl.load(key_ptr + b * key_stride_b + head * key_stride_h + d, mask=keep)
+        value = tl.load(value_ptr + b * value_stride_b + head * value_stride_h + d, mask=keep)
+        tl.store(keys_ptr + at, key, mask=keep)
+        tl.store(values_ptr + at, value, mask=keep)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, x_row_stride, width, BLOCK: tl.constexpr):
+        # x's row: gate (``width`` columns), then up; out's row: silu(gate) * up.
+        row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        keep = cols < width
+        gate = tl.load(x_ptr + row * x_row_stride + cols, mask=keep, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * x_row_stride + width + cols, mask=keep, other=0.0)
+        dtype = out_ptr.dtype.element_ty
+        # torch's silu: x / (1 + expf(-x)) in float32, then rounded to the tensor's dtype;
+        # the product of two tensors of that dtype in float32, rounded again.
+        act = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(dtype).to(tl.float32)
+        tl.store(out_ptr + row * width + cols, (act * up.to(tl.float32)).to(dtype), mask=keep)
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -293,6 +342,91 @@ def rotary(
             enable_fp_fusion=False,
         )
     return (q_out, k_out) if launched else None
+
+
+def cache_write(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    column: torch.Tensor,
+) -> bool:
+    """A decode step's new ``key`` and ``value`` [B, KV, 1, D] into the cache's ``keys`` and
+    ``values`` [B, KV, L, D] at each row's column (``column`` [B], integers), one kernel
+    for both; False where it does not apply (the caller writes them with torch)."""
+    if (
+        triton is None
+        or not available(key)
+        or keys.dim() != 4
+        or key.dim() != 4
+        or keys.shape != values.shape
+        or keys.stride() != values.stride()
+        or key.shape != value.shape
+        or key.shape[2] != 1
+        or key.shape[:2] != keys.shape[:2]
+        or key.shape[3] != keys.shape[3]
+        or len({t.dtype for t in (keys, values, key, value)}) != 1
+        or len({t.device for t in (keys, values, key, value, column)}) != 1
+        or any(t.stride(-1) != 1 for t in (keys, values, key, value))
+        or column.shape != (keys.shape[0],)
+        or column.dtype not in (torch.int32, torch.int64)
+        or not column.is_contiguous()
+    ):
+        return False
+    b, heads, _, dim = key.shape
+    if not b * heads:
+        return True
+    return launch(
+        _cache_write_kernel,
+        (b, heads),
+        key,
+        value,
+        keys,
+        values,
+        column,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        dim,
+        BLOCK=triton.next_power_of_2(dim),
+        num_warps=1,
+    )
+
+
+# Columns of the gated SiLU a program computes.
+SILU_BLOCK = 1024
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate) * up`` for ``gate_up`` [..., 2I] (gate its first I columns, up the rest:
+    the fused gate/up product), [..., I] in its dtype, as torch computes it; None where
+    the kernel does not apply (the caller runs its torch code)."""
+    layout = _rows(gate_up)
+    if triton is None or layout is None or gate_up.shape[-1] % 2:
+        return None
+    rows, inner, outer_stride, inner_stride = layout
+    if rows > 1 and rows != inner:  # rows at one stride only
+        return None
+    width = gate_up.shape[-1] // 2
+    out = torch.empty((*gate_up.shape[:-1], width), dtype=gate_up.dtype, device=gate_up.device)
+    if not out.numel():
+        return out
+    launched = launch(
+        _silu_mul_kernel,
+        (rows, triton.cdiv(width, SILU_BLOCK)),
+        gate_up,
+        out,
+        inner_stride,
+        width,
+        BLOCK=SILU_BLOCK,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out if launched else None
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> bool:

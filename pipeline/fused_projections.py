@@ -13,6 +13,10 @@ for it beside the usual reserve. While the static runner works, the first projec
 forward runs the fused product, hands back its own slice and keeps the others' for the
 projections called next on the same input tensor (``FusedGroup.forwards``). A projection
 called on another tensor, or whose weight or bias changed since, computes its own.
+
+On CUDA the MLP's ``silu(gate) * up`` then runs as one kernel on the fused product
+(``gated_silu_forward``; Phi-3's gate/up product is one matmul already), where torch ran
+the activation and the product apart, each over a strided half of it.
 """
 
 from __future__ import annotations
@@ -25,10 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import fused_kernels
 from pipeline.models import GPU_RESERVE
 
 # Projections of one input, in the order transformers' layers call them.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+# (transformers 5), and those whose forward chunks ``gate_up_proj(x)`` into gate and up and
+# returns ``down_proj(up * activation_fn(gate))`` (Phi-3).
+SPLIT_GATED_MLPS = frozenset(
+    {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "Gemma2MLP", "Gemma3MLP"}
+)
+FUSED_GATED_MLPS = frozenset({"Phi3MLP"})
+# Activation classes that compute ``F.silu`` (transformers' ``ACT2FN["silu"]``, torch's).
+SILU_CLASSES = frozenset({"SiLUActivation", "SiLU"})
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 _FUSE_LOCK = threading.Lock()  # two runners built at once on one model fuse it once
@@ -37,8 +51,10 @@ _FUSE_LOCK = threading.Lock()  # two runners built at once on one model fuse it 
 class FusedGroup:
     """One group's modules, the stacked tensors their parameters view, and its forwards."""
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module], parent: nn.Module | None = None) -> None:
+        """``parent``: the module that holds them (an attention or an MLP)."""
         self.modules = modules
+        self.parent = parent
         self.weights = [m.weight for m in modules]
         self.biases = [m.bias for m in modules]
         self.sizes = [w.shape[0] for w in self.weights]
@@ -113,8 +129,52 @@ def fused_groups(model: Any) -> list[FusedGroup]:
                 if not all(isinstance(m, nn.Module) for m in modules):
                     continue
                 if fuse_weights(modules):
-                    groups.append(FusedGroup(modules))
+                    groups.append(FusedGroup(modules, parent))
     return groups
+
+
+def gated_silu_forward(mlp: nn.Module, group: FusedGroup | None) -> Forward | None:
+    """The forward of a gated SiLU MLP that, on CUDA, computes ``silu(gate) * up`` in one
+    kernel (``fused_kernels.silu_mul``) on its gate/up product: ``group``'s fused product
+    for the split classes (None: not fused, no forward), the module's own ``gate_up_proj``
+    for Phi-3's. Elsewhere, or with a parameter replaced since, the class's own forward.
+    None for another class or activation."""
+    name = type(mlp).__name__
+    if name in SPLIT_GATED_MLPS:
+        act = getattr(mlp, "act_fn", None)
+        if group is None or group.modules != [mlp.gate_proj, mlp.up_proj]:
+            return None
+
+        def product(x: torch.Tensor) -> torch.Tensor | None:
+            return F.linear(x, group.weight, group.bias) if group._current() else None
+
+    elif name in FUSED_GATED_MLPS:
+        act = getattr(mlp, "activation_fn", None)
+        gate_up = getattr(mlp, "gate_up_proj", None)
+        if not isinstance(gate_up, nn.Module):
+            return None
+
+        def product(x: torch.Tensor) -> torch.Tensor | None:
+            return gate_up(x)
+
+    else:
+        return None
+    if type(act).__name__ not in SILU_CLASSES or not isinstance(mlp.down_proj, nn.Module):
+        return None
+    own = type(mlp).forward.__get__(mlp)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if fused_kernels.available(x):
+            gate_up = product(x)
+            if gate_up is not None:
+                out = fused_kernels.silu_mul(gate_up)
+                if out is None:  # a layout the kernel does not take: the same formula
+                    gate, up = gate_up.chunk(2, dim=-1)
+                    out = act(gate) * up
+                return mlp.down_proj(out)
+        return own(x)
+
+    return forward
 
 
 def fuse_weights(modules: list[nn.Module]) -> bool:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from pipeline import fused_kernels
 from pipeline.decode_attention import MAX_HEAD_DIM, decode_attention
-from pipeline.fused_projections import fused_groups
+from pipeline.fused_projections import fused_groups, gated_silu_forward
 from pipeline.models import cache_kwarg
 
 # Called with (hidden-state index, state) after the embedding and after every block; returns
@@ -328,8 +328,10 @@ class _LayerCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values, rows = self.keys, self.values, self.rows
         column = self.column.to(keys.device)  # layers may sit on several GPUs
-        keys[rows, :, column] = key[:, :, 0]
-        values[rows, :, column] = value[:, :, 0]
+        # On CUDA one kernel for both (``fused_kernels.cache_write``).
+        if not fused_kernels.cache_write(keys, values, key, value, column):
+            keys[rows, :, column] = key[:, :, 0]
+            values[rows, :, column] = value[:, :, 0]
         # The attended columns, as many as the mask's: a size the compiler can keep symbolic
         # (``_mark_dynamic_step``), where a Python int would be a constant in its guards.
         used = self.mask.shape[-1]
@@ -484,6 +486,13 @@ class StaticRunner:
             if (forward := fused_norm_forward(module)) is not None
         ]
         self._groups = fused_groups(model) if fuse else []
+        # (MLP, its fused gate/up group or None, the forward with the gated SiLU kernel).
+        by_parent = {id(group.parent): group for group in self._groups}
+        self._gated_mlps = [
+            (module, by_parent.get(id(module)), forward)
+            for module in model.modules()
+            if (forward := gated_silu_forward(module, by_parent.get(id(module)))) is not None
+        ]
         # transformers' rotary function, per family module, through a Triton kernel on CUDA
         # while the runner works (``fused_kernels.rotary_swapped``).
         self._rotary_modules = (
@@ -530,9 +539,14 @@ class StaticRunner:
             return
         groups = [group for group in self._groups if group.intact()]
         projections = [pair for group in groups for pair in group.forwards()]
+        mlps = [
+            (mlp, forward)
+            for mlp, group, forward in self._gated_mlps
+            if group in groups or group is None
+        ]
         switched = _attention_switched(self.config, self.attention_name)
         rotary = fused_kernels.rotary_swapped(self._rotary_modules)
-        with switched, rotary, _forwards_installed(self._norms + projections):
+        with switched, rotary, _forwards_installed(self._norms + projections + mlps):
             self._attention_on = True
             try:
                 yield

@@ -41,6 +41,73 @@ def test_the_kernels_stand_aside_without_cuda() -> None:
     x = torch.randn(2, 3, 8)
     assert not fused_kernels.available(x)
     assert not fused_kernels.available(x.to(torch.long))
+    # The cache write declines on the CPU: the caller writes with torch.
+    cache, new = torch.zeros(2, 2, 5, 8), torch.randn(2, 2, 1, 8)
+    assert not fused_kernels.cache_write(cache, cache.clone(), new, new, torch.tensor([0, 3]))
+    assert not cache.any()
+
+
+SILU_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3"]
+
+
+@pytest.mark.parametrize("family", SILU_FAMILIES)
+def test_the_gated_silu_forward_feeds_the_kernel_the_gate_then_up(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each SiLU family's MLP gets the gated forward, which hands the kernel its fused
+    gate/up product (gate first) and ``down_proj`` its result: with a torch stand-in for
+    the kernel it equals the MLP's own forward in float32; with the kernels unavailable it
+    is the MLP's own forward."""
+    loaded = load_model(str(build_tiny_family(tmp_path / family, family)), dtype="float32")
+    runner = StaticRunner(loaded.model)
+    mlps = [mlp for mlp, _group, _forward in runner._gated_mlps]
+    layers = [layer.mlp for layer in runner.layers]
+    assert mlps == layers
+    seen = []
+
+    def stand_in(gate_up: torch.Tensor) -> torch.Tensor:
+        seen.append(gate_up.shape)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    torch.manual_seed(4)
+    x = torch.randn(3, 2, loaded.model.config.hidden_size)
+    width = loaded.model.config.intermediate_size
+    with torch.no_grad():
+        for mlp, _group, forward in runner._gated_mlps:
+            own = type(mlp).forward(mlp, x)
+            assert torch.equal(forward(x), own)  # kernels unavailable: the MLP's own
+            monkeypatch.setattr(fused_kernels, "available", lambda _t: True)
+            monkeypatch.setattr(fused_kernels, "silu_mul", stand_in)
+            torch.testing.assert_close(forward(x), own, rtol=1e-6, atol=1e-6)
+            monkeypatch.undo()
+    assert seen == [(3, 2, 2 * width)] * len(layers)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_a_gelu_mlp_keeps_its_own_forward(family: str, tmp_path: Path) -> None:
+    loaded = load_model(str(build_tiny_family(tmp_path / family, family)), dtype="float32")
+    assert StaticRunner(loaded.model)._gated_mlps == []
+
+
+def test_an_unfused_split_mlp_gets_no_gated_forward(tmp_path: Path) -> None:
+    """Without the fused gate/up group (``fuse=False``) a split MLP has no product to hand
+    the kernel; a replaced weight sends the forward back to the MLP's own."""
+    loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")), dtype="float32")
+    assert StaticRunner(loaded.model, fuse=False)._gated_mlps == []
+    runner = StaticRunner(loaded.model)
+    mlp, group, forward = runner._gated_mlps[0]
+    assert group is not None and group.parent is mlp
+    mlp.up_proj.weight = torch.nn.Parameter(torch.zeros_like(mlp.up_proj.weight))
+    x = torch.randn(2, 1, loaded.model.config.hidden_size)
+    original = fused_kernels.available
+    fused_kernels.available = lambda _t: True
+    try:
+        with torch.no_grad():
+            out = forward(x)
+    finally:
+        fused_kernels.available = original
+    assert not out.any()  # the MLP's own forward, with the zero weight: up is 0
 
 
 def test_without_triton_the_kernels_decline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +118,11 @@ def test_without_triton_the_kernels_decline(monkeypatch: pytest.MonkeyPatch) -> 
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
     cos = sin = torch.randn(2, 3, 8)
     assert fused_kernels.rotary(q, k, cos, sin, torch.float32) is None
+    assert fused_kernels.silu_mul(torch.randn(2, 1, 16)) is None
+    cache = torch.zeros(2, 2, 5, 8)
+    assert not fused_kernels.cache_write(
+        cache, cache.clone(), k[:, :2, :1], k[:, :2, :1], torch.tensor([0, 1])
+    )
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
@@ -174,7 +246,8 @@ class _TritonStub:
 def test_a_kernel_triton_cannot_build_turns_the_kernels_off_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A GPU or driver Triton does not support: the norm and the rotary embedding decline
+    """A GPU or driver Triton does not support: the norm, the rotary embedding and the gated
+    SiLU decline
     (their callers run the torch code), and the kernels stay off for the process."""
     monkeypatch.setattr(fused_kernels, "ENABLED", True)
     monkeypatch.setattr(fused_kernels, "triton", _TritonStub())
@@ -192,6 +265,12 @@ def test_a_kernel_triton_cannot_build_turns_the_kernels_off_with_one_warning(
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
     cos = sin = torch.randn(2, 3, 8)
     assert fused_kernels.rotary(q, k, cos, sin, torch.float32) is None
+    assert fused_kernels.ENABLED is False
+    monkeypatch.setattr(fused_kernels, "ENABLED", True)
+    monkeypatch.setattr(fused_kernels, "_silu_mul_kernel", _FailingKernel(), raising=False)
+    monkeypatch.setattr(fused_kernels, "SILU_BLOCK", 8)
+    monkeypatch.setattr(fused_kernels.triton, "cdiv", lambda a, b: -(-a // b), raising=False)
+    assert fused_kernels.silu_mul(torch.randn(2, 1, 16)) is None
     assert fused_kernels.ENABLED is False
 
 

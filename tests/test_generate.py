@@ -70,6 +70,33 @@ def test_sampling_follows_the_softmax() -> None:
     assert (greedy == 0).all()
 
 
+def test_the_two_level_cdf_picks_the_token_of_one_scan() -> None:
+    """Over a vocabulary of several CDF blocks and a ragged last one, the token is the one a
+    single float64 scan of the probabilities picks; a token of zero probability (a run of
+    them across a block's end, and the block after it all zero) never comes out."""
+    from pipeline.sampling import CDF_BLOCK, _inverse_cdf, row_uniforms
+
+    vocab = 3 * CDF_BLOCK + 77
+    logits = torch.randn(4000, vocab, generator=torch.Generator().manual_seed(5)) * 3
+    logits[:, CDF_BLOCK - 40 : 2 * CDF_BLOCK + 5] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    u = row_uniforms(torch.arange(4000), torch.tensor(2))
+    tokens = _inverse_cdf(probs, u)
+    cdf = probs.double().cumsum(dim=-1)
+    expected = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None]).squeeze(1)
+    assert (tokens == expected).float().mean() > 0.999
+    assert (probs.gather(1, tokens[:, None]) > 0).all()
+    assert (
+        tokens.max() < vocab
+        and ((tokens >= 2 * CDF_BLOCK) & (tokens < 2 * CDF_BLOCK + 5)).sum() == 0
+    )
+    # The last token of the vocabulary, reached at u near 1, and a one-hot row.
+    last = torch.zeros(1, vocab)
+    last[0, -1] = 1.0
+    assert _inverse_cdf(last, torch.tensor([0.999999])).item() == vocab - 1
+    assert _inverse_cdf(last, torch.tensor([1e-7])).item() == vocab - 1
+
+
 def test_top_p_never_samples_outside_the_nucleus() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])).repeat(5000, 1)
     tokens = sample_next(logits, torch.arange(5000), torch.tensor([1]), 1.0, top_p=0.75)

@@ -1,8 +1,9 @@
 """The Triton kernels of ``pipeline.fused_kernels`` against transformers' own code on CUDA,
 per family: the rotary embedding bit for bit (bf16, fp32, OLMo-2's float32 cos and sin,
-Phi-3's partial rotary), the RMSNorm within a rounding of the model's dtype, and the swap
-of transformers' rotary function in place while a runner works and gone after. Skipped
-without CUDA."""
+Phi-3's partial rotary), the RMSNorm within a rounding of the model's dtype, the gated
+SiLU bit for bit against torch's ``silu(gate) * up``, the cache write against torch's
+indexing, and the swap of transformers' rotary function in place while a runner works and
+gone after. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -150,6 +151,43 @@ def test_norm_kernel_equals_the_norms_formula(
     assert launched == [True, True, True, False] * len(norms)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(16, 1, 2 * 14336), (2, 7, 2 * 300), (1, 1, 2 * 5)])
+def test_silu_mul_kernel_equals_torch_bit_for_bit(dtype: torch.dtype, shape: tuple) -> None:
+    """On a fused gate/up product (a decode step's, a prefill's, a ragged width) and values
+    from far negative to far positive: torch's ``silu(gate) * up``, every bit."""
+    torch.manual_seed(11)
+    gate_up = (torch.randn(shape, device="cuda") * 8).to(dtype)
+    gate_up.view(-1)[:6] = torch.tensor([0.0, -0.0, 90.0, -90.0, 1e-3, -20.0])
+    out = fused_kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    assert out is not None and out.dtype == dtype and out.shape == ref.shape
+    assert torch.equal(out, ref), (out.float() - ref.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("column_dtype", [torch.int64, torch.int32])
+def test_cache_write_kernel_equals_indexing(dtype: torch.dtype, column_dtype: torch.dtype) -> None:
+    """A decode step's key (contiguous, as the rotary kernel leaves it) and value (a view of
+    the fused q/k/v product, transposed) into each row's column, nothing else touched."""
+    torch.manual_seed(12)
+    b, kv, length, dim, heads = 5, 4, 40, 128, 8
+    keys = torch.randn(b, kv, length + 1, dim, device="cuda").to(dtype)
+    values = torch.randn_like(keys)
+    fused = torch.randn(b, 1, (heads + 2 * kv) * dim, device="cuda").to(dtype)
+    _q, k, v = fused.split([heads * dim, kv * dim, kv * dim], dim=-1)
+    key = k.reshape(b, 1, kv, dim).transpose(1, 2).contiguous()
+    value = v.view(b, 1, kv, dim).transpose(1, 2)
+    column = torch.tensor([0, 39, 7, 40, 7], device="cuda", dtype=column_dtype)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    rows = torch.arange(b, device="cuda")
+    ref_keys[rows, :, column.long()] = key[:, :, 0]
+    ref_values[rows, :, column.long()] = value[:, :, 0]
+    assert fused_kernels.cache_write(keys, values, key, value, column)
+    assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+
+
 def test_a_run_goes_through_the_kernels_and_leaves_transformers_as_it_was(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -158,8 +196,19 @@ def test_a_run_goes_through_the_kernels_and_leaves_transformers_as_it_was(
     loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")), dtype="bfloat16")
     module = importlib.import_module("transformers.models.llama.modeling_llama")
     original = module.apply_rotary_pos_emb
-    calls = {"rotary": 0, "norm": 0}
+    calls = {"rotary": 0, "norm": 0, "silu": 0, "cache": 0}
     rotary, rms_norm = fused_kernels.rotary, fused_kernels.rms_norm
+    silu_mul, cache_write = fused_kernels.silu_mul, fused_kernels.cache_write
+
+    def counted_silu(*args, **kwargs):
+        out = silu_mul(*args, **kwargs)
+        calls["silu"] += out is not None
+        return out
+
+    def counted_cache(*args, **kwargs):
+        out = cache_write(*args, **kwargs)
+        calls["cache"] += out
+        return out
 
     def counted_rotary(*args, **kwargs):  # launches, not calls the kernel declined
         out = rotary(*args, **kwargs)
@@ -173,6 +222,8 @@ def test_a_run_goes_through_the_kernels_and_leaves_transformers_as_it_was(
 
     monkeypatch.setattr(fused_kernels, "rotary", counted_rotary)
     monkeypatch.setattr(fused_kernels, "rms_norm", counted_norm)
+    monkeypatch.setattr(fused_kernels, "silu_mul", counted_silu)
+    monkeypatch.setattr(fused_kernels, "cache_write", counted_cache)
     engine = DecodeEngine(loaded, capture=True)
     assert engine.cuda_graphs
     requests = [DecodeRequest([5, 6, 7, 8, 9], seed=0), DecodeRequest([5, 6], seed=1)]
@@ -181,6 +232,8 @@ def test_a_run_goes_through_the_kernels_and_leaves_transformers_as_it_was(
     layers = engine.runner.num_layers
     assert calls["rotary"] >= 2 * layers  # the prefill and the eager warm-up step at least
     assert calls["norm"] >= 2 * (2 * layers + 1)
+    assert calls["silu"] >= 2 * layers  # the prefill's MLPs and the warm-up step's
+    assert calls["cache"] >= layers  # the warm-up step's (the prefill writes its own way)
     assert module.apply_rotary_pos_emb is original
     monkeypatch.setattr(fused_kernels, "ENABLED", False)
     kernels_off = DecodeEngine(loaded, capture=True).run(requests, sampling)
