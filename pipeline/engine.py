@@ -162,6 +162,17 @@ class DecodeEngine:
         self.cuda_graphs = graphable if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not graphable:
             raise ValueError("CUDA graphs need one CUDA device and the static backend")
+        # Whole-cache decode steps (``StaticRunner.reads_valid_keys_only``) pay off under a
+        # CUDA graph: one graph a session, and the kernel's launch, about 100 us more host
+        # time a layer than SDPA's (H200, tests/bench/bench_decode_attention.py), paid once
+        # at capture. An eager step (a model sharded over GPUs) is bound by its launches: it
+        # keeps the rounded SDPA step. (A runner told otherwise keeps what it was told.)
+        if (
+            isinstance(self.runner, StaticRunner)
+            and not self.cuda_graphs
+            and self.runner.valid_keys_only is None
+        ):
+            self.runner.valid_keys_only = False
         # Opt-in (``--compile``): each decoder layer of the decode step through torch.compile
         # (norms, rotary, residual and elementwise work fused: fewer kernels a step), one
         # compiled layer for all, under our own CUDA graph. About 8 s of compiling for an 8B

@@ -517,15 +517,13 @@ class StaticRunner:
         then hands every step the whole cache (one CUDA graph a session) instead of the
         columns in use rounded up (one graph a rounded length). Not for a compiled step
         (its layer traces the torch code, over the rounded columns), a deterministic one
-        (its own kernel), nor heads the kernel does not take (over ``MAX_HEAD_DIM``)."""
+        (its own kernel), nor heads the kernel does not take (over ``MAX_HEAD_DIM``), even
+        where ``valid_keys_only`` asks for them (a test's or a benchmark's override)."""
+        if self._layer_call is not _call_layer or self.deterministic:
+            return False
         if self.valid_keys_only is not None:
             return self.valid_keys_only
-        return (
-            self._layer_call is _call_layer
-            and not self.deterministic
-            and self.head_dim <= MAX_HEAD_DIM
-            and fused_kernels.usable_on(device)
-        )
+        return self.head_dim <= MAX_HEAD_DIM and fused_kernels.usable_on(device)
 
     @contextmanager
     def attention(self) -> Iterator[None]:

@@ -13,6 +13,7 @@ from tiny_model import build_tiny_family
 
 from pipeline import fused_kernels
 from pipeline.decode_attention import decode_attention, split_count, tile_plan
+from pipeline.engine import DecodeEngine
 from pipeline.models import load_model
 from pipeline.runners import StaticRunner, grouped_attention
 
@@ -91,6 +92,20 @@ def test_the_runner_takes_whole_cache_steps_where_the_kernel_runs(
     assert not compiled.reads_valid_keys_only(cpu)
     forced = StaticRunner(loaded.model, valid_keys_only=False)
     assert not forced.reads_valid_keys_only(cpu)
+    # An engine that steps eagerly (no CUDA graphs: here the CPU) keeps the rounded steps,
+    # launch-bound as it is; one told otherwise keeps what it was told.
+    assert not DecodeEngine(loaded).runner.reads_valid_keys_only(cpu)
+
+    class Told(StaticRunner):
+        def __init__(self, model, **kwargs) -> None:  # noqa: ANN001
+            super().__init__(model, valid_keys_only=True, **kwargs)
+
+    monkeypatch.setattr("pipeline.engine.StaticRunner", Told)
+    assert DecodeEngine(loaded).runner.reads_valid_keys_only(cpu)
+    # An override never takes a deterministic step off its repeatable kernel.
+    forced_on = StaticRunner(loaded.model, deterministic=True, valid_keys_only=True)
+    assert not forced_on.reads_valid_keys_only(cpu)
+    assert StaticRunner(loaded.model, valid_keys_only=True).reads_valid_keys_only(cpu)
     # Heads the kernel does not take: the rounded columns, on SDPA.
     wide = StaticRunner(loaded.model)
     wide.head_dim = 512

@@ -70,6 +70,9 @@ def main() -> None:
     )
     eager = DecodeEngine(loaded, capture=True, cuda_graphs=False, compiled=args.compiled)
     graphed = DecodeEngine(loaded, capture=True, cuda_graphs=True, compiled=args.compiled)
+    # The eager engine's attention as the graphed step's (eager, it would keep the rounded
+    # SDPA step: ``DecodeEngine``).
+    eager.runner.valid_keys_only = graphed.runner.reads_valid_keys_only(loaded.device)
     sampling = SamplingConfig(max_new_tokens=args.new, temperature=1.0, ignore_eos=True)
     short = SamplingConfig(max_new_tokens=16, temperature=1.0, ignore_eos=True)
     for batch in [int(b) for b in args.batches.split(",")]:
