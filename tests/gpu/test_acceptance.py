@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo  # reset between compiled runs
+from eager_twin import eager_twin
 from tiny_model import FAMILY_CONFIGS, build_tiny_family
 
 from db import Store
@@ -323,10 +324,8 @@ def test_graphed_and_eager_steps_agree_with_steering_on(big_model_dir: Path) -> 
         specs = [SteeringSpec(layer, vector, coef=4.0, positions=positions)]
         watch = [Watch("v", layer, vector[layer])]
         graphed, eager = (
-            DecodeEngine(loaded, capture=True, cuda_graphs=graphs).run(
-                requests, sampling, steering=specs, watch=watch
-            )
-            for graphs in (True, False)
+            engine.run(requests, sampling, steering=specs, watch=watch)
+            for engine in (DecodeEngine(loaded, capture=True), eager_twin(loaded, capture=True))
         )
         for g, e in zip(graphed, eager, strict=True):
             assert g.answer_ids == e.answer_ids
@@ -363,9 +362,7 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
     specs = [SteeringSpec(2, vector, coef=2.0, positions="all")]
     sampled = SamplingConfig(max_new_tokens=16, temperature=1.0, ignore_eos=True)
     graphed = engine.run(requests, sampled, steering=specs)
-    eager = DecodeEngine(loaded, capture=True, cuda_graphs=False).run(
-        requests, sampled, steering=specs
-    )
+    eager = eager_twin(loaded, capture=True).run(requests, sampled, steering=specs)
     for g, e in zip(graphed, eager, strict=True):
         assert g.answer_ids == e.answer_ids
         torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])
@@ -470,7 +467,7 @@ def test_continuous_batching_under_cuda_graphs(big_model_dir: Path) -> None:
     stop = max(counts, key=counts.get)  # ends rows at different steps
     runs = {}
     for graphs in (True, False):
-        engine = DecodeEngine(loaded, capture=True, cuda_graphs=graphs)
+        engine = DecodeEngine(loaded, capture=True) if graphs else eager_twin(loaded, capture=True)
         engine.stop_ids = torch.tensor([stop], device=engine.device)
         runs[graphs] = dict(engine.stream(requests, sampling, slots=4, check_every=4))
     assert sorted(runs[True]) == list(range(12))
@@ -612,7 +609,7 @@ def test_the_graphed_step_on_a_second_gpu(tmp_path: Path) -> None:
     sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, ignore_eos=True)
     with torch.cuda.device(0):
         graphed = DecodeEngine(loaded).run(requests, sampling)
-        eager = DecodeEngine(loaded, cuda_graphs=False).run(requests, sampling)
+        eager = eager_twin(loaded).run(requests, sampling)
     assert graphed[0].answer_ids == eager[0].answer_ids
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from eager_twin import eager_twin
 from tiny_model import build_tiny_family
 
 from pipeline.chat import prompt_ids
@@ -40,9 +41,7 @@ def test_graphed_capping_equals_eager_and_holds_the_cap(family: str, tmp_path: P
     graphed_engine = DecodeEngine(loaded, capture=True)
     assert graphed_engine.cuda_graphs
     graphed = graphed_engine.run(requests, sampling, steering=specs, watch=watch)
-    eager = DecodeEngine(loaded, capture=True, cuda_graphs=False).run(
-        requests, sampling, steering=specs, watch=watch
-    )
+    eager = eager_twin(loaded, capture=True).run(requests, sampling, steering=specs, watch=watch)
     for g, e in zip(graphed, eager, strict=True):
         assert g.answer_ids == e.answer_ids
         torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from eager_twin import eager_twin
 from tiny_model import build_tiny_family
 
 from pipeline import decode_attention as kernel_module
@@ -210,10 +211,10 @@ def test_the_engine_attends_over_the_whole_cache_with_one_graph_a_session(
     # One graph a step function, whatever lengths its steps attend over.
     whole_captures = len(captures)
     assert whole_captures == len(step_functions)
-    eager_engine = DecodeEngine(loaded, capture=True, cuda_graphs=False)
-    # Eager, the engine keeps the rounded SDPA step (launch-bound); told to, the kernel's.
-    assert not eager_engine.runner.reads_valid_keys_only(loaded.device)
-    eager_engine.runner.valid_keys_only = True
+    # Eager, the engine keeps the rounded SDPA step (launch-bound); its twin, the kernel's.
+    assert not DecodeEngine(loaded, cuda_graphs=False).runner.reads_valid_keys_only(loaded.device)
+    eager_engine = eager_twin(loaded, capture=True)
+    assert eager_engine.runner.reads_valid_keys_only(loaded.device)
     eager = eager_engine.run(requests, sampling, slots=3, check_every=8)
     captures.clear()
     monkeypatch.setattr(fused_kernels, "ENABLED", False)
