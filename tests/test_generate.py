@@ -21,6 +21,7 @@ from pipeline.jobs import run_job
 from pipeline.models import load_model
 from pipeline.sampling import row_seed, sample_next
 from vectors.activations import load_consolidated
+from vectors.steering import SteeringSpec
 
 QUESTIONS = [
     "Hi",
@@ -513,6 +514,43 @@ def test_a_step_attends_over_the_used_columns_only(tiny, monkeypatch: pytest.Mon
             ref = teacher_forced_means(tiny.model, list(request.prompt_ids), result.answer_ids)
             for kind, value in ref.items():
                 torch.testing.assert_close(result.activations[kind], value, rtol=1e-3, atol=1e-4)
+
+
+def test_a_repeated_run_of_a_kind_captures_without_a_warm_up_step(
+    tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graphed engine's step warms up eagerly once per kind of step (shapes, sampling,
+    steering, watch, kernels on or off); a run repeated captures at once. (The decision
+    alone: the CPU has no graphs, so ``_graphed`` is a recording stand-in here; the graphs
+    themselves in tests/gpu/test_acceptance.py.)"""
+    from pipeline import fused_kernels
+
+    engine = DecodeEngine(tiny, capture=True)
+    engine.cuda_graphs = True
+    warmups: list[int] = []
+
+    def recording(step_fn, warmup: int):  # noqa: ANN001, ANN202
+        warmups.append(warmup)
+        return step_fn
+
+    monkeypatch.setattr(engine, "_graphed", recording)
+    requests = _requests(tiny)[:2]
+    sampled = SamplingConfig(max_new_tokens=8, temperature=1.0, ignore_eos=True)
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    spec = SteeringSpec(2, torch.randn(tiny.num_layers + 1, tiny.hidden_size), coef=2.0)
+    first = engine.run(requests, sampled)
+    again = engine.run(requests, sampled)
+    assert [r.answer_ids for r in first] == [r.answer_ids for r in again]
+    engine.run(requests, greedy)  # another sampling
+    engine.run(requests, sampled, steering=[spec])  # steered
+    engine.run(requests, sampled, steering=[spec])
+    engine.run(requests[:1], sampled)  # another batch
+    monkeypatch.setattr(fused_kernels, "ENABLED", not fused_kernels.ENABLED)
+    engine.run(requests, sampled)  # the kernels switched
+    assert warmups == [1, 0, 1, 1, 0, 1, 1]
+    engine.compiled = True  # a compiled step may recompile: it always warms up
+    engine.run(requests, greedy)
+    assert warmups[-1] == 1
 
 
 def test_cpu_slots_come_from_available_memory(

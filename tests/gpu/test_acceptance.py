@@ -334,6 +334,38 @@ def test_graphed_and_eager_steps_agree_with_steering_on(big_model_dir: Path) -> 
             torch.testing.assert_close(g.projections, e.projections)
 
 
+def test_a_repeated_run_captures_at_once_and_gives_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run repeated on one engine captures its step without an eager warm-up step (its
+    kind ran eagerly already, on the engine's one side stream) and gives the first run's
+    rows, which equal the eager twin's (fp32)."""
+    loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")), dtype="float32")
+    engine = DecodeEngine(loaded, capture=True)
+    warmups: list[int] = []
+    real = engine._graphed
+
+    def recording(step_fn, warmup: int):  # noqa: ANN001, ANN202
+        warmups.append(warmup)
+        return real(step_fn, warmup)
+
+    monkeypatch.setattr(engine, "_graphed", recording)
+    questions = ["Hi there", "What should I cook tonight? I have rice and beans."]
+    requests = [
+        DecodeRequest(prompt_ids(loaded.tokenizer, None, q), seed=i)
+        for i, q in enumerate(questions)
+    ]
+    sampling = SamplingConfig(max_new_tokens=24, temperature=1.0, ignore_eos=True)
+    first = engine.run(requests, sampling)
+    again = engine.run(requests, sampling)
+    assert warmups == [1, 0]
+    eager = eager_twin(loaded, capture=True).run(requests, sampling)
+    for a, b, e in zip(first, again, eager, strict=True):
+        assert a.answer_ids == b.answer_ids == e.answer_ids
+        torch.testing.assert_close(b.activations["response_avg"], a.activations["response_avg"])
+        torch.testing.assert_close(b.activations["response_avg"], e.activations["response_avg"])
+
+
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
 def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
     """fp32 on the GPU: greedy tokens equal HF ``generate``, with the default attention and
