@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: eager_twin
 
 from common import (  # noqa: E402
     ARCH_SHAPES,
@@ -40,6 +41,7 @@ from common import (  # noqa: E402
     save_json,
     timed,
 )
+from eager_twin import eager_twin  # noqa: E402
 
 from pipeline.engine import (  # noqa: E402
     FINISH_CHECK_EVERY,
@@ -120,12 +122,12 @@ def warm_steps(engine: DecodeEngine, prompts: list[list[int]], new: int) -> tupl
 
 
 def graph_matches_eager(loaded) -> bool:
-    """The CUDA-graph step gives the same tokens as the eager step (greedy)."""
+    """The CUDA-graph step gives the same tokens as the same step run eagerly (greedy)."""
     prompts = random_prompts(8, 20, 60, loaded.model.config.vocab_size, seed=1)
     requests = [DecodeRequest(p, seed=i) for i, p in enumerate(prompts)]
     sampling = SamplingConfig(max_new_tokens=32, temperature=0.0, ignore_eos=True)
     graphed = DecodeEngine(loaded, capture=True, cuda_graphs=True).run(requests, sampling)
-    eager = DecodeEngine(loaded, capture=True, cuda_graphs=False).run(requests, sampling)
+    eager = eager_twin(loaded, capture=True).run(requests, sampling)
     same_tokens = [r.answer_ids for r in graphed] == [r.answer_ids for r in eager]
     close = all(
         torch.allclose(g.activations["response_avg"], e.activations["response_avg"], atol=1e-2)

@@ -15,8 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: eager_twin
 
 from common import build_model, card, print_table, random_prompts, save_json, timed  # noqa: E402
+from eager_twin import eager_twin  # noqa: E402
 
 from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig, Watch  # noqa: E402
 
@@ -52,7 +54,7 @@ def main() -> None:
     # The graphed step streams the same projections as the eager step.
     small = requests[:4]
     short = SamplingConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
-    eager = DecodeEngine(loaded, capture=False, cuda_graphs=False)
+    eager = eager_twin(loaded, capture=False)
     graphed = engine.run(small, short, watch=watch)
     reference = eager.run(small, short, watch=watch)
     same = all(
