@@ -515,8 +515,9 @@ class DecodeEngine:
             # another eager step (about 30 ms a run on the 8B shape, H200). None where this
             # engine has run a step of this kind eagerly already (the same shapes, sampling,
             # steering and watch: the same kernels, set up then) on its side stream: a run
-            # repeated (a sweep's, a benchmark's) captures at once. A compiled step always
-            # warms up (a new session may recompile).
+            # repeated on this engine (a benchmark's timed runs; jobs sharing an engine)
+            # captures at once. (A sweep builds an engine a setting: no gain there.) A
+            # compiled step always warms up (a new session may recompile).
             kind = self._step_kind(state, sampling)
             warm = not self.compiled and kind in self._warmed_kinds
             self._warmed_kinds.add(kind)
@@ -540,6 +541,7 @@ class DecodeEngine:
             sampling.temperature > 0,
             sampling.top_p < 1.0,
             sampling.ignore_eos,
+            tuple(self.stop_ids.shape),
             fused_kernels.ENABLED,
             isinstance(self.runner, StaticRunner)
             and self.runner.reads_valid_keys_only(torch.device(self.device)),

@@ -517,8 +517,9 @@ class StaticRunner:
         then hands every step the whole cache (one CUDA graph a session) instead of the
         columns in use rounded up (one graph a rounded length). Not for a compiled step
         (its layer traces the torch code, over the rounded columns), a deterministic one
-        (its own kernel), nor heads the kernel does not take (over ``MAX_HEAD_DIM``), even
-        where ``valid_keys_only`` asks for them (a test's or a benchmark's override)."""
+        (its own kernel), even where ``valid_keys_only`` (a test's, a benchmark's or an
+        eager engine's override) asks for them; by default not for heads the kernel does
+        not take (over ``MAX_HEAD_DIM``: told to, SDPA reads the whole cache's mask)."""
         if self._layer_call is not _call_layer or self.deterministic:
             return False
         if self.valid_keys_only is not None:

@@ -71,10 +71,11 @@ def sample_next(
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per row of ``weights`` [B, V] (>= 0, each row's sum > 0), the first index whose
-    cumulative weight reaches ``u`` [B] in (0, 1) times the row's total: the block of
+    cumulative weight reaches ``u`` [B] in (0, 1] times the row's total: the block of
     ``CDF_BLOCK`` weights where the cumulative block sums reach it, then the index within
-    that block's own cumulative sum. Never an index of zero weight: the target within the
-    block is above 0 and at most the block's own sum."""
+    that block's own cumulative sum. Never an index of zero weight where the scans add
+    exactly: the target within the block is above 0 and at most the block's own sum. A row
+    that is no distribution (NaN) still gets an index below V, as one scan clamped it."""
     b, v = weights.shape
     size = min(CDF_BLOCK, v)
     count = -(-v // size)
@@ -90,4 +91,5 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # block's own sum (rounding may differ between its sum and its scan).
     inner = torch.minimum(target - before, within[:, -1:])
     index = torch.searchsorted(within, inner).clamp_(max=size - 1)
-    return (block * size + index).squeeze(1)
+    # Within V: a NaN row finds no block and would land in the padding past the end.
+    return (block * size + index).squeeze(1).clamp_(max=v - 1)

@@ -90,7 +90,9 @@ def test_a_gelu_mlp_keeps_its_own_forward(family: str, tmp_path: Path) -> None:
     assert StaticRunner(loaded.model)._gated_mlps == []
 
 
-def test_an_unfused_split_mlp_gets_no_gated_forward(tmp_path: Path) -> None:
+def test_an_unfused_split_mlp_gets_no_gated_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without the fused gate/up group (``fuse=False``) a split MLP has no product to hand
     the kernel; a replaced weight sends the forward back to the MLP's own."""
     loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")), dtype="float32")
@@ -100,13 +102,9 @@ def test_an_unfused_split_mlp_gets_no_gated_forward(tmp_path: Path) -> None:
     assert group is not None and group.parent is mlp
     mlp.up_proj.weight = torch.nn.Parameter(torch.zeros_like(mlp.up_proj.weight))
     x = torch.randn(2, 1, loaded.model.config.hidden_size)
-    original = fused_kernels.available
-    fused_kernels.available = lambda _t: True
-    try:
-        with torch.no_grad():
-            out = forward(x)
-    finally:
-        fused_kernels.available = original
+    monkeypatch.setattr(fused_kernels, "available", lambda _t: True)
+    with torch.no_grad():
+        out = forward(x)
     assert not out.any()  # the MLP's own forward, with the zero weight: up is 0
 
 
@@ -247,8 +245,8 @@ def test_a_kernel_triton_cannot_build_turns_the_kernels_off_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A GPU or driver Triton does not support: the norm, the rotary embedding and the gated
-    SiLU decline
-    (their callers run the torch code), and the kernels stay off for the process."""
+    SiLU decline (their callers run the torch code), and the kernels stay off for the
+    process."""
     monkeypatch.setattr(fused_kernels, "ENABLED", True)
     monkeypatch.setattr(fused_kernels, "triton", _TritonStub())
     monkeypatch.setattr(fused_kernels, "_rms_norm_kernel", _FailingKernel(), raising=False)

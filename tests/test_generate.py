@@ -91,6 +91,21 @@ def test_the_two_level_cdf_picks_the_token_of_one_scan() -> None:
         tokens.max() < vocab
         and ((tokens >= 2 * CDF_BLOCK) & (tokens < 2 * CDF_BLOCK + 5)).sum() == 0
     )
+    # A row that is no distribution (NaN logits) still gets a token of the vocabulary.
+    nan_row = torch.full((1, vocab), float("nan"))
+    assert _inverse_cdf(nan_row, torch.tensor([0.5])).item() == vocab - 1
+    nan_logits = torch.full((2, vocab), float("nan"))
+    for top_p in (1.0, 0.9):
+        tokens = sample_next(nan_logits, torch.arange(2), torch.tensor(1), 1.0, top_p)
+        assert tokens.max().item() < vocab
+    # top_p over several blocks: only the nucleus, in the order of one scan.
+    logits = torch.randn(3000, vocab, generator=torch.Generator().manual_seed(6)) * 4
+    nucleus = sample_next(logits, torch.arange(3000), torch.tensor(4), 1.0, top_p=0.5)
+    probs = torch.softmax(logits, dim=-1)
+    ranked, _order = probs.sort(dim=-1, descending=True)
+    mass_before = ranked.cumsum(dim=-1) - ranked
+    rank = (probs > probs.gather(1, nucleus[:, None])).sum(dim=-1)  # tokens above it
+    assert (mass_before.gather(1, rank[:, None]) < 0.5 + 1e-5).all()
     # The last token of the vocabulary, reached at u near 1, and a one-hot row.
     last = torch.zeros(1, vocab)
     last[0, -1] = 1.0
