@@ -305,11 +305,7 @@ class DecodeEngine:
         streamed = steps = 0
         self._fill(state, busy, list(range(slots)), requests, first, sampling, starts, steps)
         step_fn = self._make_step(state, sampling)
-        # Steps whose attention reads only the keys a row may look at take the whole cache:
-        # one CUDA graph for the session (``StaticRunner.reads_valid_keys_only``).
-        whole_cache = isinstance(self.runner, StaticRunner) and self.runner.reads_valid_keys_only(
-            torch.device(self.device)
-        )
+        whole_cache = self._whole_cache_steps()
         while True:
             if whole_cache:
                 used = length
@@ -543,8 +539,14 @@ class DecodeEngine:
             sampling.ignore_eos,
             tuple(self.stop_ids.shape),
             fused_kernels.ENABLED,
-            isinstance(self.runner, StaticRunner)
-            and self.runner.reads_valid_keys_only(torch.device(self.device)),
+            self._whole_cache_steps(),
+        )
+
+    def _whole_cache_steps(self) -> bool:
+        """Steps whose attention reads only the keys a row may look at take the whole cache:
+        one CUDA graph for the session (``StaticRunner.reads_valid_keys_only``)."""
+        return isinstance(self.runner, StaticRunner) and self.runner.reads_valid_keys_only(
+            torch.device(self.device)
         )
 
     def _step_fn(self, state: _State, sampling: SamplingConfig) -> Callable[[int], None]:
