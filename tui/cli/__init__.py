@@ -4,6 +4,10 @@ module per command group, each registering its own subcommands beside their hand
 Headless commands call the same pipeline functions as the dashboard; Textual is imported
 only when the dashboard opens."""
 
-from tui.cli.main import build_parser, main
+from tui.cli.memory import prefer_huge_pages
+
+prefer_huge_pages()  # before any import of torch, which reads it once
+
+from tui.cli.main import build_parser, main  # noqa: E402
 
 __all__ = ["build_parser", "main"]
