@@ -513,11 +513,13 @@ class DecodeEngine:
             # steering and watch: the same kernels, set up then) on its side stream: a run
             # repeated on this engine (a benchmark's timed runs; jobs sharing an engine)
             # captures at once. (A sweep builds an engine a setting: no gain there.) A
-            # compiled step always warms up (a new session may recompile).
+            # compiled step always warms up (a new session may recompile). The kind is kept
+            # once its warm-up step has run: one that raised (an out-of-memory) set up nothing.
             kind = self._step_kind(state, sampling)
             warm = not self.compiled and kind in self._warmed_kinds
-            self._warmed_kinds.add(kind)
-            step_fn = self._graphed(step_fn, 0 if warm else 1)
+            step_fn = self._graphed(
+                step_fn, 0 if warm else 1, on_warmed=lambda: self._warmed_kinds.add(kind)
+            )
         return step_fn
 
     def _step_kind(self, state: _State, sampling: SamplingConfig) -> tuple:
@@ -627,10 +629,16 @@ class DecodeEngine:
 
         return step
 
-    def _graphed(self, step_fn: Callable[[int], None], warmup: int) -> Callable[[int], None]:
+    def _graphed(
+        self,
+        step_fn: Callable[[int], None],
+        warmup: int,
+        on_warmed: Callable[[], None] | None = None,
+    ) -> Callable[[int], None]:
         """The step as CUDA graphs, one per attended length: the first ``warmup`` calls run
         eagerly on a side stream (real steps, which also warm the allocator and compile a
-        compiled step's layer), then each new length is captured once and replayed after.
+        compiled step's layer; ``on_warmed`` is called once the last has returned), then
+        each new length is captured once and replayed after.
         Capture records without running, so the capturing call replays too. The graphs share
         one memory pool: only their scratch lives there (every result goes to the state), and
         they never run at once."""
@@ -664,6 +672,8 @@ class DecodeEngine:
             with torch.cuda.device(device):
                 if calls <= warmup:
                     eagerly(used)
+                    if calls == warmup and on_warmed is not None:
+                        on_warmed()
                     return
                 if used not in graphs:
                     graph = torch.cuda.CUDAGraph()

@@ -531,6 +531,48 @@ def test_a_step_attends_over_the_used_columns_only(tiny, monkeypatch: pytest.Mon
                 torch.testing.assert_close(result.activations[kind], value, rtol=1e-3, atol=1e-4)
 
 
+def _recording_graphed(warmups: list[int], fail_first: bool = False):  # noqa: ANN202
+    """A stand-in for ``DecodeEngine._graphed`` on the CPU: it records each step function's
+    warm-up count and runs the step eagerly, telling ``on_warmed`` as the real one does.
+    ``fail_first``: the first warm-up step of all raises, as an out-of-memory would."""
+    failures = [fail_first]
+
+    def graphed(step_fn, warmup: int, on_warmed=None):  # noqa: ANN001, ANN202
+        warmups.append(warmup)
+        calls = 0
+
+        def step(used: int) -> None:
+            nonlocal calls
+            calls += 1
+            if calls <= warmup and failures[0]:
+                failures[0] = False
+                raise RuntimeError("CUDA out of memory (the test's)")
+            step_fn(used)
+            if calls == warmup and on_warmed is not None:
+                on_warmed()
+
+        return step
+
+    return graphed
+
+
+def test_a_warm_up_step_that_raised_is_warmed_up_again(tiny, monkeypatch) -> None:
+    """A kind of step is kept as warmed only once its warm-up step has run: after one that
+    raised (an out-of-memory), the next run of that kind warms up again, then the one after
+    captures at once."""
+    engine = DecodeEngine(tiny, capture=True)
+    engine.cuda_graphs = True
+    warmups: list[int] = []
+    monkeypatch.setattr(engine, "_graphed", _recording_graphed(warmups, fail_first=True))
+    requests = _requests(tiny)[:2]
+    sampled = SamplingConfig(max_new_tokens=6, temperature=1.0, ignore_eos=True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.run(requests, sampled)
+    engine.run(requests, sampled)
+    engine.run(requests, sampled)
+    assert warmups == [1, 1, 0]
+
+
 def test_a_repeated_run_of_a_kind_captures_without_a_warm_up_step(
     tiny, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -543,12 +585,7 @@ def test_a_repeated_run_of_a_kind_captures_without_a_warm_up_step(
     engine = DecodeEngine(tiny, capture=True)
     engine.cuda_graphs = True
     warmups: list[int] = []
-
-    def recording(step_fn, warmup: int):  # noqa: ANN001, ANN202
-        warmups.append(warmup)
-        return step_fn
-
-    monkeypatch.setattr(engine, "_graphed", recording)
+    monkeypatch.setattr(engine, "_graphed", _recording_graphed(warmups))
     requests = _requests(tiny)[:2]
     sampled = SamplingConfig(max_new_tokens=8, temperature=1.0, ignore_eos=True)
     greedy = SamplingConfig(max_new_tokens=8, temperature=0.0, ignore_eos=True)

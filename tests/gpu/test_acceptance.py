@@ -345,9 +345,9 @@ def test_a_repeated_run_captures_at_once_and_gives_the_same_rows(
     warmups: list[int] = []
     real = engine._graphed
 
-    def recording(step_fn, warmup: int):  # noqa: ANN001, ANN202
+    def recording(step_fn, warmup: int, on_warmed=None):  # noqa: ANN001, ANN202
         warmups.append(warmup)
-        return real(step_fn, warmup)
+        return real(step_fn, warmup, on_warmed)
 
     monkeypatch.setattr(engine, "_graphed", recording)
     questions = ["Hi there", "What should I cook tonight? I have rice and beans."]
