@@ -142,7 +142,7 @@ class DecodeEngine:
         self.backend = backend
         # Opt-in (``--deterministic``): the GPU decode step's attention on a kernel whose
         # results repeat run to run, so the same command gives the same tokens again (SDPA's
-        # faster pick does not from batch 64; README, "Repeatable runs").
+        # faster pick does not from batch 64; docs/benchmarks.md, "Repeatable runs").
         self.runner: StaticRunner | HFRunner = (
             StaticRunner(self.model, deterministic=deterministic)
             if backend == "static"
@@ -177,7 +177,8 @@ class DecodeEngine:
         # Opt-in (``--compile``): each decoder layer of the decode step through torch.compile
         # (norms, rotary, residual and elementwise work fused: fewer kernels a step), one
         # compiled layer for all, under our own CUDA graph. About 8 s of compiling for an 8B
-        # shape on an H200 (README, "Compiled step"); the HF runner has no step to compile.
+        # shape on an H200 (docs/benchmarks.md, "Compiled step"); the HF runner has no step
+        # to compile.
         self.compiled = compiled and backend == "static"
         if compiled and not self.compiled:
             family = self.model.config.model_type

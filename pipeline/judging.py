@@ -36,8 +36,8 @@ METRICS = ("trait", "coherence")
 FLUSH_EVERY = 512
 FLUSH_SECONDS = 0.5
 # Default client processes: one SDK process keeps about 8 requests in flight at full rate
-# (README: 64 in flight reached 0.8 of ideal with 8 processes, 0.41 with one); a job of fewer
-# requests than this runs in one process (starting one costs about a second).
+# (docs/benchmarks.md: 64 in flight reached 0.8 of ideal with 8 processes, 0.41 with one);
+# a job of fewer requests than this runs in one process (starting one costs about a second).
 IN_FLIGHT_PER_PROCESS = 8
 MIN_REQUESTS_FOR_PROCESSES = 200
 

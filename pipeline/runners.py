@@ -113,7 +113,7 @@ def grouped_attention(
         # forward repeats bit for bit. Alone it is slower at long caches (570 against 284 us
         # at batch 256 over 1,152 keys); a whole 8B step at batch 256 ran 7-9% slower
         # (tests/bench/repeatability.py --attention, bench_generate.py --deterministic;
-        # README, "Repeatable runs"). A call by name depends on no process-wide backend
+        # docs/benchmarks.md, "Repeatable runs"). A call by name depends on no process-wide backend
         # switch (engines on several GPUs step in threads).
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
             query.reshape(b, kv_heads, groups * q_len, dim),

@@ -8,7 +8,7 @@ speedup and whether the rotary results are equal bit for bit.
     python tests/bench/bench_kernels.py [--batches 16,64,256] [--hidden 4096] [--heads 32]
         [--kv-heads 8] [--head-dim 128]
 
-Session 13's figures (README, "Session 13" under Benchmarks) came from a scratch script
+Session 13's figures (docs/benchmarks.md, "Session 13") came from a scratch script
 that timed the same calls the same way; this file is that script, committed.
 """
 

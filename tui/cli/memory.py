@@ -9,7 +9,8 @@ import os
 # (madvise) when this is "1". A CPU judge batch allocates and frees hundreds of MB a layer;
 # on 4 KB pages each fresh page faults: 5.1M faults and 15.6 s of system time for one demo
 # judging job on the 2-core machine, 0.57M and 8.9 s with it, and 82.6 -> 70.2 s of wall
-# time (README, "Session 16"). Generation's smaller tensors did not change (72.5 -> 71.7 s).
+# time (docs/benchmarks.md, "Session 16"). Generation's smaller tensors did not change
+# (72.5 -> 71.7 s).
 HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 
 
