@@ -518,9 +518,8 @@ class DecodeEngine:
             # once its warm-up step has run: one that raised (an out-of-memory) set up nothing.
             kind = self._step_kind(state, sampling)
             warm = not self.compiled and kind in self._warmed_kinds
-            step_fn = self._graphed(
-                step_fn, 0 if warm else 1, on_warmed=lambda: self._warmed_kinds.add(kind)
-            )
+            record = None if warm else (lambda: self._warmed_kinds.add(kind))
+            step_fn = self._graphed(step_fn, 0 if warm else 1, on_warmed=record)
         return step_fn
 
     def _step_kind(self, state: _State, sampling: SamplingConfig) -> tuple:

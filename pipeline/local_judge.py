@@ -188,7 +188,11 @@ class LocalJudge(Judge):
             # Additive, in the model's dtype, made once: given a bool mask, SDPA converts it
             # on every layer (CPU, a SmolLM2 judge batch of 15: 37 against 40 ms a layer's
             # attention; the same log-probabilities, bit for bit).
-            mask = torch.zeros(allow.shape, dtype=model.dtype).masked_fill_(~allow, float("-inf"))
+            # Built where the model runs: the host fills and sends a bool mask, a quarter of
+            # a float32 one's bytes.
+            blocked = ~allow.to(device)
+            mask = torch.zeros(blocked.shape, dtype=model.dtype, device=device)
+            mask.masked_fill_(blocked, float("-inf"))
             if cache is not None:
                 cache.batch_repeat_interleave(b)
             kwargs = {self._cache_kw: cache} if cache is not None else {}
@@ -199,7 +203,7 @@ class LocalJudge(Judge):
             out = model(
                 tokens.to(device),
                 position_ids=positions.to(device),
-                attention_mask=mask.to(device),
+                attention_mask=mask,
                 **kwargs,
             )
             totals = _candidate_totals(out.logits[:, -(n + 1) :], trie)
@@ -267,7 +271,8 @@ def _warn_if_emulated(loaded: Any, dtype: str | None) -> None:
         )
 
 
-# Elements of float32 log-probabilities held at once while reading the candidates (256 MB).
+# Elements of float32 logits read at once for the candidates: their float32 copy and its
+# log-softmax, about 512 MB.
 _LOGPROB_CHUNK = 1 << 26
 
 

@@ -556,7 +556,9 @@ def _recording_graphed(warmups: list[int], fail_first: bool = False):  # noqa: A
     return graphed
 
 
-def test_a_warm_up_step_that_raised_is_warmed_up_again(tiny, monkeypatch) -> None:
+def test_a_warm_up_step_that_raised_is_warmed_up_again(
+    tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A kind of step is kept as warmed only once its warm-up step has run: after one that
     raised (an out-of-memory), the next run of that kind warms up again, then the one after
     captures at once."""

@@ -550,3 +550,45 @@ def test_a_dead_judge_server_stops_the_job_and_a_new_url_resumes_it(store: Store
         run_job(store.path, job_id)
     job = store.get_job(job_id)
     assert (job.status, job.done) == ("done", 60)
+
+
+def test_local_judge_reads_the_candidates_chunk_by_chunk_exactly(
+    local_judge: LocalJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The candidates' log-probabilities, read a row at a time (``_candidate_totals``),
+    equal those of one float32 log-softmax over the whole batch, bit for bit, from bf16 and
+    fp32 logits."""
+    import pipeline.local_judge as local_judge_module
+
+    trie = local_judge._trie
+    vocab = local_judge.loaded.model.config.vocab_size
+    generator = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(5, len(trie.order) + 1, vocab, generator=generator) * 4).to(dtype)
+        logp = torch.log_softmax(logits.float(), -1)
+        picked = logp[:, 1:][:, trie.parents, trie.nexts]
+        whole = logp[:, 0, trie.first] + (picked * trie.used).sum(-1)
+        assert torch.equal(local_judge_module._candidate_totals(logits, trie), whole)
+        monkeypatch.setattr(local_judge_module, "_LOGPROB_CHUNK", 1)  # one row a chunk
+        assert torch.equal(local_judge_module._candidate_totals(logits, trie), whole)
+        monkeypatch.undo()
+
+
+def test_a_local_judge_on_eager_attention_reads_its_tree_mask(local_judge: LocalJudge) -> None:
+    """An eager attention adds the mask to its scores, where a bool mask would add 0 and 1:
+    the judge's tree mask is additive, so a batch still equals plain forwards."""
+    model = local_judge.loaded.model
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    local_judge._prefix = None  # no cache computed under the other implementation
+    prompts = ["Rate: fine. Number?", "Rate the answer from 0 to 100. Answer: a longer one."]
+    try:
+        batched = local_judge.candidate_logprobs_batch(prompts)
+        for prompt, row in zip(prompts, batched, strict=True):
+            for index in (0, 7, 42, 100, 101):
+                assert row[index] == pytest.approx(
+                    local_judge.candidate_logprob_alone(prompt, index), abs=1e-4
+                )
+    finally:
+        model.set_attn_implementation(before)
+        local_judge._prefix = None

@@ -12,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux's /proc/self/smaps_rollup"
+)
 
 # Imports the CLI's package as `persona` does, then allocates 64 MB through torch and reports
 # the setting, whether torch had loaded before it, and the process's huge-page memory.
@@ -30,11 +33,10 @@ def _probe(value: str | None) -> tuple[str, bool, int]:
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if value is not None:
         env["THP_MEM_ALLOC_ENABLE"] = value
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-        check=True,
-    ).stdout.split()  # fmt: skip
-    return out[0], out[1] == "True", int(out[2])
+    command = [sys.executable, "-c", PROBE]
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    setting, torch_loaded, huge_kb = out.stdout.split()
+    return setting, torch_loaded == "True", int(huge_kb)
 
 
 def _madvise_huge_pages() -> bool:
@@ -42,9 +44,9 @@ def _madvise_huge_pages() -> bool:
 
 
 def test_the_cli_turns_huge_pages_on_before_torch_loads() -> None:
-    setting, torch_first, _ = _probe(None)
+    setting, torch_loaded, _ = _probe(None)
     assert setting == "1"
-    assert not torch_first  # torch reads the variable once, at its first allocation
+    assert not torch_loaded  # torch reads the variable once, at its first allocation
 
 
 def test_the_users_setting_is_kept() -> None:

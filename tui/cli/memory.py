@@ -1,5 +1,6 @@
-"""Process-wide memory settings, made before anything imports torch (the ``persona``
-package's first import), so the allocator reads them at its first allocation."""
+"""Process-wide memory settings, made before anything imports torch (the first thing the
+CLI package ``tui.cli`` does, for ``persona`` and ``python -m tui.cli``), so the allocator
+reads them at its first allocation."""
 
 from __future__ import annotations
 
