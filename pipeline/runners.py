@@ -538,10 +538,12 @@ class StaticRunner:
             return
         groups = [group for group in self._groups if group.intact()]
         projections = [pair for group in groups for pair in group.forwards()]
+        # A split MLP's kernel reads its group's fused product: only while the group is intact.
+        intact = {id(group) for group in groups}
         mlps = [
             (mlp, forward)
             for mlp, group, forward in self._gated_mlps
-            if group in groups or group is None
+            if group is None or id(group) in intact
         ]
         switched = _attention_switched(self.config, self.attention_name)
         rotary = fused_kernels.rotary_swapped(self._rotary_modules)

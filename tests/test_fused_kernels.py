@@ -315,3 +315,22 @@ def test_an_environment_variable_turns_the_kernels_off() -> None:
             [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
         )
         assert out.stdout.strip() == expected, out.stderr
+
+
+def test_a_split_mlp_runs_its_gated_forward_only_while_its_group_is_intact(
+    tmp_path: Path,
+) -> None:
+    """Inside ``attention()`` each split MLP whose fused gate/up group is intact runs its
+    gated forward; one whose group lost a parameter runs its class's own, the others keep
+    theirs."""
+    loaded = load_model(str(build_tiny_family(tmp_path / "llama", "llama")), dtype="float32")
+    runner = StaticRunner(loaded.model)
+    (first, _, first_forward), (second, _, second_forward) = runner._gated_mlps[:2]
+    with runner.attention():
+        assert vars(first).get("forward") is first_forward
+        assert vars(second).get("forward") is second_forward
+    assert "forward" not in vars(first)
+    first.up_proj.weight = torch.nn.Parameter(first.up_proj.weight.detach().clone())
+    with runner.attention():
+        assert "forward" not in vars(first)
+        assert vars(second).get("forward") is second_forward
