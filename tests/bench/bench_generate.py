@@ -137,8 +137,9 @@ def graph_matches_eager(loaded) -> bool:
 
 
 def by_architecture(archs: list[str], batch: int, new: int, compiled: bool) -> None:
-    """One row per family: HF generate and ours (with capture; and the opt-in compiled step
-    with ``--compiled``) on the same model and prompts."""
+    """One row per family: HF generate and ours (with capture and without; and the opt-in
+    compiled step with ``--compiled``) on the same model and prompts, with the steady decode
+    step and what the run spends outside it."""
     rows = []
     for arch in archs:
         loaded = build_arch_model(arch)
@@ -149,19 +150,26 @@ def by_architecture(archs: list[str], batch: int, new: int, compiled: bool) -> N
         hf_generate(loaded, warm, 4)
         prompts = random_prompts(batch, 100, 200, vocab, seed=batch)
         cold, hf = (batch * new / seconds for seconds in hf_twice(loaded, prompts, new))
-        ours_seconds, _ = warm_steps(engine, prompts, new)
+        ours_seconds, step_ms = warm_steps(engine, prompts, new)
+        bare_seconds, _ = warm_steps(DecodeEngine(loaded, capture=False), prompts, new)
         row = {
             "arch": arch,
             "runner": engine.backend,
             "graphs": engine.cuda_graphs,
             "hf_generate cold tok/s": cold,
             "hf_generate tok/s": hf,
+            "ours tok/s": batch * new / bare_seconds,
             "ours+capture tok/s": batch * new / ours_seconds,
             "ms/step": 1000 * ours_seconds / new,
+            # What the steady step leaves of the whole run: the prefill, the warm-up and
+            # captures, the collection (the step's own share is new x decode ms/step).
+            "decode ms/step": step_ms,
+            "outside steps s": ours_seconds - new * step_ms / 1000,
         }
         if compiled:
             row.update(compiled_run(loaded, prompts, new))
         row["speedup"] = row["ours+capture tok/s"] / hf
+        row["speedup without capture"] = row["ours tok/s"] / hf
         rows.append(row)
         print(row, flush=True)
         del engine, loaded
