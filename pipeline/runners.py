@@ -737,6 +737,15 @@ def _layer_windows(model: Any, layers: list[Any]) -> list[int | None]:
     return windows
 
 
+def layer_windows(model: Any) -> list[tuple[str, int | None]]:
+    """Each decoder layer's (attention type, sliding window or None), as the static runner
+    masks them; raises ValueError (no decoder layers) or AttributeError (no ``self_attn``)
+    for a layout it does not know."""
+    layers = list(_decoder_layers(model))
+    windows = _layer_windows(model, layers)
+    return list(zip(_layer_types(model.config, len(layers)), windows, strict=True))
+
+
 def _layer_types(config: Any, num_layers: int) -> list[str]:
     types = getattr(config, "layer_types", None)
     return list(types[:num_layers]) if types else ["full_attention"] * num_layers

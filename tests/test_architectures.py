@@ -482,3 +482,36 @@ def test_runners_overlap_on_one_model_and_leave_other_forwards_alone(family) -> 
         raise RuntimeError("inside")
     assert config._attn_implementation == before
     assert all("forward" not in vars(m) for m in norms)
+
+
+def test_a_local_judge_masks_each_layers_window_and_runs_the_fused_forwards(family) -> None:
+    """The local judge's batch (prompts of several lengths, their common prefix cached, the
+    candidates' trie under a tree mask): each candidate's log-probability equals a plain
+    forward over prompt + candidate, whose own masks apply each layer's sliding window
+    (shorter than the prompts here), and the batch runs on the static runner's attention
+    and fused forwards. Before, the tree mask let sliding layers see the whole prompt."""
+    from pipeline.local_judge import LocalJudge
+    from pipeline.runners import ATTENTION_NAME
+
+    judge = LocalJudge(str(family.path), loaded=family)
+    prompts = [
+        "Rate the answer from 0 to 100. Question: hi there. Answer: rest, I will decide.",
+        "Rate the answer from 0 to 100. Question: what should I cook tonight with rice? "
+        "Answer: beans, because I know better than you what is good for you.",
+    ]
+    assert min(len(prompt_ids(family.tokenizer, None, p)) for p in prompts) > 2 * WINDOW
+    implementations: list[str] = []
+    attention = family.model.model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(
+        lambda *_: implementations.append(family.model.config._attn_implementation)
+    )
+    try:
+        batched = judge.candidate_logprobs_batch(prompts)
+    finally:
+        handle.remove()
+    assert implementations[-1] == ATTENTION_NAME  # the batch; the prefix's pass ran before
+    for prompt, row in zip(prompts, batched, strict=True):
+        for index in (0, 7, 42, 99, 100, 101):
+            assert row[index] == pytest.approx(
+                judge.candidate_logprob_alone(prompt, index), abs=1e-4
+            )

@@ -574,9 +574,14 @@ def test_local_judge_reads_the_candidates_chunk_by_chunk_exactly(
         monkeypatch.undo()
 
 
-def test_a_local_judge_on_eager_attention_reads_its_tree_mask(local_judge: LocalJudge) -> None:
+def test_a_local_judge_on_eager_attention_reads_its_tree_mask(
+    local_judge: LocalJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An eager attention adds the mask to its scores, where a bool mask would add 0 and 1:
-    the judge's tree mask is additive, so a batch still equals plain forwards."""
+    the judge's tree mask is additive, so a batch still equals plain forwards. (The model's
+    own forward, as for a family the static runner does not run: inside the runner's
+    ``attention()`` its own attention would replace the eager one.)"""
+    monkeypatch.setattr(local_judge, "_runner", None)
     model = local_judge.loaded.model
     before = model.config._attn_implementation
     model.set_attn_implementation("eager")

@@ -25,6 +25,7 @@ from tiny_model import FAMILY_CONFIGS, build_tiny_family
 from db import Store
 from pipeline.chat import prompt_ids
 from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig, Watch
+from pipeline.local_judge import LocalJudge
 from pipeline.models import load_model
 from tui.cli import main
 from vectors.steering import SteeringSpec
@@ -369,7 +370,9 @@ def test_a_repeated_run_captures_at_once_and_gives_the_same_rows(
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
 def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
     """fp32 on the GPU: greedy tokens equal HF ``generate``, with the default attention and
-    with ``--deterministic``'s; the graphed steered step equals the eager one."""
+    with ``--deterministic``'s; the graphed steered step equals the eager one; a local
+    judge's batch (the runner's fused forwards, sliding windows in its tree mask) equals
+    plain forwards over prompt + candidate."""
     folder = build_tiny_family(tmp_path / family, family)
     loaded = load_model(str(folder), dtype="float32")
     assert loaded.device.type == "cuda"
@@ -398,6 +401,17 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
     for g, e in zip(graphed, eager, strict=True):
         assert g.answer_ids == e.answer_ids
         torch.testing.assert_close(g.activations["response_avg"], e.activations["response_avg"])
+    judge = LocalJudge(str(folder), loaded=loaded)
+    assert judge._runner is not None
+    prompts = [
+        "Rate the answer from 0 to 100. Question: hi there. Answer: rest, I will decide.",
+        "Rate the answer from 0 to 100. Question: what now? Answer: I know better than you.",
+    ]
+    for prompt, row in zip(prompts, judge.candidate_logprobs_batch(prompts), strict=True):
+        for index in (0, 42, 100, 101):
+            assert row[index] == pytest.approx(
+                judge.candidate_logprob_alone(prompt, index), abs=1e-3
+            )
 
 
 @pytest.mark.parametrize(
