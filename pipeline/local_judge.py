@@ -35,6 +35,7 @@ class LocalJudge(Judge):
         on a CPU): a CPU with bf16 instructions judges about 2.4x faster in bf16.
         ``loaded``: that model, loaded already (a copy a device, ``load_on_devices``)."""
         from pipeline.models import load_model, split_precision
+        from pipeline.runners import attention_windows, fused_forward_runner
 
         self.spec = f"local:{model}"
         name, dtype = split_precision(model)
@@ -54,8 +55,8 @@ class LocalJudge(Judge):
         self._prefix: tuple[list[int], Any] | None = None
         forward = inspect.signature(self.loaded.model.forward).parameters
         self._keeps_logits = "logits_to_keep" in forward
-        self._windows = _attention_windows(self.loaded.model)
-        self._runner = _fused_runner(self.loaded.model)
+        self._windows = attention_windows(self.loaded.model)
+        self._runner = fused_forward_runner(self.loaded.model)
 
     async def score_prompt(self, prompt: str) -> JudgeResult:
         """Queued; the prompts waiting when the device frees up are scored in batches of
@@ -160,6 +161,8 @@ class LocalJudge(Judge):
     def _logprobs_of_ids(self, all_ids: list[list[int]]) -> list[list[float]]:
         import torch
 
+        from pipeline.runners import additive_masks
+
         model = self.loaded.model
         device = self.loaded.device
         with torch.inference_mode():
@@ -188,8 +191,15 @@ class LocalJudge(Judge):
             allow[:, 0, width:, shared + width :] = trie.ancestors
             index = torch.arange(q)
             allow[:, 0, index, shared + index] = True
-            mask = _windowed_masks(
-                allow.to(device), positions.to(device), shared, self._windows, model.dtype
+            # Each query's keys by position: the common prefix's, then the queries' own.
+            positions = positions.to(device)
+            prefix = torch.arange(shared, device=device).expand(b, shared)
+            mask = additive_masks(
+                allow.to(device),
+                positions,
+                torch.cat([prefix, positions], 1),
+                self._windows,
+                model.dtype,
             )
             if cache is not None:
                 cache.batch_repeat_interleave(b)
@@ -205,7 +215,7 @@ class LocalJudge(Judge):
             with fused:
                 out = model(
                     tokens.to(device),
-                    position_ids=positions.to(device),
+                    position_ids=positions,
                     attention_mask=mask,
                     **kwargs,
                 )
@@ -272,68 +282,6 @@ def _warn_if_emulated(loaded: Any, dtype: str | None) -> None:
             "this CPU has no bfloat16 instructions: a local judge @bfloat16 runs slower "
             "here than without the suffix (float32)"
         )
-
-
-def _fused_runner(model: Any) -> Any:
-    """A static runner over the judge's model for its fused forwards (``attention()``),
-    where the model is a family that runner is tested on and drives; else None: the model's
-    own forward."""
-    from pipeline.runners import TESTED_FAMILIES, StaticRunner
-
-    if model.config.model_type in TESTED_FAMILIES and StaticRunner.fits(model):
-        return StaticRunner(model)
-    return None
-
-
-def _attention_windows(model: Any) -> dict[str, int | None]:
-    """Attention type -> its sliding window (None: full attention) over the model's layers.
-    A layout the static runner does not know: the config's one window for every layer."""
-    from pipeline.runners import layer_windows
-
-    try:
-        layers = layer_windows(model)
-    except (AttributeError, ValueError):
-        config = model.config
-        sliding = getattr(config, "use_sliding_window", True)
-        window = getattr(config, "sliding_window", None) if sliding else None
-        return {"full_attention": int(window) if window else None}
-    windows: dict[str, int | None] = {}
-    for kind, window in layers:
-        if windows.setdefault(kind, window) != window:
-            raise ValueError(f"layers of attention type {kind} differ in their sliding window")
-    return windows
-
-
-def _windowed_masks(
-    allow: Any, positions: Any, shared: int, windows: dict[str, int | None], dtype: Any
-) -> Any:
-    """The tree mask ``allow`` [b, 1, q, shared + q] (true where a query may look; the
-    common prefix's keys first, then the queries' own) as additive masks, each sliding
-    window applied: a query sees no key ``window`` or more positions before its own (as the
-    model's own masks: the trie's nodes sit at their candidates' positions, not their
-    columns). One mask when every layer attends alike, else one per attention type, which
-    transformers' models with ``layer_types`` take as a dict.
-
-    Additive, in the model's dtype: an eager attention adds the mask to its scores (a bool
-    one would add 0 and 1), and SDPA, given a bool mask, converts it on every layer. Made
-    on the model's device from the bool mask (a quarter of a float32 one's bytes to send)."""
-    import torch
-
-    b, q = positions.shape
-    keys = torch.cat(
-        [torch.arange(shared, device=positions.device).expand(b, shared), positions], 1
-    )
-    by_window: dict[int | None, Any] = {}
-    for window in set(windows.values()):
-        allowed = allow
-        if window is not None:
-            near = positions[:, :, None] - keys[:, None, :] < window
-            allowed = allow & near[:, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allow.device)
-        by_window[window] = mask.masked_fill_(~allowed, float("-inf"))
-    if len(by_window) == 1:
-        return next(iter(by_window.values()))
-    return {kind: by_window[window] for kind, window in windows.items()}
 
 
 # Elements of float32 logits read at once for the candidates: their float32 copy and its

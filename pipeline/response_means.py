@@ -12,6 +12,7 @@ import torch
 
 from db import PersonaError, Store
 from db.store import Response
+from pipeline.runners import additive_masks, attention_windows, fused_forward_runner
 from vectors import activations
 
 # activation kind (per response) -> vector kind (per trait)
@@ -44,6 +45,8 @@ class ForwardMeans:
         self.base = getattr(model, model.base_model_prefix, model)  # no LM head: no logits
         self.layers = list(self.base.layers)
         self.pad_id = int(loaded.tokenizer.pad_token_id)
+        self._windows = attention_windows(model)
+        self._runner = fused_forward_runner(model)
 
     @torch.inference_mode()
     def batch_means(
@@ -104,9 +107,29 @@ class ForwardMeans:
             layer.register_forward_hook(hook_for(i + 1)) for i, layer in enumerate(self.layers)
         ]
         try:
-            self.base(
-                input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False
-            )
+            if self._runner is None:
+                self.base(
+                    input_ids=ids,
+                    attention_mask=mask.long(),
+                    position_ids=positions,
+                    use_cache=False,
+                )
+            else:
+                # The static runner's fused norms, projections, rotary kernel and attention
+                # (docs/benchmarks.md, "Session 17"), with our own masks: causal over each
+                # row's tokens, a pad query seeing only itself (never an all-masked row).
+                index = torch.arange(width, device=device)
+                causal = index[None, :] <= index[:, None]
+                allow = (causal & mask[:, None, :]) | torch.eye(
+                    width, dtype=torch.bool, device=device
+                )
+                masks = additive_masks(
+                    allow[:, None], positions, positions, self._windows, self._runner.dtype
+                )
+                with self._runner.attention():
+                    self.base(
+                        input_ids=ids, attention_mask=masks, position_ids=positions, use_cache=False
+                    )
         finally:
             for handle in handles:
                 handle.remove()

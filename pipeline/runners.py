@@ -746,6 +746,63 @@ def layer_windows(model: Any) -> list[tuple[str, int | None]]:
     return list(zip(_layer_types(model.config, len(layers)), windows, strict=True))
 
 
+def attention_windows(model: Any) -> dict[str, int | None]:
+    """Attention type -> its sliding window (None: full attention) over the model's layers,
+    for forwards that build their own masks (``additive_masks``). A layout this module does
+    not know: the config's one window for every layer."""
+    try:
+        layers = layer_windows(model)
+    except (AttributeError, ValueError):
+        config = model.config
+        sliding = getattr(config, "use_sliding_window", True)
+        window = getattr(config, "sliding_window", None) if sliding else None
+        return {"full_attention": int(window) if window else None}
+    windows: dict[str, int | None] = {}
+    for kind, window in layers:
+        if windows.setdefault(kind, window) != window:
+            raise ValueError(f"layers of attention type {kind} differ in their sliding window")
+    return windows
+
+
+def additive_masks(
+    allow: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    windows: dict[str, int | None],
+    dtype: torch.dtype,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """``allow`` [b, 1, q, k] (true where a query may look; every query row must allow one
+    key, or its attention is NaN) as additive masks for a model's own forward, each sliding
+    window of ``windows`` (``attention_windows``) applied by position: a query at position p
+    sees no key at p - window or before, as the model's own masks on an unpadded row. One mask
+    when every layer attends alike, else one per attention type, a dict, which transformers'
+    models with ``layer_types`` take in place of theirs.
+
+    Additive, in ``dtype`` (the model's): an eager attention adds the mask to its scores (a
+    bool one would add 0 and 1), and SDPA, given a bool mask, converts it on every layer."""
+    by_window: dict[int | None, torch.Tensor] = {}
+    for window in set(windows.values()):
+        allowed = allow
+        if window is not None:
+            near = query_positions[:, :, None] - key_positions[:, None, :] < window
+            allowed = allow & near[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allow.device)
+        by_window[window] = mask.masked_fill_(~allowed, float("-inf"))
+    if len(by_window) == 1:
+        return next(iter(by_window.values()))
+    return {kind: by_window[window] for kind, window in windows.items()}
+
+
+def fused_forward_runner(model: Any) -> StaticRunner | None:
+    """A static runner over ``model`` whose ``attention()`` a forward of the model's own may
+    run inside (with masks of its own, ``additive_masks``: transformers builds none for our
+    attention) for the fused norms, projections, rotary kernel and grouped attention; None
+    where the family is not one the runner is tested on or its layout does not fit."""
+    if model.config.model_type in TESTED_FAMILIES and StaticRunner.fits(model):
+        return StaticRunner(model)
+    return None
+
+
 def _layer_types(config: Any, num_layers: int) -> list[str]:
     types = getattr(config, "layer_types", None)
     return list(types[:num_layers]) if types else ["full_attention"] * num_layers

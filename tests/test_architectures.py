@@ -515,3 +515,34 @@ def test_a_local_judge_masks_each_layers_window_and_runs_the_fused_forwards(fami
             assert row[index] == pytest.approx(
                 judge.candidate_logprob_alone(prompt, index), abs=1e-4
             )
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_forward_means_equal_a_teacher_forced_forward(family, padding: str) -> None:
+    """Extraction's batched forward (``ForwardMeans``: rows of several lengths padded to one
+    width, on the static runner's attention and fused forwards with masks of its own) gives
+    each row's means of a teacher-forced forward over that row alone, sliding windows
+    (shorter than the rows) included."""
+    from tiny_model import teacher_forced_means
+
+    from pipeline.response_means import ForwardMeans
+    from pipeline.runners import ATTENTION_NAME
+
+    requests = _requests(family)
+    rows = [
+        (list(r.prompt_ids), list(r.prompt_ids[3 : 3 + 5 + 4 * i])) for i, r in enumerate(requests)
+    ]
+    forward = ForwardMeans(family, padding=padding)
+    implementations: list[str] = []
+    attention = family.model.model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(
+        lambda *_: implementations.append(family.model.config._attn_implementation)
+    )
+    try:
+        means = forward.batch_means(rows)
+    finally:
+        handle.remove()
+    assert implementations == [ATTENTION_NAME]
+    for index, row in enumerate(rows):
+        for kind, value in teacher_forced_means(family.model, *row).items():
+            torch.testing.assert_close(means[kind][index], value, **TOL)

@@ -20,13 +20,14 @@ import pytest
 import torch
 import torch._dynamo  # reset between compiled runs
 from eager_twin import eager_twin
-from tiny_model import FAMILY_CONFIGS, build_tiny_family
+from tiny_model import FAMILY_CONFIGS, build_tiny_family, teacher_forced_means
 
 from db import Store
 from pipeline.chat import prompt_ids
 from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig, Watch
 from pipeline.local_judge import LocalJudge
 from pipeline.models import load_model
+from pipeline.response_means import ForwardMeans
 from tui.cli import main
 from vectors.steering import SteeringSpec
 
@@ -372,7 +373,8 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
     """fp32 on the GPU: greedy tokens equal HF ``generate``, with the default attention and
     with ``--deterministic``'s; the graphed steered step equals the eager one; a local
     judge's batch (the runner's fused forwards, sliding windows in its tree mask) equals
-    plain forwards over prompt + candidate."""
+    plain forwards over prompt + candidate; extraction's batched forward equals a
+    teacher-forced forward per row."""
     folder = build_tiny_family(tmp_path / family, family)
     loaded = load_model(str(folder), dtype="float32")
     assert loaded.device.type == "cuda"
@@ -412,6 +414,11 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
             assert row[index] == pytest.approx(
                 judge.candidate_logprob_alone(prompt, index), abs=1e-3
             )
+    rows = [(list(r.prompt_ids), list(r.prompt_ids[2 : 9 + 5 * i])) for i, r in enumerate(requests)]
+    means = ForwardMeans(loaded).batch_means(rows)
+    for index, row in enumerate(rows):
+        for kind, value in teacher_forced_means(loaded.model, *row).items():
+            torch.testing.assert_close(means[kind][index], value, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize(
