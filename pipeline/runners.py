@@ -100,8 +100,10 @@ def grouped_attention(
         attention_mask = attention_mask.to(query.dtype)
     # A deterministic decode step (its mask is the additive one) on a GPU: never SDPA's own
     # pick (below). A prefill keeps SDPA, whose prefill kernels repeat
-    # (tests/bench/repeatability.py --where).
-    repeatable_gpu = repeatable and additive and query.is_cuda
+    # (tests/bench/repeatability.py --where), and so does a forward of many queries under an
+    # additive mask (a local judge's or extraction's, ``fused_forward_runner``, while a
+    # deterministic engine's switch on the same model serves both).
+    repeatable_gpu = repeatable and additive and query.is_cuda and q_len == 1
     # The memory-efficient kernel below takes a head size and a bias row stride in multiples
     # of 8 (its alignment); otherwise the matmuls further down, which repeat too.
     efficient_fits = dim % 8 == 0 and k_len % 8 == 0

@@ -28,6 +28,7 @@ from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig, Watch
 from pipeline.local_judge import LocalJudge
 from pipeline.models import load_model
 from pipeline.response_means import ForwardMeans
+from pipeline.runners import StaticRunner
 from tui.cli import main
 from vectors.steering import SteeringSpec
 
@@ -409,11 +410,17 @@ def test_each_family_on_cuda(family: str, tmp_path: Path) -> None:
         "Rate the answer from 0 to 100. Question: hi there. Answer: rest, I will decide.",
         "Rate the answer from 0 to 100. Question: what now? Answer: I know better than you.",
     ]
-    for prompt, row in zip(prompts, judge.candidate_logprobs_batch(prompts), strict=True):
+    batched = judge.candidate_logprobs_batch(prompts)
+    for prompt, row in zip(prompts, batched, strict=True):
         for index in (0, 42, 100, 101):
             assert row[index] == pytest.approx(
                 judge.candidate_logprob_alone(prompt, index), abs=1e-3
             )
+    # A deterministic engine's switch on the same model serves the judge meanwhile: its
+    # many-query forward keeps SDPA (the repeatable kernel is for decode steps).
+    with StaticRunner(loaded.model, deterministic=True).attention():
+        overlapped = judge.candidate_logprobs_batch(prompts)
+    torch.testing.assert_close(torch.tensor(overlapped), torch.tensor(batched))
     rows = [(list(r.prompt_ids), list(r.prompt_ids[2 : 9 + 5 * i])) for i, r in enumerate(requests)]
     means = ForwardMeans(loaded).batch_means(rows)
     for index, row in enumerate(rows):
