@@ -210,7 +210,7 @@ class LocalJudge(Judge):
                 kwargs["logits_to_keep"] = n + 1
             # The static runner's fused norms, projections and rotary kernel and its
             # attention (grouped heads read in place) where the family is one it runs: on an
-            # H200 the 8B judge's batch ran 1.23x faster (docs/benchmarks.md, "Session 17").
+            # H200 the 8B judge's batch ran 1.24x faster (docs/benchmarks.md, "Session 17").
             fused = self._runner.attention() if self._runner is not None else nullcontext()
             with fused:
                 out = model(

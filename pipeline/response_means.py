@@ -45,8 +45,9 @@ class ForwardMeans:
         self.base = getattr(model, model.base_model_prefix, model)  # no LM head: no logits
         self.layers = list(self.base.layers)
         self.pad_id = int(loaded.tokenizer.pad_token_id)
-        self._windows = attention_windows(model)
         self._runner = fused_forward_runner(model)
+        # Only our own masks need the windows; the model's own forward builds its masks.
+        self._windows = attention_windows(model) if self._runner is not None else {}
 
     @torch.inference_mode()
     def batch_means(

@@ -81,10 +81,12 @@ def grouped_attention(
     """Attention for the static runner. ``query`` [B, H, q, D]; ``key``/``value``
     [B, KV, k, D] straight from our cache (no repeated heads); ``attention_mask``: a
     prefill's [B, 1, q, k] bool, true where a query may look, a decode step's additive
-    [B, 1, 1, k], 0 or -inf, or a decode step's bool [B, 1, 1, k] over the whole cache
-    (``StaticRunner.reads_valid_keys_only``). ``repeatable`` (registered as
-    ``REPEATABLE_ATTENTION_NAME``, ``StaticRunner(deterministic=True)``): a GPU decode step
-    on kernels whose results repeat run to run. Returns [B, q, H, D] as transformers expects."""
+    [B, 1, 1, k], 0 or -inf, a decode step's bool [B, 1, 1, k] over the whole cache
+    (``StaticRunner.reads_valid_keys_only``), or the additive [B, 1, q, k] of a model's own
+    forward run inside ``attention()`` (``additive_masks``: a local judge's, extraction's).
+    ``repeatable`` (registered as ``REPEATABLE_ATTENTION_NAME``,
+    ``StaticRunner(deterministic=True)``): a GPU decode step on kernels whose results repeat
+    run to run. Returns [B, q, H, D] as transformers expects."""
     b, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -101,8 +103,11 @@ def grouped_attention(
     # A deterministic decode step (its mask is the additive one) on a GPU: never SDPA's own
     # pick (below). A prefill keeps SDPA, whose prefill kernels repeat
     # (tests/bench/repeatability.py --where), and so does a forward of many queries under an
-    # additive mask (a local judge's or extraction's, ``fused_forward_runner``, while a
-    # deterministic engine's switch on the same model serves both).
+    # additive mask (a local judge's or extraction's, ``fused_forward_runner``), should a
+    # deterministic engine's switch on the same model serve it: the kernel below takes one
+    # query a row. (No flow of ours overlaps them: jobs run in processes of their own, and a
+    # model's own forward without masks, such as the judge's prefix pass, gets none from
+    # transformers under our attention.)
     repeatable_gpu = repeatable and additive and query.is_cuda and q_len == 1
     # The memory-efficient kernel below takes a head size and a bias row stride in multiples
     # of 8 (its alignment); otherwise the matmuls further down, which repeat too.
@@ -739,28 +744,21 @@ def _layer_windows(model: Any, layers: list[Any]) -> list[int | None]:
     return windows
 
 
-def layer_windows(model: Any) -> list[tuple[str, int | None]]:
-    """Each decoder layer's (attention type, sliding window or None), as the static runner
-    masks them; raises ValueError (no decoder layers) or AttributeError (no ``self_attn``)
-    for a layout it does not know."""
-    layers = list(_decoder_layers(model))
-    windows = _layer_windows(model, layers)
-    return list(zip(_layer_types(model.config, len(layers)), windows, strict=True))
-
-
 def attention_windows(model: Any) -> dict[str, int | None]:
     """Attention type -> its sliding window (None: full attention) over the model's layers,
     for forwards that build their own masks (``additive_masks``). A layout this module does
     not know: the config's one window for every layer."""
     try:
-        layers = layer_windows(model)
-    except (AttributeError, ValueError):
+        layers = list(_decoder_layers(model))
+        types = _layer_types(model.config, len(layers))
+        by_layer = list(zip(types, _layer_windows(model, layers), strict=True))
+    except (AttributeError, ValueError):  # no decoder layers, or no ``self_attn`` in them
         config = model.config
         sliding = getattr(config, "use_sliding_window", True)
         window = getattr(config, "sliding_window", None) if sliding else None
         return {"full_attention": int(window) if window else None}
     windows: dict[str, int | None] = {}
-    for kind, window in layers:
+    for kind, window in by_layer:
         if windows.setdefault(kind, window) != window:
             raise ValueError(f"layers of attention type {kind} differ in their sliding window")
     return windows

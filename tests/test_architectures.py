@@ -484,32 +484,40 @@ def test_runners_overlap_on_one_model_and_leave_other_forwards_alone(family) -> 
     assert all("forward" not in vars(m) for m in norms)
 
 
-def test_a_local_judge_masks_each_layers_window_and_runs_the_fused_forwards(family) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "own forward"])
+def test_a_local_judge_masks_each_layers_window_and_runs_the_fused_forwards(
+    family, fused: bool
+) -> None:
     """The local judge's batch (prompts of several lengths, their common prefix cached, the
     candidates' trie under a tree mask): each candidate's log-probability equals a plain
     forward over prompt + candidate, whose own masks apply each layer's sliding window
-    (shorter than the prompts here), and the batch runs on the static runner's attention
-    and fused forwards. Before, the tree mask let sliding layers see the whole prompt."""
+    (shorter than the prompts here). The batch runs on the static runner's attention and
+    fused norms, or, as for a family the runner does not run, on the model's own forward
+    with the same mask. Before, the tree mask let sliding layers see the whole prompt."""
     from pipeline.local_judge import LocalJudge
     from pipeline.runners import ATTENTION_NAME
 
     judge = LocalJudge(str(family.path), loaded=family)
+    if not fused:
+        judge._runner = None
     prompts = [
         "Rate the answer from 0 to 100. Question: hi there. Answer: rest, I will decide.",
         "Rate the answer from 0 to 100. Question: what should I cook tonight with rice? "
         "Answer: beans, because I know better than you what is good for you.",
     ]
     assert min(len(prompt_ids(family.tokenizer, None, p)) for p in prompts) > 2 * WINDOW
-    implementations: list[str] = []
+    seen: list[tuple[str, bool]] = []  # (attention, a fused norm forward installed)
+    norm = family.model.model.norm  # installed with the rest on entering attention()
     attention = family.model.model.layers[0].self_attn
     handle = attention.register_forward_pre_hook(
-        lambda *_: implementations.append(family.model.config._attn_implementation)
+        lambda *_: seen.append((family.model.config._attn_implementation, "forward" in vars(norm)))
     )
     try:
         batched = judge.candidate_logprobs_batch(prompts)
     finally:
         handle.remove()
-    assert implementations[-1] == ATTENTION_NAME  # the batch; the prefix's pass ran before
+    # The batch's pass is the last; the prefix's ran before it, on the model's own forward.
+    assert (seen[-1][0] == ATTENTION_NAME) is fused and seen[-1][1] is fused
     for prompt, row in zip(prompts, batched, strict=True):
         for index in (0, 7, 42, 99, 100, 101):
             assert row[index] == pytest.approx(
@@ -522,7 +530,7 @@ def test_forward_means_equal_a_teacher_forced_forward(family, padding: str) -> N
     """Extraction's batched forward (``ForwardMeans``: rows of several lengths padded to one
     width, on the static runner's attention and fused forwards with masks of its own) gives
     each row's means of a teacher-forced forward over that row alone, sliding windows
-    (shorter than the rows) included."""
+    (shorter than the rows) included, and the means after the final norm."""
     from tiny_model import teacher_forced_means
 
     from pipeline.response_means import ForwardMeans
@@ -532,7 +540,7 @@ def test_forward_means_equal_a_teacher_forced_forward(family, padding: str) -> N
     rows = [
         (list(r.prompt_ids), list(r.prompt_ids[3 : 3 + 5 + 4 * i])) for i, r in enumerate(requests)
     ]
-    forward = ForwardMeans(family, padding=padding)
+    forward = ForwardMeans(family, padding=padding, final_norm=True)
     implementations: list[str] = []
     attention = family.model.model.layers[0].self_attn
     handle = attention.register_forward_pre_hook(
@@ -546,3 +554,11 @@ def test_forward_means_equal_a_teacher_forced_forward(family, padding: str) -> N
     for index, row in enumerate(rows):
         for kind, value in teacher_forced_means(family.model, *row).items():
             torch.testing.assert_close(means[kind][index], value, **TOL)
+        # The last block's output after the final norm (the original convention's row L).
+        with torch.inference_mode():
+            normed = family.model.model.norm(teacher_forced_states(family.model, *row)[-1])
+        prompt = len(row[0])
+        torch.testing.assert_close(
+            means["response_avg_final"][index], normed[prompt:].mean(0), **TOL
+        )
+        torch.testing.assert_close(means["prompt_last_final"][index], normed[prompt - 1], **TOL)
