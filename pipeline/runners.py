@@ -784,7 +784,9 @@ def additive_masks(
     for window in set(windows.values()):
         allowed = allow
         if window is not None:
-            near = query_positions[:, :, None] - key_positions[:, None, :] < window
+            # k > q - window, as q - k < window: a bool [b, q, k] and no int64 one (at a
+            # long row's q = k = 16k that difference alone was 2 GiB).
+            near = key_positions[:, None, :] > (query_positions - window)[:, :, None]
             allowed = allow & near[:, None]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allow.device)
         by_window[window] = mask.masked_fill_(~allowed, float("-inf"))
