@@ -12,7 +12,12 @@ import torch
 
 from db import PersonaError, Store
 from db.store import Response
-from pipeline.runners import additive_masks, attention_windows, fused_forward_runner
+from pipeline.runners import (
+    additive_masks,
+    attention_windows,
+    fused_forward_runner,
+    padded_causal,
+)
 from vectors import activations
 
 # activation kind (per response) -> vector kind (per trait)
@@ -119,13 +124,12 @@ class ForwardMeans:
                 # The static runner's fused norms, projections, rotary kernel and attention
                 # (docs/benchmarks.md, "Session 17"), with our own masks: causal over each
                 # row's tokens, a pad query seeing only itself (never an all-masked row).
-                index = torch.arange(width, device=device)
-                causal = index[None, :] <= index[:, None]
-                allow = (causal & mask[:, None, :]) | torch.eye(
-                    width, dtype=torch.bool, device=device
-                )
                 masks = additive_masks(
-                    allow[:, None], positions, positions, self._windows, self._runner.dtype
+                    padded_causal(mask)[:, None],
+                    positions,
+                    positions,
+                    self._windows,
+                    self._runner.dtype,
                 )
                 with self._runner.attention():
                     self.base(

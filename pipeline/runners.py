@@ -665,17 +665,13 @@ class StaticRunner:
         if not self._attention_on:  # entered once for the layers and the final norm
             with self.attention():
                 return self.prefill(ids, valid, positions, hook, slots)
-        s = ids.shape[1]
-        index = torch.arange(s, device=ids.device)
-        causal = index[None, :] <= index[:, None]  # [q, k]
-        # A pad query sees only itself: never an all-masked row (NaN), never seen by real rows.
-        eye = torch.eye(s, dtype=torch.bool, device=ids.device)
+        index = torch.arange(ids.shape[1], device=ids.device)
+        causal = padded_causal(valid)
         masks = {}
         for window in set(self.windows):
-            allowed = (
-                causal if window is None else causal & (index[:, None] - index[None, :] < window)
-            )
-            masks[window] = ((allowed & valid[:, None, :]) | eye)[:, None]
+            # A row's tokens are contiguous, so columns differ as positions do.
+            near = index[:, None] - index[None, :] < window if window is not None else None
+            masks[window] = (causal if near is None else causal & near)[:, None]
         self.cache.column = None
         self.cache.slots = slots
         h = hook(0, self._embed(ids))
@@ -724,6 +720,23 @@ class StaticRunner:
         return self._logits(h[:, 0])
 
 
+def padded_causal(valid: torch.Tensor) -> torch.Tensor:
+    """[b, s] true at a row's tokens -> [b, s, s] where a query may look: the row's tokens at
+    or before it. A pad query sees only itself: never an all-masked row (NaN attention), and
+    never seen by a token."""
+    s = valid.shape[1]
+    index = torch.arange(s, device=valid.device)
+    causal = index[None, :] <= index[:, None]  # [q, k]
+    eye = torch.eye(s, dtype=torch.bool, device=valid.device)
+    return (causal & valid[:, None, :]) | eye
+
+
+def _config_window(config: Any) -> int | None:
+    """The one sliding window a config gives every layer (Mistral, Phi-3), None if off."""
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window and getattr(config, "use_sliding_window", True) else None
+
+
 def _layer_windows(model: Any, layers: list[Any]) -> list[int | None]:
     """Each layer's sliding window (None: full attention), as its attention module or the
     config says: per-layer types (Gemma-2/3, Qwen2/3) or one window for all (Mistral, Phi-3)."""
@@ -736,10 +749,8 @@ def _layer_windows(model: Any, layers: list[Any]) -> list[int | None]:
             window = attn.sliding_window
         elif types:
             window = config.sliding_window if types[index] == "sliding_attention" else None
-        elif getattr(config, "use_sliding_window", True):
-            window = getattr(config, "sliding_window", None)
         else:
-            window = None
+            window = _config_window(config)
         windows.append(int(window) if window else None)
     return windows
 
@@ -753,10 +764,7 @@ def attention_windows(model: Any) -> dict[str, int | None]:
         types = _layer_types(model.config, len(layers))
         by_layer = list(zip(types, _layer_windows(model, layers), strict=True))
     except (AttributeError, ValueError):  # no decoder layers, or no ``self_attn`` in them
-        config = model.config
-        sliding = getattr(config, "use_sliding_window", True)
-        window = getattr(config, "sliding_window", None) if sliding else None
-        return {"full_attention": int(window) if window else None}
+        return {"full_attention": _config_window(model.config)}
     windows: dict[str, int | None] = {}
     for kind, window in by_layer:
         if windows.setdefault(kind, window) != window:
