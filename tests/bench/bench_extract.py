@@ -159,9 +159,14 @@ def main() -> None:
     base_tokens = sum(len(p) + len(a) for p, a in base_rows)
     t_base, base_sums = timed(lambda: one_at_a_time(loaded, base_rows))
     rss_base = peak_rss_gib()
-    # Same numbers both ways (bf16 forward, so loose tolerance) on the rows both saw.
-    check = ours(forward, base_rows)
-    rel = max(((check[k].cpu() - base_sums[k]).norm() / base_sums[k].norm()).item() for k in check)
+    # Same numbers both ways (bf16 forward, so loose tolerance) on the rows both saw. HF's
+    # last hidden state is after the final norm, our row L before it: compare HF's with our
+    # final-norm means (``final_norm``), the rows below L as they are.
+    check = ours(ForwardMeans(loaded, final_norm=True), base_rows)
+    rel = 0.0
+    for kind, expected in base_sums.items():
+        got = torch.cat([check[kind][:-1], check[kind + "_final"][None]]).float().cpu()
+        rel = max(rel, ((got - expected).norm() / expected.norm()).item())
     row = {
         "responses": len(rows),
         "tokens": tokens,
