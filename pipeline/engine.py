@@ -68,6 +68,9 @@ class SamplingConfig:
 class DecodeRequest:
     prompt_ids: Sequence[int]
     seed: int
+    # Which of the run's steering specs steer this row, by index (a sweep's setting; ()
+    # none); None: every spec. Rows steered differently share a batch.
+    steer: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -193,6 +196,7 @@ class DecodeEngine:
         self.num_states = self.runner.num_layers + 1
         self.hidden_size = int(self.model.config.hidden_size)
         self.steering: list[SteeringSpec] = []
+        self._row_steering = False  # requests choose their specs (``DecodeRequest.steer``)
         self.watch: list[Watch] = []
         self._host = _HostStaging()
         self._warmed_kinds: set[tuple] = set()  # ``_step_kind``s run eagerly already
@@ -252,6 +256,12 @@ class DecodeEngine:
                 raise ValueError(
                     f"layer {spec.layer} is past the model's {self.runner.num_layers} blocks"
                 )
+        chosen = [r.steer for r in requests if r.steer is not None]
+        if any(not 0 <= k < len(steering) for steer in chosen for k in steer):
+            raise ValueError(f"a request steers by a spec index outside 0..{len(steering) - 1}")
+        # Per-row steering only where a request chooses its specs: other runs keep the step
+        # (and its CUDA graph) they had.
+        self._row_steering = bool(steering) and bool(chosen)
         slots = min(slots or len(requests), len(requests))
         if on_tokens is not None and (queue is not None or slots < len(requests)):
             raise ValueError("on_tokens needs every request in one batch (slots >= requests)")
@@ -297,7 +307,9 @@ class DecodeEngine:
         # Inference mode around each piece of work, never across a yield (the caller's code
         # between results must not run in it).
         with torch.inference_mode():
-            state = _State.create(slots, length, new, act_shape, self.device, len(self.watch))
+            state = _State.create(
+                slots, length, new, act_shape, self.device, len(self.watch), len(self.steering)
+            )
             self.runner.allocate(slots, length)
         busy: list[int | None] = [None] * slots  # the request each slot holds
         # Per slot: its first decode column less the steps run before it was filled, so a
@@ -421,15 +433,17 @@ class DecodeEngine:
         slot = torch.tensor(where, dtype=torch.long, device=device)
         seeds = torch.tensor([requests[i].seed for i in take], dtype=torch.long, device=device)
         positions = (valid.long().cumsum(1) - 1).clamp_(min=0)
-        state.reset(slot, seeds, valid)
+        steered = self._steered_rows([requests[i] for i in take])
+        state.reset(slot, seeds, valid, steered)
         prompt_count = valid.sum(1, keepdim=True).float()
         steering = self.steering
+        rows = steered if self._row_steering else None
         masks = prefill_masks(valid)
         capture = self.capture
 
         def prompt_hook(index: int, h: torch.Tensor) -> torch.Tensor:
             if steering:
-                h = apply_steering(h, steering, index, masks)
+                h = apply_steering(h, steering, index, masks, rows)
             if capture:
                 # A layer of a device_map model may sit on another GPU than the state.
                 hf = h.to(device).float()
@@ -452,6 +466,15 @@ class DecodeEngine:
         for row, index in zip(where, take, strict=True):
             busy[row] = index
             starts[row] = width - steps
+
+    def _steered_rows(self, requests: Sequence[DecodeRequest]) -> torch.Tensor:
+        """[len(requests), K] on the device: which of the K steering specs steer each row."""
+        steered = torch.ones((len(requests), max(len(self.steering), 1)), dtype=torch.bool)
+        for row, request in enumerate(requests):
+            if request.steer is not None:
+                steered[row] = False
+                steered[row, list(request.steer)] = True
+        return steered.to(self.device)
 
     @torch.inference_mode()
     def _collect(
@@ -535,6 +558,7 @@ class DecodeEngine:
             tuple(state.response_sum.shape),
             self.capture,
             steering,
+            self._row_steering,
             tuple(w.layer for w in self.watch),
             sampling.temperature > 0,
             sampling.top_p < 1.0,
@@ -568,6 +592,7 @@ class DecodeEngine:
         scratch = torch.full_like(rows, new)
 
         steering = self.steering
+        rows_steered = state.steered if self._row_steering else None
         watched: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for slot, w in enumerate(self.watch):
             unit = w.vector.to(self.device, torch.float32)
@@ -580,7 +605,8 @@ class DecodeEngine:
 
         def hook(index: int, h: torch.Tensor) -> torch.Tensor:
             if steering:
-                h = apply_steering(h, steering, index, decode_masks(~state.finished[:, None]))
+                live = decode_masks(~state.finished[:, None])
+                h = apply_steering(h, steering, index, live, rows_steered)
             if capture:
                 passed[index] = h[:, 0]
             for slot, unit in watched.get(index, ()):
@@ -771,6 +797,7 @@ class _State:
     prompt_avg: torch.Tensor
     prompt_last: torch.Tensor
     projections: torch.Tensor  # [B, new + 1, W] watched projections per answer token
+    steered: torch.Tensor  # [B, K] bool: which of the run's steering specs steer each row
 
     @classmethod
     def create(
@@ -781,6 +808,7 @@ class _State:
         act_shape: tuple[int, int],
         device: Any,
         watched: int = 0,
+        specs: int = 0,
     ) -> _State:
         def zeros(*shape: int, dtype=torch.float32) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -800,11 +828,16 @@ class _State:
             prompt_avg=zeros(batch, *act_shape),
             prompt_last=zeros(batch, *act_shape),
             projections=zeros(batch, new + 1, max(watched, 1)),
+            steered=zeros(batch, max(specs, 1), dtype=torch.bool),
         )
 
-    def reset(self, slot: torch.Tensor, seeds: torch.Tensor, valid: torch.Tensor) -> None:
-        """Start these slots afresh for new rows whose real prompt columns are ``valid``."""
+    def reset(
+        self, slot: torch.Tensor, seeds: torch.Tensor, valid: torch.Tensor, steered: torch.Tensor
+    ) -> None:
+        """Start these slots afresh for new rows whose real prompt columns are ``valid``,
+        steered by the specs ``steered`` marks."""
         self.seeds[slot] = seeds
+        self.steered[slot] = steered
         self.tokens[slot] = 0
         self.step[slot] = 1
         self.key_valid[slot] = False

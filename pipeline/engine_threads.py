@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from pipeline.engine import DecodeEngine, DecodeRequest, DecodeResult, RequestQueue, SamplingConfig
+from vectors.steering import SteeringSpec
 
 # Seconds between the caller's ``on_idle`` calls while no result arrives.
 POLL_SECONDS = 0.5
@@ -66,9 +67,11 @@ def stream_on_engines(
     sampling: SamplingConfig,
     *,
     on_idle: Callable[[], None] = lambda: None,
+    steering: Sequence[SteeringSpec] = (),
 ) -> Iterator[tuple[int, DecodeResult]]:
     """Yield (request index, result) as the engines finish rows, every request once; engine
-    ``i`` holds ``slots[i]`` rows at a time. ``on_idle`` runs in the calling thread between
+    ``i`` holds ``slots[i]`` rows at a time, each steered by ``steering`` (as
+    ``DecodeEngine.stream``). ``on_idle`` runs in the calling thread between
     results (at least every ``POLL_SECONDS``). An engine's error stops the others and is
     raised as ``EngineError``; an exception in the caller (``on_idle``'s, or the caller
     closing the iterator) stops every engine at its next host check before it returns."""
@@ -77,7 +80,12 @@ def stream_on_engines(
     def body(number: int, engine: DecodeEngine) -> ThreadBody:
         def run(emit: Callable[[int, Any], None], check: Callable[[], None]) -> None:
             steps = engine.stream(
-                requests, sampling, lambda _steps: check(), slots=slots[number], queue=waiting
+                requests,
+                sampling,
+                lambda _steps: check(),
+                slots=slots[number],
+                steering=steering,
+                queue=waiting,
             )
             for request, result in steps:
                 emit(request, result)

@@ -9,7 +9,7 @@ the rows in flight, and a rerun of the same command resumes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -199,17 +199,8 @@ class _JobWriter:
 
 
 def _engine_results(params, requests, engines, shares, writers) -> Iterator:
-    from pipeline.engine_threads import EngineError, stream_on_engines
-
     length = max(len(r.prompt_ids) for r in requests) + params.max_new_tokens
-    slots = []
-    for engine in engines:
-        # Engines on one device share its free memory (none has its cache yet).
-        sharing = sum(other.device == engine.device for other in engines)
-        count = params.batch_size or auto_slots(
-            engine.loaded, length, params.capture, sharing=sharing
-        )
-        slots.append(min(count, len(requests)))
+    slots = engine_slots(engines, length, params.capture, params.batch_size, len(requests))
     # How the slots were chosen, said once in the message (as the first engine chose them).
     if params.batch_size:
         how = "--batch-size"
@@ -241,26 +232,61 @@ def _engine_results(params, requests, engines, shares, writers) -> Iterator:
     # Rows are written in groups of a quarter of one engine's slots.
     group = max(1, max(slots) // 4)
 
-    def on_check(_steps: int = 0) -> None:
+    def on_check() -> None:
         for writer in writers:
             writer.write_and_check(group)
 
+    yield from engine_stream(engines, slots, requests, _sampling(params), on_check)
+
+
+def engine_slots(
+    engines: Sequence[Any], length: int, capture: bool, batch_size: int | None, rows: int
+) -> list[int]:
+    """Rows each engine decodes at once: ``batch_size`` where given, else as many as its
+    device's free memory holds for rows of ``length`` tokens (``auto_slots``; engines on
+    one device share it), never more than the ``rows`` to decode."""
+    slots = []
+    for engine in engines:
+        # Engines on one device share its free memory (none has its cache yet).
+        sharing = sum(other.device == engine.device for other in engines)
+        count = batch_size or auto_slots(engine.loaded, length, capture, sharing=sharing)
+        slots.append(min(count, rows))
+    return slots
+
+
+def engine_stream(
+    engines: Sequence[Any],
+    slots: Sequence[int],
+    requests: Sequence[Any],
+    sampling: Any,
+    on_check: Callable[[], None],
+    *,
+    steering: Sequence[Any] = (),
+) -> Iterator[tuple[int, Any]]:
+    """(request index, result) as rows finish: one engine's stream, or one queue over
+    several engines in threads (``stream_on_engines``); ``on_check()`` runs at each host
+    check (one engine) or between results (several). A CUDA out-of-memory ends in the
+    one-line message naming the ``--batch-size`` of the engine that ran out."""
+    from pipeline.engine_threads import EngineError, stream_on_engines
+
     try:
         if len(engines) == 1:
-            yield from engines[0].stream(requests, _sampling(params), on_check, slots=slots[0])
+            yield from engines[0].stream(
+                requests, sampling, lambda _steps: on_check(), slots=slots[0], steering=steering
+            )
         else:
             yield from stream_on_engines(
-                engines, slots, requests, _sampling(params), on_idle=on_check
+                engines, slots, requests, sampling, on_idle=on_check, steering=steering
             )
     except torch.cuda.OutOfMemoryError:
-        raise PersonaError(_out_of_memory(slots[0])) from None
+        raise PersonaError(out_of_memory_message(slots[0])) from None
     except EngineError as exc:
         if isinstance(exc.error, torch.cuda.OutOfMemoryError):
-            raise PersonaError(_out_of_memory(slots[exc.index])) from None
+            raise PersonaError(out_of_memory_message(slots[exc.index])) from None
         raise exc.error from None
 
 
-def _out_of_memory(slots: int) -> str:
+def out_of_memory_message(slots: int) -> str:
     return (
         f"CUDA out of memory at --batch-size {slots}; rerun the same command with "
         "a lower --batch-size (the job resumes where it stopped)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +38,12 @@ class SweepParams(JobParams):
     seed: int = 0
     prune_top: int | None = None  # keep the K layers with the best eval AUROC
     device: str | None = None
-    gpus: str | None = None  # the settings over an engine a device (parse_gpus)
+    gpus: str | None = None  # one queue of answers over an engine a device (parse_gpus)
+    batch_size: int | None = None  # answers decoded at once (default: what memory holds)
     compile: bool = False  # the decode step's layers compiled (GenerateParams.compile)
     deterministic: bool = False  # repeatable GPU attention (GenerateParams.deterministic)
 
-    NOT_IDENTITY = frozenset({"gpus", "compile", "deterministic"})
+    NOT_IDENTITY = frozenset({"gpus", "batch_size", "compile", "deterministic"})
 
     def validate(self) -> SweepParams:
         if not self.layers:
@@ -56,6 +57,8 @@ class SweepParams(JobParams):
                 f"--layers {list(self.layers)}: a steered layer is a block output, 1 or more"
             )
         check_coefs(self.coefs)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise PersonaError(f"--batch-size must be at least 1 (got {self.batch_size})")
         from pipeline.judge_backends import check_judge_spec
         from pipeline.sharding import parse_gpus
 
@@ -143,15 +146,14 @@ def create_sweep_job(store: Store, trait: str, params: SweepParams) -> int:
 def run_sweep_job(
     store: Store, job_id: int, *, on_progress: ProgressCallback | None = None
 ) -> None:
-    import torch
-
     from pipeline.analyze import analyze
     from pipeline.chat import prompt_ids
-    from pipeline.decoding import answer_text, decode, response_row
-    from pipeline.engine_threads import map_on_devices, own_errors
+    from pipeline.decoding import answer_text, response_row
+    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
     from pipeline.judge_backends import make_judge
     from pipeline.judge_scores import COHERENCE_PROMPT
     from pipeline.judging import run_judgments
+    from pipeline.local_generation import engine_slots, engine_stream
     from pipeline.models import fits_one_gpu, load_on_devices
     from pipeline.sampling import row_seed
     from pipeline.sharding import first_device, worker_devices
@@ -200,76 +202,72 @@ def run_sweep_job(
             work.append((layer, index, coef, todo))
         else:
             progress.add(len(questions))
-    devices = worker_devices(
-        params.gpus, params.device, lambda: fits_one_gpu(params.model or record.model)
-    )
-    # No more copies than settings to answer; the first device's copy is ``loaded`` itself
-    # (load_model reuses it: it was loaded on that device).
-    devices = devices[: len(work)]
-    many = len(devices) > 1
-    models = load_on_devices(params.model or record.model, devices) if many else [loaded]
-
-    def answers(model: Any) -> Any:
-        def setting(item: tuple[int, int, float, list[int]], check: Any) -> list[Any]:
-            layer, _index, coef, todo = item
-            specs = []
-            if layer:
-                specs = [SteeringSpec(layer, vector, coef=coef, positions=params.positions)]
-            return decode(
-                model,
-                [prompts[q] for q in todo],
-                [row_seed(params.seed, q, 0, 0) for q in todo],
-                max_new_tokens=params.max_new_tokens,
-                temperature=params.temperature,
-                steering=specs,
-                on_step=lambda _steps: check(),  # a cancel stops a setting mid-decode
-                compiled=params.compile,
-                deterministic=params.deterministic,
-            )
-
-        return setting
-
-    def one_device() -> Iterator[tuple[int, list[Any]]]:
-        for number, item in enumerate(work):
-            yield number, answers(loaded)(item, lambda: None)
-
-    done = (
-        one_device()
-        if len(models) == 1
-        else map_on_devices(
-            [m.device for m in models],
-            [answers(m) for m in models],
-            work,
-            on_idle=progress.check_cancelled,
+    # Every setting's answers in one queue, each row steered by its setting's spec
+    # (``DecodeRequest.steer``; the unsteered baseline by none): the GPU decodes the grid
+    # as one large batch, not a batch of --n rows a setting, with the engine and its CUDA
+    # graphs built once. A row's tokens depend only on its prompt, seed and steering.
+    specs: list[SteeringSpec] = []
+    requests: list[DecodeRequest] = []
+    keys: list[tuple[int, int, int]] = []
+    for layer, index, coef, todo in work:
+        steer: tuple[int, ...] = ()
+        if layer:
+            specs.append(SteeringSpec(layer, vector, coef=coef, positions=params.positions))
+            steer = (len(specs) - 1,)
+        for q in todo:
+            requests.append(DecodeRequest(prompts[q], row_seed(params.seed, q, 0, 0), steer))
+            keys.append((q, layer, index))
+    if requests:
+        devices = worker_devices(
+            params.gpus, params.device, lambda: fits_one_gpu(params.model or record.model)
         )
-    )
-    # Closed on any way out: the devices' threads stop at once, not when the frame goes.
-    # An engine thread's out-of-memory comes out as itself, as one device's does.
-    try:
-        with own_errors(), closing(done):
-            for number, results in done:
-                layer, index, _coef, todo = work[number]
+        # No more engines than answers; the first device's copy is ``loaded`` itself
+        # (load_model reuses it: it was loaded on that device).
+        devices = devices[: len(requests)]
+        many = len(devices) > 1
+        models = load_on_devices(params.model or record.model, devices) if many else [loaded]
+        engines = [
+            DecodeEngine(
+                model, capture=False, compiled=params.compile, deterministic=params.deterministic
+            )
+            for model in models
+        ]
+        sampling = SamplingConfig(
+            max_new_tokens=params.max_new_tokens, temperature=params.temperature
+        )
+        length = max(len(r.prompt_ids) for r in requests) + params.max_new_tokens
+        slots = engine_slots(engines, length, False, params.batch_size, len(requests))
+        progress.extra["slots"] = slots[0] if len(slots) == 1 else slots
+
+        def on_check() -> None:  # a heartbeat while rows decode; a cancel seen within a check
+            progress.flush()
+            progress.check_cancelled()
+
+        results = engine_stream(engines, slots, requests, sampling, on_check, steering=specs)
+        # Closed on any way out: the devices' threads stop at once, not when the frame goes.
+        # Each answer is stored as its row finishes: a killed job loses only those in flight.
+        with closing(results):
+            for number, result in results:
+                q, layer, index = keys[number]
                 store.add_responses(
-                    response_row(
-                        job=job_id,
-                        trait=trait.name,
-                        side="none",
-                        split="eval",
-                        key=(q, layer, index),
-                        question_text=trait.questions[q],
-                        system_prompt="",
-                        prompt_ids=prompts[q],
-                        answer_ids=r.answer_ids,
-                        answer=answer_text(loaded, r.answer_ids),
-                        finish_reason=r.finish_reason,
-                        model=loaded.model_id,
-                    )
-                    for q, r in zip(todo, results, strict=True)
+                    [
+                        response_row(
+                            job=job_id,
+                            trait=trait.name,
+                            side="none",
+                            split="eval",
+                            key=(q, layer, index),
+                            question_text=trait.questions[q],
+                            system_prompt="",
+                            prompt_ids=prompts[q],
+                            answer_ids=result.answer_ids,
+                            answer=answer_text(loaded, result.answer_ids),
+                            finish_reason=result.finish_reason,
+                            model=loaded.model_id,
+                        )
+                    ]
                 )
-                progress.add(len(todo))
-                progress.check_cancelled()
-    except torch.cuda.OutOfMemoryError:
-        _out_of_memory(max(len(item[3]) for item in work))
+                progress.add(1)
     judge = make_judge(params.judge, base_url=params.judge_base_url, device=where)
     templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
     asyncio.run(run_judgments(store, judge, job_id, templates, progress))
@@ -278,13 +276,6 @@ def run_sweep_job(
     progress.extra["best"] = best_settings(table)
     progress.done = progress.total  # answers and judgments from earlier runs count too
     progress.finish("done")
-
-
-def _out_of_memory(answers: int) -> None:
-    raise PersonaError(
-        f"CUDA out of memory generating {answers} steered answers at once; rerun the same "
-        "command with a lower --n or --max-new-tokens (the job resumes where it stopped)"
-    ) from None
 
 
 def sweep_table(store: Store, job_id: int, judge: str, params: SweepParams) -> list[dict[str, Any]]:

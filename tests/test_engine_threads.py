@@ -139,7 +139,7 @@ class _FakeEngine:
     def __init__(self, fail: bool = False) -> None:
         self.fail, self.steps, self.stopped = fail, 0, False
 
-    def stream(self, requests, sampling, on_step, *, slots, queue):
+    def stream(self, requests, sampling, on_step, *, slots, steering, queue):
         try:
             while True:
                 if self.fail and self.steps == 3:

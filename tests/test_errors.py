@@ -1088,36 +1088,45 @@ def test_every_test_here_is_in_the_catalogue() -> None:
 
 @pytest.mark.parametrize("devices", [[], ["--gpus", "cpu,cpu"]], ids=["one", "two-threads"])
 def test_sweep_out_of_gpu_memory(
-    capsys, vectors_db: Path, monkeypatch: pytest.MonkeyPatch, devices: list[str]
+    capsys,
+    vectors_db: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    devices: list[str],
 ) -> None:
-    """A CUDA out-of-memory while generating steered answers names the remedy, on one device
-    and in one of two devices' threads; the answers of the settings finished before it stay
-    stored, so the rerun resumes."""
+    """A CUDA out-of-memory while generating steered answers names the --batch-size to
+    lower, on one device and in one of two devices' threads; the answers finished before it
+    stay stored, and the rerun answers the rest and finishes."""
     import torch
 
     from pipeline.engine import DecodeEngine
 
-    real_run = DecodeEngine.run
-    calls = {"n": 0}
+    real_stream = DecodeEngine.stream
 
-    def run_then_oom(self, requests, sampling, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real_run(self, requests, sampling, *args, **kwargs)
+    def two_then_oom(self, *args, **kwargs):
+        for number, item in enumerate(real_stream(self, *args, **kwargs)):
+            yield item
+            if number == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
-    monkeypatch.setattr(DecodeEngine, "run", run_then_oom)
+    monkeypatch.setattr(DecodeEngine, "stream", two_then_oom)
     argv = ["sweep", TRAIT, "--layers", "2", "--coefs=1", "--n", "2", "--max-new-tokens", "4"]
+    argv += ["--batch-size", "1", "--judge", f"local:{tiny_model_dir}", *devices]
     assert_error(
-        cli(capsys, "--db", vectors_db, *argv, *devices),
-        "CUDA out of memory generating 2 steered answers at once; rerun the same command with "
-        "a lower --n or --max-new-tokens (the job resumes where it stopped)",
+        cli(capsys, "--db", vectors_db, *argv),
+        "CUDA out of memory at --batch-size 1; rerun the same command with a lower "
+        "--batch-size (the job resumes where it stopped)",
     )
     with Store(vectors_db) as store:  # the newest sweep: other tests' share the database
         job = max(store.list_jobs(trait=TRAIT, kind="sweep"), key=lambda j: j.id)
         stored = len(store.responses(job=job.id))
-        # In threads the other device's setting may or may not have finished first.
-        assert job.status == "failed" and stored in ({2} if not devices else {0, 2})
+        # In threads the other device's engine may or may not have finished rows first.
+        assert job.status == "failed" and stored in ({2} if not devices else {2, 3, 4})
+    monkeypatch.setattr(DecodeEngine, "stream", real_stream)
+    assert cli(capsys, "--db", vectors_db, *argv)[0] == 0
+    with Store(vectors_db) as store:
+        job = store.get_job(job.id)
+        assert job.status == "done" and len(store.responses(job=job.id)) == 4
 
 
 def test_traits_delete_asks_and_says_what_it_removed(capsys, vectors_db: Path) -> None:

@@ -86,6 +86,46 @@ def test_steered_padded_batch_equals_rows_steered_alone(tiny, vector, backend, p
             )
 
 
+@pytest.mark.parametrize("backend", ["static", "hf"])
+@pytest.mark.parametrize("positions", ["response", "all"])
+def test_rows_steered_by_their_own_specs_equal_each_setting_run_alone(
+    tiny, vector, backend, positions
+) -> None:
+    """A sweep's settings in one queue (``DecodeRequest.steer``): each row, whatever its
+    neighbours' specs (two at its layer, one at another, a cap, none), with refilled slots,
+    gives the tokens and captures of its own specs run alone."""
+    engine = DecodeEngine(tiny, backend=backend, capture=True)
+    specs = [
+        SteeringSpec(2, vector, coef=3.0, positions=positions),
+        SteeringSpec(2, vector, coef=-3.0, positions=positions),
+        SteeringSpec(1, vector, coef=4.0, positions=positions),
+        SteeringSpec(2, vector, cap=0.0, positions=positions),
+    ]
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    prompts = _prompts(tiny)
+    choices = [(0,), (1,), (), (2,), (3,), (0, 2), None]
+    requests = [
+        DecodeRequest(prompts[i % len(prompts)], seed=i, steer=steer)
+        for i, steer in enumerate(choices)
+    ]
+    mixed = engine.run(requests, sampling, slots=3, steering=specs)
+    answers = set()
+    for request, result in zip(requests, mixed, strict=True):
+        own = specs if request.steer is None else [specs[k] for k in request.steer]
+        plain = DecodeRequest(request.prompt_ids, request.seed)
+        alone = engine.run([plain], sampling, steering=own)[0]
+        assert result.answer_ids == alone.answer_ids
+        answers.add((tuple(request.prompt_ids), tuple(result.answer_ids)))
+        for kind in ("prompt_avg", "prompt_last", "response_avg"):
+            torch.testing.assert_close(
+                result.activations[kind], alone.activations[kind], rtol=1e-4, atol=1e-5
+            )
+    # The settings differ: the same prompt answered differently under different specs.
+    assert len(answers) > len(prompts)
+    with pytest.raises(ValueError, match="spec index"):
+        engine.run([DecodeRequest(prompts[0], 0, steer=(4,))], sampling, steering=specs)
+
+
 def test_steering_positions_in_the_prefill(tiny, vector) -> None:
     """``response`` steers only the last real prompt token in the prefill (the position that
     emits the first answer token), ``prompt`` every real prompt token; captures at the steered

@@ -149,29 +149,71 @@ def _sweep_answers(
 def test_a_sweep_over_two_devices_stores_the_answers_of_one(
     extracted: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``sweep --gpus cpu,cpu``: the settings shared by two engines in two threads, each
-    setting's answers those the sweep on one device stores."""
+    """``sweep --gpus cpu,cpu``: every setting's answers in one queue over two engines in
+    two threads, each answer the one the sweep on one device stores."""
     import threading
     import time
 
-    from pipeline import decoding
+    from pipeline.engine import DecodeEngine
 
-    real, threads = decoding.decode, set()
+    real, threads = DecodeEngine._prefill, set()
 
-    def decode(*args, **kwargs):
+    def prefill(self, *args, **kwargs):
         threads.add(threading.current_thread().name)
-        time.sleep(0.05)  # neither device takes every setting before the other starts
-        return real(*args, **kwargs)
+        time.sleep(0.05)  # neither engine takes every answer before the other starts
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(decoding, "decode", decode)
+    monkeypatch.setattr(DecodeEngine, "_prefill", prefill)
     answers = {}
     for name, where in (("one", {"device": "cpu"}), ("two", {"gpus": "cpu,cpu"})):
-        answers[name] = _sweep_answers(extracted, tiny_model_dir, (-6.0, 3.0, 6.0), **where)
+        answers[name] = _sweep_answers(
+            extracted, tiny_model_dir, (-6.0, 3.0, 6.0), batch_size=2, **where
+        )
         if name == "one":
             assert threads == {threading.main_thread().name}
             threads.clear()
     assert threads == {"persona-device-0", "persona-device-1"}
     assert len(answers["one"]) == 8 and answers["two"] == answers["one"]
+
+
+def test_a_sweep_decodes_every_setting_in_one_batch_with_the_answers_of_each_alone(
+    extracted: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One engine, one stream: the unsteered baseline and each (layer, coef) setting share
+    the batch, each row steered by its own setting's spec, and each answer is what
+    ``decode`` gives for that setting alone (the per-setting path sweeps took before)."""
+    from pipeline.chat import prompt_ids
+    from pipeline.decoding import decode
+    from pipeline.engine import DecodeEngine
+    from pipeline.sampling import row_seed
+    from pipeline.trait_vectors import load_fitted_vector
+    from vectors.steering import SteeringSpec
+
+    calls: list[int] = []
+    real = DecodeEngine.stream
+
+    def counted(self, requests, *args, **kwargs):
+        calls.append(len(requests))
+        return real(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeEngine, "stream", counted)
+    coefs = (-6.0, 6.0)
+    answers = _sweep_answers(extracted, tiny_model_dir, coefs, device="cpu")
+    assert calls == [2 * (1 + len(coefs))]  # one stream: both questions of all 3 settings
+    monkeypatch.setattr(DecodeEngine, "stream", real)
+    with Store(extracted) as store:
+        trait = store.get_trait("paternalism")
+        fitted = load_fitted_vector(store, "paternalism", "response_avg_diff", device="cpu")
+    vector, loaded = fitted.vector, fitted.loaded
+    questions = [20, 21]
+    prompts = [prompt_ids(loaded.tokenizer, None, trait.questions[q]) for q in questions]
+    seeds = [row_seed(3, q, 0, 0) for q in questions]
+    for index, coef in enumerate((0.0, *coefs)):
+        specs = [SteeringSpec(2, vector, coef=coef)] if coef else []
+        alone = decode(loaded, prompts, seeds, max_new_tokens=5, steering=specs)
+        layer = 2 if coef else 0
+        for q, result in zip(questions, alone, strict=True):
+            assert answers[(q, layer, index)] == result.answer_ids
 
 
 @pytest.mark.skipif(
@@ -194,7 +236,7 @@ def test_a_compiled_sweep_over_two_devices_stores_the_answers_of_a_plain_one(
     answers["compiled"] = _sweep_answers(
         extracted, tiny_model_dir, (-6.0, 6.0), gpus="cpu,cpu", compile=True
     )
-    assert len(compiled) == 3  # an engine a setting (unsteered, -6, +6), all compiled
+    assert len(compiled) == 2  # an engine a device, both compiled
     assert len(answers["plain"]) == 6 and answers["compiled"] == answers["plain"]
 
 

@@ -96,17 +96,26 @@ def sequence_masks(prompt_len: int, total_len: int, device: Any = None) -> Posit
 
 
 def apply_steering(
-    h: torch.Tensor, specs: Sequence[SteeringSpec], layer: int, masks: PositionMasks
+    h: torch.Tensor,
+    specs: Sequence[SteeringSpec],
+    layer: int,
+    masks: PositionMasks,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``h`` [B, T, d] after block ``layer``-1, with every spec for that layer applied at the
     positions its ``positions`` mask marks. Returns a new tensor (or ``h`` untouched).
-    Specs and masks should already be on ``h``'s device (then nothing is copied)."""
-    for spec in specs:
+    ``rows`` [B, len(specs)] (bool): spec k steers only the rows where ``rows[:, k]`` (a
+    sweep's settings in one batch); a spec leaves the other rows bit-equal. Specs, masks and
+    rows should already be on ``h``'s device (then nothing is copied)."""
+    for k, spec in enumerate(specs):
         mask = masks.get(spec.positions)
         if spec.layer != layer or mask is None:
             continue
         v = spec.direction().to(device=h.device, dtype=torch.float32)
-        where = mask.to(h.device)[..., None].to(torch.float32)
+        mask = mask.to(h.device)
+        if rows is not None:
+            mask = mask & rows[:, k, None].to(h.device)
+        where = mask[..., None].to(torch.float32)
         hf = h.float()
         if spec.cap is not None:
             unit = v / v.norm().clamp(min=1e-12)

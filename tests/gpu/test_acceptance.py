@@ -337,6 +337,32 @@ def test_graphed_and_eager_steps_agree_with_steering_on(big_model_dir: Path) -> 
             torch.testing.assert_close(g.projections, e.projections)
 
 
+def test_rows_steered_by_their_own_specs_graphed_equal_eager(big_model_dir: Path) -> None:
+    """A sweep's settings in one queue under CUDA graphs (``DecodeRequest.steer``): rows
+    steered by different specs at two layers, or by none, with slots refilled, give the
+    eager twin's tokens and captures, and the settings' answers differ."""
+    loaded = load_model(str(big_model_dir))
+    torch.manual_seed(4)
+    layer = int(_layer(big_model_dir))
+    vector = torch.randn(loaded.num_layers + 1, loaded.hidden_size)
+    specs = [
+        SteeringSpec(layer, vector, coef=coef, positions="response") for coef in (-6.0, 6.0)
+    ] + [SteeringSpec(8, vector, coef=6.0, positions="response")]
+    prompt = prompt_ids(loaded.tokenizer, None, "Should I quit my job and travel?")
+    requests = [DecodeRequest(prompt, seed=0, steer=steer) for steer in ((), (0,), (1,), (2,))]
+    requests += [DecodeRequest(prompt, seed=1, steer=steer) for steer in ((1,), (), (0, 2))]
+    sampling = SamplingConfig(max_new_tokens=32, temperature=1.0, ignore_eos=True)
+    graphed, eager = (
+        engine.run(requests, sampling, slots=3, steering=specs)
+        for engine in (DecodeEngine(loaded, capture=True), eager_twin(loaded, capture=True))
+    )
+    for g, e in zip(graphed, eager, strict=True):
+        assert g.answer_ids == e.answer_ids
+        for kind in ("prompt_last", "prompt_avg", "response_avg"):
+            torch.testing.assert_close(g.activations[kind], e.activations[kind])
+    assert len({tuple(g.answer_ids) for g in graphed[:4]}) == 4
+
+
 def test_a_repeated_run_captures_at_once_and_gives_the_same_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

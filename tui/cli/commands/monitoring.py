@@ -117,6 +117,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         prune_top=args.prune_top,
         device=args.device,
         gpus=args.gpus,
+        batch_size=args.batch_size,
         compile=args.compile,
         deterministic=args.deterministic,
     )
@@ -268,6 +269,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--prune-top", type=positive_int, help="keep the K layers with the best eval AUROC"
     )
     sw.add_argument("--device")
+    sw.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help="steered answers decoded at once, every setting's in one queue (default: as "
+        "many as free memory holds, at most 256 on a GPU and 64 on a CPU)",
+    )
     add_gpus(sw)
     add_compile(sw)
     add_deterministic(sw)
