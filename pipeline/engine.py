@@ -536,9 +536,9 @@ class DecodeEngine:
             # engine has run a step of this kind eagerly already (the same shapes, sampling,
             # steering and watch: the same kernels, set up then) on its side stream: a run
             # repeated on this engine (a benchmark's timed runs; jobs sharing an engine)
-            # captures at once. (A sweep builds an engine a setting: no gain there.) A
-            # compiled step always warms up (a new session may recompile). The kind is kept
-            # once its warm-up step has run: one that raised (an out-of-memory) set up nothing.
+            # captures at once. A compiled step always warms up (a new session may
+            # recompile). The kind is kept once its warm-up step has run: one that raised (an
+            # out-of-memory) set up nothing.
             kind = self._step_kind(state, sampling)
             warm = not self.compiled and kind in self._warmed_kinds
             record = None if warm else (lambda: self._warmed_kinds.add(kind))

@@ -2,7 +2,8 @@
 calling thread receives the results and does everything else (writes, heartbeat, cancel):
 ``stream_on_engines`` (generation: an engine a device, each taking the next waiting request
 whenever one of its slots frees, ``engine.RequestQueue``) and ``map_on_devices`` (larger
-items, such as a sweep's settings, each done whole by whichever device is free).
+items, such as forward extraction's pieces of rows, each done whole by whichever device is
+free).
 
 Threads, not worker processes: a fresh process on a GPU host spends about 11 s importing
 torch and transformers before it loads a model (``tests/bench/profile_workers.py``, NVIDIA
@@ -105,9 +106,10 @@ def map_on_devices(
 ) -> Iterator[tuple[int, Any]]:
     """Yield (item index, ``work[i](item, check)``) for every item once, ``work[i]`` running
     on ``devices[i]`` in its own thread and taking the next waiting item whenever it is free
-    (items that each take a while: a sweep's settings). Errors and stopping as
-    ``stream_on_engines``: ``check()`` raises once the caller stops, so work that takes long
-    calls it as it goes (a decode's host checks); a device also stops between items."""
+    (items that each take a while: pieces of a forward extraction's rows). Errors and
+    stopping as ``stream_on_engines``: ``check()`` raises once the caller stops, so work that
+    takes long calls it as it goes (a decode's host checks); a device also stops between
+    items."""
     waiting = RequestQueue(range(len(items)))
 
     def body(do: Callable[[Any, Callable[[], None]], Any]) -> ThreadBody:

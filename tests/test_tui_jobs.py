@@ -225,6 +225,35 @@ async def test_the_generate_and_sweep_forms_choose_gpus_and_compile(
         assert started == [1]
 
 
+async def test_the_sweep_form_takes_a_batch_size_and_refuses_a_bad_one(
+    extracted_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep's one queue takes ``--batch-size`` from the form too (blank: auto, the
+    step's default); 0 is the step's one-line error in a dialog, with no job created."""
+    from tui_helpers import copy_db
+
+    started = _workers_started(monkeypatch)
+    db = copy_db(extracted_db, tmp_path / "sweep.db")
+    app = PersonaApp(db, trait="paternalism")
+    async with app.run_test(size=(80, 24)) as pilot:
+        values = await open_form(pilot, "w")
+        assert values["batch_size"] == ""
+        app.screen.query_one("#field-batch_size").value = "0"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
+        assert "--batch-size must be at least 1 (got 0)" in text_of(app, "#error-message")
+        with Store(db) as store:
+            assert store.list_jobs(kind="sweep") == []
+        await pilot.press("escape")
+        await open_form(pilot, "w")
+        app.screen.query_one("#field-batch_size").value = "32"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: len(started) == 1)
+        with Store(db) as store:
+            (job,) = store.list_jobs(kind="sweep")
+            assert job.params["batch_size"] == 32 and started == [job.id]
+
+
 async def test_the_judge_and_extract_forms_choose_gpus(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

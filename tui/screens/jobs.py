@@ -234,6 +234,7 @@ class JobsScreen(PersonaScreen):
                 Field("coefs", "coefficients", format_coefs(DEFAULT_COEFS)),
                 Field("n", "eval questions", str(SweepParams.n)),
                 Field("judge", "judge", DEFAULT_JUDGE),
+                Field("batch_size", "batch size (blank: auto)", ""),
                 *_engine_fields(),
             ],
             start_sweep,
@@ -370,6 +371,7 @@ def start_sweep(store: Store, trait: str, values: dict[str, str]) -> list[int]:
         coefs=parse_coefs(values["coefs"]),
         n=_int(values, "n") or 0,
         judge=values["judge"],
+        batch_size=_int(values, "batch_size"),
         **_engine_values(values),
     )
     return [create_sweep_job(store, trait, params)]
