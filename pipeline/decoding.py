@@ -1,4 +1,4 @@
-"""One-off decoding with the engine (answers for monitor, steer, sweep, screen, the neutral
+"""One-off decoding with the engine (answers for monitor, steer, screen, the neutral
 baseline and the local trait author) and the one shape of a stored response row.
 
 The engine itself (batching, steering hooks, live projections) is ``pipeline.engine``; this
@@ -6,7 +6,7 @@ module only sets it up the same way every time: chat prompt ids in, answers out.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,23 +26,17 @@ def decode(
     watch: Sequence[Watch] = (),
     on_tokens: TokenCallback | None = None,
     check_every: int | None = None,
-    on_step: Callable[[int], None] | None = None,
-    compiled: bool = False,
-    deterministic: bool = False,
 ) -> list[DecodeResult]:
     """Each prompt's answer (prompt ids in, results in the same order), one seed a prompt;
-    no activations captured. ``watch``/``on_tokens`` stream per-token projections live;
-    ``on_step(steps)`` runs at each host check (it may raise to stop); ``compiled``: the
-    decode step's layers compiled; ``deterministic``: GPU attention that repeats run to run
-    (``DecodeEngine``)."""
+    no activations captured. ``watch``/``on_tokens`` stream per-token projections live."""
     from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
 
-    engine = DecodeEngine(loaded, capture=False, compiled=compiled, deterministic=deterministic)
+    engine = DecodeEngine(loaded, capture=False)
     requests = [DecodeRequest(p, seed) for p, seed in zip(prompts, seeds, strict=True)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     extra: dict[str, Any] = {} if check_every is None else {"check_every": check_every}
     return engine.run(
-        requests, sampling, on_step, steering=steering, watch=watch, on_tokens=on_tokens, **extra
+        requests, sampling, steering=steering, watch=watch, on_tokens=on_tokens, **extra
     )
 
 

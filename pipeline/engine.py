@@ -257,8 +257,11 @@ class DecodeEngine:
                     f"layer {spec.layer} is past the model's {self.runner.num_layers} blocks"
                 )
         chosen = [r.steer for r in requests if r.steer is not None]
-        if any(not 0 <= k < len(steering) for steer in chosen for k in steer):
-            raise ValueError(f"a request steers by a spec index outside 0..{len(steering) - 1}")
+        for k in {k for steer in chosen for k in steer}:
+            if not 0 <= k < len(steering):
+                raise ValueError(
+                    f"a request steers by spec index {k}; the run has {len(steering)} specs"
+                )
         # Per-row steering only where a request chooses its specs: other runs keep the step
         # (and its CUDA graph) they had.
         self._row_steering = bool(steering) and bool(chosen)

@@ -108,7 +108,7 @@ def map_on_devices(
     on ``devices[i]`` in its own thread and taking the next waiting item whenever it is free
     (items that each take a while: pieces of a forward extraction's rows). Errors and
     stopping as ``stream_on_engines``: ``check()`` raises once the caller stops, so work that
-    takes long calls it as it goes (a decode's host checks); a device also stops between
+    takes long calls it as it goes (between its pieces); a device also stops between
     items."""
     waiting = RequestQueue(range(len(items)))
 

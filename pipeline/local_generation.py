@@ -61,11 +61,7 @@ def generate_local_jobs(
     from pipeline.models import load_on_devices
 
     params = shares[0].params
-    pending = sum(len(share.pending) for share in shares)
-    if not named and pending <= MAX_AUTO_SLOTS:
-        # Rows that fit one GPU's slots: a second GPU halves the batch but costs a model
-        # load and its memory; unless --gpus names several, they stay on one.
-        devices = ()
+    devices = queue_devices(devices, sum(len(share.pending) for share in shares), named)
     for share in shares:
         _loading(share)
     started = time.perf_counter()
@@ -239,18 +235,27 @@ def _engine_results(params, requests, engines, shares, writers) -> Iterator:
     yield from engine_stream(engines, slots, requests, _sampling(params), on_check)
 
 
+def queue_devices(devices: Sequence[str], rows: int, named: bool) -> Sequence[str]:
+    """The devices a queue of ``rows`` runs on: ``devices``, unless they were not named by
+    ``--gpus`` and the rows fit one device's slots: then none (the job's own one). A second
+    GPU would halve the batch but cost a model load and its memory."""
+    return devices if named or rows > MAX_AUTO_SLOTS else ()
+
+
 def engine_slots(
     engines: Sequence[Any], length: int, capture: bool, batch_size: int | None, rows: int
 ) -> list[int]:
     """Rows each engine decodes at once: ``batch_size`` where given, else as many as its
     device's free memory holds for rows of ``length`` tokens (``auto_slots``; engines on
-    one device share it), never more than the ``rows`` to decode."""
+    one device share it), never more than its even share of the ``rows`` to decode (or the
+    first engine to take from the queue would take them all)."""
+    share = -(-rows // len(engines))
     slots = []
     for engine in engines:
         # Engines on one device share its free memory (none has its cache yet).
         sharing = sum(other.device == engine.device for other in engines)
         count = batch_size or auto_slots(engine.loaded, length, capture, sharing=sharing)
-        slots.append(min(count, rows))
+        slots.append(min(count, share))
     return slots
 
 

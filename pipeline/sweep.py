@@ -148,17 +148,11 @@ def run_sweep_job(
 ) -> None:
     from pipeline.analyze import analyze
     from pipeline.chat import prompt_ids
-    from pipeline.decoding import answer_text, response_row
-    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
     from pipeline.judge_backends import make_judge
     from pipeline.judge_scores import COHERENCE_PROMPT
     from pipeline.judging import run_judgments
-    from pipeline.local_generation import engine_slots, engine_stream
-    from pipeline.models import fits_one_gpu, load_on_devices
-    from pipeline.sampling import row_seed
-    from pipeline.sharding import first_device, worker_devices
+    from pipeline.sharding import first_device
     from pipeline.trait_vectors import check_steered_layers, load_fitted_vector
-    from vectors.steering import SteeringSpec
 
     job = store.get_job(job_id)
     params = SweepParams.from_dict(job.params).validate()
@@ -172,7 +166,7 @@ def run_sweep_job(
         )
     except VectorFileError as exc:  # a job's failure message is a PersonaError's
         raise PersonaError(str(exc)) from None
-    record, vector, loaded = fitted.record, fitted.vector, fitted.loaded
+    record, loaded = fitted.record, fitted.loaded
     check_steered_layers(params.layers, loaded.num_layers)
     layers = list(params.layers)
     pruned: dict[str, Any] = {}
@@ -198,14 +192,46 @@ def run_sweep_job(
     work = []  # (layer, coefficient index, coef, questions still unanswered)
     for layer, index, coef in settings:
         todo = [q for q in questions if (q, layer, index) not in stored]
+        progress.add(len(questions) - len(todo))  # answered by an earlier run
         if todo:
             work.append((layer, index, coef, todo))
-        else:
-            progress.add(len(questions))
-    # Every setting's answers in one queue, each row steered by its setting's spec
-    # (``DecodeRequest.steer``; the unsteered baseline by none): the GPU decodes the grid
-    # as one large batch, not a batch of --n rows a setting, with the engine and its CUDA
-    # graphs built once. A row's tokens depend only on its prompt, seed and steering.
+    _answer(store, job_id, params, trait, fitted, prompts, work, progress)
+    judge = make_judge(params.judge, base_url=params.judge_base_url, device=where)
+    templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
+    asyncio.run(run_judgments(store, judge, job_id, templates, progress))
+    table = sweep_table(store, job_id, judge.spec, params)
+    progress.extra["table"] = table
+    progress.extra["best"] = best_settings(table)
+    progress.done = progress.total  # answers and judgments from earlier runs count too
+    progress.finish("done")
+
+
+def _answer(
+    store: Store,
+    job_id: int,
+    params: SweepParams,
+    trait: Any,
+    fitted: Any,
+    prompts: dict[int, list[int]],
+    work: list[tuple[int, int, float, list[int]]],
+    progress: JobProgress,
+) -> None:
+    """The unanswered questions of each setting (``work``), answered with ``fitted``'s model
+    and vector, and stored. Every setting's answers in one queue, each row steered by its
+    setting's spec (``DecodeRequest.steer``; the unsteered baseline by none): the GPU
+    decodes the grid as one large batch, not a batch of --n rows a setting, with the engine
+    and its CUDA graphs built once. Each answer is stored as its row finishes: a killed job
+    loses only those in flight. The engines (and their caches) go when this returns, before
+    the judge loads."""
+    from pipeline.decoding import answer_text, response_row
+    from pipeline.engine import DecodeEngine, DecodeRequest, SamplingConfig
+    from pipeline.local_generation import engine_slots, engine_stream, queue_devices
+    from pipeline.models import fits_one_gpu, load_on_devices
+    from pipeline.sampling import row_seed
+    from pipeline.sharding import names_devices, worker_devices
+    from vectors.steering import SteeringSpec
+
+    record, vector, loaded = fitted.record, fitted.vector, fitted.loaded
     specs: list[SteeringSpec] = []
     requests: list[DecodeRequest] = []
     keys: list[tuple[int, int, int]] = []
@@ -217,65 +243,52 @@ def run_sweep_job(
         for q in todo:
             requests.append(DecodeRequest(prompts[q], row_seed(params.seed, q, 0, 0), steer))
             keys.append((q, layer, index))
-    if requests:
-        devices = worker_devices(
-            params.gpus, params.device, lambda: fits_one_gpu(params.model or record.model)
+    if not requests:
+        return
+    devices = worker_devices(
+        params.gpus, params.device, lambda: fits_one_gpu(params.model or record.model)
+    )
+    # As generation's: answers that fit one device's slots stay on it unless --gpus names
+    # several; the first device's copy is ``loaded`` itself (load_model reuses it).
+    devices = queue_devices(devices, len(requests), names_devices(params.gpus))
+    many = len(devices) > 1
+    models = load_on_devices(params.model or record.model, devices) if many else [loaded]
+    engines = [
+        DecodeEngine(
+            model, capture=False, compiled=params.compile, deterministic=params.deterministic
         )
-        # No more engines than answers; the first device's copy is ``loaded`` itself
-        # (load_model reuses it: it was loaded on that device).
-        devices = devices[: len(requests)]
-        many = len(devices) > 1
-        models = load_on_devices(params.model or record.model, devices) if many else [loaded]
-        engines = [
-            DecodeEngine(
-                model, capture=False, compiled=params.compile, deterministic=params.deterministic
+        for model in models
+    ]
+    sampling = SamplingConfig(max_new_tokens=params.max_new_tokens, temperature=params.temperature)
+    length = max(len(r.prompt_ids) for r in requests) + params.max_new_tokens
+    slots = engine_slots(engines, length, False, params.batch_size, len(requests))
+    progress.extra["slots"] = slots[0] if len(slots) == 1 else slots
+
+    def on_check() -> None:  # a heartbeat while rows decode; a cancel seen within a check
+        progress.flush()
+        progress.check_cancelled()
+
+    results = engine_stream(engines, slots, requests, sampling, on_check, steering=specs)
+    # Closed on any way out: the devices' threads stop at once, not when the frame goes.
+    with closing(results):
+        for number, result in results:
+            q, layer, index = keys[number]
+            row = response_row(
+                job=job_id,
+                trait=trait.name,
+                side="none",
+                split="eval",
+                key=(q, layer, index),
+                question_text=trait.questions[q],
+                system_prompt="",
+                prompt_ids=prompts[q],
+                answer_ids=result.answer_ids,
+                answer=answer_text(loaded, result.answer_ids),
+                finish_reason=result.finish_reason,
+                model=loaded.model_id,
             )
-            for model in models
-        ]
-        sampling = SamplingConfig(
-            max_new_tokens=params.max_new_tokens, temperature=params.temperature
-        )
-        length = max(len(r.prompt_ids) for r in requests) + params.max_new_tokens
-        slots = engine_slots(engines, length, False, params.batch_size, len(requests))
-        progress.extra["slots"] = slots[0] if len(slots) == 1 else slots
-
-        def on_check() -> None:  # a heartbeat while rows decode; a cancel seen within a check
-            progress.flush()
-            progress.check_cancelled()
-
-        results = engine_stream(engines, slots, requests, sampling, on_check, steering=specs)
-        # Closed on any way out: the devices' threads stop at once, not when the frame goes.
-        # Each answer is stored as its row finishes: a killed job loses only those in flight.
-        with closing(results):
-            for number, result in results:
-                q, layer, index = keys[number]
-                store.add_responses(
-                    [
-                        response_row(
-                            job=job_id,
-                            trait=trait.name,
-                            side="none",
-                            split="eval",
-                            key=(q, layer, index),
-                            question_text=trait.questions[q],
-                            system_prompt="",
-                            prompt_ids=prompts[q],
-                            answer_ids=result.answer_ids,
-                            answer=answer_text(loaded, result.answer_ids),
-                            finish_reason=result.finish_reason,
-                            model=loaded.model_id,
-                        )
-                    ]
-                )
-                progress.add(1)
-    judge = make_judge(params.judge, base_url=params.judge_base_url, device=where)
-    templates = {"trait": trait.eval_prompt, "coherence": COHERENCE_PROMPT}
-    asyncio.run(run_judgments(store, judge, job_id, templates, progress))
-    table = sweep_table(store, job_id, judge.spec, params)
-    progress.extra["table"] = table
-    progress.extra["best"] = best_settings(table)
-    progress.done = progress.total  # answers and judgments from earlier runs count too
-    progress.finish("done")
+            store.add_responses([row])
+            progress.add(1)
 
 
 def sweep_table(store: Store, job_id: int, judge: str, params: SweepParams) -> list[dict[str, Any]]:

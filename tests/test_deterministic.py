@@ -78,7 +78,7 @@ def test_run_passes_deterministic_on(
 def test_a_deterministic_sweep_decodes_with_it_and_stores_the_plain_answers(
     extracted_db: Path, tiny_model_dir: Path, tmp_path: Path, runners_made: list[bool]
 ) -> None:
-    """``sweep --deterministic``: the engine of every setting takes it, and the steered answers
+    """``sweep --deterministic``: the one engine of every setting takes it, and the steered answers
     are those of the plain sweep (the CPU repeats either way), which is the same job."""
     from test_use import _sweep_answers
     from tui_helpers import copy_db

@@ -332,8 +332,8 @@ def test_a_plan_that_fits_one_devices_slots_stays_on_one_unless_named(
 
 
 def test_long_work_stops_at_its_next_check_once_the_caller_stops() -> None:
-    """``map_on_devices`` hands each item's work a ``check``: a setting that decodes for a
-    while stops at its next host check when the caller is cancelled, not at its end."""
+    """``map_on_devices`` hands each item's work a ``check``: an item that works for a while
+    stops at its next check when the caller is cancelled, not at its end."""
     from pipeline.engine_threads import JOIN_SECONDS, map_on_devices
 
     class Cancelled(Exception):

@@ -122,8 +122,9 @@ def test_rows_steered_by_their_own_specs_equal_each_setting_run_alone(
             )
     # The settings differ: the same prompt answered differently under different specs.
     assert len(answers) > len(prompts)
-    with pytest.raises(ValueError, match="spec index"):
-        engine.run([DecodeRequest(prompts[0], 0, steer=(4,))], sampling, steering=specs)
+    for steer, given in (((4,), specs), ((-1,), specs), ((0,), [])):
+        with pytest.raises(ValueError, match=f"spec index {steer[0]}; the run has {len(given)}"):
+            engine.run([DecodeRequest(prompts[0], 0, steer=steer)], sampling, steering=given)
 
 
 def test_steering_positions_in_the_prefill(tiny, vector) -> None:

@@ -234,6 +234,8 @@ async def test_the_sweep_form_takes_a_batch_size_and_refuses_a_bad_one(
 
     started = _workers_started(monkeypatch)
     db = copy_db(extracted_db, tmp_path / "sweep.db")
+    with Store(db) as store:  # the shared database may hold other tests' sweeps
+        before = {job.id for job in store.list_jobs(kind="sweep")}
     app = PersonaApp(db, trait="paternalism")
     async with app.run_test(size=(80, 24)) as pilot:
         values = await open_form(pilot, "w")
@@ -243,14 +245,14 @@ async def test_the_sweep_form_takes_a_batch_size_and_refuses_a_bad_one(
         await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
         assert "--batch-size must be at least 1 (got 0)" in text_of(app, "#error-message")
         with Store(db) as store:
-            assert store.list_jobs(kind="sweep") == []
+            assert {job.id for job in store.list_jobs(kind="sweep")} == before
         await pilot.press("escape")
         await open_form(pilot, "w")
         app.screen.query_one("#field-batch_size").value = "32"
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: len(started) == 1)
         with Store(db) as store:
-            (job,) = store.list_jobs(kind="sweep")
+            (job,) = [job for job in store.list_jobs(kind="sweep") if job.id not in before]
             assert job.params["batch_size"] == 32 and started == [job.id]
 
 

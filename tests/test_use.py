@@ -176,6 +176,40 @@ def test_a_sweep_over_two_devices_stores_the_answers_of_one(
     assert len(answers["one"]) == 8 and answers["two"] == answers["one"]
 
 
+@pytest.mark.parametrize(
+    ("where", "coefs", "slots"),
+    [({}, (-5.0, 2.0, 5.0), 8), ({"gpus": "cpu,cpu"}, (-5.0, 2.5, 5.0), [4, 4])],
+    ids=["default: one device", "named: both"],
+)
+def test_a_sweep_that_fits_one_devices_slots_stays_on_one_unless_named(
+    extracted: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: dict[str, str],
+    coefs: tuple[float, ...],
+    slots: object,
+) -> None:
+    """As generation: on a host of two devices, a sweep whose 8 answers fit one device's
+    slots runs on one (no second copy of the model), unless ``--gpus`` names both; then each
+    engine holds half the answers, so both decode."""
+    from pipeline import models, sharding
+
+    monkeypatch.setattr(sharding, "worker_devices", lambda *_args: ["cpu", "cpu"])
+    copies: list[list[str]] = []
+    real = models.load_on_devices
+
+    def load_on_devices(model: str, devices: list[str]):
+        copies.append(devices)
+        return real(model, devices)
+
+    monkeypatch.setattr(models, "load_on_devices", load_on_devices)
+    assert len(_sweep_answers(extracted, tiny_model_dir, coefs, **where)) == 8
+    with Store(extracted) as store:
+        job = max(store.list_jobs(trait="paternalism", kind="sweep"), key=lambda j: j.id)
+        assert job.stats["slots"] == slots
+    assert copies == ([] if not where else [["cpu", "cpu"]])
+
+
 def test_a_sweep_decodes_every_setting_in_one_batch_with_the_answers_of_each_alone(
     extracted: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

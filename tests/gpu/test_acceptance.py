@@ -234,8 +234,9 @@ def test_sweep(db: Path, big_model_dir: Path) -> None:
 
 
 def test_sweep_over_two_engines_on_one_gpu(db: Path, big_model_dir: Path) -> None:
-    """``sweep --gpus 0,0``: the settings shared by two engines (two copies of the model)
-    stepping in two threads; every setting's answers stored once."""
+    """``sweep --gpus 0,0``: every setting's answers in one queue over two engines (two
+    copies of the model, half the answers' slots each) stepping in two threads; every
+    answer stored once."""
     rc = cli(db, "sweep", TRAIT, "--layers", f"8,{_layer(big_model_dir)}", "--coefs=-4,4",
              "--n", "2", "--judge", f"local:{big_model_dir}", "--max-new-tokens", "24",
              "--seed", "1", "--gpus", "0,0")  # fmt: skip
